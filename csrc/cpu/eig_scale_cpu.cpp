@@ -1,0 +1,51 @@
+// CPU (OpenMP) kernel of the eigenbasis-scaling family; NumPy reference:
+// kronlin/_kernels/eig_scale.py::eig_scale_reference.
+#include "cpu/eig_scale_cpu.h"
+
+#include "common/eig_scale.h"
+
+namespace kronlin {
+namespace {
+
+// Below this many entries the OpenMP fork/join costs more than it saves.
+constexpr std::int64_t kParallelThreshold = std::int64_t(1) << 15;
+
+template <typename T, PowerKind K>
+void scale_rows(T* Y, const T* lg, const T* la, std::int64_t B, std::int64_t q, std::int64_t p, T shift,
+                T power) {
+  const std::int64_t rows = B * q;
+#if defined(KRONLIN_HAVE_OPENMP)
+#pragma omp parallel for schedule(static) if (rows * p >= kParallelThreshold)
+#endif
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const T g = lg[r];
+    const T* a = la + (r / q) * p;
+    T* y = Y + r * p;
+    for (std::int64_t j = 0; j < p; ++j) {
+      y[j] *= scale_factor<T, K>(g * a[j] + shift, power);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void eig_scale_cpu(T* Y, const T* lg, const T* la, std::int64_t B, std::int64_t q, std::int64_t p,
+                   double shift, double power) {
+  const T s = static_cast<T>(shift);
+  const T pw = static_cast<T>(power);
+  switch (classify_power(power)) {
+    case PowerKind::Inverse: scale_rows<T, PowerKind::Inverse>(Y, lg, la, B, q, p, s, pw); break;
+    case PowerKind::InvSqrt: scale_rows<T, PowerKind::InvSqrt>(Y, lg, la, B, q, p, s, pw); break;
+    case PowerKind::Sqrt: scale_rows<T, PowerKind::Sqrt>(Y, lg, la, B, q, p, s, pw); break;
+    case PowerKind::Identity: scale_rows<T, PowerKind::Identity>(Y, lg, la, B, q, p, s, pw); break;
+    default: scale_rows<T, PowerKind::General>(Y, lg, la, B, q, p, s, pw); break;
+  }
+}
+
+template void eig_scale_cpu<float>(float*, const float*, const float*, std::int64_t, std::int64_t,
+                                   std::int64_t, double, double);
+template void eig_scale_cpu<double>(double*, const double*, const double*, std::int64_t, std::int64_t,
+                                    std::int64_t, double, double);
+
+}  // namespace kronlin

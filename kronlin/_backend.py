@@ -1,0 +1,238 @@
+"""Array-namespace layer: which library computes, in which dtype, and how results go back.
+
+kronlin's algebra is written once against the array API standard (the functions
+NumPy >= 2, CuPy and ``array_api_strict`` share).  This module decides, for a
+set of input arrays, the *compute namespace* and the *result dtype*, converts
+inputs into it, and converts results back into the caller's library:
+
+* NumPy arrays (and Python scalars, lists) compute on NumPy, with kronlin's C++
+  kernels where they exist;
+* CuPy arrays compute on CuPy, with kronlin's CUDA kernels;
+* ``array_api_strict`` arrays compute on ``array_api_strict`` (the proof, in
+  the test suite, that nothing depends on NumPy-only behaviour);
+* any other object with ``__dlpack__`` (torch, jax) is taken zero-copy by
+  DLPack into NumPy (CPU) or CuPy (CUDA) and results are handed back through
+  the caller's ``from_dlpack``.
+
+Dtype policy (DESIGN §1): float32 and float64 are kept; integer and bool
+inputs are promoted to float64; mixed float inputs compute in the wider type;
+float16, complex, object and string dtypes are rejected.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Ctx", "context", "is_numpy", "is_cupy", "mT", "to_numpy", "dtype_eps"]
+
+_NATIVE = ("numpy", "cupy", "array_api_strict")
+_PLAIN = (int, float, bool, list, tuple, np.generic)
+_CPU_DLPACK, _CUDA_DLPACK = 1, 2
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Where and how a computation runs.
+
+    Attributes
+    ----------
+    xp : module
+        The compute namespace (``numpy``, ``cupy``, ``array_api_strict``).
+    dtype : dtype
+        The floating dtype of the computation and its results.
+    foreign : module or None
+        For torch/jax inputs: the library whose ``from_dlpack`` receives results.
+    """
+
+    xp: Any
+    dtype: Any
+    foreign: Any = None
+
+    @property
+    def name(self) -> str:
+        return _ns_name(self.xp)
+
+    def out(self, x):
+        """Return a result array in the caller's library."""
+        if self.foreign is None or x is None:
+            return x
+        return self.foreign.from_dlpack(x)
+
+    def asarray(self, x, name: str):
+        """Convert a later argument (a right-hand side) into this context's namespace.
+
+        Its dtype is promoted with the context's: a float64 right-hand side
+        against a float32 operator computes (and returns) float64.
+        """
+        ns, fr = _namespace_of(x, name)
+        plain = isinstance(x, _PLAIN)
+        if not plain and _ns_name(ns) != self.name:
+            raise TypeError(
+                f"{name} is a {_ns_name(ns)} array but the operator computes on {self.name}; "
+                f"pass arrays of one library"
+            )
+        arr = self.xp.asarray(x) if plain else _convert(x, self.xp, fr, name)
+        _check_dtype(arr, name, self.xp)
+        dtype = self.xp.result_type(self.dtype, _float_dtype(self.xp, arr.dtype))
+        return arr if arr.dtype == dtype else self.xp.astype(arr, dtype)
+
+
+def _ns_name(xp) -> str:
+    name = getattr(xp, "__name__", type(xp).__name__)
+    return name.split(".")[0]
+
+
+def is_numpy(xp) -> bool:
+    return xp is np
+
+
+def is_cupy(xp) -> bool:
+    return _ns_name(xp) == "cupy"
+
+
+def _namespace_of(x, name: str):
+    """Return ``(compute namespace, foreign library or None)`` of one input."""
+    mod = type(x).__module__.split(".")[0]
+    if isinstance(x, np.ndarray) or isinstance(x, _PLAIN):
+        return np, None
+    if mod == "cupy":
+        return sys.modules["cupy"], None
+    if hasattr(x, "__array_namespace__"):
+        ns = x.__array_namespace__()
+        if _ns_name(ns) in _NATIVE:
+            return ns, None
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        device_type = int(x.__dlpack_device__()[0])
+        foreign = x.__array_namespace__() if hasattr(x, "__array_namespace__") else None
+        if foreign is None or not hasattr(foreign, "from_dlpack"):
+            foreign = sys.modules.get(mod)
+        if device_type == _CPU_DLPACK:
+            return np, foreign
+        if device_type == _CUDA_DLPACK:
+            try:
+                import cupy
+            except ImportError as exc:  # pragma: no cover - needs a GPU array without CuPy
+                raise TypeError(
+                    f"{name} lives on a CUDA device; install kronlin[cuda] (CuPy) to compute on it"
+                ) from exc
+            return cupy, foreign
+        raise TypeError(f"{name} is on DLPack device type {device_type}; kronlin computes on CPU or CUDA only")
+    raise TypeError(
+        f"{name} must be an array (NumPy, CuPy, or any DLPack-capable array such as torch/jax); "
+        f"got {type(x).__name__}"
+    )
+
+
+def _convert(x, xp, foreign, name: str):
+    if foreign is not None:
+        try:
+            return xp.from_dlpack(x)
+        except (TypeError, RuntimeError, BufferError) as exc:
+            raise TypeError(
+                f"{name} could not be taken by DLPack ({exc}); detach it from autograd "
+                f"or make it contiguous first"
+            ) from exc
+    return xp.asarray(x)
+
+
+def _check_dtype(arr, name: str, xp) -> None:
+    dt = arr.dtype
+    if xp is np or is_cupy(xp):
+        kind = np.dtype(dt).kind
+        if kind == "f":
+            if np.dtype(dt).itemsize < 4:
+                raise TypeError(f"{name} has dtype {dt}; kronlin computes in float32 or float64, cast it first")
+            if np.dtype(dt).itemsize > 8:
+                raise TypeError(f"{name} has dtype {dt}; extended precision is not supported, cast to float64")
+            return
+        if kind in "iub":
+            return
+        if kind == "c":
+            raise TypeError(f"{name} has complex dtype {dt}; kronlin works with real matrices only")
+        raise TypeError(f"{name} has dtype {dt} (not numeric); pass a float32 or float64 array")
+    if xp.isdtype(dt, "real floating"):
+        if dt not in (xp.float32, xp.float64):
+            raise TypeError(f"{name} has dtype {dt}; kronlin computes in float32 or float64, cast it first")
+        return
+    if xp.isdtype(dt, ("integral", "bool")):
+        return
+    raise TypeError(f"{name} has dtype {dt}; kronlin works with real float32/float64 matrices only")
+
+
+def _float_dtype(xp, dt):
+    """float32/float64 stay; integers and bools become float64."""
+    if xp is np or is_cupy(xp):
+        return dt if np.dtype(dt).kind == "f" else xp.float64
+    return dt if xp.isdtype(dt, "real floating") else xp.float64
+
+
+def context(*named):
+    """Build the context of a call and convert its arrays.
+
+    Parameters
+    ----------
+    *named : (name, array) pairs
+        The array inputs of one public call, with the argument names used in
+        error messages.  Python scalars and lists join the namespace of the
+        first real array.
+
+    Returns
+    -------
+    ctx : Ctx
+    arrays : list
+        The inputs in ``ctx.xp`` with dtype ``ctx.dtype``.
+    """
+    xp = foreign = first = None
+    infos = []
+    for name, x in named:
+        ns, fr = _namespace_of(x, name)
+        plain = isinstance(x, _PLAIN)
+        if not plain:
+            if first is None:
+                xp, foreign, first = ns, fr, name
+            elif _ns_name(ns) != _ns_name(xp):
+                raise TypeError(
+                    f"{name} is a {_ns_name(ns)} array but {first} is a {_ns_name(xp)} array; "
+                    f"pass arrays of one library"
+                )
+        infos.append((name, x, fr, plain))
+    if xp is None:
+        xp = np
+    arrays = []
+    for name, x, fr, plain in infos:
+        arr = xp.asarray(x) if plain else _convert(x, xp, fr, name)
+        _check_dtype(arr, name, xp)
+        arrays.append(arr)
+    if not arrays:
+        raise TypeError("no array arguments given")
+    dtype = _float_dtype(xp, arrays[0].dtype)
+    for arr in arrays[1:]:
+        dtype = xp.result_type(dtype, _float_dtype(xp, arr.dtype))
+    arrays = [a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays]
+    return Ctx(xp, dtype, foreign), arrays
+
+
+def mT(x):
+    """Transpose of the last two axes (a view where the library allows it)."""
+    try:
+        return x.mT
+    except AttributeError:  # pragma: no cover - older CuPy
+        return x.swapaxes(-1, -2)
+
+
+def to_numpy(x) -> np.ndarray:
+    """Copy any supported array to NumPy (for tests, reports and SciPy-only routines)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.split(".")[0] == "cupy":
+        return x.get()
+    return np.from_dlpack(x)
+
+
+def dtype_eps(xp, dtype) -> float:
+    """Machine epsilon of a float dtype of namespace ``xp``."""
+    return float(xp.finfo(dtype).eps)

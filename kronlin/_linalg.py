@@ -1,0 +1,192 @@
+"""Factorizations behind the backend layer: cached Cholesky/LU solves and a safe ``eigh``.
+
+The array API standard has ``cholesky``, ``solve`` and ``eigh`` but no
+triangular or LU solves, so those come from SciPy (NumPy arrays) or
+``cupyx.scipy`` (CuPy arrays); any other namespace uses the standard's
+general ``solve``, which is correct but does not reuse a factorization.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+
+from ._backend import dtype_eps, is_cupy, is_numpy, mT
+from ._validate import SYM_RTOL_FACTOR, LinAlgError, shape_str
+
+__all__ = ["Factor", "eigh", "PSD_CLIP_FACTOR"]
+
+#: Eigenvalues of a matrix that must be positive semi-definite may come out of
+#: ``eigh`` slightly negative through round-off (backward error ~ n·eps·‖M‖).
+#: Values in ``[-PSD_CLIP_FACTOR · n · eps · max|λ|, 0)`` are set to zero;
+#: anything more negative means the matrix is not PSD and raises.
+PSD_CLIP_FACTOR = 1.0
+
+
+def _scipy_linalg(xp):
+    if is_numpy(xp):
+        import scipy.linalg
+
+        return scipy.linalg
+    if is_cupy(xp):
+        import cupyx.scipy.linalg
+
+        return cupyx.scipy.linalg
+    return None
+
+
+def _nearly_symmetric(xp, M) -> bool:
+    if M.shape[-1] <= 1:
+        return True
+    scale = float(xp.max(xp.abs(M)))
+    return float(xp.max(xp.abs(M - mT(M)))) <= SYM_RTOL_FACTOR * dtype_eps(xp, M.dtype) * scale
+
+
+def _diag(xp, M):
+    return xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M, axis1=-2, axis2=-1)
+
+
+class Factor:
+    """A cached factorization of a square matrix or a stack of them.
+
+    Cholesky when the matrix is symmetric (to round-off) and positive
+    definite, LU otherwise.  ``solve(B)`` returns ``M⁻¹ B`` (``trans=True``:
+    ``M⁻ᵀ B``) for ``B`` of shape ``(..., n, k)``; ``slogdet()`` returns
+    ``(sign, log|det M|)``.
+    """
+
+    def __init__(self, xp, M, name: str):
+        self.xp, self.name, self.n = xp, name, int(M.shape[-1])
+        self.batched = M.ndim > 2
+        self._M = M
+        self._sl = _scipy_linalg(xp)
+        self.kind = "lu"
+        if _nearly_symmetric(xp, M):
+            try:
+                L = xp.linalg.cholesky(M)
+            except LinAlgError:
+                L = None
+            if L is not None and bool(xp.all(xp.isfinite(L))):
+                self.kind, self._L = "cholesky", L
+        if self.kind == "lu" and self._sl is not None and (is_numpy(xp) or not self.batched):
+            lu, piv = self._sl.lu_factor(M, check_finite=False)
+            if not bool(xp.all(xp.isfinite(lu))) or bool(xp.any(_diag(xp, lu) == 0)):
+                raise LinAlgError(
+                    f"{name} (shape {shape_str(M)}) is singular; add damping to make it invertible"
+                )
+            self._lu = (lu, piv)
+        elif self.kind == "lu":
+            self._lu = None  # generic namespace: xp.linalg.solve each time
+
+    # -- solves -------------------------------------------------------------
+    def _fold(self, B):
+        """(..., n, k) -> (n, prod(...) * k) so an unbatched factor does one call."""
+        xp = self.xp
+        lead = tuple(B.shape[:-2])
+        k = B.shape[-1]
+        perm = (B.ndim - 2,) + tuple(range(B.ndim - 2)) + (B.ndim - 1,)
+        return xp.reshape(xp.permute_dims(B, perm), (self.n, -1)), lead, k
+
+    def _unfold(self, Y, lead, k):
+        xp = self.xp
+        Y = xp.reshape(Y, (self.n,) + lead + (k,))
+        nd = Y.ndim
+        perm = tuple(range(1, nd - 1)) + (0, nd - 1)
+        return xp.permute_dims(Y, perm)
+
+    def solve(self, B, trans: bool = False):
+        xp = self.xp
+        if not self.batched and B.ndim > 2:
+            Bf, lead, k = self._fold(B)
+            return self._unfold(self._solve2(Bf, trans), lead, k)
+        if self.batched:
+            shape = tuple(np.broadcast_shapes(tuple(self._M.shape[:-2]), tuple(B.shape[:-2]))) + tuple(B.shape[-2:])
+            B = xp.broadcast_to(B, shape)
+        return self._solve2(B, trans)
+
+    def _solve2(self, B, trans):
+        xp, sl = self.xp, self._sl
+        if self.kind == "cholesky":
+            L = self._L
+            if sl is not None and (is_numpy(xp) or not self.batched):
+                Z = sl.solve_triangular(L, B, lower=True, check_finite=False)
+                return sl.solve_triangular(L, Z, lower=True, trans="T", check_finite=False)
+            return xp.linalg.solve(mT(L), xp.linalg.solve(L, B))
+        if self._lu is not None:
+            return sl.lu_solve(self._lu, B, trans=1 if trans else 0, check_finite=False)
+        M = mT(self._M) if trans else self._M
+        return xp.linalg.solve(M, B)
+
+    def inv(self):
+        xp = self.xp
+        eye = xp.eye(self.n, dtype=self._M.dtype)
+        if self.batched:
+            eye = xp.broadcast_to(eye, self._M.shape)
+        return self.solve(eye)
+
+    def slogdet(self):
+        xp = self.xp
+        if self.kind == "cholesky":
+            logabs = 2.0 * xp.sum(xp.log(_diag(xp, self._L)), axis=-1)
+            return xp.ones_like(logabs), logabs
+        if self._lu is not None:
+            lu, piv = self._lu
+            d = _diag(xp, lu)
+            swaps = xp.sum(xp.astype(piv != xp.arange(self.n, dtype=piv.dtype), xp.int64), axis=-1)
+            sign = xp.prod(xp.sign(d), axis=-1) * (1.0 - 2.0 * xp.astype(swaps % 2, d.dtype))
+            return sign, xp.sum(xp.log(xp.abs(d)), axis=-1)
+        res = xp.linalg.slogdet(self._M)
+        return res[0], res[1]
+
+
+def _try_eigh(xp, M):
+    try:
+        w, Q = xp.linalg.eigh(M)
+    except LinAlgError:
+        return None, None
+    if not (bool(xp.all(xp.isfinite(w))) and bool(xp.all(xp.isfinite(Q)))):
+        return None, None
+    return w, Q
+
+
+def eigh(xp, M, name: str, psd: bool = True):
+    """Symmetric eigendecomposition that never fails silently.
+
+    Non-finite output or a LAPACK failure in float32 is retried in float64
+    (the failure most reported against K-FAC libraries); a failure in float64
+    raises ``LinAlgError``.  With ``psd=True`` round-off negative eigenvalues
+    (see :data:`PSD_CLIP_FACTOR`) are clipped to zero and larger negative ones
+    raise, naming the argument.
+
+    Returns
+    -------
+    w : (..., n) eigenvalues in ascending order
+    Q : (..., n, n) orthonormal eigenvectors (columns)
+    """
+    w, Q = _try_eigh(xp, M)
+    if w is None and M.dtype == xp.float32:
+        w, Q = _try_eigh(xp, xp.astype(M, xp.float64))
+        if w is not None:
+            w, Q = xp.astype(w, xp.float32), xp.astype(Q, xp.float32)
+    if w is None:
+        raise LinAlgError(
+            f"the eigendecomposition of {name} (shape {shape_str(M)}) failed or returned non-finite values "
+            f"even in float64; check {name} for extreme scaling"
+        )
+    if psd and M.shape[-1] > 0:
+        n = M.shape[-1]
+        wmax = xp.max(xp.abs(w), axis=-1, keepdims=True)
+        tol = PSD_CLIP_FACTOR * n * dtype_eps(xp, w.dtype) * wmax
+        if bool(xp.any(w < -tol)):
+            worst = float(xp.min(w / xp.where(wmax > 0, wmax, xp.ones_like(wmax))))
+            raise LinAlgError(
+                f"{name} (shape {shape_str(M)}) is not positive semi-definite: its smallest eigenvalue is "
+                f"{worst:.3g} times its largest (tolerance {PSD_CLIP_FACTOR * n * dtype_eps(xp, w.dtype):.2g}); "
+                f"pass a PSD curvature factor, add damping, or use psd=False"
+            )
+        w = xp.where(w < 0, xp.zeros_like(w), w)
+    return w, Q
+
+
+
+

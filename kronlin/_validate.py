@@ -1,0 +1,79 @@
+"""Input validation shared by every public function (DESIGN §5).
+
+Each check raises before any work is done, with a message that names the
+argument, shows its shape and says how to fix the input.  Nothing is ever
+silently repaired: an asymmetric matrix beyond round-off is an error, never
+symmetrised behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.linalg import LinAlgError
+
+from ._backend import dtype_eps, is_numpy, mT
+
+__all__ = [
+    "LinAlgError",
+    "SYM_RTOL_FACTOR",
+    "check_square",
+    "check_finite",
+    "check_symmetric",
+    "check_nonneg_scalar",
+    "shape_str",
+]
+
+#: Symmetry tolerance, in units of the dtype's machine epsilon:
+#: ``max|M - Mᵀ| <= SYM_RTOL_FACTOR * eps * max|M|``.  Products such as
+#: ``X.T @ X`` computed by GEMM are symmetric only to a few ulps; anything
+#: larger than this is a real asymmetry and rejected.
+SYM_RTOL_FACTOR = 1000.0
+
+
+def shape_str(x) -> str:
+    return "(" + ", ".join(str(int(d)) for d in x.shape) + ")"
+
+
+def check_square(x, name: str, *, batch: bool = True) -> int:
+    """``x`` must be a square matrix (or, with ``batch``, a stack of them); return its order."""
+    if x.ndim < 2 or (not batch and x.ndim != 2) or x.shape[-1] != x.shape[-2]:
+        what = "a square matrix" + (" or a stack of square matrices (..., n, n)" if batch else "")
+        raise ValueError(f"{name} must be {what}; got shape {shape_str(x)}")
+    return int(x.shape[-1])
+
+
+def _all_finite(xp, x) -> bool:
+    if is_numpy(xp):
+        return bool(np.isfinite(x).all())
+    return bool(xp.all(xp.isfinite(x)))
+
+
+def check_finite(xp, x, name: str) -> None:
+    """``x`` must hold no NaN or infinity."""
+    if not _all_finite(xp, x):
+        raise ValueError(f"{name} (shape {shape_str(x)}) contains NaN or infinity; kronlin needs finite input")
+
+
+def check_symmetric(xp, x, name: str) -> None:
+    """``x`` (..., n, n) must be symmetric to round-off (see :data:`SYM_RTOL_FACTOR`)."""
+    if x.shape[-1] <= 1:
+        return
+    scale = float(xp.max(xp.abs(x)))
+    asym = float(xp.max(xp.abs(x - mT(x))))
+    tol = SYM_RTOL_FACTOR * dtype_eps(xp, x.dtype) * scale
+    if asym > tol:
+        raise ValueError(
+            f"{name} (shape {shape_str(x)}) must be symmetric: max|{name} - {name}ᵀ| = {asym:.3g} exceeds "
+            f"the round-off tolerance {tol:.3g}; pass (M + Mᵀ)/2 if the asymmetry is intended to vanish"
+        )
+
+
+def check_nonneg_scalar(value, name: str) -> float:
+    """A finite, non-negative Python scalar (damping, gamma)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__}") from None
+    if not np.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be finite and non-negative; got {value!r}")
+    return v

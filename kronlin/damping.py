@@ -1,0 +1,115 @@
+"""Factored Tikhonov damping of a Kronecker block (K-FAC §6.3, eq. after (6); Botev et al. B.1 eq. 36–38).
+
+Adding ``γ² I`` to ``A ⊗ G`` exactly needs an eigendecomposition; K-FAC instead
+damps each factor,
+
+    (A + π γ I) ⊗ (G + (γ/π) I) = A ⊗ G + γ² I ⊗ I + π γ I ⊗ G + (γ/π) A ⊗ I,
+
+and chooses π to minimise the triangle-inequality bound on the residual
+``π γ I⊗G + (γ/π) A⊗I`` in a norm ``‖·‖_v``:  ``π = sqrt(‖A ⊗ I_q‖_v / ‖I_p ⊗ G‖_v)``.
+With ``A`` (p, p) and ``G`` (q, q):
+
+* ``"trace"`` (K-FAC's recommendation; for PSD factors the trace norm is the
+  trace): ``‖A ⊗ I_q‖ = q tr A``, so ``π = sqrt((tr A / p) / (tr G / q))``;
+* ``"fro"``: ``‖A ⊗ I_q‖_F = √q ‖A‖_F``, so ``π = sqrt(√q ‖A‖_F / (√p ‖G‖_F))``;
+* ``"spectral"``: ``‖A ⊗ I‖_2 = ‖A‖_2``, so ``π = sqrt(‖A‖_2 / ‖G‖_2)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._backend import context
+from ._validate import check_finite, check_nonneg_scalar, check_square, shape_str
+from .kron import Kron, _batch_shape
+
+__all__ = ["pi_factor", "factored_damping", "NORMS"]
+
+NORMS = ("trace", "fro", "spectral")
+
+
+def _factor_norms(xp, A, G, norm):
+    p, q = A.shape[-1], G.shape[-1]
+    if norm == "trace":
+        return q * xp.linalg.trace(A), p * xp.linalg.trace(G), "trace"
+    if norm == "fro":
+        return (
+            math.sqrt(q) * xp.linalg.matrix_norm(A, ord="fro"),
+            math.sqrt(p) * xp.linalg.matrix_norm(G, ord="fro"),
+            "Frobenius norm",
+        )
+    if norm == "spectral":
+        return xp.linalg.matrix_norm(A, ord=2), xp.linalg.matrix_norm(G, ord=2), "spectral norm"
+    raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
+
+
+def _pi(ctx, A, G, norm):
+    xp = ctx.xp
+    nA, nG, what = _factor_norms(xp, A, G, norm)
+    for val, name, M in ((nA, "A", A), (nG, "G", G)):
+        if not bool(xp.all(val > 0)):
+            raise ValueError(
+                f"{name} (shape {shape_str(M)}) has {what} {float(xp.min(val)):.3g} <= 0, so π is undefined; "
+                f"a curvature factor must be positive semi-definite and nonzero"
+            )
+    return xp.sqrt(nA / nG)
+
+
+def _prepare(A, G):
+    ctx, (A, G) = context(("A", A), ("G", G))
+    check_square(A, "A")
+    check_square(G, "G")
+    _batch_shape(A, G)
+    check_finite(ctx.xp, A, "A")
+    check_finite(ctx.xp, G, "G")
+    return ctx, A, G
+
+
+def _as_result(ctx, value):
+    return float(value) if value.ndim == 0 else ctx.out(value)
+
+
+def pi_factor(A, G, norm: str = "trace"):
+    """The factored-damping split π of K-FAC §6.3: ``sqrt(‖A ⊗ I‖ / ‖I ⊗ G‖)``.
+
+    Parameters
+    ----------
+    A : (p, p) or (..., p, p) input factor
+    G : (q, q) or (..., q, q) output factor
+    norm : {"trace", "fro", "spectral"}
+        The norm whose residual bound π minimises; ``"trace"`` gives
+        ``sqrt((tr A / p) / (tr G / q))``.
+
+    Returns
+    -------
+    float (unbatched factors) or array of the batch shape.
+    """
+    ctx, A, G = _prepare(A, G)
+    return _as_result(ctx, _pi(ctx, A, G, norm))
+
+
+def factored_damping(A, G, gamma: float, pi="trace") -> Kron:
+    """``Kron(A + π·γ·I, G + (γ/π)·I)`` (K-FAC §6.3 with γ of §6.6; Botev eq. 36).
+
+    Parameters
+    ----------
+    A, G : input and output factors (square, optionally batched)
+    gamma : float >= 0
+        The damping strength γ (K-FAC's ``sqrt(λ + η)`` before §6.6).
+    pi : {"trace", "fro", "spectral"} or float > 0
+        A norm for :func:`pi_factor`, or π itself.
+    """
+    gamma = check_nonneg_scalar(gamma, "gamma")
+    ctx, A, G = _prepare(A, G)
+    xp = ctx.xp
+    if isinstance(pi, str):
+        pv = _pi(ctx, A, G, pi)
+    else:
+        pv = check_nonneg_scalar(pi, "pi")
+        if pv == 0:
+            raise ValueError("pi must be positive; got 0")
+        pv = xp.asarray(pv, dtype=ctx.dtype)
+    pv = xp.astype(pv, ctx.dtype)[..., None, None]
+    Ia = xp.eye(A.shape[-1], dtype=ctx.dtype)
+    Ig = xp.eye(G.shape[-1], dtype=ctx.dtype)
+    return Kron._trusted(ctx, A + (gamma * pv) * Ia, G + (gamma / pv) * Ig)
