@@ -226,8 +226,8 @@ def mT(x):
 
 def to_numpy(x) -> np.ndarray:
     """Copy any supported array to NumPy (for tests, reports and SciPy-only routines)."""
-    if isinstance(x, np.ndarray):
-        return x
+    if isinstance(x, (np.ndarray, np.generic, int, float)):
+        return np.asarray(x)
     if type(x).__module__.split(".")[0] == "cupy":
         return x.get()
     return np.from_dlpack(x)

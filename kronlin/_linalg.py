@@ -8,6 +8,8 @@ general ``solve``, which is correct but does not reuse a factorization.
 
 from __future__ import annotations
 
+import warnings
+
 
 import numpy as np
 
@@ -67,12 +69,26 @@ class Factor:
             except LinAlgError:
                 L = None
             if L is not None and bool(xp.all(xp.isfinite(L))):
+                d = _diag(xp, L) ** 2  # the pivots of the Cholesky factorization
+                if bool(xp.any(xp.min(d, axis=-1) <= dtype_eps(xp, M.dtype) * xp.max(d, axis=-1))):
+                    raise LinAlgError(
+                        f"{name} (shape {shape_str(M)}) is positive semi-definite but singular to working "
+                        f"precision; add damping to make it invertible"
+                    )
                 self.kind, self._L = "cholesky", L
         if self.kind == "lu" and self._sl is not None and (is_numpy(xp) or not self.batched):
-            lu, piv = self._sl.lu_factor(M, check_finite=False)
-            if not bool(xp.all(xp.isfinite(lu))) or bool(xp.any(_diag(xp, lu) == 0)):
+            with warnings.catch_warnings():
+                # an exactly zero pivot is reported below, with the argument's name
+                warnings.simplefilter("ignore")
+                lu, piv = self._sl.lu_factor(M, check_finite=False)
+            u = xp.abs(_diag(xp, lu))
+            # a pivot below eps·max|pivot| means singular to working precision
+            if not bool(xp.all(xp.isfinite(lu))) or bool(
+                xp.any(xp.min(u, axis=-1) <= dtype_eps(xp, M.dtype) * xp.max(u, axis=-1))
+            ):
                 raise LinAlgError(
-                    f"{name} (shape {shape_str(M)}) is singular; add damping to make it invertible"
+                    f"{name} (shape {shape_str(M)}) is singular to working precision; "
+                    f"add damping to make it invertible"
                 )
             self._lu = (lu, piv)
         elif self.kind == "lu":

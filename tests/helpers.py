@@ -1,0 +1,65 @@
+"""Shared helpers of the test suite: random matrices, conversions and tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kronlin._backend import to_numpy
+
+__all__ = ["spd", "rand_orth", "to_np", "on", "vec", "unvec", "rel_err", "tol", "DTYPES"]
+
+DTYPES = ("float64", "float32")
+
+
+def rand_orth(rng, n):
+    Q, R = np.linalg.qr(rng.standard_normal((n, n)))
+    return Q * np.sign(np.diag(R))
+
+
+def spd(rng, n, cond=10.0, batch=()):
+    """Symmetric positive definite (n, n) with the given condition number (exactly symmetric)."""
+    if batch:
+        return np.stack([spd(rng, n, cond) for _ in range(int(np.prod(batch)))]).reshape(batch + (n, n))
+    Q = rand_orth(rng, n)
+    w = np.geomspace(1.0, cond, n) if n > 1 else np.ones(1)
+    M = (Q * w) @ Q.T
+    return (M + M.T) / 2
+
+
+def to_np(x):
+    return np.asarray(to_numpy(x))
+
+
+def on(xp, *arrays, dtype="float64"):
+    """Move NumPy arrays into namespace ``xp`` with the given dtype."""
+    out = [xp.asarray(np.asarray(a, dtype=dtype)) for a in arrays]
+    return out[0] if len(out) == 1 else out
+
+
+def vec(X):
+    """Column-stacking vec of the last two axes."""
+    X = np.asarray(X)
+    return np.swapaxes(X, -1, -2).reshape(X.shape[:-2] + (-1,))
+
+
+def unvec(v, q, p):
+    v = np.asarray(v)
+    return np.swapaxes(v.reshape(v.shape[:-1] + (p, q)), -1, -2)
+
+
+def rel_err(got, ref):
+    got, ref = to_np(got).astype(np.float64), np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    scale = max(np.abs(ref).max(initial=0.0), np.finfo(np.float64).tiny)
+    return float(np.abs(got - ref).max(initial=0.0) / scale)
+
+
+def tol(dtype, cond=1.0):
+    """Relative tolerance for a result whose conditioning is ``cond``.
+
+    The forward error of a backward-stable solve is about cond·eps; the
+    constants (1e-10 at cond <= 1e3 in float64, 1e-4 in float32, as the
+    foundation issue states) leave room for the p·q-term sums of the GEMMs.
+    """
+    base = 1e-13 if str(dtype) == "float64" else 2e-6
+    return max(base * cond, 1e-12 if str(dtype) == "float64" else 1e-5) * 50

@@ -1,0 +1,80 @@
+"""Backend layer: namespace detection, dtype policy, DLPack round trips."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from kronlin import Kron, factored_damping
+from kronlin._backend import context
+
+from helpers import rel_err, spd
+
+
+def test_integer_and_bool_promote_to_float64():
+    ctx, (a, b) = context(("a", np.arange(4).reshape(2, 2)), ("b", np.eye(2, dtype=bool)))
+    assert ctx.dtype == np.float64 and a.dtype == np.float64 and b.dtype == np.float64
+
+
+def test_float32_kept_and_mixed_floats_widen():
+    ctx, _ = context(("a", np.eye(2, dtype=np.float32)))
+    assert ctx.dtype == np.float32
+    ctx, _ = context(("a", np.eye(2, dtype=np.float32)), ("b", np.eye(2)))
+    assert ctx.dtype == np.float64
+    ctx, _ = context(("a", np.eye(2, dtype=np.float32)), ("b", np.eye(2, dtype=np.int32)))
+    assert ctx.dtype == np.float64  # an integer argument promotes to float64 first
+
+
+def test_lists_and_scalars_join_the_array_namespace():
+    K = Kron([[2.0, 0.0], [0.0, 1.0]], [[3.0]])
+    assert isinstance(K @ np.ones((1, 2)), np.ndarray)
+    xps = pytest.importorskip("array_api_strict")
+    ctx, (a, b) = context(("a", [[1.0]]), ("b", xps.asarray([[2.0]])))
+    assert ctx.name == "array_api_strict" and type(a) is type(b)
+
+
+class FakeTensor:
+    """A foreign CPU array that only speaks DLPack, like a torch tensor."""
+
+    def __init__(self, data):
+        self._data = np.asarray(data)
+
+    def __dlpack__(self, **kwargs):
+        return self._data.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._data.__dlpack_device__()
+
+    def __array_namespace__(self, api_version=None):
+        return FAKE_LIB
+
+
+FAKE_LIB = types.SimpleNamespace(__name__="fakelib", from_dlpack=lambda x: FakeTensor(np.from_dlpack(x)))
+
+
+def test_foreign_dlpack_arrays_round_trip():
+    rng = np.random.default_rng(0)
+    A, G = spd(rng, 4, 10.0), spd(rng, 3, 10.0)
+    X = rng.standard_normal((3, 4))
+    K = Kron(FakeTensor(A), FakeTensor(G))
+    out = K @ FakeTensor(X)
+    assert isinstance(out, FakeTensor)
+    assert rel_err(out._data, G @ X @ A.T) < 1e-14
+    sol = K.eigh().solve(FakeTensor(X), damping=0.1)
+    assert isinstance(sol, FakeTensor)
+    assert isinstance(factored_damping(FakeTensor(A), FakeTensor(G), 0.1).A, FakeTensor)
+
+
+def test_torch_round_trip_if_available():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    A, G = spd(rng, 4, 10.0), spd(rng, 3, 10.0)
+    X = rng.standard_normal((3, 4))
+    K = Kron(torch.from_numpy(A), torch.from_numpy(G))
+    out = K.solve(torch.from_numpy(X))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+    assert rel_err(out.numpy(), np.linalg.solve(G, X) @ np.linalg.inv(A).T) < 1e-13
+    out32 = Kron(torch.eye(4), torch.eye(3)) @ torch.ones(3, 4)
+    assert out32.dtype == torch.float32
