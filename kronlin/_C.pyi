@@ -13,4 +13,20 @@ def eig_scale(
     ``Y`` (B, q, p), ``lg`` (B, q), ``la`` (B, p): C-contiguous, one dtype (float32 or float64).
     """
 
+def gsylv_backsub(
+    S1: npt.NDArray[np.floating],
+    T1: npt.NDArray[np.floating],
+    S2: npt.NDArray[np.floating],
+    T2: npt.NDArray[np.floating],
+    W: npt.NDArray[np.floating],
+    sign: int,
+) -> float:
+    """In place: ``W`` (B, q, p) becomes ``Y`` with ``S1 Y S2ᵀ + sign·T1 Y T2ᵀ = W``.
+
+    ``S1`` (q, q) and ``S2`` (p, p) quasi-upper-triangular, ``T1`` (q, q) and ``T2`` (p, p)
+    upper triangular (real generalized Schur form); C-contiguous, one dtype (float32 or
+    float64); ``sign`` is +1 or -1.  Returns the smallest relative pivot
+    ``min|pivot| / (max|S1|·max|S2| + max|T1|·max|T2|)`` (``inf`` when there is nothing to solve).
+    """
+
 def openmp_max_threads() -> int: ...

@@ -11,9 +11,10 @@ from __future__ import annotations
 from . import _ext
 from ._linalg import PSD_CLIP_FACTOR
 from ._validate import SYM_RTOL_FACTOR
-from .damping import factored_damping, pi_factor
+from .damping import DampedKron, factored_damping, pi_factor
 from .kron import DENSE_LIMIT, Kron
 from .kron_eigh import KronEigh
+from .stein import KronSumInverse, solve_kron_sum
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,9 @@ __all__ = [
     "KronEigh",
     "pi_factor",
     "factored_damping",
+    "DampedKron",
+    "solve_kron_sum",
+    "KronSumInverse",
     "DENSE_LIMIT",
     "PSD_CLIP_FACTOR",
     "SYM_RTOL_FACTOR",

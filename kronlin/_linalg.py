@@ -14,9 +14,9 @@ import warnings
 import numpy as np
 
 from ._backend import dtype_eps, is_cupy, is_numpy, mT
-from ._validate import SYM_RTOL_FACTOR, LinAlgError, shape_str
+from ._validate import LinAlgError, _symmetric_within_tol, shape_str
 
-__all__ = ["Factor", "eigh", "PSD_CLIP_FACTOR"]
+__all__ = ["Factor", "eigh", "generalized_eigh", "PSD_CLIP_FACTOR"]
 
 #: Eigenvalues of a matrix that must be positive semi-definite may come out of
 #: ``eigh`` slightly negative through round-off (backward error ~ n·eps·‖M‖).
@@ -35,13 +35,6 @@ def _scipy_linalg(xp):
 
         return cupyx.scipy.linalg
     return None
-
-
-def _nearly_symmetric(xp, M) -> bool:
-    if M.shape[-1] <= 1:
-        return True
-    scale = float(xp.max(xp.abs(M)))
-    return float(xp.max(xp.abs(M - mT(M)))) <= SYM_RTOL_FACTOR * dtype_eps(xp, M.dtype) * scale
 
 
 def _diag(xp, M):
@@ -63,7 +56,7 @@ class Factor:
         self._M = M
         self._sl = _scipy_linalg(xp)
         self.kind = "lu"
-        if _nearly_symmetric(xp, M):
+        if _symmetric_within_tol(xp, M):
             try:
                 L = xp.linalg.cholesky(M)
             except LinAlgError:
@@ -121,17 +114,24 @@ class Factor:
         return self._solve2(B, trans)
 
     def _solve2(self, B, trans):
-        xp, sl = self.xp, self._sl
         if self.kind == "cholesky":
-            L = self._L
-            if sl is not None and (is_numpy(xp) or not self.batched):
-                Z = sl.solve_triangular(L, B, lower=True, check_finite=False)
-                return sl.solve_triangular(L, Z, lower=True, trans="T", check_finite=False)
-            return xp.linalg.solve(mT(L), xp.linalg.solve(L, B))
+            return self.tri_solve(self.tri_solve(B), trans=True)
         if self._lu is not None:
-            return sl.lu_solve(self._lu, B, trans=1 if trans else 0, check_finite=False)
+            return self._sl.lu_solve(self._lu, B, trans=1 if trans else 0, check_finite=False)
         M = mT(self._M) if trans else self._M
-        return xp.linalg.solve(M, B)
+        return self.xp.linalg.solve(M, B)
+
+    def tri_solve(self, B, trans: bool = False):
+        """``L⁻¹ B`` (``trans``: ``L⁻ᵀ B``) with the Cholesky factor ``M = L Lᵀ``."""
+        xp, sl, L = self.xp, self._sl, self._L
+        if sl is not None and (is_numpy(xp) or not self.batched):
+            return sl.solve_triangular(L, B, lower=True, trans="T" if trans else "N", check_finite=False)
+        return xp.linalg.solve(mT(L) if trans else L, B)
+
+    def cond_estimate(self) -> float:
+        """Cheap lower estimate of the 2-norm condition number of an SPD matrix: (max Lᵢᵢ / min Lᵢᵢ)²."""
+        d = self.xp.abs(_diag(self.xp, self._L))
+        return float(self.xp.max(d) / self.xp.min(d)) ** 2
 
     def inv(self):
         xp = self.xp
@@ -206,3 +206,51 @@ def eigh(xp, M, name: str, psd: bool = True):
 
 
 
+
+
+def _retry_float64(xp, fn, *mats):
+    """Run ``fn`` and, if it fails or returns non-finite values in float32, redo it in float64."""
+    def attempt(args):
+        try:
+            out = fn(*args)
+        except LinAlgError:
+            return None
+        return out if all(bool(xp.all(xp.isfinite(o))) for o in out) else None
+
+    out = attempt(mats)
+    if out is None and mats[0].dtype == xp.float32:
+        out = attempt([xp.astype(m, xp.float64) for m in mats])
+        if out is not None:
+            out = tuple(xp.astype(o, xp.float32) for o in out)
+    return out
+
+
+def generalized_eigh(xp, C, A, nameC: str, nameA: str, factor: "Factor | None" = None):
+    """Symmetric-definite generalized eigenproblem ``C x = s A x`` (Cholesky-based, no square roots).
+
+    Returns ``s`` (ascending) and ``K`` with ``Kᵀ A K = I`` and ``Kᵀ C K = diag(s)``.
+    ``A`` must be symmetric positive definite (its Cholesky factor, if already
+    computed, may be passed as ``factor``); ``C`` symmetric.  NumPy uses
+    LAPACK's ``sygvd`` through SciPy; other namespaces reduce with the Cholesky
+    factor ``A = L Lᵀ``: ``eigh(L⁻¹ C L⁻ᵀ) = (s, E)``, ``K = L⁻ᵀ E``.
+    """
+    n = int(A.shape[-1])
+    if is_numpy(xp):
+        import scipy.linalg
+
+        def run(C_, A_):
+            return scipy.linalg.eigh(C_, A_, check_finite=False)
+
+        out = _retry_float64(xp, run, C, A)
+        if out is None:
+            raise LinAlgError(
+                f"the generalized eigenproblem of ({nameC}, {nameA}) failed: {nameA} (shape ({n}, {n})) must be "
+                f"symmetric positive definite; add damping to {nameA}"
+            )
+        return out
+    f = factor if factor is not None else Factor(xp, A, nameA)
+    if f.kind != "cholesky":
+        raise LinAlgError(f"{nameA} (shape ({n}, {n})) is not positive definite; add damping to {nameA}")
+    Ct = f.tri_solve(mT(f.tri_solve(C)))  # L⁻¹ C L⁻ᵀ (symmetric up to round-off; eigh reads one triangle)
+    s, E = eigh(xp, Ct, f"{nameA}^(-1/2) {nameC} {nameA}^(-1/2)", psd=False)
+    return s, f.tri_solve(E, trans=True)

@@ -54,13 +54,22 @@ def check_finite(xp, x, name: str) -> None:
         raise ValueError(f"{name} (shape {shape_str(x)}) contains NaN or infinity; kronlin needs finite input")
 
 
+def _asymmetry(xp, x):
+    """``(max|x - xᵀ|, tolerance)`` of a square (stack of) matrices."""
+    if x.shape[-1] <= 1:
+        return 0.0, 0.0
+    scale = float(xp.max(xp.abs(x)))
+    return float(xp.max(xp.abs(x - mT(x)))), SYM_RTOL_FACTOR * dtype_eps(xp, x.dtype) * scale
+
+
+def _symmetric_within_tol(xp, x) -> bool:
+    asym, tol = _asymmetry(xp, x)
+    return asym <= tol
+
+
 def check_symmetric(xp, x, name: str) -> None:
     """``x`` (..., n, n) must be symmetric to round-off (see :data:`SYM_RTOL_FACTOR`)."""
-    if x.shape[-1] <= 1:
-        return
-    scale = float(xp.max(xp.abs(x)))
-    asym = float(xp.max(xp.abs(x - mT(x))))
-    tol = SYM_RTOL_FACTOR * dtype_eps(xp, x.dtype) * scale
+    asym, tol = _asymmetry(xp, x)
     if asym > tol:
         raise ValueError(
             f"{name} (shape {shape_str(x)}) must be symmetric: max|{name} - {name}ᵀ| = {asym:.3g} exceeds "

@@ -1,0 +1,175 @@
+"""Inverses of sums of two Kronecker products: the generalized Stein equation (K-FAC appendix B).
+
+``(A ⊗ B + sign·C ⊗ D) vec(U) = vec(V)``  ⇔  ``B U Aᵀ + sign·D U Cᵀ = V``
+with ``A``, ``C`` of shape (p, p), ``B``, ``D`` of shape (q, q) and ``U``, ``V``
+of shape (..., q, p) (DESIGN §1).  K-FAC needs it for exact Tikhonov damping of
+a Kronecker block (``Ā ⊗ G + λ I ⊗ I``, eq. 6) and for the conditional
+covariances ``Σ_{i|i+1}`` of the block-tridiagonal inverse (a difference, §4.3).
+
+Methods
+-------
+``"eig"``
+    Symmetric positive definite ``A``, ``B``; symmetric ``C``, ``D``.  Appendix
+    B's formula from two generalized eigendecompositions; each solve is four
+    GEMMs and a fused divide (:mod:`kronlin.stein_eig`).
+``"schur"``
+    Any real square factors: QZ reductions and a quasi-triangular
+    back-substitution (Gardiner, Laub, Amato & Moler 1992;
+    :mod:`kronlin.stein_schur`).  The method for non-normal factors.
+``"smith"``
+    Smith's fixed-point iteration, squared (doubling) by default, for
+    contractive problems ``ρ(B⁻¹D)·ρ(A⁻¹C) < 1``; GEMMs only
+    (:mod:`kronlin.stein_smith`).
+``"auto"``
+    ``"eig"`` when all four factors are symmetric and ``A``, ``B`` positive
+    definite, otherwise ``"schur"``.
+"""
+
+from __future__ import annotations
+
+from ._backend import context
+from ._linalg import Factor
+from ._validate import LinAlgError, _symmetric_within_tol, check_finite, check_square, shape_str
+from .kron import _KronShaped
+
+__all__ = ["KronSumInverse", "solve_kron_sum", "METHODS"]
+
+METHODS = ("auto", "eig", "schur", "smith")
+
+
+def _check_sign(sign) -> int:
+    if sign in (1, -1) and not isinstance(sign, bool):
+        return int(sign)
+    raise ValueError(f"sign must be +1 or -1; got {sign!r}")
+
+
+def _is_spd(xp, M, name) -> bool:
+    try:
+        return Factor(xp, M, name).kind == "cholesky"
+    except LinAlgError:
+        return False
+
+
+class KronSumInverse(_KronShaped):
+    """``(A ⊗ B + sign·C ⊗ D)⁻¹`` with the set-up done once; ``solve(V)`` many times.
+
+    Parameters
+    ----------
+    A, C : (p, p) arrays
+        Input-side factors.
+    B, D : (q, q) arrays
+        Output-side factors.
+    sign : {+1, -1}
+        ``+1`` for a sum, ``-1`` for a difference of Kronecker products.
+    method : {"auto", "eig", "schur", "smith"}
+        See the module docstring.
+    tol, max_iter, squared :
+        Options of ``method="smith"`` (see :class:`kronlin.stein_smith.SmithStein`).
+
+    Attributes
+    ----------
+    method : str
+        The method in use (``"auto"`` resolved).
+    solver : object
+        The method's set-up (``EigStein``, ``SchurStein`` or ``SmithStein``),
+        with its diagnostics (for example ``solver.iterations`` for Smith).
+
+    Examples
+    --------
+    Exact Tikhonov damping of a Kronecker block, ``(Ā ⊗ G + λ I ⊗ I)⁻¹``:
+
+    >>> import numpy as np, kronlin
+    >>> A, G, lam = np.diag([1.0, 2.0]), np.diag([3.0, 4.0, 5.0]), 0.1
+    >>> inv = kronlin.KronSumInverse(A, G, np.eye(2), lam * np.eye(3))
+    >>> U = inv.solve(np.ones((3, 2)))
+    >>> np.allclose(G @ U @ A.T + lam * U, 1.0)
+    True
+    """
+
+    def __init__(self, A, B, C, D, sign=+1, method="auto", *, tol=None, max_iter=None, squared=True):
+        ctx, (A, B, C, D) = context(("A", A), ("B", B), ("C", C), ("D", D))
+        xp = ctx.xp
+        p = check_square(A, "A", batch=False)
+        q = check_square(B, "B", batch=False)
+        for M, name, n, like in ((C, "C", p, "A"), (D, "D", q, "B")):
+            if tuple(M.shape) != (n, n):
+                raise ValueError(f"{name} must have the shape of {like}, ({n}, {n}); got {shape_str(M)}")
+        for M, name in ((A, "A"), (B, "B"), (C, "C"), (D, "D")):
+            check_finite(xp, M, name)
+        sign = _check_sign(sign)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        self._ctx, self.p, self.q, self.batch_shape = ctx, p, q, ()
+        self.sign = sign
+        self._args = (A, B, C, D)
+        self._opts = dict(tol=tol, max_iter=max_iter, squared=squared)
+        if method == "auto":
+            symmetric = all(_symmetric_within_tol(xp, M) for M in (A, B, C, D))
+            method = "eig" if symmetric and _is_spd(xp, A, "A") and _is_spd(xp, B, "B") else "schur"
+        if method != "smith" and any(v is not None for v in (tol, max_iter)):
+            raise ValueError("tol and max_iter apply to method='smith' only")
+        self.method = method
+        self.solver = self._build(method, A, B, C, D)
+        self._T = None
+
+    def _build(self, method, A, B, C, D):
+        xp, sign = self._ctx.xp, self.sign
+        if method == "eig":
+            from ._validate import check_symmetric
+            from .stein_eig import EigStein
+
+            for M, name in ((A, "A"), (B, "B"), (C, "C"), (D, "D")):
+                check_symmetric(xp, M, name)
+            return EigStein(xp, A, B, C, D, sign)
+        if method == "schur":
+            from .stein_schur import SchurStein
+
+            return SchurStein(xp, A, B, C, D, sign)
+        from .stein_smith import SmithStein
+
+        return SmithStein(xp, A, B, C, D, sign, **self._opts)
+
+    def __repr__(self) -> str:
+        op = "+" if self.sign > 0 else "-"
+        return f"KronSumInverse(p={self.p}, q={self.q}, (A⊗B {op} C⊗D)⁻¹, method={self.method!r}, backend={self._ctx.name})"
+
+    def _apply_matrix(self, V):
+        return self.solver.solve(V)
+
+    def solve(self, V):
+        """``U`` with ``B U Aᵀ + sign·D U Cᵀ = V``; ``V`` is (..., q, p) or a flat column-stacked vector."""
+        V, flat = self._rhs(V, "V")
+        return self._ret(self.solver.solve(V), flat)
+
+    @property
+    def T(self) -> "KronSumInverse":
+        """The transpose ``(Aᵀ ⊗ Bᵀ + sign·Cᵀ ⊗ Dᵀ)⁻¹`` (itself for symmetric factors)."""
+        if self.method == "eig":
+            return self
+        if self._T is None:
+            from ._backend import mT
+
+            A, B, C, D = (mT(M) for M in self._args)
+            T = KronSumInverse.__new__(KronSumInverse)
+            T._ctx, T.p, T.q, T.batch_shape, T.sign = self._ctx, self.p, self.q, (), self.sign
+            T._args, T._opts, T.method, T._T = (A, B, C, D), self._opts, self.method, self
+            T.solver = T._build(self.method, A, B, C, D)
+            self._T = T
+        return self._T
+
+    def operator_matmul(self, U):
+        """The forward operator: ``B U Aᵀ + sign·D U Cᵀ`` (to check residuals)."""
+        from ._backend import mT
+
+        U, flat = self._rhs(U, "U")
+        A, B, C, D = self._args
+        return self._ret(B @ U @ mT(A) + self.sign * (D @ U @ mT(C)), flat)
+
+
+def solve_kron_sum(A, B, C, D, V, sign=+1, method="auto", **options):
+    """``U`` with ``B U Aᵀ + sign·D U Cᵀ = V``, i.e. ``(A ⊗ B + sign·C ⊗ D)⁻¹ vec(V)``.
+
+    One-shot form of :class:`KronSumInverse` (see it for the parameters);
+    build the class instead when solving with the same factors repeatedly.
+    """
+    return KronSumInverse(A, B, C, D, sign=sign, method=method, **options).solve(V)
