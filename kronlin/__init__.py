@@ -15,6 +15,8 @@ from .damping import DampedKron, factored_damping, pi_factor
 from .kron import DENSE_LIMIT, Kron
 from .kron_eigh import KronEigh
 from .stein import KronSumInverse, solve_kron_sum
+from .factors import FactorEstimator, batch_factors
+from .tridiag import BlockDiagInverse, BlockTridiagInverse
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,10 @@ __all__ = [
     "DampedKron",
     "solve_kron_sum",
     "KronSumInverse",
+    "BlockDiagInverse",
+    "BlockTridiagInverse",
+    "FactorEstimator",
+    "batch_factors",
     "DENSE_LIMIT",
     "PSD_CLIP_FACTOR",
     "SYM_RTOL_FACTOR",

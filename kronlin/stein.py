@@ -141,6 +141,12 @@ class KronSumInverse(_KronShaped):
         V, flat = self._rhs(V, "V")
         return self._ret(self.solver.solve(V), flat)
 
+    def logdet(self) -> float:
+        """``log det(A ⊗ B + sign·C ⊗ D)`` (of the operator, not its inverse); ``method="eig"`` only."""
+        if self.method != "eig":
+            raise NotImplementedError("logdet() is available for method='eig' (symmetric positive definite sums)")
+        return self.solver.logdet()
+
     @property
     def T(self) -> "KronSumInverse":
         """The transpose ``(Aᵀ ⊗ Bᵀ + sign·Cᵀ ⊗ Dᵀ)⁻¹`` (itself for symmetric factors)."""

@@ -1,0 +1,159 @@
+"""Estimating K-FAC's factors from activations and back-propagated vectors (K-FAC §3, §5).
+
+For a network with layers ``k = 0 … ℓ-1`` (the paper's ``i = k + 1``), the
+inputs are, per mini-batch of ``N`` examples,
+
+* ``acts[k]``: the layer's input activations ``a_k`` of shape ``(N, d_k)``
+  (``ā_k = [a_k; 1]`` is formed when ``append_one=True``, K-FAC §2.1), and
+* ``grads[k]``: the back-propagated vectors ``g_{k+1} = ∂L/∂s_{k+1}`` of shape
+  ``(N, d_{k+1})`` (with targets sampled from the model's predictive
+  distribution for the Fisher, K-FAC §5).
+
+The batch estimates are ``Ā_{k,j} = ā_kᵀ ā_j / N`` and ``G_{k+1,j+1} = g_{k+1}ᵀ g_{j+1} / N``
+for ``j ∈ {k, k+1}``; :class:`FactorEstimator` keeps the exponentially decaying
+average of §5 with ``ε = min(1 − 1/k, 0.95)`` at iteration ``k``.
+"""
+
+from __future__ import annotations
+
+from ._backend import context, mT
+from ._validate import check_finite, shape_str
+from .tridiag import BlockDiagInverse, BlockTridiagInverse
+
+__all__ = ["batch_factors", "FactorEstimator"]
+
+_KEYS = ("A_diag", "G_diag", "A_off", "G_off")
+
+
+def _prepare(acts, grads, append_one):
+    acts, grads = list(acts), list(grads)
+    if not acts or len(acts) != len(grads):
+        raise ValueError(f"acts and grads must be non-empty lists of equal length; got {len(acts)} and {len(grads)}")
+    named = [(f"acts[{k}]", a) for k, a in enumerate(acts)] + [(f"grads[{k}]", g) for k, g in enumerate(grads)]
+    ctx, arrays = context(*named)
+    xp, n = ctx.xp, len(acts)
+    N = None
+    for (name, _), M in zip(named, arrays):
+        if M.ndim != 2:
+            raise ValueError(f"{name} must have shape (N, d) (batch first); got {shape_str(M)}")
+        if N is None:
+            N = M.shape[0]
+        elif M.shape[0] != N:
+            raise ValueError(f"{name} has {M.shape[0]} examples but acts[0] has {N}; all layers need the same batch")
+        check_finite(xp, M, name)
+    if N == 0:
+        raise ValueError("acts and grads hold no examples (N = 0)")
+    A, G = arrays[:n], arrays[n:]
+    if append_one:
+        A = [xp.concat([a, xp.ones((N, 1), dtype=ctx.dtype)], axis=1) for a in A]
+    return ctx, A, G, N
+
+
+def batch_factors(acts, grads, append_one: bool = True, tridiagonal: bool = True) -> dict:
+    """Single-batch factor estimates as a dict with keys ``A_diag``, ``G_diag``, ``A_off``, ``G_off``.
+
+    ``A_off``/``G_off`` are the cross-layer factors of the block-tridiagonal
+    approximation (empty lists when ``tridiagonal=False``).
+    """
+    ctx, A, G, N = _prepare(acts, grads, append_one)
+    out = _estimates(A, G, N, tridiagonal)
+    return {k: [ctx.out(M) for M in v] for k, v in out.items()}
+
+
+def _estimates(A, G, N, tridiagonal):
+    n = len(A)
+    out = {
+        "A_diag": [mT(a) @ a / N for a in A],
+        "G_diag": [mT(g) @ g / N for g in G],
+        "A_off": [mT(A[k]) @ A[k + 1] / N for k in range(n - 1)] if tridiagonal else [],
+        "G_off": [mT(G[k]) @ G[k + 1] / N for k in range(n - 1)] if tridiagonal else [],
+    }
+    for key in ("A_diag", "G_diag"):  # GEMM leaves xᵀx asymmetric by round-off; make it exact
+        out[key] = [(M + mT(M)) / 2 for M in out[key]]
+    return out
+
+
+class FactorEstimator:
+    """Running averages of the K-FAC factors shared by optimizers and users (K-FAC §5).
+
+    Parameters
+    ----------
+    max_decay : float
+        Cap of the decay ``ε = min(1 − 1/k, max_decay)`` (0.95 in K-FAC).
+    tridiagonal : bool
+        Also track the cross-layer factors ``Ā_{i-1,i}`` and ``G_{i,i+1}``.
+    append_one : bool
+        Append the homogeneous coordinate to the activations.
+
+    Examples
+    --------
+    >>> est = FactorEstimator()
+    >>> est.update(acts, grads)                     # doctest: +SKIP
+    >>> inv = est.block_tridiag_inverse(gamma=0.1)  # doctest: +SKIP
+    """
+
+    def __init__(self, max_decay: float = 0.95, tridiagonal: bool = True, append_one: bool = True):
+        if not 0.0 <= float(max_decay) < 1.0:
+            raise ValueError(f"max_decay must be in [0, 1); got {max_decay!r}")
+        self.max_decay, self.tridiagonal, self.append_one = float(max_decay), bool(tridiagonal), bool(append_one)
+        self.step = 0
+        self._stats = None
+        self._ctx = None
+
+    def decay(self) -> float:
+        """The ε the next update uses."""
+        return min(1.0 - 1.0 / (self.step + 1), self.max_decay)
+
+    def update(self, acts, grads) -> "FactorEstimator":
+        """Fold in one mini-batch: ``new = ε·old + (1 − ε)·batch``."""
+        ctx, A, G, N = _prepare(acts, grads, self.append_one)
+        batch = _estimates(A, G, N, self.tridiagonal)
+        if self._stats is not None:
+            for key in _KEYS:
+                if [tuple(M.shape) for M in batch[key]] != [tuple(M.shape) for M in self._stats[key]]:
+                    raise ValueError(f"the layer shapes changed since the last update ({key})")
+        eps = self.decay()
+        if self._stats is None:
+            self._stats = batch
+        else:
+            self._stats = {k: [eps * old + (1.0 - eps) * new for old, new in zip(self._stats[k], batch[k])] for k in _KEYS}
+        self._ctx = ctx
+        self.step += 1
+        return self
+
+    def _get(self, key):
+        if self._stats is None:
+            raise RuntimeError("no statistics yet: call update(acts, grads) first")
+        return [self._ctx.out(M) for M in self._stats[key]]
+
+    A_diag = property(lambda self: self._get("A_diag"), doc="[Ā_{0,0}, …, Ā_{ℓ-1,ℓ-1}]")
+    G_diag = property(lambda self: self._get("G_diag"), doc="[G_{1,1}, …, G_{ℓ,ℓ}]")
+    A_off = property(lambda self: self._get("A_off"), doc="[Ā_{0,1}, …, Ā_{ℓ-2,ℓ-1}]")
+    G_off = property(lambda self: self._get("G_off"), doc="[G_{1,2}, …, G_{ℓ-1,ℓ}]")
+
+    def block_diag_inverse(self, gamma: float = 0.0, pi="trace") -> BlockDiagInverse:
+        """:class:`BlockDiagInverse` of the current estimates."""
+        return BlockDiagInverse(self.A_diag, self.G_diag, gamma=gamma, pi=pi)
+
+    def block_tridiag_inverse(self, gamma: float = 0.0, pi="trace", method: str = "eig") -> BlockTridiagInverse:
+        """:class:`BlockTridiagInverse` of the current estimates (needs ``tridiagonal=True``)."""
+        if not self.tridiagonal:
+            raise ValueError("this estimator does not track cross-layer factors; build it with tridiagonal=True")
+        return BlockTridiagInverse(self.A_diag, self.G_diag, self.A_off, self.G_off, gamma=gamma, pi=pi, method=method)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume (arrays in the caller's library)."""
+        stats = None if self._stats is None else {k: self._get(k) for k in _KEYS}
+        return {"step": self.step, "max_decay": self.max_decay, "tridiagonal": self.tridiagonal,
+                "append_one": self.append_one, "stats": stats}
+
+    def load_state_dict(self, state: dict) -> "FactorEstimator":
+        self.__init__(state["max_decay"], state["tridiagonal"], state["append_one"])
+        self.step = int(state["step"])
+        if state["stats"] is not None:
+            named = [(f"{k}[{i}]", M) for k in _KEYS for i, M in enumerate(state["stats"][k])]
+            ctx, arrays = context(*named)
+            it = iter(arrays)
+            self._stats = {k: [next(it) for _ in state["stats"][k]] for k in _KEYS}
+            self._ctx = ctx
+        return self

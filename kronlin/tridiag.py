@@ -1,0 +1,277 @@
+"""K-FAC's block-diagonal and block-tridiagonal inverse Fisher approximations (K-FAC §4.2, §4.3, §6.3).
+
+Layers are indexed from 0 here; layer ``k`` is the paper's layer ``i = k + 1``
+with weights ``W_i`` of shape ``(d_i, d_{i-1}+1)`` (homogeneous coordinate
+last).  The arguments follow DESIGN §2:
+
+``A_diag[k] = Ā_{k,k}``   (d_k+1, d_k+1)      ``G_diag[k] = G_{k+1,k+1}``  (d_{k+1}, d_{k+1})
+``A_off[k]  = Ā_{k,k+1}`` (d_k+1, d_{k+1}+1)  ``G_off[k]  = G_{k+1,k+2}``  (d_{k+1}, d_{k+2})
+
+so the diagonal Fisher block of layer ``k`` is ``Kron(A_diag[k], G_diag[k])``
+and the block coupling layers ``k`` and ``k+1`` is ``A_off[k] ⊗ G_off[k]``.
+
+Factored Tikhonov damping (§6.3) with ``gamma`` and a per-layer π is applied to
+the diagonal factors *first*, and the damped factors are used everywhere they
+appear (inside ``Ψ`` and ``Σ`` too), so :meth:`BlockTridiagInverse.to_dense` is
+exactly the inverse of the ``F̂`` that agrees with the damped ``F̃`` on its
+tridiagonal blocks.
+"""
+
+from __future__ import annotations
+
+from ._backend import context, mT
+from ._linalg import Factor
+from ._validate import LinAlgError, check_finite, check_nonneg_scalar, check_symmetric, shape_str
+from .damping import _pi
+from .kron import Kron
+from .stein import KronSumInverse
+
+__all__ = ["BlockDiagInverse", "BlockTridiagInverse"]
+
+
+def _damped(ctx, A, G, gamma, pi):
+    """The factor-damped pair ``(A + πγI, G + (γ/π)I)`` of K-FAC §6.3."""
+    xp = ctx.xp
+    if gamma == 0.0:
+        return A, G
+    if isinstance(pi, str):
+        pv = float(_pi(ctx, A, G, pi))
+    else:
+        pv = check_nonneg_scalar(pi, "pi")
+        if pv == 0.0:
+            raise ValueError("pi must be positive; got 0")
+    return (A + (pv * gamma) * xp.eye(A.shape[-1], dtype=ctx.dtype),
+            G + (gamma / pv) * xp.eye(G.shape[-1], dtype=ctx.dtype))
+
+
+class _LayerBlocks:
+    """Validation, damping and shapes shared by the block-diagonal and block-tridiagonal inverses."""
+
+    def _setup(self, A_diag, G_diag, A_off, G_off, gamma, pi):
+        A_diag, G_diag = list(A_diag), list(G_diag)
+        A_off, G_off = list(A_off or []), list(G_off or [])
+        n = len(A_diag)
+        if n == 0 or len(G_diag) != n:
+            raise ValueError(
+                f"A_diag and G_diag must be non-empty lists of the same length (one per layer); "
+                f"got {len(A_diag)} and {len(G_diag)}"
+            )
+        named = [(f"A_diag[{k}]", M) for k, M in enumerate(A_diag)] + [(f"G_diag[{k}]", M) for k, M in enumerate(G_diag)]
+        named += [(f"A_off[{k}]", M) for k, M in enumerate(A_off)] + [(f"G_off[{k}]", M) for k, M in enumerate(G_off)]
+        ctx, arrays = context(*named)
+        xp = ctx.xp
+        for (name, _), M in zip(named, arrays):
+            if M.ndim != 2:
+                raise ValueError(f"{name} must be a matrix; got shape {shape_str(M)}")
+            check_finite(xp, M, name)
+        Ad, Gd = arrays[:n], arrays[n:2 * n]
+        Ao, Go = arrays[2 * n:2 * n + len(A_off)], arrays[2 * n + len(A_off):]
+        for k in range(n):
+            for M, name in ((Ad[k], f"A_diag[{k}]"), (Gd[k], f"G_diag[{k}]")):
+                if M.shape[0] != M.shape[1]:
+                    raise ValueError(f"{name} must be square; got shape {shape_str(M)}")
+                check_symmetric(xp, M, name)
+        self._ctx, self.n_layers = ctx, n
+        self.gamma = check_nonneg_scalar(gamma, "gamma")
+        self.pi = pi
+        # damp the diagonal factors first (K-FAC §6.3); they are used everywhere below
+        damped = [_damped(ctx, Ad[k], Gd[k], self.gamma, pi) for k in range(n)]
+        self._Ad = [a for a, _ in damped]
+        self._Gd = [g for _, g in damped]
+        self.shapes = [(int(Gd[k].shape[0]), int(Ad[k].shape[0])) for k in range(n)]
+        return Ao, Go
+
+    def _vlist(self, V_list):
+        V_list = list(V_list)
+        if len(V_list) != self.n_layers:
+            raise ValueError(f"V_list must hold one array per layer ({self.n_layers}); got {len(V_list)}")
+        out = []
+        for k, (V, shape) in enumerate(zip(V_list, self.shapes)):
+            V = self._ctx.asarray(V, f"V_list[{k}]")
+            if V.ndim < 2 or tuple(V.shape[-2:]) != shape:
+                raise ValueError(f"V_list[{k}] must have shape (..., {shape[0]}, {shape[1]}); got {shape_str(V)}")
+            check_finite(self._ctx.xp, V, f"V_list[{k}]")
+            out.append(V)
+        return out
+
+    @property
+    def n_params(self) -> int:
+        return sum(q * p for q, p in self.shapes)
+
+    def _dense_from_apply(self, allow_large):
+        """Dense matrix of ``apply`` on flat per-layer column-stacked vecs (layers concatenated)."""
+        from .kron import DENSE_LIMIT
+
+        xp, P = self._ctx.xp, self.n_params
+        if P * P > DENSE_LIMIT and not allow_large:
+            raise ValueError(f"to_dense() would build a {P}x{P} matrix; pass allow_large=True if you really want it")
+        eye = xp.eye(P, dtype=self._ctx.dtype)
+        cols, start = [], 0
+        for q, p in self.shapes:  # unit vectors as a batch of weight-shaped arrays per layer
+            block = eye[:, start:start + q * p]
+            cols.append(mT(xp.reshape(block, (P, p, q))))
+            start += q * p
+        out = self._apply(cols)
+        flat = [xp.reshape(mT(U), (P, -1)) for U in out]
+        return self._ctx.out(mT(xp.concat(flat, axis=1)))
+
+
+class BlockDiagInverse(_LayerBlocks):
+    """K-FAC §4.2's block-diagonal ``F̆⁻¹ = diag((Ā_{i-1,i-1} ⊗ G_{i,i})⁻¹)`` with factored damping.
+
+    Parameters
+    ----------
+    A_diag, G_diag : lists of the diagonal factors (see the module docstring)
+    gamma : float
+        Factored Tikhonov damping strength γ (K-FAC §6.3, §6.6); 0 for none.
+    pi : {"trace", "fro", "spectral"} or float
+        π per layer from :func:`kronlin.pi_factor`'s norm, or a fixed value.
+    """
+
+    def __init__(self, A_diag, G_diag, gamma=0.0, pi="trace"):
+        self._setup(A_diag, G_diag, None, None, gamma, pi)
+        self._build()
+
+    def _build(self):
+        self.blocks = [Kron._trusted(self._ctx, a, g) for a, g in zip(self._Ad, self._Gd)]
+
+    def update(self, A_diag, G_diag, gamma=None, pi=None):
+        """Refresh with new statistics of the same shapes (e.g. every T₃ iterations)."""
+        shapes = self.shapes
+        self._setup(A_diag, G_diag, None, None, self.gamma if gamma is None else gamma, self.pi if pi is None else pi)
+        if self.shapes != shapes:
+            raise ValueError(f"update() needs the original layer shapes {shapes}; got {self.shapes}")
+        self._build()
+        return self
+
+    def _apply(self, V_list):
+        return [_kron_solve(blk, V) for blk, V in zip(self.blocks, V_list)]
+
+    def apply(self, V_list):
+        """``U_i = G_{i,i}⁻¹ V_i Ā_{i-1,i-1}⁻¹`` for every layer (damped factors)."""
+        return [self._ctx.out(U) for U in self._apply(self._vlist(V_list))]
+
+    def logdet(self) -> float:
+        """``log det F̆`` (of the damped approximate Fisher, not of its inverse)."""
+        return sum(float(blk.logdet()) for blk in self.blocks)
+
+    def to_dense(self, allow_large: bool = False):
+        """Dense ``F̆⁻¹`` on the concatenation of the layers' column-stacked vecs."""
+        return self._dense_from_apply(allow_large)
+
+
+def _kron_solve(blk, V):
+    fa, fg = blk._factors()
+    return mT(fa.solve(mT(fg.solve(V))))
+
+
+class BlockTridiagInverse(_LayerBlocks):
+    """K-FAC §4.3's block-tridiagonal ``F̂⁻¹ = Ξᵀ Λ Ξ`` with factored damping.
+
+    ``Ψ_{i,i+1} = Ψ^Ā_{i-1,i} ⊗ Ψ^G_{i,i+1}`` with ``Ψ^Ā_{i-1,i} = Ā_{i-1,i} Ā_{i,i}⁻¹`` and
+    ``Ψ^G_{i,i+1} = G_{i,i+1} G_{i+1,i+1}⁻¹`` (by solves), and
+    ``Σ_{i|i+1} = Ā_{i-1,i-1} ⊗ G_{i,i} − (Ψ^Ā Ā_{i,i} Ψ^Āᵀ) ⊗ (Ψ^G G_{i+1,i+1} Ψ^Gᵀ)``
+    inverted by the generalized Stein machinery (``sign=-1``), ``Σ_ℓ = Ā_{ℓ-1,ℓ-1} ⊗ G_{ℓ,ℓ}``.
+    ``apply`` is the paper's three passes on weight-shaped blocks: ``Ξ`` (two
+    products per layer), ``Λ`` (four plus a fused divide), ``Ξᵀ`` (two); nothing
+    of size ``mn × mn`` is ever formed.
+
+    Parameters
+    ----------
+    A_diag, G_diag, A_off, G_off : lists of factors (see the module docstring)
+    gamma, pi : factored damping, as in :class:`BlockDiagInverse`
+    method : {"eig", "smith"}
+        Stein method for ``Σ_{i|i+1}⁻¹``: ``"eig"`` (default) or the SVD-free
+        ``"smith"`` iteration K-FAC §8 mentions.
+
+    Raises
+    ------
+    numpy.linalg.LinAlgError
+        When a ``Σ_{i|i+1}`` is not positive definite (inconsistent statistics,
+        e.g. stale cross-layer running averages): the message names the layer
+        pair and suggests more damping.
+    """
+
+    def __init__(self, A_diag, G_diag, A_off, G_off, gamma=0.0, pi="trace", method="eig"):
+        if method not in ("eig", "smith"):
+            raise ValueError(f"method must be 'eig' or 'smith'; got {method!r}")
+        self.method = method
+        Ao, Go = self._setup(A_diag, G_diag, A_off, G_off, gamma, pi)
+        self._check_off(Ao, Go)
+        self._build(Ao, Go)
+
+    def _check_off(self, Ao, Go):
+        n = self.n_layers
+        if len(Ao) != n - 1 or len(Go) != n - 1:
+            raise ValueError(
+                f"A_off and G_off must hold {n - 1} cross-layer factors for {n} layers; got {len(Ao)} and {len(Go)}"
+            )
+        for k in range(n - 1):
+            wantA = (self._Ad[k].shape[0], self._Ad[k + 1].shape[0])
+            wantG = (self._Gd[k].shape[0], self._Gd[k + 1].shape[0])
+            if tuple(Ao[k].shape) != wantA:
+                raise ValueError(f"A_off[{k}] must have shape {wantA} (Ā_{{{k},{k + 1}}}); got {shape_str(Ao[k])}")
+            if tuple(Go[k].shape) != wantG:
+                raise ValueError(f"G_off[{k}] must have shape {wantG} (G_{{{k + 1},{k + 2}}}); got {shape_str(Go[k])}")
+
+    def _build(self, Ao, Go):
+        xp, n = self._ctx.xp, self.n_layers
+        self._Ao, self._Go = Ao, Go
+        fA = [Factor(xp, a, f"A_diag[{k}] (damped)") for k, a in enumerate(self._Ad)]
+        fG = [Factor(xp, g, f"G_diag[{k}] (damped)") for k, g in enumerate(self._Gd)]
+        self.psi_A, self.psi_G, self.sigma = [], [], []
+        for k in range(n - 1):
+            # Ψ^Ā = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ and Ψ^G = G_{k+1,k+2} G_{k+2,k+2}⁻¹, by solves (factors symmetric)
+            psiA = mT(fA[k + 1].solve(mT(Ao[k])))
+            psiG = mT(fG[k + 1].solve(mT(Go[k])))
+            C = psiA @ mT(Ao[k])  # Ψ^Ā Ā_{k+1,k+1} Ψ^Āᵀ = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ Ā_{k,k+1}ᵀ
+            D = psiG @ mT(Go[k])
+            C, D = (C + mT(C)) / 2, (D + mT(D)) / 2  # exact in exact arithmetic; remove round-off asymmetry
+            try:
+                sigma = KronSumInverse(self._Ad[k], self._Gd[k], C, D, sign=-1, method=self.method)
+            except LinAlgError as exc:
+                raise LinAlgError(
+                    f"Σ_{{{k + 1}|{k + 2}}} (layers {k} and {k + 1}) is not positive definite: the cross-layer "
+                    f"statistics are inconsistent with the diagonal ones (stale or badly estimated running "
+                    f"averages); increase the damping gamma (now {self.gamma:g}). Details: {exc}"
+                ) from None
+            self.psi_A.append(psiA)
+            self.psi_G.append(psiG)
+            self.sigma.append(sigma)
+        self.last = Kron._trusted(self._ctx, self._Ad[-1], self._Gd[-1])
+        self.last._fa, self.last._fg = fA[-1], fG[-1]
+
+    def update(self, A_diag, G_diag, A_off, G_off, gamma=None, pi=None):
+        """Refresh with new statistics of the same shapes (optimizers refresh every T₃ iterations)."""
+        shapes = self.shapes
+        Ao, Go = self._setup(A_diag, G_diag, A_off, G_off, self.gamma if gamma is None else gamma,
+                             self.pi if pi is None else pi)
+        if self.shapes != shapes:
+            raise ValueError(f"update() needs the original layer shapes {shapes}; got {self.shapes}")
+        self._check_off(Ao, Go)
+        self._build(Ao, Go)
+        return self
+
+    def _apply(self, V):
+        n = self.n_layers
+        # Ξ: U_k = V_k − Ψ^G_k V_{k+1} Ψ^Āᵀ_k
+        X = [V[k] - self.psi_G[k] @ V[k + 1] @ mT(self.psi_A[k]) for k in range(n - 1)] + [V[-1]]
+        # Λ: Σ_{k|k+1}⁻¹ and Σ_ℓ⁻¹
+        Y = [self.sigma[k].solver.solve(X[k]) for k in range(n - 1)] + [_kron_solve(self.last, X[-1])]
+        # Ξᵀ: U_k = Y_k − Ψ^Gᵀ_{k-1} Y_{k-1} Ψ^Ā_{k-1}
+        return [Y[0]] + [Y[k] - mT(self.psi_G[k - 1]) @ Y[k - 1] @ self.psi_A[k - 1] for k in range(1, n)]
+
+    def apply(self, V_list):
+        """``F̂⁻¹ v`` on weight-shaped blocks: a list of ``(..., d_i, d_{i-1}+1)`` arrays."""
+        return [self._ctx.out(U) for U in self._apply(self._vlist(V_list))]
+
+    def logdet(self) -> float:
+        """``log det F̂ = Σ_i log det Σ_{i|i+1} + log det Σ_ℓ`` (``Ξ`` is unit triangular)."""
+        if self.method != "eig":
+            raise NotImplementedError("logdet() needs method='eig'")
+        return sum(s.logdet() for s in self.sigma) + float(self.last.logdet())
+
+    def to_dense(self, allow_large: bool = False):
+        """Dense ``F̂⁻¹`` on the concatenation of the layers' column-stacked vecs."""
+        return self._dense_from_apply(allow_large)
+
