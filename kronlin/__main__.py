@@ -58,4 +58,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        sys.stdout = None
+        sys.exit(1)

@@ -90,6 +90,8 @@ GAMMA = 1e-2
 #: The CG check runs on ``Kron(A + CG_SHIFT*I, G + CG_SHIFT*I)`` (condition ~300)
 #: so that it converges in a few hundred iterations at every size.
 CG_SHIFT = 5e-2
+#: Iteration cap of the CG check (it needs about 250 at the default settings).
+CG_MAXITER = 2000
 #: Number of flat right-hand sides for ``matmat`` and sampled rows for ``rows``.
 MATMAT_K = 4
 SAMPLED_ROWS = 128
@@ -432,7 +434,7 @@ def _check_cg(kl, P: _Problem) -> _Outcome:
 
     def call():
         L = kl.Kron(Ac, Gc).aslinearoperator()
-        return scipy.sparse.linalg.cg(L, b, rtol=rtol, atol=0.0, maxiter=20 * P.n + 1000)
+        return scipy.sparse.linalg.cg(L, b, rtol=rtol, atol=0.0, maxiter=CG_MAXITER)
 
     x, info = call()
     A64, G64 = _f64(Ac), _f64(Gc)
@@ -492,7 +494,7 @@ _COLUMNS = (
     ("error", 9, ">"),
     ("tol", 8, ">"),
     ("time", 10, ">"),
-    ("dense/kl", 9, ">"),
+    ("dense/kronlin", 13, ">"),
     ("status", 6, "<"),
 )
 
@@ -523,14 +525,18 @@ def _header(kl, out) -> None:
         from . import _ext
 
         if not info.get("cpu_extension"):
-            why = f"it is not built or failed to import ({_ext.cpu_import_error!r})"
+            why = f"it is not built or failed to import ({_ext.cpu_import_error})."
+            fix = "Install kronlin (pip install .) and run from outside the source tree, which has no compiled module."
         else:
-            why = "it is disabled (KRONLIN_DISABLE_EXT is set)"
+            why = "it is disabled (KRONLIN_DISABLE_EXT is set)."
+            fix = "Unset KRONLIN_DISABLE_EXT to use the compiled kernels."
         w("")
         w("!" * 78)
-        w(f"WARNING: the compiled CPU extension kronlin._C is NOT in use: {why}.")
-        w("Results use the slower NumPy reference kernels. Reinstall kronlin (pip install .)")
-        w("and run from outside the source tree, which has no compiled module.")
+        w("WARNING: the compiled CPU extension kronlin._C is NOT in use:")
+        w(f"  {why}")
+        w("  Every kernel runs its NumPy reference implementation, so the timings below")
+        w("  are not those of the compiled build.")
+        w(f"  {fix}")
         w("!" * 78)
 
 
@@ -546,8 +552,8 @@ def _legend(out) -> None:
     w(f"tol    = {BASE_TOL['float64']:.0e} (float64) / {BASE_TOL['float32']:.0e} (float32), times "
       f"max(1, cond/{KAPPA_REF:.0e}) where an inverse is involved")
     w("time   = best of up to 5 runs of the kronlin call from the raw factors (factorizations included)")
-    w("dense/kl = time of scipy.linalg.solve(np.kron(A, G), vec(X)) / kronlin time (same size and dtype;")
-    w(f"         '-' where p*q > {DENSE_REF_LIMIT}: the dense matrix is too large to form)")
+    w("dense/kronlin = time of scipy.linalg.solve(np.kron(A, G), vec(X)) / kronlin time, same size and")
+    w(f"         dtype ('-' where p*q > {DENSE_REF_LIMIT}: the dense matrix is too large to form)")
 
 
 def _dense_solve_time(P: _Problem) -> Optional[float]:
@@ -560,13 +566,13 @@ def _dense_solve_time(P: _Problem) -> Optional[float]:
 def _run_one(kl, label: str, check, P: _Problem, dense_time: Optional[float]) -> _Row:
     try:
         res = check(kl, P)
+        seconds = _best_time(res.call)
     except Exception as exc:  # a raising method is a failed row, never a crashed self-check
         tb = traceback.extract_tb(exc.__traceback__)[-1]
         note = f"{type(exc).__name__}: {exc} (at {os.path.basename(tb.filename)}:{tb.lineno})"
         return _Row(label, P.p, P.q, P.dtype, "raised", float("nan"), _tolerance(P.dtype), None, None, False, note)
     tol = _tolerance(P.dtype, res.kappa)
     ok = bool(np.isfinite(res.error) and res.error <= tol and res.passed_extra)
-    seconds = _best_time(res.call)
     speedup = None if dense_time is None or seconds <= 0 else dense_time / seconds
     return _Row(label, P.p, P.q, P.dtype, res.check, res.error, tol, seconds, speedup, ok, res.note)
 
@@ -644,8 +650,11 @@ def run(sizes=DEFAULT_SIZES, dtypes=("float64", "float32"), seed: int = 0, out=N
         for dtype in dtypes:
             P = _Problem(base, dtype, sample)
             dense_time = _dense_solve_time(P)
-            where = "dense reference" if P.dense else "no dense reference (p*q > %d)" % DENSE_REF_LIMIT
-            print(f"# p={p} q={q} (p*q={n}) {dtype}: {where}; dense solve {_fmt_time(dense_time)}", file=out)
+            if P.dense:
+                where = f"dense solve {_fmt_time(dense_time)}"
+            else:
+                where = f"p*q > {DENSE_REF_LIMIT}: no dense matrix, no dense solve"
+            print(f"# p={p} q={q} (p*q={n}) {dtype}: {where}", file=out)
             for label, check in CHECKS:
                 row = _run_one(kl, label, check, P, dense_time)
                 rows.append(row)
