@@ -78,14 +78,29 @@ class KronEigh(_KronShaped):
     def _products(self, damping: float = 0.0):
         return self._lg[..., :, None] * self._la[..., None, :] + damping
 
+    def _extremes(self):
+        """Per-batch ``(min, max)`` of ``lg la`` products when both spectra are non-negative, else None (cached)."""
+        if not hasattr(self, "_ext_cache"):
+            xp = self._ctx.xp
+            if bool(xp.all(self._la >= 0)) and bool(xp.all(self._lg >= 0)):
+                lo = xp.min(self._lg, axis=-1) * xp.min(self._la, axis=-1)
+                hi = xp.max(self._lg, axis=-1) * xp.max(self._la, axis=-1)
+                self._ext_cache = (float(xp.min(lo)), float(xp.max(hi)), lo, hi)
+            else:
+                self._ext_cache = None
+        return self._ext_cache
+
     def _check_denominators(self, power: float, damping: float) -> None:
         """Raise when ``(lg laᵀ + damping) ** power`` is undefined or numerically infinite."""
         xp = self._ctx.xp
         if float(power) == int(power) and power >= 0:
             return
-        if bool(xp.all(self._la >= 0)) and bool(xp.all(self._lg >= 0)):
-            dmin = xp.min(self._lg, axis=-1) * xp.min(self._la, axis=-1) + damping
-            dmax = xp.max(self._lg, axis=-1) * xp.max(self._la, axis=-1) + damping
+        eps = dtype_eps(xp, self.dtype)
+        ext = self._extremes()
+        if ext is not None:
+            if ext[0] + damping > eps * (ext[1] + damping):  # fast path: every batch item is fine
+                return
+            dmin, dmax = ext[2] + damping, ext[3] + damping
         else:
             d = self._products(damping)
             if float(power) != int(power) and bool(xp.any(d < 0)):
@@ -94,7 +109,7 @@ class KronEigh(_KronShaped):
                 )
             dmin = xp.min(xp.abs(d), axis=(-2, -1))
             dmax = xp.max(xp.abs(d), axis=(-2, -1))
-        if bool(xp.any(dmin <= dtype_eps(xp, self.dtype) * dmax)):
+        if bool(xp.any(dmin <= eps * dmax)):
             raise LinAlgError(
                 f"A ⊗ G + {damping:g}·I is singular to working precision (smallest eigenvalue "
                 f"{float(xp.min(dmin)):.3g}, largest {float(xp.max(dmax)):.3g}); pass damping > 0"

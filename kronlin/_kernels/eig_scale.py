@@ -33,6 +33,11 @@ def eig_scale_reference(xp, Y, lg, la, shift: float, power: float):
 
 
 def _flatten_eig(xp, v, batch, n):
+    """Eigenvalues (..., n) as a (B, n) array matching Y's batch (a view when no broadcasting is needed)."""
+    if v.ndim == 1 and not batch:
+        return xp.reshape(v, (1, n))
+    if tuple(v.shape[:-1]) == batch:
+        return xp.reshape(v, (-1, n))
     return xp.reshape(xp.broadcast_to(v, batch + (n,)), (-1, n))
 
 
