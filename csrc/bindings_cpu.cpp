@@ -8,6 +8,8 @@
 #include <string>
 
 #include "cpu/eig_scale_cpu.h"
+#include "cpu/woodbury_gram_cpu.h"
+#include "cpu/gsylv_cpu.h"
 
 #if defined(KRONLIN_HAVE_OPENMP)
 #include <omp.h>
@@ -50,6 +52,59 @@ void eig_scale(py::array Y, py::array lg, py::array la, double shift, double pow
   }
 }
 
+// gsylv_backsub: the quasi-triangular back-substitution of the generalized
+// Sylvester solver (kronlin/_kernels/gsylv.py, kronlin/stein_schur.py).
+bool quasi_triangular_ok(const py::array& S) {
+  // no two consecutive nonzero subdiagonal entries (2x2 blocks at most)
+  const auto n = S.shape(0);
+  auto check = [&](auto* s) {
+    for (py::ssize_t i = 0; i + 2 < n; ++i) {
+      if (s[(i + 1) * n + i] != 0 && s[(i + 2) * n + i + 1] != 0) return false;
+    }
+    return true;
+  };
+  if (S.dtype().is(py::dtype::of<double>())) return check(static_cast<const double*>(S.data()));
+  return check(static_cast<const float*>(S.data()));
+}
+
+template <typename T>
+double gsylv_backsub_typed(const py::array& S1, const py::array& T1, const py::array& S2, const py::array& T2,
+                           py::array& W, int sign) {
+  const auto B = W.shape(0), q = W.shape(1), p = W.shape(2);
+  const auto* s1 = static_cast<const T*>(S1.data());
+  const auto* t1 = static_cast<const T*>(T1.data());
+  const auto* s2 = static_cast<const T*>(S2.data());
+  const auto* t2 = static_cast<const T*>(T2.data());
+  auto* w = static_cast<T*>(W.mutable_data());
+  py::gil_scoped_release release;
+  return kronlin::gsylv_backsub_cpu<T>(s1, t1, s2, t2, w, B, q, p, sign);
+}
+
+double gsylv_backsub(py::array S1, py::array T1, py::array S2, py::array T2, py::array W, int sign) {
+  require(W.ndim() == 3 && S1.ndim() == 2 && T1.ndim() == 2 && S2.ndim() == 2 && T2.ndim() == 2,
+          "expected S1, T1 (q, q), S2, T2 (p, p) and W (B, q, p)");
+  const auto q = W.shape(1), p = W.shape(2);
+  require(S1.shape(0) == q && S1.shape(1) == q && T1.shape(0) == q && T1.shape(1) == q,
+          "S1 and T1 must be (q, q) with q = W.shape[1] = " + std::to_string(q));
+  require(S2.shape(0) == p && S2.shape(1) == p && T2.shape(0) == p && T2.shape(1) == p,
+          "S2 and T2 must be (p, p) with p = W.shape[2] = " + std::to_string(p));
+  require(c_contiguous(S1) && c_contiguous(T1) && c_contiguous(S2) && c_contiguous(T2) && c_contiguous(W),
+          "arrays must be C-contiguous");
+  require(W.writeable(), "W must be writeable");
+  require(W.dtype().is(S1.dtype()) && W.dtype().is(T1.dtype()) && W.dtype().is(S2.dtype()) &&
+              W.dtype().is(T2.dtype()),
+          "S1, T1, S2, T2 and W must share one dtype");
+  require(sign == 1 || sign == -1, "sign must be +1 or -1");
+  const bool f64 = W.dtype().is(py::dtype::of<double>());
+  if (!f64 && !W.dtype().is(py::dtype::of<float>())) {
+    throw std::invalid_argument("kronlin._C: dtype must be float32 or float64");
+  }
+  require(quasi_triangular_ok(S1) && quasi_triangular_ok(S2),
+          "S1 and S2 must be quasi-upper-triangular (1x1 and 2x2 diagonal blocks)");
+  return f64 ? gsylv_backsub_typed<double>(S1, T1, S2, T2, W, sign)
+             : gsylv_backsub_typed<float>(S1, T1, S2, T2, W, sign);
+}
+
 int openmp_max_threads() {
 #if defined(KRONLIN_HAVE_OPENMP)
   return omp_get_max_threads();
@@ -64,6 +119,39 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "kronlin's CPU kernels (C++17, OpenMP). Private: use the kronlin package.";
   m.def("eig_scale", &eig_scale, py::arg("Y"), py::arg("lg"), py::arg("la"), py::arg("shift"), py::arg("power"),
         "In place: Y[b, i, j] *= (lg[b, i] * la[b, j] + shift) ** power on C-contiguous float arrays.");
+  m.def("gsylv_backsub", &gsylv_backsub, py::arg("S1"), py::arg("T1"), py::arg("S2"), py::arg("T2"), py::arg("W"),
+        py::arg("sign"),
+        "In place: W (B, q, p) becomes Y with S1 Y S2^T + sign T1 Y T2^T = W (real generalized Schur form); "
+        "returns the smallest relative pivot.");
+  m.def(
+      "woodbury_gram_shared",
+      [](py::array A, py::array E, double scale, std::int64_t prepack_bytes) -> py::array {
+        require(A.ndim() == 3 && E.ndim() == 3, "expected A (N, T, da) and E (N*S, T, de)");
+        const std::int64_t N = A.shape(0), T = A.shape(1), da = A.shape(2), M = E.shape(0), de = E.shape(2);
+        require(E.shape(1) == T && (N == 0 ? M == 0 : M % N == 0), "shapes of A and E do not agree");
+        require(c_contiguous(A) && c_contiguous(E), "arrays must be C-contiguous");
+        require(A.dtype().is(E.dtype()), "A and E must share one dtype");
+        const std::int64_t S = N == 0 ? 1 : M / N;
+        auto run = [&](auto zero) -> py::array {
+          using T_ = decltype(zero);
+          py::array_t<T_> K({M, M});
+          const auto* a = static_cast<const T_*>(A.data());
+          const auto* e = static_cast<const T_*>(E.data());
+          auto* k = static_cast<T_*>(K.mutable_data());
+          {
+            py::gil_scoped_release release;
+            kronlin::woodbury_gram_shared_cpu<T_>(a, e, k, N, S, T, da, de, scale, prepack_bytes);
+          }
+          return K;
+        };
+        if (A.dtype().is(py::dtype::of<double>())) return run(0.0);
+        if (A.dtype().is(py::dtype::of<float>())) return run(0.0f);
+        throw std::invalid_argument("kronlin._C: dtype must be float32 or float64");
+      },
+      py::arg("A"), py::arg("E"), py::arg("scale"), py::arg("prepack_bytes") = -1,
+      "Per-example Gram of a weight-sharing layer: K[c1, c2] = scale * sum_{t,t'} (A[c1/S,t].A[c2/S,t'])"
+      "(E[c1,t].E[c2,t']) for C-contiguous A (N, T, da), E (N*S, T, de); returns K (N*S, N*S).");
+  m.def("woodbury_gram_isa", &kronlin::woodbury_gram_isa, "SIMD instruction set woodbury_gram_shared dispatches to.");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP's thread count (1 when built without OpenMP).");
 #if defined(KRONLIN_HAVE_OPENMP)
   m.attr("has_openmp") = true;

@@ -29,4 +29,18 @@ def gsylv_backsub(
     ``min|pivot| / (max|S1|·max|S2| + max|T1|·max|T2|)`` (``inf`` when there is nothing to solve).
     """
 
+def woodbury_gram_shared(
+    A: npt.NDArray[np.floating], E: npt.NDArray[np.floating], scale: float, prepack_bytes: int = -1
+) -> npt.NDArray[np.floating]:
+    """Per-example Gram of a weight-sharing layer, ``K`` (N*S, N*S), exactly symmetric.
+
+    ``K[c1, c2] = scale * Σ_{t,t'} (A[c1//S, t]·A[c2//S, t']) (E[c1, t]·E[c2, t'])`` for
+    C-contiguous ``A`` (N, T, da) and ``E`` (N*S, T, de) of one dtype (float32 or float64).
+    ``prepack_bytes``: largest shared packed copy of the inputs (negative: 256 MiB); beyond it
+    each thread repacks per pair.
+    """
+
+def woodbury_gram_isa() -> str:
+    """SIMD instruction set ``woodbury_gram_shared`` dispatches to: "avx512", "avx2" or "baseline"."""
+
 def openmp_max_threads() -> int: ...

@@ -1,0 +1,155 @@
+// CUDA kernel of the weight-sharing Gram family; CPU twin: csrc/cpu/woodbury_gram_cpu.cpp,
+// NumPy reference: kronlin/_kernels/woodbury_gram.py::gram_shared_reference.
+//
+// Grid: x = example pair (i1 <= i2, linear upper-triangle index), y = a
+// 32 x 32 tile (t-block, t'-block) of positions.  A block of 16 x 16 threads
+// computes the tile of A_i1 A_i2^T (2 x 2 entries per thread, the feature
+// dimension staged through shared memory in chunks of 16), then for every
+// label pair (s1, s2) the matching tile of E_c1 E_c2^T, multiplies the two
+// tiles entrywise and reduces the block to one number, added atomically to
+// K[c1, c2].  The T x T blocks exist only as 4 registers per thread.
+#include "cuda/woodbury_gram_cuda.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "common/woodbury_gram.h"
+
+namespace kronlin {
+namespace {
+
+constexpr int kTile = 32;     // positions per tile side
+constexpr int kChunk = 16;    // features staged per shared-memory round
+constexpr int kThreads = 16;  // threads per block side (each owns 2 x 2 entries)
+constexpr int kMaxTileGrid = 65535;
+
+// acc[a][b] = X1[r0 + ty + 16 a] . X2[c0 + tx + 16 b] over d features, rows
+// past T read as zero.  Every thread of the block must call it.
+template <typename T>
+__device__ void tile_products(const T* __restrict__ X1, const T* __restrict__ X2, std::int64_t Tn, std::int64_t d,
+                              std::int64_t r0, std::int64_t c0, T (&acc)[2][2], T (*s1)[kTile + 1],
+                              T (*s2)[kTile + 1]) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * kThreads + tx;
+  acc[0][0] = acc[0][1] = acc[1][0] = acc[1][1] = T(0);
+  for (std::int64_t k0 = 0; k0 < d; k0 += kChunk) {
+    for (int l = tid; l < kTile * kChunk; l += kThreads * kThreads) {
+      const int r = l / kChunk, k = l % kChunk;
+      const std::int64_t kk = k0 + k;
+      const bool in_k = kk < d;
+      s1[k][r] = (in_k && r0 + r < Tn) ? X1[(r0 + r) * d + kk] : T(0);
+      s2[k][r] = (in_k && c0 + r < Tn) ? X2[(c0 + r) * d + kk] : T(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      const T a0 = s1[k][ty], a1 = s1[k][ty + kThreads];
+      const T b0 = s2[k][tx], b1 = s2[k][tx + kThreads];
+      acc[0][0] += a0 * b0;
+      acc[0][1] += a0 * b1;
+      acc[1][0] += a1 * b0;
+      acc[1][1] += a1 * b1;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__device__ T block_sum(T v, T* red) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int tid = threadIdx.y * kThreads + threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  T total = T(0);
+  if (tid == 0) {
+    for (int w = 0; w < (kThreads * kThreads) / 32; ++w) total += red[w];
+  }
+  __syncthreads();  // red is reused by the next call
+  return total;
+}
+
+template <typename T>
+__global__ void gram_shared_kernel(const T* __restrict__ A, const T* __restrict__ E, T* __restrict__ K,
+                                   std::int64_t N, std::int64_t S, std::int64_t Tn, std::int64_t da,
+                                   std::int64_t de, std::int64_t tiles, T scale) {
+  __shared__ T s1[kChunk][kTile + 1];
+  __shared__ T s2[kChunk][kTile + 1];
+  __shared__ T red[(kThreads * kThreads) / 32];
+  std::int64_t i1, i2;
+  pair_from_index(static_cast<std::int64_t>(blockIdx.x), N, i1, i2);
+  const std::int64_t M = N * S;
+  for (std::int64_t tp = blockIdx.y; tp < tiles * tiles; tp += gridDim.y) {
+    const std::int64_t r0 = (tp / tiles) * kTile, c0 = (tp % tiles) * kTile;
+    T pa[2][2];
+    tile_products(A + i1 * Tn * da, A + i2 * Tn * da, Tn, da, r0, c0, pa, s1, s2);
+    for (std::int64_t a = 0; a < S; ++a) {
+      for (std::int64_t b = 0; b < S; ++b) {
+        T pe[2][2];
+        tile_products(E + (i1 * S + a) * Tn * de, E + (i2 * S + b) * Tn * de, Tn, de, r0, c0, pe, s1, s2);
+        T part = pa[0][0] * pe[0][0] + pa[0][1] * pe[0][1] + pa[1][0] * pe[1][0] + pa[1][1] * pe[1][1];
+        part = block_sum(part, red);
+        if (threadIdx.x == 0 && threadIdx.y == 0) atomicAdd(&K[(i1 * S + a) * M + (i2 * S + b)], scale * part);
+      }
+    }
+  }
+}
+
+// K[c2, c1] = K[c1, c2] for c1 < c2: the lower triangle from the upper one.
+template <typename T>
+__global__ void mirror_kernel(T* K, std::int64_t M) {
+  const std::int64_t n = M * M;
+  const std::int64_t stride = static_cast<std::int64_t>(blockDim.x) * gridDim.x;
+  for (std::int64_t k = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < n; k += stride) {
+    const std::int64_t r = k / M, c = k - r * M;
+    if (r > c) K[k] = K[c * M + r];
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("kronlin._cuda: ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+template <typename T>
+void launch(const void* A, const void* E, void* K, std::int64_t N, std::int64_t S, std::int64_t Tn, std::int64_t da,
+            std::int64_t de, double scale, cudaStream_t stream) {
+  const std::int64_t M = N * S;
+  if (M == 0) return;
+  check(cudaMemsetAsync(K, 0, static_cast<std::size_t>(M * M) * sizeof(T), stream), "woodbury_gram memset");
+  const std::int64_t pairs = pair_count(N);
+  if (pairs > 2147483647LL) throw std::runtime_error("kronlin._cuda: woodbury_gram: too many example pairs");
+  if (Tn > 0) {
+    const std::int64_t tiles = (Tn + kTile - 1) / kTile;
+    const dim3 grid(static_cast<unsigned>(pairs), static_cast<unsigned>(std::min<std::int64_t>(tiles * tiles, kMaxTileGrid)));
+    const dim3 block(kThreads, kThreads);
+    gram_shared_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(A), static_cast<const T*>(E),
+                                                       static_cast<T*>(K), N, S, Tn, da, de, tiles,
+                                                       static_cast<T>(scale));
+    check(cudaGetLastError(), "woodbury_gram launch");
+  }
+  constexpr int threads = 256;
+  const std::int64_t want = (M * M + threads - 1) / threads;
+  const int blocks = static_cast<int>(std::min<std::int64_t>(want, 65535 * 8));
+  mirror_kernel<T><<<blocks, threads, 0, stream>>>(static_cast<T*>(K), M);
+  check(cudaGetLastError(), "woodbury_gram mirror launch");
+}
+
+}  // namespace
+
+void woodbury_gram_shared_cuda(const void* A, const void* E, void* K, std::int64_t N, std::int64_t S,
+                               std::int64_t T, std::int64_t da, std::int64_t de, double scale, bool is_double,
+                               std::uintptr_t stream) {
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (is_double) {
+    launch<double>(A, E, K, N, S, T, da, de, scale, s);
+  } else {
+    launch<float>(A, E, K, N, S, T, da, de, scale, s);
+  }
+}
+
+}  // namespace kronlin

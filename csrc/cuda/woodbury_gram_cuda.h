@@ -1,0 +1,18 @@
+#pragma once
+#include <cstdint>
+
+namespace kronlin {
+
+// CUDA twin of woodbury_gram_shared_cpu: device pointers to C-contiguous
+// A (N, T, da), E (N*S, T, de) and the output K (N*S, N*S) of float
+// (is_double = false) or double, which is zeroed, accumulated and mirrored
+// on `stream` (a cudaStream_t as an integer, 0 for the legacy default stream):
+//     K[c1, c2] = scale * sum_{t, t'} (A[c1/S, t] . A[c2/S, t']) (E[c1, t] . E[c2, t']).
+// One thread block per (example pair, 32 x 32 tile of positions); partial sums
+// are added with atomics, so the summation order (not the result, to
+// rounding) varies between runs.  Throws std::runtime_error on a CUDA error.
+void woodbury_gram_shared_cuda(const void* A, const void* E, void* K, std::int64_t N, std::int64_t S,
+                               std::int64_t T, std::int64_t da, std::int64_t de, double scale, bool is_double,
+                               std::uintptr_t stream);
+
+}  // namespace kronlin
