@@ -17,6 +17,7 @@ from .kron_eigh import KronEigh
 from .stein import KronSumInverse, solve_kron_sum
 from .factors import FactorEstimator, batch_factors
 from .tridiag import BlockDiagInverse, BlockTridiagInverse
+from .woodbury import WoodburyFisher
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "KronSumInverse",
     "BlockDiagInverse",
     "BlockTridiagInverse",
+    "WoodburyFisher",
     "FactorEstimator",
     "batch_factors",
     "DENSE_LIMIT",
