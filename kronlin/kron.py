@@ -11,11 +11,16 @@ solved in one batched LAPACK call instead of a Python loop.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ._backend import Ctx, context, mT
 from ._linalg import Factor, eigh
 from ._validate import LinAlgError, check_finite, check_square, check_symmetric, shape_str
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .kron_eigh import KronEigh
 
 __all__ = ["Kron", "DENSE_LIMIT"]
 

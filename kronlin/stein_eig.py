@@ -29,7 +29,11 @@ from ._kernels.eig_scale import eig_scale
 from ._linalg import Factor, eigh, generalized_eigh
 from ._validate import LinAlgError
 
-__all__ = ["EigStein", "scalar_identity"]
+__all__ = ["EigStein", "NotPositiveDefinite", "scalar_identity"]
+
+
+class NotPositiveDefinite(LinAlgError):
+    """``A`` or ``B`` is not positive definite, so ``method="eig"`` does not apply."""
 
 
 def scalar_identity(xp, M):
@@ -71,7 +75,7 @@ class EigStein:
         fA, fB = _spd_factor(xp, A, "A"), _spd_factor(xp, B, "B")
         for f, name, M in ((fA, "A", A), (fB, "B", B)):
             if f is None:
-                raise LinAlgError(
+                raise NotPositiveDefinite(
                     f"method='eig' needs {name} (shape ({M.shape[-1]}, {M.shape[-1]})) symmetric positive definite; "
                     f"add damping to {name} or use method='schur'"
                 )
