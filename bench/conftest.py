@@ -3,7 +3,7 @@
 Run from the repository root (see ``bench/README.md``)::
 
     python -m pytest bench -p no:cacheprovider --benchmark-enable \
-        --benchmark-json=bench/results/kron.json
+        --benchmark-json=bench/results/all.json && python bench/report.py bench/results/all.json
 
 What this file guarantees for every benchmark in ``bench/``:
 

@@ -60,6 +60,8 @@ class SmithStein:
     ----------
     rho_estimate : float
         Upper estimate of ``ρ(M) ρ(N)`` from the powers computed at set-up.
+    squarings : int
+        Squarings done at set-up (the squared form applies at most ``squarings + 1`` steps).
     iterations : int
         Steps taken by the last ``solve`` (squarings for the squared form).
     """
@@ -97,6 +99,7 @@ class SmithStein:
                 break
             Mj, Nj = Mj @ Mj, Nj @ Nj
         self.rho_estimate = est
+        self.squarings = j
         if not converged and (prod > _GROWTH_LIMIT or limit == MAX_SQUARINGS or not squared):
             raise LinAlgError(
                 f"the Smith iteration diverges: ρ(B⁻¹D)·ρ(A⁻¹C) is estimated at {est:.6g} ≥ 1 (it must be < 1); "

@@ -23,7 +23,6 @@ from ._backend import context, mT
 from ._linalg import Factor
 from ._validate import LinAlgError, check_finite, check_nonneg_scalar, check_symmetric, shape_str
 from .damping import _pi
-from .kron import Kron
 from .stein import KronSumInverse
 
 __all__ = ["BlockDiagInverse", "BlockTridiagInverse"]
@@ -133,7 +132,11 @@ class BlockDiagInverse(_LayerBlocks):
         self._build()
 
     def _build(self):
-        self.blocks = [Kron._trusted(self._ctx, a, g) for a, g in zip(self._Ad, self._Gd)]
+        xp = self._ctx.xp
+        self.blocks = [
+            _KronInverse(xp, Factor(xp, a, f"A_diag[{k}] (damped)"), Factor(xp, g, f"G_diag[{k}] (damped)"))
+            for k, (a, g) in enumerate(zip(self._Ad, self._Gd))
+        ]
 
     def update(self, A_diag, G_diag, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (e.g. every T₃ iterations)."""
@@ -145,7 +148,7 @@ class BlockDiagInverse(_LayerBlocks):
         return self
 
     def _apply(self, V_list):
-        return [_kron_solve(blk, V) for blk, V in zip(self.blocks, V_list)]
+        return [blk.apply(V) for blk, V in zip(self.blocks, V_list)]
 
     def apply(self, V_list):
         """``U_i = G_{i,i}⁻¹ V_i Ā_{i-1,i-1}⁻¹`` for every layer (damped factors)."""
@@ -153,16 +156,34 @@ class BlockDiagInverse(_LayerBlocks):
 
     def logdet(self) -> float:
         """``log det F̆`` (of the damped approximate Fisher, not of its inverse)."""
-        return sum(float(blk.logdet()) for blk in self.blocks)
+        return sum(blk.logdet for blk in self.blocks)
 
     def to_dense(self, allow_large: bool = False):
         """Dense ``F̆⁻¹`` on the concatenation of the layers' column-stacked vecs."""
         return self._dense_from_apply(allow_large)
 
 
-def _kron_solve(blk, V):
-    fa, fg = blk._factors()
-    return mT(fa.solve(mT(fg.solve(V))))
+class _KronInverse:
+    """``(A ⊗ G)⁻¹ = A⁻¹ ⊗ G⁻¹`` held as the two explicit factor inverses (K-FAC §4.2).
+
+    The inverses are formed once from the cached factorizations (optimizers
+    refresh them every T₃ iterations), so each application is two GEMMs,
+    ``G⁻¹ V A⁻ᵀ``, instead of four triangular solves (which BLAS runs at a
+    fraction of GEMM speed).  Inverses of symmetric positive definite factors
+    are symmetrised (they are symmetric in exact arithmetic).
+    """
+
+    def __init__(self, xp, fa: Factor, fg: Factor):
+        def inv(f):
+            M = f.inv()
+            return (M + mT(M)) / 2 if f.kind == "cholesky" else M
+
+        self.Ainv_T, self.Ginv = mT(inv(fa)), inv(fg)
+        p, q = fa.n, fg.n
+        self.logdet = q * float(fa.slogdet()[1]) + p * float(fg.slogdet()[1])
+
+    def apply(self, V):
+        return self.Ginv @ V @ self.Ainv_T
 
 
 class BlockTridiagInverse(_LayerBlocks):
@@ -238,8 +259,7 @@ class BlockTridiagInverse(_LayerBlocks):
             self.psi_A.append(psiA)
             self.psi_G.append(psiG)
             self.sigma.append(sigma)
-        self.last = Kron._trusted(self._ctx, self._Ad[-1], self._Gd[-1])
-        self.last._fa, self.last._fg = fA[-1], fG[-1]
+        self.last = _KronInverse(xp, fA[-1], fG[-1])
 
     def update(self, A_diag, G_diag, A_off, G_off, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (optimizers refresh every T₃ iterations)."""
@@ -257,7 +277,7 @@ class BlockTridiagInverse(_LayerBlocks):
         # Ξ: U_k = V_k − Ψ^G_k V_{k+1} Ψ^Āᵀ_k
         X = [V[k] - self.psi_G[k] @ V[k + 1] @ mT(self.psi_A[k]) for k in range(n - 1)] + [V[-1]]
         # Λ: Σ_{k|k+1}⁻¹ and Σ_ℓ⁻¹
-        Y = [self.sigma[k].solver.solve(X[k]) for k in range(n - 1)] + [_kron_solve(self.last, X[-1])]
+        Y = [self.sigma[k].solver.solve(X[k]) for k in range(n - 1)] + [self.last.apply(X[-1])]
         # Ξᵀ: U_k = Y_k − Ψ^Gᵀ_{k-1} Y_{k-1} Ψ^Ā_{k-1}
         return [Y[0]] + [Y[k] - mT(self.psi_G[k - 1]) @ Y[k - 1] @ self.psi_A[k - 1] for k in range(1, n)]
 
@@ -269,7 +289,7 @@ class BlockTridiagInverse(_LayerBlocks):
         """``log det F̂ = Σ_i log det Σ_{i|i+1} + log det Σ_ℓ`` (``Ξ`` is unit triangular)."""
         if self.method != "eig":
             raise NotImplementedError("logdet() needs method='eig'")
-        return sum(s.logdet() for s in self.sigma) + float(self.last.logdet())
+        return sum(s.logdet() for s in self.sigma) + self.last.logdet
 
     def to_dense(self, allow_large: bool = False):
         """Dense ``F̂⁻¹`` on the concatenation of the layers' column-stacked vecs."""
