@@ -48,7 +48,8 @@ class _LayerBlocks:
 
     def _setup(self, A_diag, G_diag, A_off, G_off, gamma, pi):
         A_diag, G_diag = list(A_diag), list(G_diag)
-        A_off, G_off = list(A_off or []), list(G_off or [])
+        A_off = [] if A_off is None else list(A_off)
+        G_off = [] if G_off is None else list(G_off)
         n = len(A_diag)
         if n == 0 or len(G_diag) != n:
             raise ValueError(
