@@ -732,7 +732,7 @@ def _check_logdet(kl, P: _Problem) -> _Outcome:
     if P.dense:  # log det from the dense Cholesky factor (K is SPD)
         ref = 2.0 * float(np.sum(np.log(np.diag(P.K_cho[0]))))
         return _Outcome("dense", _relerr(got, ref), P.kappa, call)
-    (sa, la), (sg, lg) = np.linalg.slogdet(P.A64), np.linalg.slogdet(P.G64)
+    (_, la), (_, lg) = np.linalg.slogdet(P.A64), np.linalg.slogdet(P.G64)
     return _Outcome("ident", _relerr(got, P.q * la + P.p * lg), P.kappa, call)
 
 
