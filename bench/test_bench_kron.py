@@ -29,8 +29,6 @@ Cases (``family: op -> floor``)::
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import numpy as np
 import pytest
@@ -38,6 +36,7 @@ import scipy.linalg
 
 import kronlin
 import kronlin._ext
+from _paired import time_paired
 from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
 
 DAMPING = 1e-3
@@ -352,28 +351,7 @@ def test_kron(benchmark, shape, dtype, case):
         dtype=dtype, rounds=rounds, damping=DAMPING,
     )
     if floor is None:
-        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        time_paired(benchmark, target, setup, rounds, warmup)
         return
-
-    # Paired measurement: the floor also runs (timed here, outside pytest-benchmark's
-    # timed region) right before every round of the op, so each round has its own
-    # floor time and the ratio is immune to drift/contention slower than one round.
     ftarget, fsetup = _case(P, floor, check=False)
-    floor_times = []
-
-    def paired_setup():
-        fargs = fsetup()[0] if fsetup is not None else ()
-        t0 = time.perf_counter()
-        ftarget(*fargs)
-        floor_times.append(time.perf_counter() - t0)
-        del fargs
-        return setup() if setup is not None else None
-
-    benchmark.pedantic(target, setup=paired_setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    if benchmark.stats is not None:  # None when benchmarks are disabled
-        op_times = list(benchmark.stats.stats.data)
-        ft = floor_times[len(floor_times) - len(op_times):]  # drop the warm-up rounds
-        benchmark.extra_info.update(
-            paired_floor_median=statistics.median(ft),
-            paired_ratio=statistics.median(o / f for o, f in zip(op_times, ft)),
-        )
+    time_paired(benchmark, target, setup, rounds, warmup, ftarget, fsetup)

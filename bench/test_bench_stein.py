@@ -47,14 +47,13 @@ Cholesky factorizations, and its solve not at all).
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import numpy as np
 import pytest
 import scipy.linalg
 
 import kronlin
+from _paired import time_paired
 
 SEED = 20240612
 DTYPES = ["float32", "float64"]
@@ -380,27 +379,10 @@ def run_case(benchmark, P, family, variant, op, floor, cost, extra=None):
         shape=f"{P.q}x{P.p}", dtype=P.dtype.name, rounds=rounds, cost=cost, **extra,
     )
     if floor is None:
-        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        time_paired(benchmark, target, setup, rounds, warmup)
         return
     ftarget, fsetup = _case(P, floor, check=False)
-    floor_times = []
-
-    def paired_setup():
-        fargs = fsetup()[0] if fsetup is not None else ()
-        t0 = time.perf_counter()
-        ftarget(*fargs)
-        floor_times.append(time.perf_counter() - t0)
-        del fargs
-        return setup() if setup is not None else None
-
-    benchmark.pedantic(target, setup=paired_setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    if benchmark.stats is not None:  # None when benchmarks are disabled
-        op_times = list(benchmark.stats.stats.data)
-        ft = floor_times[len(floor_times) - len(op_times):]  # drop the warm-up rounds
-        benchmark.extra_info.update(
-            paired_floor_median=statistics.median(ft),
-            paired_ratio=statistics.median(o / f for o, f in zip(op_times, ft)),
-        )
+    time_paired(benchmark, target, setup, rounds, warmup, ftarget, fsetup)
 
 
 def _grid_id(g):

@@ -46,14 +46,13 @@ float32 and float64; the set-up family up to width 512 only.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import numpy as np
 import pytest
 import scipy.linalg
 
 import kronlin
+from _paired import time_paired
 
 SEED = 20240613
 N_EXAMPLES = 2048
@@ -382,22 +381,4 @@ def test_tridiag(benchmark, config, dtype, case):
         shape=f"{depth}L_{q}x{p}", dtype=dtype, rounds=rounds, N=N_EXAMPLES, gamma=GAMMA, pi=PI,
         n_params=P.n_params, gemms=(8 * (depth - 1) + 2) if op == "8gemm" else (2 * depth if op == "2gemm" else None),
     )
-    if floor is None:
-        benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup, iterations=1)
-        return
-    ftarget = _case(P, floor, check=False)
-    floor_times = []
-
-    def paired_setup():
-        t0 = time.perf_counter()
-        ftarget()
-        floor_times.append(time.perf_counter() - t0)
-
-    benchmark.pedantic(target, setup=paired_setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    if benchmark.stats is not None:  # None when benchmarks are disabled
-        op_times = list(benchmark.stats.stats.data)
-        ft = floor_times[len(floor_times) - len(op_times):]  # drop the warm-up rounds
-        benchmark.extra_info.update(
-            paired_floor_median=statistics.median(ft),
-            paired_ratio=statistics.median(o / f for o, f in zip(op_times, ft)),
-        )
+    time_paired(benchmark, target, None, rounds, warmup, None if floor is None else _case(P, floor, check=False))

@@ -35,14 +35,13 @@ The solve memory of the issue (two 2000 x 2000 layers, N = 64) is recorded as
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 import tracemalloc
 
 import numpy as np
 import pytest
 
 import kronlin
+from _paired import time_paired
 import kronlin._ext
 from kronlin import WoodburyFisher
 from kronlin._kernels.woodbury_gram import gram_shared, gram_shared_grad, gram_shared_reference
@@ -335,22 +334,4 @@ def test_woodbury_gtu(benchmark, dtype, case):
 
 # -- paired timing (as in test_bench_kron.py) -------------------------------------------------------
 def _run_paired(benchmark, target, setup, ftarget, rounds, warmup):
-    if ftarget is None:
-        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
-        return
-    floor_times = []
-
-    def paired_setup():
-        t0 = time.perf_counter()
-        ftarget()
-        floor_times.append(time.perf_counter() - t0)
-        return setup() if setup is not None else None
-
-    benchmark.pedantic(target, setup=paired_setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    if benchmark.stats is not None:  # None when benchmarks are disabled
-        op_times = list(benchmark.stats.stats.data)
-        ft = floor_times[len(floor_times) - len(op_times):]
-        benchmark.extra_info.update(
-            paired_floor_median=statistics.median(ft),
-            paired_ratio=statistics.median(o / f for o, f in zip(op_times, ft)),
-        )
+    time_paired(benchmark, target, setup, rounds, warmup, ftarget)

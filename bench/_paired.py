@@ -1,0 +1,41 @@
+"""Paired timing shared by every benchmark module (DESIGN §6).
+
+The floor runs (timed here, outside pytest-benchmark's timed region) right
+before every round of the operation, so each round has its own floor time and
+``extra_info["paired_ratio"]`` (median over rounds of ``op_i / floor_i``) is
+immune to drift and contention slower than one round.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def time_paired(benchmark, target, setup, rounds, warmup, floor=None, floor_setup=None):
+    """Time ``target`` with pytest-benchmark, paired with ``floor`` when given.
+
+    ``setup``/``floor_setup`` follow ``benchmark.pedantic``'s convention (return
+    ``(args, kwargs)`` or None) and run outside the timed region.
+    """
+    if floor is None:
+        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        return
+    floor_times = []
+
+    def paired_setup():
+        fargs = floor_setup()[0] if floor_setup is not None else ()
+        t0 = time.perf_counter()
+        floor(*fargs)
+        floor_times.append(time.perf_counter() - t0)
+        del fargs
+        return setup() if setup is not None else None
+
+    benchmark.pedantic(target, setup=paired_setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    if benchmark.stats is not None:  # None when benchmarks are disabled
+        op_times = list(benchmark.stats.stats.data)
+        ft = floor_times[len(floor_times) - len(op_times):]  # drop the warm-up rounds
+        benchmark.extra_info.update(
+            paired_floor_median=statistics.median(ft),
+            paired_ratio=statistics.median(o / f for o, f in zip(op_times, ft)),
+        )
