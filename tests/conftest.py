@@ -54,5 +54,14 @@ def xp(request):
     return request.param
 
 
+@pytest.fixture
+def cpu_ext():
+    """The compiled CPU extension; skips the test when it is disabled (KRONLIN_DISABLE_EXT=1)."""
+    mod = _ext.cpu()
+    if mod is None:
+        pytest.skip("compiled CPU extension disabled (KRONLIN_DISABLE_EXT=1)")
+    return mod
+
+
 def pytest_report_header(config):
     return f"kronlin {kronlin.__version__} from {os.path.dirname(kronlin.__file__)}; {kronlin.extension_info()}"

@@ -13,14 +13,6 @@ from helpers import rel_err
 POWERS = [-1.0, -0.5, 0.5, 1.0, -0.25, 2.0, 0.0]
 
 
-@pytest.fixture
-def cpu_ext():
-    mod = _ext.cpu()
-    if mod is None:
-        pytest.skip("compiled CPU extension disabled (KRONLIN_DISABLE_EXT=1)")
-    return mod
-
-
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("power", POWERS)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 5), (3, 13, 17), (2, 256, 300)])

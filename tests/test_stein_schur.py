@@ -76,14 +76,6 @@ def residual(A, B, C, D, U, V, sign):
     return float(nrm(R) / ((nrm(A, 2) * nrm(B, 2) + nrm(C, 2) * nrm(D, 2)) * nrm(U) + nrm(V)))
 
 
-@pytest.fixture
-def cpu_ext():
-    mod = _ext.cpu()
-    if mod is None:
-        pytest.skip("compiled CPU extension disabled (KRONLIN_DISABLE_EXT=1)")
-    return mod
-
-
 # -- agreement with the dense solve ----------------------------------------------
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("sign", SIGNS)

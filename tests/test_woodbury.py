@@ -353,14 +353,6 @@ def test_sample_reproducible_dtype_and_namespace(xp):
 
 
 # -- the weight-sharing Gram kernel -------------------------------------------------------
-@pytest.fixture
-def cpu_ext():
-    mod = _ext.cpu()
-    if mod is None:
-        pytest.skip("compiled CPU extension disabled (KRONLIN_DISABLE_EXT=1)")
-    return mod
-
-
 KERNEL_SHAPES = [  # (N, S, T, d_in, d_out): edges of the 8/16-lane panels and register blocks
     (1, 1, 1, 1, 1),
     (3, 1, 7, 5, 3),
