@@ -36,7 +36,7 @@ import scipy.linalg
 
 import kronlin
 import kronlin._ext
-from _paired import time_paired
+from _harness import cached_case, case_funcs, time_paired
 from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
 
 DAMPING = 1e-3
@@ -325,14 +325,11 @@ def case_eig_scale_C(P):
     return target, fresh
 
 
-CASE_FUNCS = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
+CASE_FUNCS = case_funcs(globals())
 
 
 def _case(P, op, check: bool):
-    """(target, setup) of a case; checked when ``check``, else reused from an earlier test."""
-    if check or op not in P.cases:
-        P.cases[op] = CASE_FUNCS[op](P)
-    return P.cases[op]
+    return cached_case(P, op, check, CASE_FUNCS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)

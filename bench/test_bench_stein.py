@@ -53,7 +53,7 @@ import pytest
 import scipy.linalg
 
 import kronlin
-from _paired import time_paired
+from _harness import cached_case, case_funcs, time_paired
 
 SEED = 20240612
 DTYPES = ["float32", "float64"]
@@ -357,14 +357,11 @@ def case_dense_solve(P):
     return dense, None
 
 
-CASE_FUNCS = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
+CASE_FUNCS = case_funcs(globals())
 
 
 def _case(P, op, check: bool):
-    """(target, setup) of a case; checked when ``check``, else reused from an earlier test (or built now)."""
-    if check or op not in P.cases:
-        P.cases[op] = CASE_FUNCS[op](P)
-    return P.cases[op]
+    return cached_case(P, op, check, CASE_FUNCS)
 
 
 # -- timing (paired, as in test_bench_kron.py) ------------------------------------------------

@@ -52,7 +52,7 @@ import pytest
 import scipy.linalg
 
 import kronlin
-from _paired import time_paired
+from _harness import time_paired
 
 SEED = 20240613
 N_EXAMPLES = 2048

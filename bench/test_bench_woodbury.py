@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 
 import kronlin
-from _paired import time_paired
+from _harness import time_paired
 import kronlin._ext
 from kronlin import WoodburyFisher
 from kronlin._kernels.woodbury_gram import gram_shared, gram_shared_grad, gram_shared_reference

@@ -1,4 +1,4 @@
-"""Paired timing shared by every benchmark module (DESIGN §6).
+"""Shared benchmark machinery: case registries and paired timing (DESIGN §6).
 
 The floor runs (timed here, outside pytest-benchmark's timed region) right
 before every round of the operation, so each round has its own floor time and
@@ -39,3 +39,15 @@ def time_paired(benchmark, target, setup, rounds, warmup, floor=None, floor_setu
             paired_floor_median=statistics.median(ft),
             paired_ratio=statistics.median(o / f for o, f in zip(op_times, ft)),
         )
+
+
+def case_funcs(namespace: dict) -> dict:
+    """``{op: case_op}`` for every ``case_<op>`` function of a benchmark module."""
+    return {name[len("case_"):]: fn for name, fn in namespace.items() if name.startswith("case_")}
+
+
+def cached_case(P, op, check: bool, funcs: dict):
+    """``(target, setup)`` of a case on problem ``P``; built (and checked) when ``check``, else reused."""
+    if check or op not in P.cases:
+        P.cases[op] = funcs[op](P)
+    return P.cases[op]
