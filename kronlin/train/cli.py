@@ -1,0 +1,565 @@
+"""``python -m kronlin.train``: train one task with one optimizer, or compare several.
+
+Run (the default subcommand; ``run`` may be spelled out)::
+
+    python -m kronlin.train --task digits-ae --opt sgd --steps 200 --batch 256 --seed 0 --out run.json
+    python -m kronlin.train --task digits-ae --opt adam --hp lr=3e-3 --steps 40 --checkpoint ck.npz
+    python -m kronlin.train --task digits-ae --opt adam --hp lr=3e-3 --steps 80 --resume ck.npz --out run.json
+
+The record written to ``--out`` is JSON::
+
+    {"task", "opt", "seed", "config", "loss": [one per iteration], "seconds": [one per iteration]}
+
+``loss[i]`` is the mean training loss on iteration ``i``'s mini-batch at the
+parameters after the update (see :mod:`kronlin.train.optim.base`); ``seconds[i]``
+the wall time since training started, after iteration ``i``.  ``--steps``
+counts all iterations, including those done before a resume, so the record
+always holds exactly ``--steps`` numbers.  (A loss that is itself not finite —
+possible only when a batch overflows at weights that were finite on the
+previous batch — is written as JSON's ``NaN``/``Infinity``; such steps are
+rejected, see :mod:`kronlin.train.optim.base`.)
+
+``--threads N`` limits BLAS/OpenMP threads (threadpoolctl).  These networks
+are small: on a machine with other work running, multi-threaded BLAS can be
+ten times slower than ``--threads 1``, which is also what makes timings
+comparable between optimizers.
+
+Randomness: ``--seed`` is split (``numpy.random.SeedSequence``) into the
+initial weights, the mini-batch sampler and the optimizer's own generator;
+``--data-seed`` fixes generated data sets (``curves-ae``).
+
+``--checkpoint PATH`` saves the weights, the optimizer's ``state_dict`` (with
+its generator), the sampler's generator, the record so far and the config to
+``PATH`` (atomically; see :mod:`kronlin.train.checkpoint`) at the end, every
+``--checkpoint-every`` iterations, and when the run is interrupted (Ctrl-C
+stops at the end of the current iteration).  ``--resume PATH`` continues a run
+bit for bit as if it had never stopped; its task, optimizer, seeds, batch size,
+data options and ``--hp`` overrides must match the command line.
+
+Compare::
+
+    python -m kronlin.train compare --task digits-ae --opts kfac sgd --steps 1000 --threads 1 --out-dir results/
+
+runs each optimizer on the task with the same seed and writes ``<opt>.json``
+records, ``compare.png`` (loss against iterations and against seconds) and
+``compare.md`` (a Markdown table).  ``--hp key=value`` applies to every
+optimizer that has the hyper-parameter, ``--hp opt:key=value`` to one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .data import TASKS, load_task
+from .optim import OPTIMIZERS, get_optimizer
+
+__all__ = ["main", "run_training", "run_compare", "parse_hp", "Progress"]
+
+PROG = "python -m kronlin.train"
+CHECKPOINT_FORMAT = "kronlin.train-checkpoint/1"
+# Settings that must agree between a checkpoint and the command line resuming it.
+_RESUME_KEYS = ("task", "opt", "seed", "data_seed", "batch", "data", "hp")
+
+DEFAULT_STEPS = 200
+DEFAULT_BATCH = 256
+COMPARE_DEFAULT_TASK = "digits-ae"
+COMPARE_DEFAULT_STEPS = 1000  # kfac + sgd on digits-ae: about 20-30 s on 2 cores with --threads 1
+COMPARE_DEFAULT_OPTS = ("kfac", "sgd")  # falls back to sgd, adam while kfac is not registered
+
+
+# --------------------------------------------------------------------- helpers
+def parse_value(text: str):
+    """``"1e-3"`` → 0.001, ``"10"`` → 10, ``"true"`` → True, ``"none"`` → None, else the string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_hp(items) -> dict:
+    """``["lr=0.1", "momentum=0.5"]`` → ``{"lr": 0.1, "momentum": 0.5}`` (keys may carry an ``opt:`` prefix)."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value, got {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def write_json(path, obj) -> None:
+    """Atomically write ``obj`` as JSON."""
+    text = json.dumps(_jsonable(obj), indent=1)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class Progress:
+    """A dependency-free progress bar on stderr.
+
+    On a terminal the bar is redrawn in place (at most ten times a second);
+    otherwise one line is printed about every tenth of the run.
+    """
+
+    def __init__(self, total: int, label: str = "", enabled: bool = True, stream=None, width: int = 24):
+        self.total, self.label, self.enabled, self.width = int(total), label, enabled, width
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_draw = -math.inf
+        self._next_line = 0
+        self._drew = False
+
+    def update(self, done: int, loss: float, seconds: float, start: int = 0) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        final = done >= self.total
+        if self.tty:
+            if not final and now - self._last_draw < 0.1:
+                return
+        elif not final and done < self._next_line:
+            return
+        self._last_draw = now
+        self._next_line = done + max(1, self.total // 10)
+        frac = done / self.total if self.total else 1.0
+        fill = int(round(frac * self.width))
+        rate = seconds / max(done - start, 1)  # seconds per iteration of this session only
+        eta = rate * (self.total - done)
+        line = (
+            f"{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{self.total}"
+            f"  loss {loss:.4e}  {seconds:.1f}s  eta {eta:.1f}s"
+        )
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self._drew = True
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self._drew:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class _StopFlag:
+    """Turns the first SIGINT into a request to stop after the current iteration."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and _in_main_thread()
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if self.enabled:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("\ninterrupt: stopping after this iteration (Ctrl-C again to abort)\n")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class Interrupted(Exception):
+    """Raised by :func:`run_training` when a run was stopped by Ctrl-C (after checkpointing)."""
+
+    def __init__(self, done: int, checkpoint):
+        super().__init__(f"interrupted after {done} iterations")
+        self.done, self.checkpoint = done, checkpoint
+
+
+# -------------------------------------------------------------------- training
+def make_config(task, opt, *, seed=0, data_seed=0, batch=DEFAULT_BATCH, steps=DEFAULT_STEPS, hp=None, data=None) -> dict:
+    """The run configuration (what a checkpoint records and a resume checks)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    get_optimizer(opt)
+    if int(steps) < 0 or int(batch) < 1:
+        raise ValueError(f"need steps >= 0 and batch >= 1; got steps={steps}, batch={batch}")
+    return {
+        "task": task,
+        "opt": opt,
+        "seed": int(seed),
+        "data_seed": int(data_seed),
+        "batch": int(batch),
+        "steps": int(steps),
+        "hp": dict(hp or {}),
+        "data": dict(data or {}),
+    }
+
+
+def _setup(config):
+    task = load_task(config["task"], config["data_seed"], **config["data"])
+    init_ss, data_ss, opt_ss = np.random.SeedSequence(config["seed"]).spawn(3)
+    net = task.net_factory(np.random.default_rng(init_ss))
+    data_rng = np.random.default_rng(data_ss)
+    opt_seed = int(opt_ss.generate_state(1, np.uint32)[0])
+    opt = get_optimizer(config["opt"])(net, task.loss, seed=opt_seed, **config["hp"])
+    return task, net, data_rng, opt
+
+
+def _checkpoint_tree(config, net, opt, data_rng, record) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": {k: config[k] for k in _RESUME_KEYS},
+        "iteration": len(record["loss"]),
+        "params": [W.copy() for W in net.params],
+        "optimizer": opt.state_dict(),
+        "data_rng": data_rng.bit_generator.state,
+        "record": record,
+    }
+
+
+def _restore(ckpt, config, net, opt, data_rng) -> dict:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("not a kronlin.train checkpoint (format tag missing or different)")
+    saved = ckpt["config"]
+    diff = [k for k in _RESUME_KEYS if _jsonable(saved.get(k)) != _jsonable(config[k])]
+    if diff:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs command line {config[k]!r}" for k in diff)
+        raise ValueError(f"--resume: the checkpoint was made with a different configuration ({detail})")
+    done = int(ckpt["iteration"])
+    if done > config["steps"]:
+        raise ValueError(f"--resume: the checkpoint already has {done} iterations, more than --steps {config['steps']}")
+    net.set_params(ckpt["params"])
+    opt.load_state_dict(ckpt["optimizer"])
+    data_rng.bit_generator.state = ckpt["data_rng"]
+    record = ckpt["record"]
+    if len(record["loss"]) != done or len(record["seconds"]) != done:
+        raise ValueError("corrupt checkpoint: its record does not hold one loss per iteration")
+    return record
+
+
+def run_training(
+    config: dict,
+    *,
+    resume=None,
+    checkpoint=None,
+    checkpoint_every: int = 0,
+    progress: bool = False,
+    handle_sigint: bool = False,
+    out=None,
+    label: str | None = None,
+) -> dict:
+    """Train as ``config`` (from :func:`make_config`) says and return the record.
+
+    ``resume``/``checkpoint`` are checkpoint paths; ``out`` a JSON path for the
+    record.  With ``handle_sigint`` the first Ctrl-C stops at the end of an
+    iteration, writes the checkpoint (if any) and raises :class:`Interrupted`.
+    """
+    task, net, data_rng, opt = _setup(config)
+    steps = config["steps"]
+    if resume is not None:
+        record = _restore(load_checkpoint(resume), config, net, opt, data_rng)
+    else:
+        record = {"task": config["task"], "opt": config["opt"], "seed": config["seed"], "config": None,
+                  "loss": [], "seconds": []}  # fmt: skip
+    record["config"] = {
+        "batch": config["batch"],
+        "steps": steps,
+        "data_seed": config["data_seed"],
+        "data": config["data"],
+        "hp": config["hp"],
+        "hparams": _jsonable(opt.hparams),
+        "n_params": net.n_params,
+        "n_train": task.n_train,
+    }
+    start = len(record["loss"])
+    offset = record["seconds"][-1] if start else 0.0
+    bar = Progress(steps, label or f"{config['task']}/{config['opt']}", enabled=progress)
+
+    def save():
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, _checkpoint_tree(config, net, opt, data_rng, record))
+
+    t0 = time.perf_counter()
+    with _StopFlag(handle_sigint) as stop:
+        for it in range(start, steps):
+            X, Y = task.sample_batch(config["batch"], data_rng)
+            info = opt.step(X, Y)
+            record["loss"].append(float(info["loss"]))
+            record["seconds"].append(offset + time.perf_counter() - t0)
+            done = it + 1
+            bar.update(done, record["loss"][-1], record["seconds"][-1] - offset, start=start)
+            if stop.requested and done < steps:
+                bar.close()
+                save()
+                raise Interrupted(done, checkpoint)
+            if checkpoint_every and done % checkpoint_every == 0 and done < steps:
+                save()
+    bar.close()
+    save()
+    if out is not None:
+        write_json(out, record)
+    return record
+
+
+# --------------------------------------------------------------------- compare
+def _split_hp(hp: dict, opts) -> dict:
+    per = {o: {} for o in opts}
+    for key, value in hp.items():
+        name, sep, k = key.partition(":")
+        if sep:
+            if name not in per:
+                raise ValueError(f"--hp {key}=...: {name!r} is not among --opts {list(opts)}")
+            per[name][k] = value
+        else:
+            takers = [o for o in opts if key in get_optimizer(o).defaults]
+            if not takers:
+                raise ValueError(f"--hp {key}=...: no optimizer among {list(opts)} has a hyper-parameter {key!r}")
+            for o in takers:
+                per[o][key] = value
+    return per
+
+
+def summary_table(records: dict) -> str:
+    """A Markdown table of final/best losses and times for ``{opt: record}``."""
+    lines = [
+        "| optimizer | iterations | final loss | mean of last 10% | best loss | seconds | ms / iteration |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, rec in records.items():
+        loss, sec = np.asarray(rec["loss"], dtype=float), np.asarray(rec["seconds"], dtype=float)
+        n = len(loss)
+        if n == 0:
+            lines.append(f"| {name} | 0 | – | – | – | – | – |")
+            continue
+        tail = loss[-max(1, n // 10) :]
+        lines.append(
+            f"| {name} | {n} | {loss[-1]:.4g} | {np.mean(tail):.4g} | {np.nanmin(loss):.4g} | "
+            f"{sec[-1]:.2f} | {1000 * sec[-1] / n:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(y) < window:
+        return y
+    c = np.cumsum(np.insert(np.where(np.isfinite(y), y, np.nan), 0, 0.0))
+    out = (c[window:] - c[:-window]) / window
+    return np.concatenate([np.full(window - 1, np.nan), out])
+
+
+def plot_records(records: dict, path, title: str = "") -> None:
+    """Loss against iterations and against seconds (log scale), one line per optimizer, to ``path`` (PNG)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import LogFormatter
+    except ImportError as exc:  # pragma: no cover - matplotlib is in the [train] extra
+        raise ImportError("compare needs matplotlib for its plot: pip install 'kronlin[train]'") from exc
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_it, ax_s = fig.subplots(1, 2, sharey=True)
+    for i, (name, rec) in enumerate(records.items()):
+        loss = np.asarray(rec["loss"], dtype=float)
+        if len(loss) == 0:
+            continue
+        sec = np.asarray(rec["seconds"], dtype=float)
+        it = np.arange(1, len(loss) + 1)
+        colour = f"C{i}"
+        sm = _smooth(loss, max(1, len(loss) // 50))
+        for ax, x in ((ax_it, it), (ax_s, sec)):
+            ax.plot(x, loss, color=colour, alpha=0.25, lw=0.8)
+            ax.plot(x, sm, color=colour, lw=1.8, label=name)
+    for ax, xl in ((ax_it, "iteration"), (ax_s, "seconds")):
+        ax.set_xlabel(xl)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(LogFormatter())  # plain numbers ("20", "0.01"), not 2×10¹
+        ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
+        ax.grid(True, which="both", alpha=0.3)
+    ax_it.set_ylabel("training loss (mini-batch, after the step)")
+    ax_it.legend()
+    if title:
+        fig.suptitle(title)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
+def run_compare(task, opts, *, steps, batch, seed=0, data_seed=0, hp=None, data=None, out_dir=".", progress=False) -> dict:
+    """Run every optimizer in ``opts`` on ``task``; write records, ``compare.png`` and ``compare.md`` to ``out_dir``."""
+    opts = list(dict.fromkeys(opts))
+    per = _split_hp(dict(hp or {}), opts)
+    os.makedirs(out_dir, exist_ok=True)
+    records = {}
+    for name in opts:
+        cfg = make_config(task, name, seed=seed, data_seed=data_seed, batch=batch, steps=steps, hp=per[name], data=data)
+        records[name] = run_training(cfg, progress=progress, out=os.path.join(out_dir, f"{name}.json"))
+    title = f"{task}: batch {batch}, seed {seed}"
+    plot_records(records, os.path.join(out_dir, "compare.png"), title)
+    table = f"## {title}\n\n" + summary_table(records)
+    atomic_write(os.path.join(out_dir, "compare.md"), lambda f: f.write(table.encode()))
+    return records
+
+
+# ------------------------------------------------------------------ arguments
+def _common(p: argparse.ArgumentParser, *, steps_default, batch_default) -> None:
+    p.add_argument("--steps", type=int, default=steps_default, help="total iterations (default %(default)s)")
+    p.add_argument("--batch", type=int, default=batch_default, help="mini-batch size (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and optimizer (default 0)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of generated data, curves-ae (default 0)")
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="task option, e.g. n=2000 (curves-ae images) or activation=logistic")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="limit BLAS/OpenMP threads to N (needs threadpoolctl; small problems on a busy "
+                   "machine run much faster with 1)")  # fmt: skip
+
+
+def _hp_epilog() -> str:
+    lines = ["hyper-parameters (--hp KEY=VALUE) and their defaults:"]
+    for name in sorted(OPTIMIZERS):
+        defaults = getattr(OPTIMIZERS[name], "defaults", {})
+        lines.append(f"  {name}: " + ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
+    return "\n".join(lines)
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train a kronlin.train task with one optimizer and write a JSON record. "
+        f"See also '{PROG} compare --help' to compare several optimizers.",
+        epilog=_hp_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--opt", required=True, choices=sorted(OPTIMIZERS))
+    _common(p, steps_default=DEFAULT_STEPS, batch_default=DEFAULT_BATCH)
+    p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="hyper-parameter override, e.g. lr=0.01")
+    p.add_argument("--out", metavar="PATH", help="write the JSON record here")
+    p.add_argument("--checkpoint", metavar="PATH", help="write a checkpoint here (atomically)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="also checkpoint every K iterations (default: only at the end and on Ctrl-C)")  # fmt: skip
+    p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
+    return p
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} compare",
+        description="Run several optimizers on one task; write their records, a plot and a Markdown table.",
+        epilog=_hp_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    default_opts = list(COMPARE_DEFAULT_OPTS) if all(o in OPTIMIZERS for o in COMPARE_DEFAULT_OPTS) else ["sgd", "adam"]
+    p.add_argument("--task", default=COMPARE_DEFAULT_TASK, choices=TASKS, help="default %(default)s")
+    p.add_argument("--opts", nargs="+", default=default_opts, choices=sorted(OPTIMIZERS),
+                   help="default: " + " ".join(default_opts))  # fmt: skip
+    _common(p, steps_default=COMPARE_DEFAULT_STEPS, batch_default=DEFAULT_BATCH)
+    p.add_argument("--hp", action="append", default=[], metavar="[OPT:]KEY=VALUE",
+                   help="hyper-parameter override for every optimizer that has KEY, or only for OPT")  # fmt: skip
+    p.add_argument("--out-dir", default="compare-out", help="output folder (default %(default)s)")
+    return p
+
+
+def _thread_limit(p, n):
+    """A context limiting BLAS/OpenMP threads to ``n`` (``None``: no limit)."""
+    import contextlib
+
+    if n is None:
+        return contextlib.nullcontext()
+    if n < 1:
+        p.error("--threads must be >= 1")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        p.error("--threads needs threadpoolctl (pip install threadpoolctl)")
+    return threadpool_limits(limits=n)
+
+
+def _run_main(argv) -> int:
+    p = run_parser()
+    args = p.parse_args(argv)
+    with _thread_limit(p, args.threads):
+        return _run_args(p, args)
+
+
+def _run_args(p, args) -> int:
+    try:
+        cfg = make_config(args.task, args.opt, seed=args.seed, data_seed=args.data_seed, batch=args.batch,
+                          steps=args.steps, hp=parse_hp(args.hp), data=parse_hp(args.data))  # fmt: skip
+        if args.checkpoint_every < 0:
+            raise ValueError("--checkpoint-every must be >= 0")
+        rec = run_training(cfg, resume=args.resume, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                           progress=not args.quiet, handle_sigint=True, out=args.out)  # fmt: skip
+    except Interrupted as exc:
+        where = f"; resume with --resume {exc.checkpoint}" if exc.checkpoint else " (no --checkpoint given)"
+        print(f"interrupted after {exc.done} iterations{where}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:
+        p.exit(2, f"{PROG}: error: {exc}\n")
+    if rec["loss"]:
+        print(f"{cfg['task']} / {cfg['opt']}: {len(rec['loss'])} iterations, final loss {rec['loss'][-1]:.6g}, "
+              f"{rec['seconds'][-1]:.2f} s")  # fmt: skip
+    return 0
+
+
+def _compare_main(argv) -> int:
+    p = compare_parser()
+    args = p.parse_args(argv)
+    with _thread_limit(p, args.threads):
+        return _compare_args(p, args)
+
+
+def _compare_args(p, args) -> int:
+    try:
+        recs = run_compare(args.task, args.opts, steps=args.steps, batch=args.batch, seed=args.seed,
+                           data_seed=args.data_seed, hp=parse_hp(args.hp), data=parse_hp(args.data),
+                           out_dir=args.out_dir, progress=not args.quiet)  # fmt: skip
+    except (ValueError, OSError) as exc:
+        p.exit(2, f"{PROG} compare: error: {exc}\n")
+    print(summary_table(recs), end="")
+    print(f"wrote {args.out_dir}/compare.png, compare.md and one JSON record per optimizer")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point: ``compare ...`` or (``run``) ``--task ... --opt ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        return _compare_main(argv[1:])
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    return _run_main(argv)

@@ -1,0 +1,146 @@
+"""The optimizer interface shared by the baselines and the Kronecker-factored methods.
+
+Every optimizer is constructed as ``Opt(net, loss, seed=0, **hparams)`` and
+offers
+
+* ``step(X, Y) -> dict`` — one iteration on the mini-batch ``(X, Y)``.  The
+  dict holds at least ``"loss"``: the mean training loss **on this batch at the
+  new parameters** (one extra forward pass after the update; when the step was
+  rejected, the loss at the unchanged parameters), ``"loss_before"`` (at the
+  old parameters) and ``"accepted"`` (bool).  The command-line record's
+  ``"loss"`` list is ``step(...)["loss"]`` of every iteration.
+* ``state_dict()`` / ``load_state_dict(state)`` — everything needed to resume
+  bit for bit: hyper-parameters, counters, the optimizer's own
+  ``numpy.random.Generator`` state (``rng.bit_generator.state``) and the
+  subclass's buffers.  Values are NumPy arrays, Python scalars, strings,
+  ``None`` and nested dicts / lists / tuples of them (what
+  :mod:`kronlin.train.checkpoint` stores).  The network's weights are *not*
+  part of it (the caller saves ``net.params``).
+* ``hparams`` (the defaults merged with the overrides) and the class
+  attributes ``name`` and ``defaults``.
+
+Subclasses set ``name`` and ``defaults`` (unknown hyper-parameters raise
+``ValueError``), implement ``step``, and keep their buffers in
+``extra_state()`` / ``load_extra_state(state)`` (or override ``state_dict``
+and ``load_state_dict``, calling ``super()``).
+
+Non-finite steps
+----------------
+A step whose update or resulting loss is not finite must never reach the
+weights.  The helpers here implement that rule:
+
+* :meth:`Optimizer.apply_update` writes ``params + deltas`` into the network,
+  evaluates the batch loss there and calls :meth:`accept_or_reject`;
+* :meth:`Optimizer.accept_or_reject` keeps the new weights when the loss is
+  finite and otherwise restores the weights saved before the step, counts the
+  rejection (``n_rejected``) and returns ``False``.
+
+On ``False`` the subclass makes its next step more conservative: K-FAC-type
+methods raise their damping (e.g. ``λ ← λ / ω``), SGD and Adam halve their
+step size (``lr_scale``); buffers (momentum, averages) are left as they were
+before the rejected step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+__all__ = ["Optimizer", "all_finite"]
+
+
+def all_finite(arrays) -> bool:
+    """Whether every array in the list (or the scalar) is finite."""
+    if np.isscalar(arrays) or isinstance(arrays, np.ndarray):
+        return bool(np.all(np.isfinite(arrays)))
+    return all(bool(np.all(np.isfinite(a))) for a in arrays)
+
+
+class Optimizer:
+    """Base class; see the module docstring for the contract."""
+
+    name = "base"
+    defaults: dict = {}
+
+    def __init__(self, net, loss, *, seed: int = 0, **hparams):
+        unknown = sorted(set(hparams) - set(self.defaults))
+        if unknown:
+            raise ValueError(
+                f"{self.name}: unknown hyper-parameter(s) {unknown}; known: {sorted(self.defaults)}"
+            )
+        self.net = net
+        self.loss = loss
+        self.hparams = {**self.defaults, **hparams}
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.iteration = 0
+        self.n_rejected = 0
+
+    # ------------------------------------------------------------- interface
+    def step(self, X, Y) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """The subclass's buffers for :meth:`state_dict` (override)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` returned (override)."""
+
+    def state_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "hparams": dict(self.hparams),
+            "iteration": int(self.iteration),
+            "n_rejected": int(self.n_rejected),
+            "rng": copy.deepcopy(self.rng.bit_generator.state),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state is for optimizer {state.get('name')!r}, not {self.name!r}")
+        self.hparams = dict(state["hparams"])
+        self.iteration = int(state["iteration"])
+        self.n_rejected = int(state["n_rejected"])
+        self.rng.bit_generator.state = copy.deepcopy(state["rng"])
+        self.load_extra_state(state["extra"])
+
+    # --------------------------------------------------------------- helpers
+    def batch_loss(self, X, Y, params=None) -> float:
+        """Mean loss on the batch at ``params`` (default: the current weights)."""
+        return self.net.loss(X, Y, self.loss, params)
+
+    def accept_or_reject(self, new_loss: float, backup: list) -> bool:
+        """Keep a step already written into ``net.params`` if ``new_loss`` is finite.
+
+        Otherwise put ``backup`` (the weights before the step, as returned by
+        ``net.copy_params()``) back into ``net.params``, add one to
+        ``n_rejected`` and return ``False``; the caller then raises its damping
+        or shrinks its step.
+        """
+        if np.isfinite(new_loss):
+            return True
+        self.net.params = [W.copy() for W in backup]
+        self.n_rejected += 1
+        return False
+
+    def apply_update(self, deltas, X, Y) -> tuple[bool, float]:
+        """``params ← params + deltas`` if the loss there is finite; ``(accepted, loss_at_new_params)``.
+
+        Non-finite ``deltas`` are rejected without a forward pass (the loss is
+        reported as ``nan``).  On rejection the weights are unchanged.
+        """
+        if not all_finite(deltas):
+            self.n_rejected += 1
+            return False, float("nan")
+        backup = self.net.copy_params()
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            self.net.params = [W + D for W, D in zip(backup, deltas)]
+            new_loss = self.batch_loss(X, Y)
+        return self.accept_or_reject(new_loss, backup), new_loss
+
+    def __repr__(self) -> str:
+        hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"{type(self).__name__}({hp})"

@@ -1,0 +1,409 @@
+"""K-FAC (block-diagonal and block-tridiagonal) against the dense matrices it approximates.
+
+Martens & Grosse 2015: factors of §5, factored/exact damping of §6.3, the
+re-scaling and momentum of §6.4/§7 with appendix C's products, the
+Levenberg–Marquardt λ of §6.5, the greedy γ of §6.6, non-finite rejection,
+Polyak averaging and bit-exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kronlin import BlockTridiagInverse, Kron
+from kronlin.train import Conv2D, Dense, Net, get_loss, load_task
+from kronlin.train.checkpoint import decode_tree, encode_tree
+from kronlin.train.optim import OPTIMIZERS, SGD
+from kronlin.train.optim.kfac import KFAC, KFACTridiag, levenberg_marquardt, solve_alpha_mu
+
+
+# ----------------------------------------------------------------- helpers
+def tiny_mlp(seed=0, acts=("tanh", "logistic")):
+    rng = np.random.default_rng(seed)
+    return Net([Dense(4, 5, acts[0]), Dense(5, 4, acts[1]), Dense(4, 3, "linear")], rng, init="gaussian")
+
+
+def tiny_conv(seed=0):
+    rng = np.random.default_rng(seed)
+    return Net([Conv2D((1, 5, 5), 3, kernel=3, activation="tanh"), Dense(27, 3, "linear")], rng, init="gaussian")
+
+
+def batch(net, n, seed=1, classes=3):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, net.in_size)), rng.integers(0, classes, n)
+
+
+def dense_fisher(net, loss, trace):
+    """``F = (1/N) Σ_n J_nᵀ H_n J_n`` from ``jvp`` on every unit vector (K-FAC §5 / appendix C)."""
+    J = np.stack([net.jvp(trace, net.unflatten(e)) for e in np.eye(net.n_params)], axis=2)  # (N, k, P)
+    return np.einsum("nkp,nkl,nlq->pq", J, loss.hessian(trace.out), J) / trace.N
+
+
+def sampled_stats(net, loss, params, X, rng_state):
+    """``Ā_i = E_n[Σ_t ā āᵀ]`` and ``G_i = E_n[(1/T) Σ_t g gᵀ]`` of one sampled backward pass, by einsum."""
+    tr = net.forward(X, params)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = rng_state
+    g = net.backward(tr, loss.grad(tr.out, loss.sample(tr.out, rng)))
+    A, G = [], []
+    for a, gi in zip(tr.a, g):
+        if a.ndim == 2:
+            a, gi = a[:, None, :], gi[:, None, :]
+        N, T = a.shape[:2]
+        A.append(np.einsum("nti,ntj->ij", a, a) / N)
+        G.append(np.einsum("nti,ntj->ij", gi, gi) / (N * T))
+    return A, G
+
+
+def damped_kron(A, G, gamma):
+    """Dense ``(A + πγI) ⊗ (G + (γ/π)I)`` with the trace-norm π of K-FAC §6.3."""
+    p, q = A.shape[0], G.shape[0]
+    pi = math.sqrt((np.trace(A) / p) / (np.trace(G) / q))
+    return np.kron(A + pi * gamma * np.eye(p), G + gamma / pi * np.eye(q))
+
+
+def vec(M):
+    return M.reshape(-1, order="F")
+
+
+def random_like(net, seed=5):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(W.shape) for W in net.params]
+
+
+# ---------------------------------------------------------------- registry
+def test_registered():
+    assert OPTIMIZERS["kfac"] is KFAC and OPTIMIZERS["kfac-tridiag"] is KFACTridiag
+    assert KFAC.defaults["T1"] == 5 and KFAC.defaults["T2"] == 20 and KFAC.defaults["T3"] == 20
+    opt = KFAC(tiny_mlp(), get_loss("softmax_ce"))
+    assert opt.omega1 == pytest.approx((19 / 20) ** 5) and opt.omega2 == pytest.approx(math.sqrt(19 / 20) ** 20)
+    assert opt.gamma == pytest.approx(math.sqrt(opt.hparams["lam"] + opt.hparams["eta"]))  # §6.6
+
+
+def test_invalid_configurations():
+    loss = get_loss("softmax_ce")
+    with pytest.raises(ValueError, match="multiple of T3"):
+        KFAC(tiny_mlp(), loss, T2=10, T3=4)
+    with pytest.raises(ValueError, match="dense layers"):
+        KFACTridiag(tiny_conv(), loss)
+    with pytest.raises(ValueError, match="exact damping"):
+        KFACTridiag(tiny_mlp(), loss, damping="exact")
+    with pytest.raises(ValueError, match="damping must be"):
+        KFAC(tiny_mlp(), loss, damping="heuristic")
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        KFAC(tiny_mlp(), loss, lr=0.1)
+
+
+# ------------------------------------------------------------------ curvature
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_conv], ids=["dense", "conv"])
+def test_block_is_kron_of_sampled_statistics(make):
+    net, loss = make(), get_loss("softmax_ce")
+    X, Y = batch(net, 7)
+    opt = KFAC(net, loss, seed=3)
+    params, state = net.copy_params(), dict(opt.rng.bit_generator.state)
+    opt.step(X, Y)
+    A, G = sampled_stats(net, loss, params, X, state)
+    f = opt.factors
+    for i in range(net.n_layers):
+        block = Kron(f["A_diag"][i], f["G_diag"][i]).to_dense()
+        np.testing.assert_allclose(block, np.kron(A[i], G[i]), rtol=1e-12, atol=1e-14)
+    # the proposal is the factored-damped block inverse (§6.3, trace-norm π) applied to −V
+    V = random_like(net)
+    for U, Vi, Ai, Gi in zip(opt.precondition(V), V, A, G):
+        np.testing.assert_allclose(vec(U), -np.linalg.solve(damped_kron(Ai, Gi, opt.gamma), vec(Vi)), rtol=1e-9)
+
+
+def test_factors_are_decaying_averages():
+    net, loss = tiny_mlp(), get_loss("sigmoid_bce")
+    rng = np.random.default_rng(0)
+    Xs = [rng.standard_normal((6, 4)) for _ in range(2)]
+    Ys = [(rng.random((6, 3)) < 0.5).astype(float) for _ in range(2)]
+    opt = KFAC(net, loss, seed=1)
+    stats = []
+    for X, Y in zip(Xs, Ys):
+        params, state = net.copy_params(), dict(opt.rng.bit_generator.state)
+        stats.append(sampled_stats(net, loss, params, X, state))
+        opt.step(X, Y)  # k ≤ 3: the inverse is rebuilt from the averages every time
+    eps = min(1 - 1 / 2, 0.95)  # §5 at k = 2
+    for i in range(net.n_layers):
+        np.testing.assert_allclose(opt.factors["A_diag"][i], eps * stats[0][0][i] + (1 - eps) * stats[1][0][i], rtol=1e-12)
+        np.testing.assert_allclose(opt.factors["G_diag"][i], eps * stats[0][1][i] + (1 - eps) * stats[1][1][i], rtol=1e-12)
+
+
+def test_exact_damping_switch():
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 9)
+    opt = KFAC(net, loss, damping="exact")
+    opt.step(X, Y)
+    V = random_like(net)
+    for U, Vi, Ai, Gi in zip(opt.precondition(V), V, opt.factors["A_diag"], opt.factors["G_diag"]):
+        M = np.kron(Ai, Gi) + opt.gamma**2 * np.eye(Ai.shape[0] * Gi.shape[0])  # eq. (6), Benzing §3
+        np.testing.assert_allclose(vec(U), -np.linalg.solve(M, vec(Vi)), rtol=1e-9)
+
+
+def test_dropping_the_second_factor():
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 9)
+    opt = KFAC(net, loss, second_factor=False)
+    state = dict(opt.rng.bit_generator.state)
+    opt.step(X, Y)
+    assert opt.rng.bit_generator.state == state  # no sampled backward pass (Benzing §4.2)
+    V = random_like(net)
+    for U, Vi, Ai, Gi in zip(opt.precondition(V), V, opt.factors["A_diag"], opt.factors["G_diag"]):
+        np.testing.assert_array_equal(Gi, np.eye(Gi.shape[0]))
+        np.testing.assert_allclose(vec(U), -np.linalg.solve(damped_kron(Ai, Gi, opt.gamma), vec(Vi)), rtol=1e-9)
+
+
+def test_tridiagonal_inverse_matches_dense():
+    net, loss = tiny_mlp(acts=("tanh", "tanh")), get_loss("softmax_ce")
+    X, Y = batch(net, 11)
+    opt = KFACTridiag(net, loss, seed=2)
+    params, state = net.copy_params(), dict(opt.rng.bit_generator.state)
+    opt.step(X, Y)
+    f = opt.factors
+    # the cross-layer factors are the sampled statistics of §5 (k = 1: one batch)
+    tr = net.forward(X, params)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    g = net.backward(tr, loss.grad(tr.out, loss.sample(tr.out, rng)))
+    for i in range(net.n_layers - 1):
+        np.testing.assert_allclose(f["A_off"][i], tr.a[i].T @ tr.a[i + 1] / 11, rtol=1e-12)
+        np.testing.assert_allclose(f["G_off"][i], g[i].T @ g[i + 1] / 11, rtol=1e-12)
+    opt.step(X, Y)
+    f = opt.factors
+    D = BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"], gamma=opt.gamma).to_dense()
+    V = random_like(net)
+    np.testing.assert_allclose(net.flatten(opt.precondition(V)), -D @ net.flatten(V), rtol=1e-9, atol=1e-12)
+    # F̂ = D⁻¹ agrees with the damped F̃ on the tridiagonal blocks (K-FAC §4.3, §6.3)
+    Fhat = np.linalg.inv(D)
+    sizes = [W.size for W in net.params]
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    for i in range(net.n_layers):
+        blk = Fhat[off[i] : off[i + 1], off[i] : off[i + 1]]
+        np.testing.assert_allclose(blk, damped_kron(f["A_diag"][i], f["G_diag"][i], opt.gamma), rtol=1e-7, atol=1e-9)
+        if i + 1 < net.n_layers:
+            blk = Fhat[off[i] : off[i + 1], off[i + 1] : off[i + 2]]
+            np.testing.assert_allclose(blk, np.kron(f["A_off"][i], f["G_off"][i]), rtol=1e-7, atol=1e-9)
+
+
+# ------------------------------------------------------- re-scaling, momentum
+def test_solve_alpha_mu():
+    Q, b = np.array([[3.0, 1.0], [1.0, 2.0]]), np.array([-1.0, 0.5])
+    coef, dM = solve_alpha_mu(Q, b)
+    np.testing.assert_allclose(coef, -np.linalg.solve(Q, b), rtol=1e-14)
+    assert dM == pytest.approx(0.5 * coef @ Q @ coef + b @ coef, rel=1e-14)
+    coef, dM = solve_alpha_mu([[4.0]], [-2.0])  # §6.4 without momentum
+    assert tuple(coef) == (0.5, 0.0) and dM == pytest.approx(-0.5)
+    coef, _ = solve_alpha_mu([[1.0, 2.0], [2.0, 4.0]], [-1.0, -2.0])  # Δ ∥ δ₀: singular, 1-D
+    assert tuple(coef) == (1.0, 0.0)
+
+
+def test_alpha_mu_match_dense_two_by_two():
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 16)
+    eta, lam = 1e-3, 0.5
+    opt = KFAC(net, loss, seed=0, eta=eta, lam=lam)
+    opt.step(X, Y)
+    theta, delta0, lam = net.copy_params(), opt.state_dict()["extra"]["delta0"], opt.lam
+    info = opt.step(X, Y)
+    _, grads, tr = net.loss_and_grads(X, Y, loss, theta)
+    grads = [G + eta * W for G, W in zip(grads, theta)]
+    Delta = opt.precondition(grads)
+    F, c = dense_fisher(net, loss, tr), lam + eta
+    d, d0, g = net.flatten(Delta), net.flatten(delta0), net.flatten(grads)
+    C = F + c * np.eye(F.shape[0])  # the exact quadratic model of §6.4 with (λ + η)I
+    Q = np.array([[d @ C @ d, d @ C @ d0], [d0 @ C @ d, d0 @ C @ d0]])
+    b = np.array([g @ d, g @ d0])
+    alpha, mu = -np.linalg.solve(Q, b)  # §7's 2×2 system
+    assert info["alpha"] == pytest.approx(alpha, rel=1e-8) and info["mu"] == pytest.approx(mu, rel=1e-8)
+    step = alpha * d + mu * d0
+    assert info["model_decrease"] == pytest.approx(0.5 * step @ C @ step + g @ step, rel=1e-8)
+    np.testing.assert_allclose(net.flatten(net.params), net.flatten(theta) + step, rtol=1e-10, atol=1e-13)
+
+
+def test_no_momentum_is_plain_rescaling():
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 16)
+    opt = KFAC(net, loss, momentum=False)
+    opt.step(X, Y)
+    theta = net.copy_params()
+    info = opt.step(X, Y)
+    _, grads, tr = net.loss_and_grads(X, Y, loss, theta)
+    grads = [G + opt.hparams["eta"] * W for G, W in zip(grads, theta)]
+    d, g = net.flatten(opt.precondition(grads)), net.flatten(grads)
+    curv = d @ dense_fisher(net, loss, tr) @ d + (info["lambda"] + opt.hparams["eta"]) * d @ d
+    assert info["mu"] == 0.0 and info["alpha"] == pytest.approx(-(g @ d) / curv, rel=1e-8)  # §6.4
+
+
+# ------------------------------------------------------------ λ and γ rules
+@pytest.mark.parametrize("rho,factor", [(-1.0, -1), (0.1, -1), (0.2499, -1), (0.25, 0), (0.5, 0), (0.75, 0),
+                                        (0.7501, 1), (3.0, 1), (float("nan"), 0)])  # fmt: skip
+def test_levenberg_marquardt_rule(rho, factor):
+    w = (19 / 20) ** 5
+    assert levenberg_marquardt(2.0, rho, w) == pytest.approx(2.0 * w**factor, rel=1e-15)
+
+
+def test_lambda_adapted_every_T1():
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    opt = KFAC(net, loss, T1=2, lam=3.0)
+    lam, rng = opt.lam, np.random.default_rng(0)
+    for k in range(1, 9):
+        info = opt.step(rng.standard_normal((12, 4)), rng.integers(0, 3, 12))
+        want = levenberg_marquardt(lam, info["rho"], opt.omega1) if k % 2 == 0 else lam
+        assert info["lambda"] == pytest.approx(want, rel=1e-15)
+        lam = info["lambda"]
+
+
+def test_gamma_greedy_every_T2():
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    opt = KFAC(net, loss, T2=2, T3=2)
+    seen = []  # one [γ, M(δ) − M(0)] per candidate tried
+    orig_inverse, orig_quad = opt._inverse_for, opt._quadratic
+
+    def inverse_for(gam):
+        seen.append([gam])
+        return orig_inverse(gam)
+
+    def quadratic(*args):
+        coef, dM = orig_quad(*args)
+        seen[-1].append(dM)
+        return coef, dM
+
+    opt._inverse_for, opt._quadratic = inverse_for, quadratic
+    rng = np.random.default_rng(0)
+    for k in range(1, 7):
+        seen.clear()
+        gamma = opt.gamma
+        opt.step(rng.standard_normal((12, 4)), rng.integers(0, 3, 12))
+        if k % 2:
+            assert [s[0] for s in seen] == [gamma] and opt.gamma == gamma
+        else:  # §6.6: {γ, ω₂γ, γ/ω₂}, the lowest M(δ) wins
+            w = opt.omega2
+            assert [s[0] for s in seen] == [gamma, gamma * w, gamma / w]
+            assert opt.gamma == min(seen, key=lambda s: s[1])[0]
+
+
+# ------------------------------------------------------- rejection, averaging
+def test_diverging_step_is_rejected():
+    net, loss = tiny_mlp(), get_loss("squared")
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((8, 4)), rng.standard_normal((8, 3))
+    opt = KFAC(net, loss)
+    opt.step(X, Y)
+    before, lam, gamma = net.copy_params(), opt.lam, opt.gamma
+    opt._quadratic = lambda *a: (np.array([1e300, 0.0]), -1.0)  # a "huge learning rate"
+    info = opt.step(X, Y)
+    assert not info["accepted"] and opt.n_rejected == 1
+    for a, b in zip(net.params, before):
+        np.testing.assert_array_equal(a, b)
+    assert info["loss"] == net.loss(X, Y, loss) and np.isfinite(info["loss"])
+    assert opt.lam == pytest.approx(lam / opt.omega1) and opt.gamma == pytest.approx(gamma / opt.omega2)
+    del opt._quadratic
+    info = opt.step(X, Y)
+    assert info["accepted"] and info["refreshed"] and info["loss"] < info["loss_before"]
+
+
+def test_nan_input_is_rejected_before_touching_statistics():
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 8)
+    opt = KFAC(net, loss)
+    opt.step(X, Y)
+    before, lam = net.copy_params(), opt.lam
+    steps = [s["step"] for s in opt.state_dict()["extra"]["curvature"]]
+    Xbad = X.copy()
+    Xbad[2, 1] = np.nan
+    info = opt.step(Xbad, Y)
+    assert not info["accepted"] and np.isnan(info["loss"]) and opt.lam > lam
+    for a, b in zip(net.params, before):
+        np.testing.assert_array_equal(a, b)
+    assert [s["step"] for s in opt.state_dict()["extra"]["curvature"]] == steps
+    assert opt.step(X, Y)["accepted"]
+
+
+def test_polyak_averaging():
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 10)
+    opt = KFAC(net, loss, polyak=0.75)
+    assert opt.averaged_params is None
+    avg = None
+    for _ in range(4):
+        opt.step(X, Y)
+        avg = net.copy_params() if avg is None else [0.75 * a + 0.25 * w for a, w in zip(avg, net.params)]
+    for a, b in zip(opt.averaged_params, avg):
+        np.testing.assert_allclose(a, b, rtol=1e-14)
+
+
+# ------------------------------------------------------------------ resume
+@pytest.mark.parametrize("name,hp,make", [
+    ("kfac", {}, tiny_mlp),
+    ("kfac", {"damping": "exact", "polyak": 0.9, "momentum": False}, tiny_mlp),
+    ("kfac", {}, tiny_conv),
+    ("kfac-tridiag", {}, tiny_mlp),
+])  # fmt: skip
+def test_state_dict_round_trip_is_bit_exact(name, hp, make):
+    hp = {"T1": 2, "T2": 4, "T3": 2, **hp}
+    loss = get_loss("softmax_ce")
+    rng = np.random.default_rng(4)
+    net = make()
+    batches = [(rng.standard_normal((10, net.in_size)), rng.integers(0, 3, 10)) for _ in range(13)]
+    opt = OPTIMIZERS[name](net, loss, seed=7, **hp)
+    for X, Y in batches[:6]:
+        opt.step(X, Y)
+    text, arrays = encode_tree(opt.state_dict())  # what a checkpoint stores
+    state, params = decode_tree(text, arrays), net.copy_params()
+    ref = [opt.step(X, Y) for X, Y in batches[6:]]
+    net2 = make(seed=99)
+    net2.set_params(params)
+    opt2 = OPTIMIZERS[name](net2, loss, seed=123, **hp)
+    opt2.load_state_dict(state)
+    got = [opt2.step(X, Y) for X, Y in batches[6:]]
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    assert [r["gamma"] for r in got] == [r["gamma"] for r in ref] and [r["lambda"] for r in got] == [r["lambda"] for r in ref]
+    for a, b in zip(net2.params, net.params):
+        np.testing.assert_array_equal(a, b)
+    if hp.get("polyak"):
+        for a, b in zip(opt2.averaged_params, opt.averaged_params):
+            np.testing.assert_array_equal(a, b)
+
+
+# -------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def tasks():
+    return {name: load_task(name) for name in ("digits-clf", "digits-ae", "digits-conv")}
+
+
+@pytest.mark.parametrize("name,task", [("kfac", "digits-clf"), ("kfac", "digits-ae"), ("kfac", "digits-conv"),
+                                       ("kfac-tridiag", "digits-clf"), ("kfac-tridiag", "digits-ae")])  # fmt: skip
+def test_trains_at_defaults(tasks, name, task):
+    T = tasks[task]
+    net = T.net_factory(np.random.default_rng(0))
+    before = net.loss(T.X_train, T.Y_train, T.loss)
+    opt = OPTIMIZERS[name](net, T.loss, seed=0)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        info = opt.step(*T.sample_batch(128, rng))
+        assert np.isfinite(info["loss"])
+    after = net.loss(T.X_train, T.Y_train, T.loss)  # about 0.04 (classifiers) and 0.4 (autoencoder) of before
+    assert opt.n_rejected == 0 and after < (0.6 if task == "digits-ae" else 0.2) * before, (before, after)
+
+
+def test_beats_tuned_sgd_on_digits_ae(tasks):
+    """K-FAC at its defaults against SGD at the best learning rate of a grid, same iterations and batches."""
+    T = tasks["digits-ae"]
+
+    def run(cls, **hp):
+        net = T.net_factory(np.random.default_rng(0))
+        opt = cls(net, T.loss, seed=0, **hp)
+        rng = np.random.default_rng(1)
+        for _ in range(40):
+            opt.step(*T.sample_batch(256, rng))
+        return net.loss(T.X_train, T.Y_train, T.loss)
+
+    sgd = min(run(SGD, lr=lr) for lr in SGD_GRID)
+    assert run(KFAC) < sgd
+
+
+SGD_GRID = (0.003, 0.01, 0.03)
