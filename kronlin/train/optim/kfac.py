@@ -163,6 +163,22 @@ class KroneckerOptimizer(Optimizer):
 
     tridiagonal = False
 
+    #: Hyper-parameters shared by K-FAC, KFRA and KFLR (each subclass adds its own).
+    common_defaults = {
+        "lam": 0.1,
+        "gamma": None,
+        "eta": 1e-5,
+        "T1": 5,
+        "T2": 20,
+        "T3": 20,
+        "omega1": None,
+        "omega2": None,
+        "damping": "factored",
+        "second_factor": True,
+        "pi": "trace",
+        "polyak": None,
+    }
+
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)
         self._validate()
@@ -450,22 +466,7 @@ class KFAC(KroneckerOptimizer):
     """
 
     name = "kfac"
-    defaults = {
-        "lam": 0.1,
-        "gamma": None,
-        "eta": 1e-5,
-        "T1": 5,
-        "T2": 20,
-        "T3": 20,
-        "omega1": None,
-        "omega2": None,
-        "max_decay": 0.95,
-        "momentum": True,
-        "damping": "factored",
-        "second_factor": True,
-        "pi": "trace",
-        "polyak": None,
-    }
+    defaults = {**KroneckerOptimizer.common_defaults, "max_decay": 0.95, "momentum": True}
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)

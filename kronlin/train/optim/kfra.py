@@ -172,21 +172,7 @@ def kflr_factors(net, loss, trace) -> list:
 class _BotevOptimizer(KroneckerOptimizer):
     """Botev et al.'s γ convention on :class:`KroneckerOptimizer`: ``C̃ = G̃ + (γ + η)I`` (appendix B)."""
 
-    defaults = {
-        "lam": 0.1,
-        "gamma": None,
-        "eta": 1e-5,
-        "T1": 5,
-        "T2": 20,
-        "T3": 20,
-        "omega1": None,
-        "omega2": None,
-        "momentum": False,
-        "damping": "factored",
-        "second_factor": True,
-        "pi": "trace",
-        "polyak": None,
-    }
+    defaults = {**KroneckerOptimizer.common_defaults, "momentum": False}
 
     @property
     def omega2(self) -> float:
