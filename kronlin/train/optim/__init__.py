@@ -36,5 +36,7 @@ def get_optimizer(name: str):
 # Their modules register themselves here; add one import line per module:
 # >>> K-FAC family imports (owned by kfac.py / kfra.py) >>>
 from . import kfac, kfra  # noqa: E402,F401  (register "kfac", "kfac-tridiag", "kfra", "kflr")
+from . import foof, ngd  # noqa: E402,F401  (register "foof", "ngd")
+from . import kbfgs  # noqa: E402,F401  (register "kbfgs", "kbfgs-l")
 # <<< K-FAC family imports <<<
 # ---------------------------------------------------------------------------

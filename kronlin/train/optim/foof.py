@@ -1,0 +1,217 @@
+"""FOOF: gradient descent on neurons (Benzing 2022, §4 and algorithm 1).
+
+Registry name ``"foof"``.  Per layer, with ``ā`` the layer input including the
+homogeneous 1 (:class:`kronlin.train.net.Trace`), FOOF keeps an exponential
+moving average ``Σ`` of ``A Aᵀ = E_n[ā āᵀ]`` (for a convolution the patches
+summed over the ``T`` positions, ``E_n[Σ_t ā_t ā_tᵀ]``, like K-FAC's ``Ā``) and
+preconditions the weight gradient ``∇W`` (shape ``(d_out, d_in+1)``) by the
+damped inverse ``P = (Σ + λI)⁻¹`` of eq. (6):
+
+    Δ = ∇W P,     i.e. vec(Δ) = ((λI + Σ)⁻¹ ⊗ I) vec(∇W)      (column-stacking vec)
+
+One iteration ``t = k − 1`` (``k = 1, 2, …``) follows algorithm 1 literally:
+
+1. forward/backward pass on the mini-batch: loss and ``∇W`` of every layer;
+2. ``v ← μ v + ∇W P`` and ``W ← W − η (v + wd·W)`` (heavy-ball momentum, §4.1
+   "FOOF can be combined with momentum and decoupled weight decay"; μ = 0.9 as
+   in appendix D.5; ``weight_decay`` is the decoupled decay, default 0);
+3. if ``t mod T = 0``: ``P ← (Σ + λI)⁻¹`` (line 8; the Cholesky factor of
+   ``Σ + λI`` inside :class:`kronlin.Kron` ``(Σ + λI, I)``, whose ``solve``
+   is then ``∇W P``);
+4. if ``(t + S) mod T ∈ {0, …, S−1}``: fold this batch's ``E_n[ā āᵀ]`` into
+   ``Σ`` (line 11): the ``S`` steps just before an inversion.
+
+``Σ`` is a :class:`kronlin.FactorEstimator` with ``max_decay = m``: its decay
+``min(1 − 1/j, m)`` at its ``j``-th update is the "normalised" moving average of
+appendix K.  Initialisation (appendix K): the paper folds in 50 batches before
+training; here the first mini-batch's statistics are folded in and inverted
+before the first update (that fold counts as step 0's line 11).
+
+Scaling: ``Σ`` is a mean over the batch (not a sum as in eq. 6's ``A Aᵀ``), so λ
+does not depend on the batch size; with the inputs of the kronlin.train tasks
+(O(1) activations) ``λ`` of about 1 plays the role of the paper's λ = 100.
+
+Rejection: a step whose update or new loss is not finite never reaches the
+weights (:meth:`Optimizer.apply_update`); momentum, ``Σ`` and ``P`` stay as
+they were (that step's fold and refresh are skipped) and the step size is
+multiplied by ``reject_factor`` for all later iterations (``lr_scale``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ... import FactorEstimator, Kron
+from . import register
+from .base import Optimizer, all_finite
+
+__all__ = ["FOOF"]
+
+
+class FOOF(Optimizer):
+    """Gradient descent on neurons (Benzing 2022, algorithm 1).
+
+    Hyper-parameters (``defaults``):
+
+    ``lr=0.1``          step size η (``W ← W − η v``)
+    ``damping=1.0``     λ in ``(Σ + λI)⁻¹`` (Σ a batch mean, see the module docstring)
+    ``momentum=0.9``    heavy-ball μ on the preconditioned gradient (0 disables)
+    ``decay=0.95``      the moving-average factor m of ``Σ`` (appendix K, after K-FAC)
+    ``T=1``             inversion period (line 7); 1 as for the paper's MLPs
+    ``S=None``          steps folded into Σ before each inversion (line 10); ``None`` → ``S = T``
+    ``weight_decay=0``  decoupled weight decay
+    ``reject_factor=0.5``  step-size factor after a rejected step
+
+    The defaults train digits-clf, digits-ae, digits-conv and curves-ae at
+    batch 128–256 without a rejected step.
+    """
+
+    name = "foof"
+    defaults = {
+        "lr": 0.1,
+        "damping": 1.0,
+        "momentum": 0.9,
+        "decay": 0.95,
+        "T": 1,
+        "S": None,
+        "weight_decay": 0.0,
+        "reject_factor": 0.5,
+    }
+
+    def __init__(self, net, loss, *, seed: int = 0, **hparams):
+        super().__init__(net, loss, seed=seed, **hparams)
+        self._validate()
+        self.velocity = [np.zeros_like(W) for W in net.params]
+        self.lr_scale = 1.0
+        self._new_estimators()
+        self._sigma = None  # the Σ each layer's P was built from (frozen at the last inversion)
+        self._inverse = None  # per layer Kron(Σ + λI, I): solve(∇W) = ∇W P
+
+    # ----------------------------------------------------------- configuration
+    def _validate(self):
+        h = self.hparams
+        if int(h["T"]) != h["T"] or h["T"] < 1:
+            raise ValueError(f"{self.name}: T must be a positive integer; got {h['T']!r}")
+        S = h["T"] if h["S"] is None else h["S"]
+        if int(S) != S or not 1 <= S <= h["T"]:
+            raise ValueError(f"{self.name}: S must be an integer with 1 <= S <= T (or None); got {h['S']!r}")
+        if not h["damping"] > 0:
+            raise ValueError(f"{self.name}: damping must be positive; got {h['damping']!r}")
+        if not h["lr"] > 0:
+            raise ValueError(f"{self.name}: lr must be positive; got {h['lr']!r}")
+        if not 0 <= h["momentum"] < 1:
+            raise ValueError(f"{self.name}: momentum must be in [0, 1); got {h['momentum']!r}")
+        if not 0 <= h["decay"] < 1:
+            raise ValueError(f"{self.name}: decay must be in [0, 1); got {h['decay']!r}")
+
+    @property
+    def S(self) -> int:
+        return int(self.hparams["T"] if self.hparams["S"] is None else self.hparams["S"])
+
+    def _new_estimators(self):
+        m = self.hparams["decay"]
+        self._est = [FactorEstimator(max_decay=m, tridiagonal=False, append_one=False) for _ in self.net.layers]
+
+    # ---------------------------------------------------------------- pieces
+    @staticmethod
+    def _rows(a):
+        """Rows whose ``E[rowᵀ row]`` is ``Σ``: conv patches scaled by √T (sum over positions)."""
+        if a.ndim == 3:
+            T = a.shape[1]
+            return a.reshape(-1, a.shape[-1]) * math.sqrt(T)
+        return a
+
+    def _fold(self, trace) -> None:
+        for est, a in zip(self._est, trace.a):
+            rows = self._rows(a)
+            est.update([rows], [np.zeros((rows.shape[0], 1))])  # G is not used: a 1-column placeholder
+
+    def _invert(self) -> None:
+        """Line 8: ``P ← (Σ + λI)⁻¹`` (Cholesky of ``Σ + λI`` inside ``Kron(Σ + λI, I)``)."""
+        self._sigma = [np.array(e.A_diag[0]) for e in self._est]
+        self._build()
+
+    def _build(self) -> None:
+        lam = float(self.hparams["damping"])
+        self._inverse = [Kron(S + lam * np.eye(S.shape[0]), np.eye(L.d_out)) for S, L in zip(self._sigma, self.net.layers)]
+
+    def precondition(self, grads) -> list:
+        """``∇W P = ∇W (Σ + λI)⁻¹`` per layer with the current ``P``."""
+        if self._inverse is None:
+            raise RuntimeError("no statistics yet: call step() first")
+        return [K.solve(G) for K, G in zip(self._inverse, grads)]
+
+    @property
+    def sigma(self) -> list | None:
+        """The (undamped) ``Σ`` the current ``P`` was built from, per layer, or ``None``."""
+        return None if self._sigma is None else [S.copy() for S in self._sigma]
+
+    # ------------------------------------------------------------------ step
+    def step(self, X, Y) -> dict:
+        h = self.hparams
+        t = self.iteration
+        self.iteration += 1
+        mu, wd = float(h["momentum"]), float(h["weight_decay"])
+        lr = float(h["lr"]) * self.lr_scale
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            loss0, grads, trace = self.net.loss_and_grads(X, Y, self.loss)
+        if not (math.isfinite(loss0) and all_finite(grads) and all_finite(trace.a)):
+            self.n_rejected += 1
+            self.lr_scale *= float(h["reject_factor"])
+            return {"loss": float(loss0), "loss_before": float(loss0), "accepted": False, "lr": lr,
+                    "reason": "non-finite loss, gradient or activations at the current weights"}  # fmt: skip
+        initial = self._inverse is None
+        if initial:  # appendix K: Σ and P from the first batch before the first update
+            ests = [e.state_dict() for e in self._est]
+            self._fold(trace)
+            self._invert()
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            pre = self.precondition(grads)
+            v_new = [mu * v + D for v, D in zip(self.velocity, pre)]
+            deltas = [-lr * (v + wd * W) if wd else -lr * v for v, W in zip(v_new, self.net.params)]
+        accepted, new_loss = self.apply_update(deltas, X, Y)
+        refreshed = False
+        if accepted:
+            self.velocity = v_new
+            T, S = int(h["T"]), self.S
+            if t % T == 0 and not initial:
+                self._invert()
+                refreshed = True
+            if (t + S) % T < S and not initial:
+                self._fold(trace)
+        else:
+            self.lr_scale *= float(h["reject_factor"])
+            if initial:  # leave no trace of the rejected first step
+                for e, s in zip(self._est, ests):
+                    e.load_state_dict(s)
+                self._sigma = self._inverse = None
+        return {"loss": float(new_loss if accepted else loss0), "loss_before": float(loss0),
+                "accepted": accepted, "lr": lr, "refreshed": refreshed or initial}  # fmt: skip
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict:
+        return {
+            "velocity": [v.copy() for v in self.velocity],
+            "lr_scale": float(self.lr_scale),
+            "sigma": None if self._sigma is None else [S.copy() for S in self._sigma],
+            "estimators": [e.state_dict() for e in self._est],
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        self._validate()
+        self.velocity = [np.array(v, dtype=np.float64) for v in state["velocity"]]
+        self.lr_scale = float(state["lr_scale"])
+        self._new_estimators()
+        for e, s in zip(self._est, state["estimators"]):
+            e.load_state_dict(s)
+        sig = state["sigma"]
+        if sig is None:
+            self._sigma = self._inverse = None
+        else:
+            self._sigma = [np.array(S, dtype=np.float64) for S in sig]
+            self._build()  # deterministic: the same Cholesky factors
+
+
+register(FOOF.name, FOOF)

@@ -1,0 +1,165 @@
+"""FOOF (Benzing 2022, algorithm 1) against the dense ``(λI + AAᵀ)⁻¹ ⊗ I`` it applies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kronlin.train import Conv2D, Dense, Net, get_loss, load_task
+from kronlin.train.checkpoint import decode_tree, encode_tree
+from kronlin.train.cli import main as cli_main
+from kronlin.train.optim import OPTIMIZERS
+from kronlin.train.optim.foof import FOOF
+
+
+def tiny_mlp(seed=0):
+    rng = np.random.default_rng(seed)
+    return Net([Dense(4, 5, "tanh"), Dense(5, 4, "logistic"), Dense(4, 3, "linear")], rng, init="gaussian")
+
+
+def tiny_conv(seed=0):
+    rng = np.random.default_rng(seed)
+    return Net([Conv2D((1, 5, 5), 3, kernel=3, activation="tanh"), Dense(27, 3, "linear")], rng, init="gaussian")
+
+
+def batch(net, n, seed=1, classes=3):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, net.in_size)), rng.integers(0, classes, n)
+
+
+def vec(M):
+    return M.reshape(-1, order="F")
+
+
+def sigma_of(trace):
+    """``E_n[Σ_t ā āᵀ]`` per layer by einsum."""
+    out = []
+    for a in trace.a:
+        a = a[:, None, :] if a.ndim == 2 else a
+        out.append(np.einsum("nti,ntj->ij", a, a) / a.shape[0])
+    return out
+
+
+def test_registered_and_validated():
+    assert OPTIMIZERS["foof"] is FOOF
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    for bad in ({"T": 0}, {"T": 2, "S": 3}, {"damping": 0.0}, {"momentum": 1.0}, {"nope": 1}):
+        with pytest.raises(ValueError):
+            FOOF(net, loss, **bad)
+
+
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_conv])
+def test_first_step_is_dense_preconditioned_gradient(make):
+    net, loss = make(), get_loss("softmax_ce")
+    X, Y = batch(net, 9)
+    lam, lr = 0.3, 0.05
+    opt = FOOF(net, loss, damping=lam, lr=lr)
+    before = net.copy_params()
+    _, grads, tr = net.loss_and_grads(X, Y, loss)
+    info = opt.step(X, Y)
+    assert info["accepted"]
+    for S, G, W0, W1 in zip(sigma_of(tr), grads, before, net.params):
+        P = np.linalg.inv(lam * np.eye(S.shape[0]) + S)
+        want = -lr * np.kron(P, np.eye(G.shape[0])) @ vec(G)  # vec(∇W P) = (P ⊗ I) vec(∇W)
+        np.testing.assert_allclose(vec(W1 - W0), want, rtol=1e-10, atol=1e-14)
+    for S, Sopt in zip(sigma_of(tr), opt.sigma):
+        np.testing.assert_allclose(Sopt, S, rtol=1e-12)
+
+
+def test_schedule_T_and_S_and_momentum():
+    """Algorithm 1: P refreshed when t mod T = 0, Σ folded for the S steps before; heavy-ball momentum."""
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    lam, lr, mu, m = 0.5, 0.02, 0.9, 0.8
+    opt = FOOF(net, loss, damping=lam, lr=lr, momentum=mu, decay=m, T=3, S=2)
+    rng = np.random.default_rng(3)
+    sig, P, v, j = None, None, None, 0
+    for t in range(8):
+        X, Y = rng.standard_normal((7, 4)), rng.integers(0, 3, 7)
+        _, grads, tr = net.loss_and_grads(X, Y, loss)
+        batch_sig = sigma_of(tr)
+        if t == 0:  # appendix K: first batch folded and inverted before the update
+            sig, j = batch_sig, 1
+            P = [np.linalg.inv(S + lam * np.eye(len(S))) for S in sig]
+        pre = [G @ Pi for G, Pi in zip(grads, P)]
+        v = pre if v is None else [mu * vi + d for vi, d in zip(v, pre)]
+        want = [W - lr * vi for W, vi in zip(net.params, v)]
+        info = opt.step(X, Y)
+        for a, b in zip(net.params, want):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+        if t > 0 and t % 3 == 0:
+            P = [np.linalg.inv(S + lam * np.eye(len(S))) for S in sig]
+            assert info["refreshed"]
+        if t > 0 and (t + 2) % 3 < 2:
+            j += 1
+            eps = min(1 - 1 / j, m)
+            sig = [eps * s + (1 - eps) * b for s, b in zip(sig, batch_sig)]
+
+
+def test_state_dict_round_trip_is_bit_exact():
+    loss = get_loss("softmax_ce")
+    for make in (tiny_mlp, tiny_conv):
+        rng = np.random.default_rng(4)
+        net = make()
+        batches = [(rng.standard_normal((10, net.in_size)), rng.integers(0, 3, 10)) for _ in range(11)]
+        hp = {"T": 3, "S": 2, "lr": 0.05}
+        opt = FOOF(net, loss, seed=7, **hp)
+        for X, Y in batches[:5]:
+            opt.step(X, Y)
+        text, arrays = encode_tree(opt.state_dict())
+        state, params = decode_tree(text, arrays), net.copy_params()
+        ref = [opt.step(X, Y)["loss"] for X, Y in batches[5:]]
+        net2 = make(seed=99)
+        net2.set_params(params)
+        opt2 = FOOF(net2, loss, seed=1, **hp)
+        opt2.load_state_dict(state)
+        assert [opt2.step(X, Y)["loss"] for X, Y in batches[5:]] == ref
+        for a, b in zip(net2.params, net.params):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_step_is_rejected():
+    net, loss = tiny_mlp(), get_loss("squared")
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((8, 4)), rng.standard_normal((8, 3))
+    opt = FOOF(net, loss)
+    opt.step(X, Y)
+    state = opt.state_dict()
+    before = net.copy_params()
+    opt.hparams["lr"] = 1e308  # a "huge learning rate": the update overflows
+    info = opt.step(X, Y)
+    assert not info["accepted"] and opt.n_rejected == 1 and opt.lr_scale == 0.5
+    for a, b in zip(net.params, before):
+        np.testing.assert_array_equal(a, b)
+    assert info["loss"] == net.loss(X, Y, loss)
+    for a, b in zip(opt.velocity, state["extra"]["velocity"]):
+        np.testing.assert_array_equal(a, b)
+    Xbad = X.copy()
+    Xbad[0, 0] = np.nan
+    assert not opt.step(Xbad, Y)["accepted"]
+    for a, b in zip(net.params, before):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {name: load_task(name) for name in ("digits-clf", "digits-ae")}
+
+
+@pytest.mark.parametrize("task,factor", [("digits-clf", 0.3), ("digits-ae", 0.8)])
+def test_trains_at_defaults(tasks, task, factor):
+    T = tasks[task]
+    net = T.net_factory(np.random.default_rng(0))
+    before = net.loss(T.X_train, T.Y_train, T.loss)
+    opt = FOOF(net, T.loss, seed=0)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        assert np.isfinite(opt.step(*T.sample_batch(128, rng))["loss"])
+    after = net.loss(T.X_train, T.Y_train, T.loss)
+    assert opt.n_rejected == 0 and after < factor * before, (before, after)
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "run.json"
+    rc = cli_main(["--task", "digits-clf", "--opt", "foof", "--steps", "5", "--batch", "64", "--out", str(out),
+                   "--hp", "T=2"])  # fmt: skip
+    assert rc == 0 and out.exists()

@@ -1,0 +1,183 @@
+"""Subsampled natural gradient (Benzing 2022, app. I) against dense ``(λI + F)⁻¹ g``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kronlin.train import Conv2D, Dense, Net, get_loss, load_task
+from kronlin.train.checkpoint import decode_tree, encode_tree
+from kronlin.train.cli import main as cli_main
+from kronlin.train.optim import OPTIMIZERS
+from kronlin.train.optim.kfac import levenberg_marquardt
+from kronlin.train.optim.ngd import NGD
+
+
+def tiny_mlp(seed=0):
+    rng = np.random.default_rng(seed)
+    return Net([Dense(4, 5, "tanh"), Dense(5, 4, "logistic"), Dense(4, 3, "linear")], rng, init="gaussian")
+
+
+def tiny_conv(seed=0):
+    rng = np.random.default_rng(seed)
+    return Net([Conv2D((1, 5, 5), 3, kernel=3, activation="tanh"), Dense(27, 3, "linear")], rng, init="gaussian")
+
+
+def batch(net, n, seed=1, classes=3):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, net.in_size)), rng.integers(0, classes, n)
+
+
+def jacobians(net, trace):
+    """Per-example ``J_n`` ``(N, k, P)`` from ``jvp`` on every unit vector (materialised)."""
+    return np.stack([net.jvp(trace, net.unflatten(e)) for e in np.eye(net.n_params)], axis=2)
+
+
+def dense_fisher(net, loss, trace, labels, samples=1, rng_state=None):
+    J = jacobians(net, trace)
+    if labels == "full":
+        return np.einsum("nkp,nkl,nlq->pq", J, loss.hessian(trace.out), J) / trace.N
+    rng = np.random.default_rng()
+    rng.bit_generator.state = rng_state
+    D = np.stack([loss.grad(trace.out, loss.sample(trace.out, rng)) for _ in range(samples)], axis=1)  # (N, S, k)
+    Gc = np.einsum("nkp,nsk->nsp", J, D).reshape(-1, net.n_params)  # materialised per-example gradients
+    return Gc.T @ Gc / (trace.N * samples)
+
+
+def test_registered_and_validated():
+    assert OPTIMIZERS["ngd"] is NGD
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    for bad in ({"labels": "emp"}, {"samples": 0}, {"lam": 0.0}, {"T1": 0}, {"lr": -1.0}, {"nope": 1}):
+        with pytest.raises(ValueError):
+            NGD(net, loss, **bad)
+
+
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_conv])
+@pytest.mark.parametrize("labels,samples,lossname", [
+    ("mc", 1, "softmax_ce"), ("mc", 3, "softmax_ce"), ("full", 1, "softmax_ce"),
+    ("full", 1, "sigmoid_bce"), ("mc", 2, "squared"),
+])  # fmt: skip
+def test_step_is_dense_damped_natural_gradient(make, labels, samples, lossname):
+    net, loss = make(), get_loss(lossname)
+    X, Y = batch(net, 6)
+    if lossname != "softmax_ce":
+        Y = np.random.default_rng(2).random((6, 3))
+    lam, lr = 0.2, 0.7
+    opt = NGD(net, loss, lam=lam, lr=lr, labels=labels, samples=samples, seed=3)
+    state = opt.rng.bit_generator.state
+    tr = net.forward(X)
+    _, grads, _ = net.loss_and_grads(X, Y, loss)
+    F = dense_fisher(net, loss, tr, labels, samples, state)
+    g = net.flatten(grads)
+    want = -lr * np.linalg.solve(lam * np.eye(net.n_params) + F, g)
+    before = net.flatten(net.params)
+    info = opt.step(X, Y)
+    assert info["accepted"] and info["damping"] == lam
+    np.testing.assert_allclose(net.flatten(net.params) - before, want, rtol=1e-8, atol=1e-12)
+    assert info["model_decrease"] == pytest.approx(g @ want + 0.5 * want @ (F + lam * np.eye(len(g))) @ want, rel=1e-8)
+
+
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_conv])
+def test_independent_batch_uses_the_other_halfs_gradient(make):
+    net, loss = make(), get_loss("softmax_ce")
+    X, Y = batch(net, 9)
+    lam, lr = 0.3, 1.0
+    opt = NGD(net, loss, lam=lam, lr=lr, labels="full", independent_batch=True)
+    trf = net.forward(X[:5])  # the Fisher's half: the first ⌈N/2⌉
+    _, g2, _ = net.loss_and_grads(X[5:], Y[5:], loss)  # the gradient's half
+    F = dense_fisher(net, loss, trf, "full")
+    want = -lr * np.linalg.solve(lam * np.eye(net.n_params) + F, net.flatten(g2))
+    before = net.flatten(net.params)
+    info = opt.step(X, Y)
+    assert info["loss_before"] == pytest.approx(net.loss(X, Y, loss, params=net.unflatten(before)), rel=1e-12)
+    np.testing.assert_allclose(net.flatten(net.params) - before, want, rtol=1e-8, atol=1e-12)
+    # the same batch for both would give a different step
+    net2 = make()
+    NGD(net2, loss, lam=lam, lr=lr, labels="full").step(X, Y)
+    assert not np.allclose(net.flatten(net2.params) - before, want, rtol=1e-3)
+
+
+def test_levenberg_marquardt_every_T1_and_fixed():
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    opt = NGD(net, loss, T1=2, lam=0.5)
+    rng = np.random.default_rng(0)
+    lam = opt.lam
+    for k in range(1, 7):
+        info = opt.step(rng.standard_normal((12, 4)), rng.integers(0, 3, 12))
+        want = levenberg_marquardt(lam, info["rho"], opt.omega1) if k % 2 == 0 else lam
+        assert info["lambda"] == pytest.approx(want, rel=1e-15)
+        lam = info["lambda"]
+    opt = NGD(tiny_mlp(), loss, adapt=False, lam=0.5)
+    for _ in range(3):
+        assert opt.step(rng.standard_normal((12, 4)), rng.integers(0, 3, 12))["lambda"] == 0.5
+
+
+def test_state_dict_round_trip_is_bit_exact():
+    loss = get_loss("softmax_ce")
+    for make, hp in ((tiny_mlp, {"samples": 2}), (tiny_conv, {"independent_batch": True}), (tiny_mlp, {"labels": "full"})):
+        hp = {"T1": 2, **hp}
+        rng = np.random.default_rng(4)
+        net = make()
+        batches = [(rng.standard_normal((10, net.in_size)), rng.integers(0, 3, 10)) for _ in range(9)]
+        opt = NGD(net, loss, seed=7, **hp)
+        for X, Y in batches[:4]:
+            opt.step(X, Y)
+        text, arrays = encode_tree(opt.state_dict())
+        state, params = decode_tree(text, arrays), net.copy_params()
+        ref = [opt.step(X, Y) for X, Y in batches[4:]]
+        net2 = make(seed=99)
+        net2.set_params(params)
+        opt2 = NGD(net2, loss, seed=1, **hp)
+        opt2.load_state_dict(state)
+        got = [opt2.step(X, Y) for X, Y in batches[4:]]
+        assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+        assert [r["lambda"] for r in got] == [r["lambda"] for r in ref]
+        for a, b in zip(net2.params, net.params):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_step_is_rejected():
+    net, loss = tiny_mlp(), get_loss("squared")
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((8, 4)), rng.standard_normal((8, 3))
+    opt = NGD(net, loss)
+    opt.step(X, Y)
+    before, lam = net.copy_params(), opt.lam
+    opt.hparams["lr"] = 1e308  # the update overflows
+    info = opt.step(X, Y)
+    assert not info["accepted"] and opt.n_rejected == 1 and opt.lam == pytest.approx(lam / opt.omega1)
+    for a, b in zip(net.params, before):
+        np.testing.assert_array_equal(a, b)
+    assert info["loss"] == net.loss(X, Y, loss)
+    opt.hparams["lr"] = 1.0
+    Xbad = X.copy()
+    Xbad[0, 0] = np.nan
+    assert not opt.step(Xbad, Y)["accepted"] and opt.n_rejected == 2
+    for a, b in zip(net.params, before):
+        np.testing.assert_array_equal(a, b)
+    assert opt.step(X, Y)["accepted"]
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {name: load_task(name) for name in ("digits-clf", "digits-ae")}
+
+
+@pytest.mark.parametrize("task,factor", [("digits-clf", 0.3), ("digits-ae", 0.8)])
+def test_trains_at_defaults(tasks, task, factor):
+    T = tasks[task]
+    net = T.net_factory(np.random.default_rng(0))
+    before = net.loss(T.X_train, T.Y_train, T.loss)
+    opt = NGD(net, T.loss, seed=0)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        assert np.isfinite(opt.step(*T.sample_batch(128, rng))["loss"])
+    after = net.loss(T.X_train, T.Y_train, T.loss)
+    assert opt.n_rejected == 0 and after < factor * before, (before, after)
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "run.json"
+    rc = cli_main(["--task", "digits-clf", "--opt", "ngd", "--steps", "5", "--batch", "64", "--out", str(out),
+                   "--hp", "labels=full", "--quiet"])  # fmt: skip
+    assert rc == 0 and out.exists()
