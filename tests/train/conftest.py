@@ -10,3 +10,11 @@ from threadpoolctl import threadpool_limits
 def _one_blas_thread():
     with threadpool_limits(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def tasks():
+    """The digits tasks the optimizer tests train on (loaded once per session)."""
+    from kronlin.train import load_task
+
+    return {name: load_task(name) for name in ("digits-clf", "digits-ae", "digits-conv")}

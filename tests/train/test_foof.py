@@ -5,26 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kronlin.train import Conv2D, Dense, Net, get_loss, load_task
+from kronlin.train import get_loss
 from kronlin.train.checkpoint import decode_tree, encode_tree
 from kronlin.train.cli import main as cli_main
 from kronlin.train.optim import OPTIMIZERS
 from kronlin.train.optim.foof import FOOF
 
-
-def tiny_mlp(seed=0):
-    rng = np.random.default_rng(seed)
-    return Net([Dense(4, 5, "tanh"), Dense(5, 4, "logistic"), Dense(4, 3, "linear")], rng, init="gaussian")
-
-
-def tiny_conv(seed=0):
-    rng = np.random.default_rng(seed)
-    return Net([Conv2D((1, 5, 5), 3, kernel=3, activation="tanh"), Dense(27, 3, "linear")], rng, init="gaussian")
-
-
-def batch(net, n, seed=1, classes=3):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, net.in_size)), rng.integers(0, classes, n)
+from train_helpers import batch, tiny_conv, tiny_mlp
 
 
 def vec(M):
@@ -138,11 +125,6 @@ def test_non_finite_step_is_rejected():
     assert not opt.step(Xbad, Y)["accepted"]
     for a, b in zip(net.params, before):
         np.testing.assert_array_equal(a, b)
-
-
-@pytest.fixture(scope="module")
-def tasks():
-    return {name: load_task(name) for name in ("digits-clf", "digits-ae")}
 
 
 @pytest.mark.parametrize("task,factor", [("digits-clf", 0.3), ("digits-ae", 0.8)])

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from kronlin.train import Conv2D, Dense, Net, cli, get_loss, load_task
+from kronlin.train import cli, get_loss
 from kronlin.train.checkpoint import decode_tree, encode_tree
 from kronlin.train.optim import OPTIMIZERS
 from kronlin.train.optim.kbfgs import (
@@ -27,23 +27,10 @@ from kronlin.train.optim.kbfgs import (
     lbfgs_two_loop,
 )
 
+from train_helpers import batch, tiny_conv, tiny_mlp
+
 
 # ----------------------------------------------------------------- helpers
-def tiny_mlp(seed=0):
-    rng = np.random.default_rng(seed)
-    return Net([Dense(4, 5, "tanh"), Dense(5, 4, "logistic"), Dense(4, 3, "linear")], rng, init="gaussian")
-
-
-def tiny_conv(seed=0):
-    rng = np.random.default_rng(seed)
-    return Net([Conv2D((1, 5, 5), 3, kernel=3, activation="tanh"), Dense(27, 3, "linear")], rng, init="gaussian")
-
-
-def batch(net, n, seed=1, classes=3):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, net.in_size)), rng.integers(0, classes, n)
-
-
 def random_spd(d, seed=0):
     rng = np.random.default_rng(seed)
     B = rng.standard_normal((d, d))
@@ -301,11 +288,6 @@ def test_fresh_state_round_trip():
 
 
 # ------------------------------------------------------------- training
-@pytest.fixture(scope="module")
-def tasks():
-    return {name: load_task(name) for name in ("digits-clf", "digits-ae", "digits-conv")}
-
-
 @pytest.mark.parametrize("name", ["kbfgs", "kbfgs-l"])
 @pytest.mark.parametrize("task", ["digits-clf", "digits-ae", "digits-conv"])
 def test_trains_at_defaults(tasks, name, task):

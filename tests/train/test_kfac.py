@@ -14,34 +14,15 @@ import numpy as np
 import pytest
 
 from kronlin import BlockTridiagInverse, Kron
-from kronlin.train import Conv2D, Dense, Net, get_loss, load_task
+from kronlin.train import get_loss
 from kronlin.train.checkpoint import decode_tree, encode_tree
 from kronlin.train.optim import OPTIMIZERS, SGD
 from kronlin.train.optim.kfac import KFAC, KFACTridiag, levenberg_marquardt, solve_alpha_mu
 
+from train_helpers import batch, dense_fisher, tiny_conv, tiny_mlp
+
 
 # ----------------------------------------------------------------- helpers
-def tiny_mlp(seed=0, acts=("tanh", "logistic")):
-    rng = np.random.default_rng(seed)
-    return Net([Dense(4, 5, acts[0]), Dense(5, 4, acts[1]), Dense(4, 3, "linear")], rng, init="gaussian")
-
-
-def tiny_conv(seed=0):
-    rng = np.random.default_rng(seed)
-    return Net([Conv2D((1, 5, 5), 3, kernel=3, activation="tanh"), Dense(27, 3, "linear")], rng, init="gaussian")
-
-
-def batch(net, n, seed=1, classes=3):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, net.in_size)), rng.integers(0, classes, n)
-
-
-def dense_fisher(net, loss, trace):
-    """``F = (1/N) Σ_n J_nᵀ H_n J_n`` from ``jvp`` on every unit vector (K-FAC §5 / appendix C)."""
-    J = np.stack([net.jvp(trace, net.unflatten(e)) for e in np.eye(net.n_params)], axis=2)  # (N, k, P)
-    return np.einsum("nkp,nkl,nlq->pq", J, loss.hessian(trace.out), J) / trace.N
-
-
 def sampled_stats(net, loss, params, X, rng_state):
     """``Ā_i = E_n[Σ_t ā āᵀ]`` and ``G_i = E_n[(1/T) Σ_t g gᵀ]`` of one sampled backward pass, by einsum."""
     tr = net.forward(X, params)
@@ -370,11 +351,6 @@ def test_state_dict_round_trip_is_bit_exact(name, hp, make):
 
 
 # -------------------------------------------------------------- training
-@pytest.fixture(scope="module")
-def tasks():
-    return {name: load_task(name) for name in ("digits-clf", "digits-ae", "digits-conv")}
-
-
 @pytest.mark.parametrize("name,task", [("kfac", "digits-clf"), ("kfac", "digits-ae"), ("kfac", "digits-conv"),
                                        ("kfac-tridiag", "digits-clf"), ("kfac-tridiag", "digits-ae")])  # fmt: skip
 def test_trains_at_defaults(tasks, name, task):

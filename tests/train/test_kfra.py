@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from kronlin.train import Conv2D, Dense, Net, get_loss, im2col, load_task
+from kronlin.train import Conv2D, Dense, Net, get_loss, im2col
 from kronlin.train.checkpoint import decode_tree, encode_tree
 from kronlin.train.optim import OPTIMIZERS
 from kronlin.train.optim.kfac import levenberg_marquardt
@@ -261,11 +261,6 @@ def test_state_dict_round_trip_is_bit_exact(name, make):
     assert [opt2.step(X, Y)["loss"] for X, Y in batches[5:]] == ref
     for a, b in zip(net2.params, net.params):
         np.testing.assert_array_equal(a, b)
-
-
-@pytest.fixture(scope="module")
-def tasks():
-    return {name: load_task(name) for name in ("digits-clf", "digits-ae", "digits-conv")}
 
 
 @pytest.mark.parametrize("name", ["kfra", "kflr"])

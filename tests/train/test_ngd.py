@@ -5,38 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kronlin.train import Conv2D, Dense, Net, get_loss, load_task
+from kronlin.train import get_loss
 from kronlin.train.checkpoint import decode_tree, encode_tree
 from kronlin.train.cli import main as cli_main
 from kronlin.train.optim import OPTIMIZERS
 from kronlin.train.optim.kfac import levenberg_marquardt
 from kronlin.train.optim.ngd import NGD
 
-
-def tiny_mlp(seed=0):
-    rng = np.random.default_rng(seed)
-    return Net([Dense(4, 5, "tanh"), Dense(5, 4, "logistic"), Dense(4, 3, "linear")], rng, init="gaussian")
-
-
-def tiny_conv(seed=0):
-    rng = np.random.default_rng(seed)
-    return Net([Conv2D((1, 5, 5), 3, kernel=3, activation="tanh"), Dense(27, 3, "linear")], rng, init="gaussian")
-
-
-def batch(net, n, seed=1, classes=3):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, net.in_size)), rng.integers(0, classes, n)
-
-
-def jacobians(net, trace):
-    """Per-example ``J_n`` ``(N, k, P)`` from ``jvp`` on every unit vector (materialised)."""
-    return np.stack([net.jvp(trace, net.unflatten(e)) for e in np.eye(net.n_params)], axis=2)
+from train_helpers import batch, dense_fisher as exact_fisher, jacobians, tiny_conv, tiny_mlp
 
 
 def dense_fisher(net, loss, trace, labels, samples=1, rng_state=None):
-    J = jacobians(net, trace)
     if labels == "full":
-        return np.einsum("nkp,nkl,nlq->pq", J, loss.hessian(trace.out), J) / trace.N
+        return exact_fisher(net, loss, trace)
+    J = jacobians(net, trace)
     rng = np.random.default_rng()
     rng.bit_generator.state = rng_state
     D = np.stack([loss.grad(trace.out, loss.sample(trace.out, rng)) for _ in range(samples)], axis=1)  # (N, S, k)
@@ -156,11 +138,6 @@ def test_non_finite_step_is_rejected():
     for a, b in zip(net.params, before):
         np.testing.assert_array_equal(a, b)
     assert opt.step(X, Y)["accepted"]
-
-
-@pytest.fixture(scope="module")
-def tasks():
-    return {name: load_task(name) for name in ("digits-clf", "digits-ae")}
 
 
 @pytest.mark.parametrize("task,factor", [("digits-clf", 0.3), ("digits-ae", 0.8)])
