@@ -87,7 +87,8 @@ class KronSumInverse(_KronShaped):
     True
     """
 
-    def __init__(self, A, B, C, D, sign=+1, method="auto", *, tol=None, max_iter=None, squared=True):
+    def __init__(self, A, B, C, D, sign=+1, method="auto", *, tol=None, max_iter=None, squared=True,
+                 _factors=None):
         ctx, (A, B, C, D) = context(("A", A), ("B", B), ("C", C), ("D", D))
         xp = ctx.xp
         p = check_square(A, "A", batch=False)
@@ -104,13 +105,14 @@ class KronSumInverse(_KronShaped):
         self.sign = sign
         self._args = (A, B, C, D)
         self._opts = dict(tol=tol, max_iter=max_iter, squared=squared)
+        self._factors = _factors  # internal: cached Factors of A and B from a caller (BlockTridiagInverse)
         if method != "smith" and any(v is not None for v in (tol, max_iter)):
             raise ValueError("tol and max_iter apply to method='smith' only")
         if method == "auto":
             method = "schur"
             if all(_symmetric_within_tol(xp, M) for M in (A, B, C, D)):
                 try:
-                    self.solver = EigStein(xp, A, B, C, D, sign)
+                    self.solver = EigStein(xp, A, B, C, D, sign, self._factors)
                     method = "eig"
                 except NotPositiveDefinite:
                     pass
@@ -124,7 +126,7 @@ class KronSumInverse(_KronShaped):
         if method == "eig":
             for M, name in ((A, "A"), (B, "B"), (C, "C"), (D, "D")):
                 check_symmetric(xp, M, name)
-            return EigStein(xp, A, B, C, D, sign)
+            return EigStein(xp, A, B, C, D, sign, getattr(self, "_factors", None))
         if method == "schur":
             return SchurStein(xp, A, B, C, D, sign)
         return SmithStein(xp, A, B, C, D, sign, **self._opts)

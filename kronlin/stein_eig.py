@@ -66,13 +66,18 @@ class EigStein:
     ----------
     K1, s1, K2, s2 : the generalized eigenbases and eigenvalues
     sign : +1 or -1
+    factors : optional (Factor, Factor) of A and B already computed by the caller (reused, not recomputed)
+
     whitened_by : "AB" or "CD", the pair the formula whitened by
     plain_eigh : bool, True when both whitening factors were scalar identities
     """
 
-    def __init__(self, xp, A, B, C, D, sign: int):
+    def __init__(self, xp, A, B, C, D, sign: int, factors=None):
         self.xp, self.sign = xp, sign
-        fA, fB = _spd_factor(xp, A, "A"), _spd_factor(xp, B, "B")
+        if factors is not None:  # Cholesky factors of A and B the caller already holds
+            fA, fB = (f if f.kind == "cholesky" else None for f in factors)
+        else:
+            fA, fB = _spd_factor(xp, A, "A"), _spd_factor(xp, B, "B")
         for f, name, M in ((fA, "A", A), (fB, "B", B)):
             if f is None:
                 raise NotPositiveDefinite(

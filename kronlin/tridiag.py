@@ -250,7 +250,8 @@ class BlockTridiagInverse(_LayerBlocks):
             D = psiG @ mT(Go[k])
             C, D = (C + mT(C)) / 2, (D + mT(D)) / 2  # exact in exact arithmetic; remove round-off asymmetry
             try:
-                sigma = KronSumInverse(self._Ad[k], self._Gd[k], C, D, sign=-1, method=self.method)
+                sigma = KronSumInverse(self._Ad[k], self._Gd[k], C, D, sign=-1, method=self.method,
+                                       _factors=(fA[k], fG[k]))  # reuse the damped factors' Cholesky
             except LinAlgError as exc:
                 raise LinAlgError(
                     f"Σ_{{{k + 1}|{k + 2}}} (layers {k} and {k + 1}) is not positive definite: the cross-layer "
