@@ -8,11 +8,13 @@ Run (the default subcommand; ``run`` may be spelled out)::
 
 The record written to ``--out`` is JSON::
 
-    {"task", "opt", "seed", "config", "loss": [one per iteration], "seconds": [one per iteration]}
+    {"task", "opt", "seed", "config", "loss": [one per iteration], "seconds": [one per iteration],
+     "rejected": number of rejected steps}
 
 ``loss[i]`` is the mean training loss on iteration ``i``'s mini-batch at the
 parameters after the update (see :mod:`kronlin.train.optim.base`); ``seconds[i]``
-the wall time since training started, after iteration ``i``.  ``--steps``
+the wall time since training started, after iteration ``i``; ``rejected`` the
+optimizer's count of rejected (non-finite) steps, resumes included.  ``--steps``
 counts all iterations, including those done before a resume, so the record
 always holds exactly ``--steps`` numbers.  (A loss that is itself not finite —
 possible only when a batch overflows at weights that were finite on the
@@ -312,6 +314,7 @@ def run_training(
     bar = Progress(steps, label or f"{config['task']}/{config['opt']}", enabled=progress)
 
     def save():
+        record["rejected"] = int(opt.n_rejected)
         if checkpoint is not None:
             save_checkpoint(checkpoint, _checkpoint_tree(config, net, opt, data_rng, record))
 

@@ -1,53 +1,67 @@
-"""Smoke test of bench/reproduce.py's machinery on a tiny grid (a few seconds)."""
+"""bench/reproduce.py and bench/_repro_report.py on a tiny protocol (a few seconds)."""
 
 import importlib.util
 import json
 import os
+import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("threadpoolctl")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(ROOT, "bench")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("kronlin_bench_reproduce", os.path.join(ROOT, "bench", "reproduce.py"))
+def _load(name):
+    if BENCH not in sys.path:  # reproduce.py imports its sibling modules by name
+        sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, name + ".py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_tiny_grid_and_report(tmp_path):
-    rep = _load()
-    out = tmp_path / "repro"
+def test_tiny_protocol_and_report(tmp_path):
+    rep, report = _load("reproduce"), _load("_repro_report")
+    tune = {"sgd": ("sgd", {"lr": (0.01, 0.02)}), "foof": ("foof", {"lr": (0.1,)}), "ngd": ("ngd", {"lr": (1.0,)}),
+            "kbfgs": ("kbfgs", {"lr": (0.03,)}), "kbfgs-l": ("kbfgs-l", {"lr": (0.03,), "damping": (0.3, 1.0)})}
+    cfg = {"steps": 4, "batch": 32, "align": {"at": (0, 4), "probe_batch": 32, "max_params": 300, "seeds": (1,)}}
+    meta = rep.run_task("digits-ae", out_dir=str(tmp_path / "digits-ae"), cfg=cfg, tune=tune, eval_seeds=(1, 2),
+                        workers=1, verbose=False)
+    d = tmp_path / "digits-ae"
+    assert len(list(d.glob("tune__*.json"))) == 2 + 1 + 1 + 1 + 2
+    assert len(list(d.glob("run__*.json"))) == 2 * (len(rep.FIXED) + len(tune))
+    assert set(meta["chosen"]) == set(tune) and meta["chosen"]["kbfgs-l"][1]["damping"] in (0.3, 1.0)
+    # the chosen point is the tuning run with the lowest final loss
+    sgd = {json.loads(p.read_text())["config"]["hp"]["lr"]: json.loads(p.read_text()) for p in d.glob("tune__sgd-*.json")}
+    best = min(sgd, key=lambda lr: rep.final_loss(sgd[lr]["loss"]))
+    assert meta["chosen"]["sgd"][1] == {"lr": best}
+    r = json.loads((d / "run__kfac__s2.json").read_text())
+    assert {"task", "opt", "seed", "config", "loss", "seconds", "label", "rejected"} <= set(r) and len(r["loss"]) == 4
+    assert [c["iteration"] for c in json.loads((d / "align__s1.json").read_text())["checkpoints"]] == [0, 4]
+    rep.run_defaults(out_dir=str(tmp_path / "defaults"), tasks={"digits-clf": 3}, workers=1, verbose=False)
+    assert len(list((tmp_path / "defaults").glob("run__*.json"))) >= 10
     doc = tmp_path / "docs" / "reproduction.md"
-    grid = {"sgd-lr0.01": ("sgd", {"lr": 0.01}), "sgd-lr0.02": ("sgd", {"lr": 0.02}), "kfac": ("kfac", {}),
-            "kfac-tridiag": ("kfac-tridiag", {}), "kfac-exactdamp": ("kfac", {"damping": "exact"}), "kfra": ("kfra", {}),
-            "ngd": ("ngd", {}), "foof": ("foof", {}), "kbfgs": ("kbfgs", {}), "kbfgs-l": ("kbfgs-l", {})}
-    rep.run_grid(out_dir=str(out), grid=grid, seeds=(0,), steps=4, align_opts=("kfac", "kfra"), align_seeds=(0,),
-                 align_at=(4,), align_max_params=270, workers=1, verbose=False)
-    recs = sorted(p.name for p in out.glob("run__*.json"))
-    assert len(recs) == len(grid)
-    r = json.loads((out / "run__kfac__s0.json").read_text())
-    assert {"task", "opt", "seed", "config", "loss", "seconds", "label"} <= set(r)
-    assert len(r["loss"]) == 4
-    a = json.loads((out / "align__kfra__s0.json").read_text())
-    cos = a["checkpoints"][0]["cosine"]
-    assert len(cos) == len(a["layers"]) > 0 and all(-1.0 - 1e-9 <= c <= 1.0 + 1e-9 for c in cos)
-    text = rep.write_report(out_dir=str(out), doc=str(doc))
-    assert doc.exists() and "Claim 5" in text and "Left out" in text
+    text = report.write_report(str(tmp_path), str(doc))
+    assert doc.exists() and "## Summary" in text and "Hyper-parameter search" in text
     for k in range(1, 6):
-        assert f"| {k} |" in text
-    assert (out / "claim1_kfac_vs_sgd.png").exists()
+        assert f"| {k}. " in text
+    assert (d / "claim1_kfac_vs_sgd.png").exists() and (d / "claim3_alignment.png").exists()
 
 
-def test_smooth_and_first_reach():
-    rep = _load()
-    import numpy as np
-
-    s = rep.smooth([4.0, 2.0, 0.0], w=2)
-    assert np.allclose(s, [4.0, 3.0, 1.0])
-    assert rep.first_reach({"loss": [5.0] * 30 + [0.0] * 100}, 1.0) is not None
-    assert rep.first_reach({"loss": [5.0] * 10}, 1.0) is None
+def test_helpers():
+    rep, report = _load("reproduce"), _load("_repro_report")
+    assert np.allclose(report.smooth([4.0, 2.0, 0.0], w=2), [4.0, 3.0, 1.0])
+    # after iteration 50 the trailing 25-mean holds five 5s: 5·5/25 = 1
+    assert report.first_reach({"loss": [5.0] * 30 + [0.0] * 100}, 1.0) == 50
+    assert report.first_reach({"loss": [5.0] * 10}, 1.0) is None
+    assert rep.grid_points({"a": (1, 2), "b": (3,)}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+    assert rep.point_label("foof", {"lr": 0.1, "damping": 1.0}) == "foof-lr0.1-damping1"
+    assert rep.final_loss([1.0, float("nan")], w=2) == float("inf")
+    assert report.combine(["holds", "holds"]) == "holds" and report.combine(["holds", "does not hold"]) == "partly"
+    assert report.gap_fraction(15.0, 14.0, 16.0) == 0.5
+    d, sig = report.paired([0.1, 0.11, 0.09, 0.1])
+    assert abs(d - 0.1) < 1e-12 and sig

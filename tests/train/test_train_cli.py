@@ -27,7 +27,8 @@ def _run(tmp_path, opt, steps, *extra, out="run.json"):
 
 def test_record_has_exactly_steps_losses(tmp_path):
     rec = _run(tmp_path, "sgd", 7)
-    assert set(rec) == {"task", "opt", "seed", "config", "loss", "seconds"}
+    assert set(rec) == {"task", "opt", "seed", "config", "loss", "seconds", "rejected"}
+    assert rec["rejected"] == 0
     assert rec["task"] == "digits-clf" and rec["opt"] == "sgd" and rec["seed"] == 3
     assert len(rec["loss"]) == 7 and len(rec["seconds"]) == 7
     assert all(np.isfinite(rec["loss"])) and np.all(np.diff(rec["seconds"]) >= 0)
