@@ -454,7 +454,9 @@ CLAIMS = [
 
 def defaults_section(out_dir):
     d = os.path.join(out_dir, "defaults")
-    recs = [_read(p) for p in sorted(glob.glob(os.path.join(d, "run__*.json")))]
+    recs = [_read(p) for p in sorted(glob.glob(os.path.join(d, "check__*.json")))]
+    skipped = [r for r in recs if "skipped" in r]
+    recs = [r for r in recs if "skipped" not in r]
     if not recs:
         return ["No defaults-check records.\n"]
     meta = _read(os.path.join(d, "meta.json")) if os.path.exists(os.path.join(d, "meta.json")) else {}
@@ -467,6 +469,8 @@ def defaults_section(out_dir):
     bad = [f"{r['task']}/{r['opt']}" for r in recs if not (final(r) < r["loss"][0]) or r.get("rejected", 0)]
     P.append("\n" + (f"Runs that ended above their first loss or rejected a step: {', '.join(bad)}." if bad
                      else f"All {len(recs)} runs end below their first loss without a rejected step.") + "\n")  # fmt: skip
+    P += [f"Not applicable: {r['task']}/{r['opt']} ({r['skipped']})." for r in skipped]
+    P.append("")
     return P
 
 

@@ -32,6 +32,7 @@ Each run is one process job (``spawn`` pool, :data:`WORKERS` workers) with one
 BLAS thread.  Records: ``run__<label>__s<seed>.json`` / ``tune__<label>__s0.json``
 as written by ``python -m kronlin.train`` (``task, opt, seed, config, loss,
 seconds, rejected``) plus ``label``; ``align__s<seed>.json``
+(``check__<task>-<opt>__s0.json`` in ``defaults/``)
 (:func:`_repro_align.run_alignment`); ``meta.json`` (conditions, grids, wall
 time, the tuned choices).  The report is :mod:`_repro_report`.
 """
@@ -102,16 +103,28 @@ def point_label(base: str, hp: dict) -> str:
 
 # ----------------------------------------------------------------------- jobs
 def _one_run(job):
-    """Train one configuration single-threaded and write its record; returns ``(path, final loss)``."""
+    """Train one configuration single-threaded and write its record; returns ``(path, losses)``.
+
+    With the ``prefix`` ``"check"`` an optimizer that refuses the task's network
+    (``ValueError`` at construction, e.g. the tridiagonal inverse on convolutions)
+    gets a record ``{"task", "opt", "label", "skipped": message}`` instead.
+    """
     prefix, label, opt, hp, seed, steps, task, batch, out_dir = job
     from threadpoolctl import threadpool_limits
 
-    from kronlin.train.cli import make_config, run_training, write_json
+    from kronlin.train.cli import _setup, make_config, run_training, write_json
 
-    with threadpool_limits(1):
-        rec = run_training(make_config(task, opt, seed=seed, batch=batch, steps=steps, hp=hp))
-    rec["label"] = label
+    config = make_config(task, opt, seed=seed, batch=batch, steps=steps, hp=hp)
     path = os.path.join(out_dir, f"{prefix}__{label}__s{seed}.json")
+    if prefix == "check":
+        try:
+            _setup(config)
+        except ValueError as e:
+            write_json(path, {"task": task, "opt": opt, "label": label, "skipped": str(e)})
+            return path, []
+    with threadpool_limits(1):
+        rec = run_training(config)
+    rec["label"] = label
     write_json(path, rec)
     return path, rec["loss"]
 
@@ -233,7 +246,7 @@ def run_defaults(*, out_dir=None, tasks=DEFAULTS_TASKS, seed=0, batch=256, worke
     _clear(out_dir, ["*.json"])
     R = _Runner(workers, verbose)
     t0 = time.perf_counter()
-    hs = [R.submit(_one_run, ("run", f"{task}-{opt}", opt, {}, seed, steps, task, batch, out_dir))
+    hs = [R.submit(_one_run, ("check", f"{task}-{opt}", opt, {}, seed, steps, task, batch, out_dir))
           for task, steps in tasks.items() for opt in sorted(OPTIMIZERS)]  # fmt: skip
     for h in hs:
         R.get(h)

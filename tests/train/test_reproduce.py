@@ -42,11 +42,14 @@ def test_tiny_protocol_and_report(tmp_path):
     r = json.loads((d / "run__kfac__s2.json").read_text())
     assert {"task", "opt", "seed", "config", "loss", "seconds", "label", "rejected"} <= set(r) and len(r["loss"]) == 4
     assert [c["iteration"] for c in json.loads((d / "align__s1.json").read_text())["checkpoints"]] == [0, 4]
-    rep.run_defaults(out_dir=str(tmp_path / "defaults"), tasks={"digits-clf": 3}, workers=1, verbose=False)
-    assert len(list((tmp_path / "defaults").glob("run__*.json"))) >= 10
+    rep.run_defaults(out_dir=str(tmp_path / "defaults"), tasks={"digits-conv": 3}, workers=1, verbose=False)
+    checks = [json.loads(p.read_text()) for p in (tmp_path / "defaults").glob("check__*.json")]
+    assert len(checks) >= 10
+    assert [c["opt"] for c in checks if "skipped" in c] == ["kfac-tridiag"]  # dense layers only
     doc = tmp_path / "docs" / "reproduction.md"
     text = report.write_report(str(tmp_path), str(doc))
     assert doc.exists() and "## Summary" in text and "Hyper-parameter search" in text
+    assert "Not applicable: digits-conv/kfac-tridiag" in text
     for k in range(1, 6):
         assert f"| {k}. " in text
     assert (d / "claim1_kfac_vs_sgd.png").exists() and (d / "claim3_alignment.png").exists()
