@@ -126,20 +126,27 @@ class Optimizer:
         self.n_rejected += 1
         return False
 
-    def apply_update(self, deltas, X, Y) -> tuple[bool, float]:
+    def apply_update(self, deltas, X, Y, *, return_trace: bool = False):
         """``params ← params + deltas`` if the loss there is finite; ``(accepted, loss_at_new_params)``.
 
         Non-finite ``deltas`` are rejected without a forward pass (the loss is
-        reported as ``nan``).  On rejection the weights are unchanged.
+        reported as ``nan``).  On rejection the weights are unchanged.  With
+        ``return_trace`` the result is ``(accepted, loss, trace)``: the forward
+        pass at the new weights that gave the loss (``None`` when there was
+        none or the step was rejected), for a caller that needs the new
+        gradient on the same batch (one backward pass instead of a new
+        forward and backward).
         """
         if not all_finite(deltas):
             self.n_rejected += 1
-            return False, float("nan")
+            return (False, float("nan"), None) if return_trace else (False, float("nan"))
         backup = self.net.copy_params()
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             self.net.params = [W + D for W, D in zip(backup, deltas)]
-            new_loss = self.batch_loss(X, Y)
-        return self.accept_or_reject(new_loss, backup), new_loss
+            trace = self.net.forward(X)
+            new_loss = self.loss.value(trace.out, Y)
+        accepted = self.accept_or_reject(new_loss, backup)
+        return (accepted, new_loss, trace if accepted else None) if return_trace else (accepted, new_loss)
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())

@@ -299,7 +299,7 @@ class KBFGS(Optimizer):
         lr = h["lr"] * self.lr_scale
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             deltas = [-lr * P for P in self.precondition(mom)]
-        accepted, new_loss = self.apply_update(deltas, X, Y)
+        accepted, new_loss, trace_new = self.apply_update(deltas, X, Y, return_trace=True)
         if not accepted:
             out = self._rejected(value, "non-finite update or loss after the update")
             out["rejected_loss"] = float(new_loss)
@@ -308,7 +308,8 @@ class KBFGS(Optimizer):
         info = {"loss": float(new_loss), "loss_before": float(value), "accepted": True, "lr": lr, "updated": False}
         if k % h["T"] == 0:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                _, _, trace_new = self.net.loss_and_grads(X, Y, self.loss)
+                # the new gradient on the same batch: one backward pass through the forward pass that gave new_loss
+                trace_new.g = self.net.backward(trace_new, self.loss.grad(trace_new.out, Y))
                 info.update(self._curvature_update(trace, trace_new))
             info["updated"] = True
         return info
