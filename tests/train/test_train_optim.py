@@ -191,6 +191,12 @@ def test_accept_or_reject_and_apply_update():
         np.testing.assert_array_equal(a, b)
     assert opt.accept_or_reject(1.0, backup) is True
     assert opt.n_rejected == 2
+    # return_trace: the forward pass at the new weights that gave the loss (None when rejected)
+    ok, value, trace = opt.apply_update(small, X, Y, return_trace=True)
+    assert ok and value == loss.value(trace.out, Y) == net.loss(X, Y, loss)
+    np.testing.assert_array_equal(trace.out, net.forward(X).out)
+    ok, value, trace = opt.apply_update([np.full_like(W, np.inf) for W in net.params], X, Y, return_trace=True)
+    assert not ok and np.isnan(value) and trace is None
 
 
 def test_base_class_is_abstract(digits):
