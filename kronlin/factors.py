@@ -12,6 +12,17 @@ inputs are, per mini-batch of ``N`` examples,
 The batch estimates are ``Ā_{k,j} = ā_kᵀ ā_j / N`` and ``G_{k+1,j+1} = g_{k+1}ᵀ g_{j+1} / N``
 for ``j ∈ {k, k+1}``; :class:`FactorEstimator` keeps the exponentially decaying
 average of §5 with ``ε = min(1 − 1/k, 0.95)`` at iteration ``k``.
+
+Weight-sharing layers (convolutions after patch extraction, DESIGN §1) pass
+``acts[k]`` of shape ``(N, T, d_k)`` and ``grads[k]`` of shape ``(N, T, d_{k+1})``
+with the same ``T``: the per-example gradient is ``Σ_t g_t ā_tᵀ`` and the factors
+are those of KFC (Grosse & Martens 2016; K-BFGS §2.2)::
+
+    Ā = (1/N) Σ_n Σ_t ā_{n,t} ā_{n,t}ᵀ,     G = (1/(N·T)) Σ_n Σ_t g_{n,t} g_{n,t}ᵀ,
+
+so that ``Ā ⊗ G`` has the scale of the layer's Fisher block (the sum over
+positions is on the activation side).  Cross-layer factors are not defined for
+such layers: use ``tridiagonal=False``.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ __all__ = ["batch_factors", "FactorEstimator"]
 _KEYS = ("A_diag", "G_diag", "A_off", "G_off")
 
 
-def _prepare(acts, grads, append_one):
+def _prepare(acts, grads, append_one, tridiagonal=False):
     acts, grads = list(acts), list(grads)
     if not acts or len(acts) != len(grads):
         raise ValueError(f"acts and grads must be non-empty lists of equal length; got {len(acts)} and {len(grads)}")
@@ -34,8 +45,8 @@ def _prepare(acts, grads, append_one):
     xp, n = ctx.xp, len(acts)
     N = None
     for (name, _), M in zip(named, arrays):
-        if M.ndim != 2:
-            raise ValueError(f"{name} must have shape (N, d) (batch first); got {shape_str(M)}")
+        if M.ndim not in (2, 3):
+            raise ValueError(f"{name} must have shape (N, d) or, for a weight-sharing layer, (N, T, d); got {shape_str(M)}")
         if N is None:
             N = M.shape[0]
         elif M.shape[0] != N:
@@ -44,9 +55,27 @@ def _prepare(acts, grads, append_one):
     if N == 0:
         raise ValueError("acts and grads hold no examples (N = 0)")
     A, G = arrays[:n], arrays[n:]
+    for k, (a, g) in enumerate(zip(A, G)):
+        if a.ndim != g.ndim or (a.ndim == 3 and a.shape[1] != g.shape[1]):
+            raise ValueError(
+                f"acts[{k}] {shape_str(a)} and grads[{k}] {shape_str(g)} must both be (N, d) or both (N, T, d) "
+                "with the same number of positions T"
+            )
+        if a.ndim == 3 and tridiagonal:
+            raise ValueError(
+                f"acts[{k}] {shape_str(a)} is a weight-sharing layer: cross-layer factors are not defined for it; "
+                "use tridiagonal=False"
+            )
     if append_one:
-        A = [xp.concat([a, xp.ones((N, 1), dtype=ctx.dtype)], axis=1) for a in A]
+        A = [xp.concat([a, xp.ones(a.shape[:-1] + (1,), dtype=ctx.dtype)], axis=-1) for a in A]
     return ctx, A, G, N
+
+
+def _rows(xp, M):
+    """``(N·T, d)`` rows of an ``(N, d)`` or ``(N, T, d)`` array, and ``T`` (1 for a dense layer)."""
+    if M.ndim == 2:
+        return M, 1
+    return xp.reshape(M, (M.shape[0] * M.shape[1], M.shape[2])), M.shape[1]
 
 
 def batch_factors(acts, grads, append_one: bool = True, tridiagonal: bool = True) -> dict:
@@ -55,18 +84,20 @@ def batch_factors(acts, grads, append_one: bool = True, tridiagonal: bool = True
     ``A_off``/``G_off`` are the cross-layer factors of the block-tridiagonal
     approximation (empty lists when ``tridiagonal=False``).
     """
-    ctx, A, G, N = _prepare(acts, grads, append_one)
-    out = _estimates(A, G, N, tridiagonal)
+    ctx, A, G, N = _prepare(acts, grads, append_one, tridiagonal)
+    out = _estimates(ctx.xp, A, G, N, tridiagonal)
     return {k: [ctx.out(M) for M in v] for k, v in out.items()}
 
 
-def _estimates(A, G, N, tridiagonal):
+def _estimates(xp, A, G, N, tridiagonal):
     n = len(A)
+    A = [_rows(xp, a)[0] for a in A]  # Σ_t on the activation side
+    G = [(g2, T) for g2, T in (_rows(xp, g) for g in G)]  # (1/T) Σ_t on the gradient side
     out = {
         "A_diag": [mT(a) @ a / N for a in A],
-        "G_diag": [mT(g) @ g / N for g in G],
+        "G_diag": [mT(g) @ g / (N * T) for g, T in G],
         "A_off": [mT(A[k]) @ A[k + 1] / N for k in range(n - 1)] if tridiagonal else [],
-        "G_off": [mT(G[k]) @ G[k + 1] / N for k in range(n - 1)] if tridiagonal else [],
+        "G_off": [mT(G[k][0]) @ G[k + 1][0] / N for k in range(n - 1)] if tridiagonal else [],
     }
     for key in ("A_diag", "G_diag"):  # GEMM leaves xᵀx asymmetric by round-off; make it exact
         out[key] = [(M + mT(M)) / 2 for M in out[key]]
@@ -84,6 +115,10 @@ class FactorEstimator:
         Also track the cross-layer factors ``Ā_{i-1,i}`` and ``G_{i,i+1}``.
     append_one : bool
         Append the homogeneous coordinate to the activations.
+
+    ``update(acts, grads)`` takes per-layer ``(N, d)`` arrays, or ``(N, T, d)``
+    for weight-sharing layers (KFC factors, see the module docstring; only with
+    ``tridiagonal=False``).
 
     Examples
     --------
@@ -106,8 +141,8 @@ class FactorEstimator:
 
     def update(self, acts, grads) -> "FactorEstimator":
         """Fold in one mini-batch: ``new = ε·old + (1 − ε)·batch``."""
-        ctx, A, G, N = _prepare(acts, grads, self.append_one)
-        batch = _estimates(A, G, N, self.tridiagonal)
+        ctx, A, G, N = _prepare(acts, grads, self.append_one, self.tridiagonal)
+        batch = _estimates(ctx.xp, A, G, N, self.tridiagonal)
         if self._stats is not None:
             for key in _KEYS:
                 if [tuple(M.shape) for M in batch[key]] != [tuple(M.shape) for M in self._stats[key]]:

@@ -115,18 +115,9 @@ class FOOF(Optimizer):
         self._est = [FactorEstimator(max_decay=m, tridiagonal=False, append_one=False) for _ in self.net.layers]
 
     # ---------------------------------------------------------------- pieces
-    @staticmethod
-    def _rows(a):
-        """Rows whose ``E[rowᵀ row]`` is ``Σ``: conv patches scaled by √T (sum over positions)."""
-        if a.ndim == 3:
-            T = a.shape[1]
-            return a.reshape(-1, a.shape[-1]) * math.sqrt(T)
-        return a
-
     def _fold(self, trace) -> None:
-        for est, a in zip(self._est, trace.a):
-            rows = self._rows(a)
-            est.update([rows], [np.zeros((rows.shape[0], 1))])  # G is not used: a 1-column placeholder
+        for est, a in zip(self._est, trace.a):  # conv patches (N, T, d): the estimator sums over positions
+            est.update([a], [np.zeros(a.shape[:-1] + (1,))])  # G is not used: a 1-column placeholder
 
     def _invert(self) -> None:
         """Line 8: ``P ← (Σ + λI)⁻¹`` (Cholesky of ``Σ + λI`` inside ``Kron(Σ + λI, I)``)."""

@@ -41,11 +41,10 @@ Ablation switches (no new code needed for Benzing et al. 2022's experiments):
 
 Convolutions (``Conv2D`` layers, block-diagonal only): the factors are those of
 K-BFGS §2.2 / KFC, ``Ā = E_n[Σ_t ā_t ā_tᵀ]`` (summed over the ``T`` positions)
-and ``G = E_n[(1/T) Σ_t g_t g_tᵀ]``; they are formed by handing the estimator
-the ``N·T`` position rows with the activations scaled by ``√T``.  Each layer
-has its own :class:`kronlin.FactorEstimator` (a convolution has ``N·T`` rows,
-a dense layer ``N``); the tridiagonal variant uses one estimator across the
-layers for the cross-layer factors.
+and ``G = E_n[(1/T) Σ_t g_t g_tᵀ]``, which :class:`kronlin.FactorEstimator`
+forms from the ``(N, T, d)`` patches directly.  Each layer has its own
+estimator; the tridiagonal variant uses one estimator across the layers for
+the cross-layer factors.
 
 The shared machinery (damping, re-scaling, adaptation, rejection, averaging,
 state) lives in :class:`KroneckerOptimizer`; :mod:`.kfra` reuses it for KFRA
@@ -509,14 +508,7 @@ class KFAC(KroneckerOptimizer):
             g = self.net.backward(trace, self.loss.grad(trace.out, Ys))
         else:  # Benzing §4.2: G is not used, so the sampled pass is skipped (a 1-column placeholder)
             g = [np.zeros(s.shape[:-1] + (1,)) for s in trace.s]
-        acts, errs = [], []
-        for a, gi in zip(trace.a, g):
-            if a.ndim == 3:  # conv: N·T rows; √T on ā makes Ā = E_n[Σ_t ā āᵀ], G = E_n[(1/T) Σ_t g gᵀ]
-                T = a.shape[1]
-                a = a.reshape(-1, a.shape[-1]) * math.sqrt(T)
-                gi = gi.reshape(-1, gi.shape[-1])
-            acts.append(a)
-            errs.append(gi)
+        acts, errs = list(trace.a), list(g)  # conv layers stay (N, T, d): the estimator forms KFC's factors
         if not (all_finite(acts) and all_finite(errs)):
             return False
         if self.tridiagonal:
