@@ -27,7 +27,7 @@ such layers: use ``tridiagonal=False``.
 
 from __future__ import annotations
 
-from ._backend import context, mT
+from ._backend import context, is_numpy, mT
 from ._validate import check_finite, shape_str
 from .tridiag import BlockDiagInverse, BlockTridiagInverse
 
@@ -89,19 +89,40 @@ def batch_factors(acts, grads, append_one: bool = True, tridiagonal: bool = True
     return {k: [ctx.out(M) for M in v] for k, v in out.items()}
 
 
+def _second_moment(xp, X, n):
+    """``XᵀX / n``, exactly symmetric.
+
+    NumPy computes ``X.T @ X`` of a contiguous 2-D ``X`` with BLAS ``syrk`` and
+    mirrors the triangle, so the product is symmetric as it comes (tested in
+    ``tests/test_factors.py``); other libraries' GEMMs may differ from their
+    transpose by round-off, and the result is symmetrised.
+    """
+    M = mT(X) @ X
+    if is_numpy(xp) and (X.flags.c_contiguous or X.flags.f_contiguous):
+        M /= n
+        return M
+    S = M + mT(M)
+    S *= 0.5 / n
+    return S
+
+
 def _estimates(xp, A, G, N, tridiagonal):
     n = len(A)
     A = [_rows(xp, a)[0] for a in A]  # Σ_t on the activation side
     G = [(g2, T) for g2, T in (_rows(xp, g) for g in G)]  # (1/T) Σ_t on the gradient side
-    out = {
-        "A_diag": [mT(a) @ a / N for a in A],
-        "G_diag": [mT(g) @ g / (N * T) for g, T in G],
+    return {
+        "A_diag": [_second_moment(xp, a, N) for a in A],
+        "G_diag": [_second_moment(xp, g, N * T) for g, T in G],
         "A_off": [mT(A[k]) @ A[k + 1] / N for k in range(n - 1)] if tridiagonal else [],
         "G_off": [mT(G[k][0]) @ G[k + 1][0] / N for k in range(n - 1)] if tridiagonal else [],
     }
-    for key in ("A_diag", "G_diag"):  # GEMM leaves xᵀx asymmetric by round-off; make it exact
-        out[key] = [(M + mT(M)) / 2 for M in out[key]]
-    return out
+
+
+def _blend(old, new, eps):
+    """``ε·old + (1 − ε)·new`` in a new array (two temporaries instead of three; ``old`` is left alone)."""
+    R = old * eps
+    R += new * (1.0 - eps)
+    return R
 
 
 class FactorEstimator:
@@ -151,7 +172,7 @@ class FactorEstimator:
         if self._stats is None:
             self._stats = batch
         else:
-            self._stats = {k: [eps * old + (1.0 - eps) * new for old, new in zip(self._stats[k], batch[k])] for k in _KEYS}
+            self._stats = {k: [_blend(old, new, eps) for old, new in zip(self._stats[k], batch[k])] for k in _KEYS}
         self._ctx = ctx
         self.step += 1
         return self

@@ -76,3 +76,23 @@ def test_weight_sharing_validation():
         batch_factors([a], [g[:, 0]], tridiagonal=False)
     with pytest.raises(ValueError, match=r"\(N, T, d\)"):
         batch_factors([a[..., None]], [g], tridiagonal=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ["C", "F", "strided", "patches"])
+def test_diagonal_factors_are_exactly_symmetric(dtype, layout):
+    """NumPy's ``X.T @ X`` is taken as it comes for contiguous X (BLAS syrk); anything else is symmetrised."""
+    rng = np.random.default_rng(4)
+    for N, d in ((7, 5), (256, 129), (300, 257)):
+        a = rng.standard_normal((N, 2 * d)).astype(dtype)
+        a = {"C": np.ascontiguousarray(a[:, :d]), "F": np.asfortranarray(a[:, :d]), "strided": a[:, ::2],
+             "patches": a.reshape(N, 2, d)}[layout]  # fmt: skip
+        g = rng.standard_normal(a.shape[:-1] + (3,)).astype(dtype)
+        for append_one in (False, True):
+            f = batch_factors([a], [g], append_one=append_one, tridiagonal=False)
+            for M in (f["A_diag"][0], f["G_diag"][0]):
+                assert M.dtype == dtype and np.array_equal(M, M.T)
+        rows = a.reshape(-1, a.shape[-1])
+        ref = rows.astype(np.float64).T @ rows.astype(np.float64) / N
+        tol = 1e-5 if dtype == "float32" else 1e-12  # float32 GEMM: eps·(accumulation) over N·T rows
+        assert rel_err(batch_factors([a], [g], append_one=False, tridiagonal=False)["A_diag"][0], ref) < tol
