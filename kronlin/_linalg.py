@@ -134,11 +134,27 @@ class Factor:
         return float(self.xp.max(d) / self.xp.min(d)) ** 2
 
     def inv(self):
+        """``M⁻¹``; exactly symmetric when the factorization is Cholesky.
+
+        NumPy, one matrix: LAPACK ``potri`` on the Cholesky factor (``2n³/3``
+        flops, a third of the two triangular solves against ``I``); otherwise
+        solves against ``I`` (symmetrised for Cholesky).
+        """
         xp = self.xp
+        if self.kind == "cholesky" and is_numpy(xp) and not self.batched and self._sl is not None and self.n:
+            potri = self._sl.lapack.get_lapack_funcs("potri", (self._L,))
+            C, info = potri(self._L, lower=1)
+            if info == 0:
+                C = np.tril(C)
+                C += np.tril(C, -1).T
+                return C
         eye = xp.eye(self.n, dtype=self._M.dtype)
         if self.batched:
             eye = xp.broadcast_to(eye, self._M.shape)
-        return self.solve(eye)
+        M = self.solve(eye)
+        if self.kind == "cholesky":
+            M = (M + mT(M)) / 2
+        return M
 
     def slogdet(self):
         xp = self.xp

@@ -171,15 +171,11 @@ class _KronInverse:
     refresh them every T₃ iterations), so each application is two GEMMs,
     ``G⁻¹ V A⁻ᵀ``, instead of four triangular solves (which BLAS runs at a
     fraction of GEMM speed).  Inverses of symmetric positive definite factors
-    are symmetrised (they are symmetric in exact arithmetic).
+    are exactly symmetric (:meth:`Factor.inv`).
     """
 
     def __init__(self, xp, fa: Factor, fg: Factor):
-        def inv(f):
-            M = f.inv()
-            return (M + mT(M)) / 2 if f.kind == "cholesky" else M
-
-        self.Ainv_T, self.Ginv = mT(inv(fa)), inv(fg)
+        self.Ainv_T, self.Ginv = mT(fa.inv()), fg.inv()
         p, q = fa.n, fg.n
         self.logdet = q * float(fa.slogdet()[1]) + p * float(fg.slogdet()[1])
 
