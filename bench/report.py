@@ -405,6 +405,21 @@ MODULES = {
         "notes": ["n_params"],
         "plots": {"scaling": "tridiag"},
     },
+    "factors": {
+        "title": "FactorEstimator.update against the GEMMs it cannot avoid",
+        "families": ["update"],
+        "ops": ["update_diag", "update_tridiag"],
+        "op_doc": {
+            "update_diag": "`FactorEstimator(tridiagonal=False).update(acts, grads)`, warm (validation, products, decaying average)",
+            "update_tridiag": "`FactorEstimator(tridiagonal=True).update(acts, grads)`, warm",
+        },
+        "floor_doc": {
+            "gemms_diag": "`aᵀa` and `gᵀg` per layer",
+            "gemms_tridiag": "the same plus `a_kᵀa_{k+1}` and `g_kᵀg_{k+1}`",
+        },
+        "notes": ["layers"],
+        "plots": {"ratios": "families"},
+    },
     "woodbury": {
         "title": "WoodburyFisher against its GEMM floors",
         "families": ["solve", "gram", "gtu"],
