@@ -112,21 +112,23 @@ class Optimizer:
         """Mean loss on the batch at ``params`` (default: the current weights)."""
         return self.net.loss(X, Y, self.loss, params)
 
-    def accept_or_reject(self, new_loss: float, backup: list) -> bool:
-        """Keep a step already written into ``net.params`` if ``new_loss`` is finite.
+    def accept_or_reject(self, new_loss: float, backup: list, accept=None) -> bool:
+        """Keep a step already written into ``net.params`` if ``new_loss`` is finite (and ``accept(new_loss)``).
 
         Otherwise put ``backup`` (the weights before the step, as returned by
         ``net.copy_params()``) back into ``net.params``, add one to
         ``n_rejected`` and return ``False``; the caller then raises its damping
-        or shrinks its step.
+        or shrinks its step.  ``accept`` is an optional further test, called
+        while the new weights are in place (e.g. NGD's "the objective did not
+        go up").
         """
-        if np.isfinite(new_loss):
+        if np.isfinite(new_loss) and (accept is None or accept(new_loss)):
             return True
         self.net.params = [W.copy() for W in backup]
         self.n_rejected += 1
         return False
 
-    def apply_update(self, deltas, X, Y, *, return_trace: bool = False):
+    def apply_update(self, deltas, X, Y, *, return_trace: bool = False, accept=None):
         """``params ← params + deltas`` if the loss there is finite; ``(accepted, loss_at_new_params)``.
 
         Non-finite ``deltas`` are rejected without a forward pass (the loss is
@@ -135,7 +137,7 @@ class Optimizer:
         pass at the new weights that gave the loss (``None`` when there was
         none or the step was rejected), for a caller that needs the new
         gradient on the same batch (one backward pass instead of a new
-        forward and backward).
+        forward and backward).  ``accept``: see :meth:`accept_or_reject`.
         """
         if not all_finite(deltas):
             self.n_rejected += 1
@@ -145,7 +147,7 @@ class Optimizer:
             self.net.params = [W + D for W, D in zip(backup, deltas)]
             trace = self.net.forward(X)
             new_loss = self.loss.value(trace.out, Y)
-        accepted = self.accept_or_reject(new_loss, backup)
+        accepted = self.accept_or_reject(new_loss, backup, accept)
         return (accepted, new_loss, trace if accepted else None) if return_trace else (accepted, new_loss)
 
     def __repr__(self) -> str:

@@ -61,13 +61,9 @@ import numpy as np
 from ... import WoodburyFisher
 from . import register
 from .base import Optimizer, all_finite
-from .kfac import DAMPING_BOUNDS, levenberg_marquardt
+from .kfac import DAMPING_BOUNDS, _vdot, levenberg_marquardt
 
 __all__ = ["NGD"]
-
-
-def _vdot(U, V) -> float:
-    return float(sum(np.vdot(u, v) for u, v in zip(U, V)))
 
 
 class NGD(Optimizer):
@@ -198,20 +194,19 @@ class NGD(Optimizer):
         self.fisher = F
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             dM = _vdot(grads, delta) + 0.5 * (float(F.quad(delta)) + (lam + eta) * _vdot(delta, delta))
-        backup = self.net.copy_params()
-        accepted, new_loss = self.apply_update(delta, X, Y)
+        def objective(loss_value):  # h at the weights now in the network
+            return loss_value + 0.5 * eta * _vdot(self.net.params, self.net.params)
+
+        accept = (lambda loss_value: objective(loss_value) <= h0) if h["reject_increase"] else None
+        accepted, new_loss = self.apply_update(delta, X, Y, accept=accept)  # trust-region acceptance
         if not accepted:
             self.n_rejected -= 1  # counted once, by _reject
-            out = self._reject(value, "non-finite loss after the update")
+            why = "the update increased the batch objective" if np.isfinite(new_loss) else "non-finite loss after the update"
+            out = self._reject(value, why)
             out["rejected_loss"] = float(new_loss)
             return out
-        h1 = new_loss + 0.5 * eta * _vdot(self.net.params, self.net.params)
+        h1 = objective(new_loss)
         rho = (h1 - h0) / dM if dM < 0 else float("nan")
-        if h["reject_increase"] and h1 > h0:
-            self.net.params = backup  # trust-region acceptance: the batch objective went up
-            out = self._reject(value, "the update increased the batch objective")
-            out["rejected_loss"] = float(new_loss)
-            return out
         if h["adapt"] and k % int(h["T1"]) == 0:
             lo, hi = DAMPING_BOUNDS
             self.lam = min(max(levenberg_marquardt(self.lam, rho, self.omega1), lo), hi)
