@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 
 from kronlin.train import get_loss
-from kronlin.train.checkpoint import decode_tree, encode_tree
 from kronlin.train.cli import main as cli_main
 from kronlin.train.optim import OPTIMIZERS
 from kronlin.train.optim.foof import FOOF
 
-from train_helpers import batch, tiny_conv, tiny_mlp
+from train_helpers import batch, checkpoint_and_resume, tiny_conv, tiny_mlp
 
 
 def vec(M):
@@ -85,21 +84,9 @@ def test_schedule_T_and_S_and_momentum():
 def test_state_dict_round_trip_is_bit_exact():
     loss = get_loss("softmax_ce")
     for make in (tiny_mlp, tiny_conv):
-        rng = np.random.default_rng(4)
-        net = make()
-        batches = [(rng.standard_normal((10, net.in_size)), rng.integers(0, 3, 10)) for _ in range(11)]
         hp = {"T": 3, "S": 2, "lr": 0.05}
-        opt = FOOF(net, loss, seed=7, **hp)
-        for X, Y in batches[:5]:
-            opt.step(X, Y)
-        text, arrays = encode_tree(opt.state_dict())
-        state, params = decode_tree(text, arrays), net.copy_params()
-        ref = [opt.step(X, Y)["loss"] for X, Y in batches[5:]]
-        net2 = make(seed=99)
-        net2.set_params(params)
-        opt2 = FOOF(net2, loss, seed=1, **hp)
-        opt2.load_state_dict(state)
-        assert [opt2.step(X, Y)["loss"] for X, Y in batches[5:]] == ref
+        ref, got, net, net2, _, _ = checkpoint_and_resume(lambda n: FOOF(n, loss, seed=7, **hp), make, 11, 5)
+        assert [r["loss"] for r in got] == [r["loss"] for r in ref]
         for a, b in zip(net2.params, net.params):
             np.testing.assert_array_equal(a, b)
 

@@ -27,7 +27,7 @@ from kronlin.train.optim.kbfgs import (
     lbfgs_two_loop,
 )
 
-from train_helpers import batch, tiny_conv, tiny_mlp
+from train_helpers import batch, checkpoint_and_resume, tiny_conv, tiny_mlp
 
 
 # ----------------------------------------------------------------- helpers
@@ -257,20 +257,7 @@ def test_non_finite_step_is_rejected(cls):
 ])  # fmt: skip
 def test_state_dict_round_trip_is_bit_exact(name, make, hp):
     loss = get_loss("softmax_ce")
-    rng = np.random.default_rng(4)
-    net = make()
-    batches = [(rng.standard_normal((10, net.in_size)), rng.integers(0, 3, 10)) for _ in range(11)]
-    opt = OPTIMIZERS[name](net, loss, seed=7, **hp)
-    for X, Y in batches[:5]:
-        opt.step(X, Y)
-    text, arrays = encode_tree(opt.state_dict())
-    state, params = decode_tree(text, arrays), net.copy_params()
-    ref = [opt.step(X, Y) for X, Y in batches[5:]]
-    net2 = make(seed=99)
-    net2.set_params(params)
-    opt2 = OPTIMIZERS[name](net2, loss, seed=123, **hp)
-    opt2.load_state_dict(state)
-    got = [opt2.step(X, Y) for X, Y in batches[5:]]
+    ref, got, net, net2, opt, opt2 = checkpoint_and_resume(lambda n: OPTIMIZERS[name](n, loss, seed=7, **hp), make, 11, 5)
     assert [r["loss"] for r in got] == [r["loss"] for r in ref]
     for a, b in zip(net2.params, net.params):
         np.testing.assert_array_equal(a, b)

@@ -15,11 +15,10 @@ import pytest
 
 from kronlin import BlockTridiagInverse, Kron
 from kronlin.train import get_loss
-from kronlin.train.checkpoint import decode_tree, encode_tree
 from kronlin.train.optim import OPTIMIZERS, SGD
 from kronlin.train.optim.kfac import KFAC, KFACTridiag, levenberg_marquardt, solve_alpha_mu
 
-from train_helpers import batch, dense_fisher, tiny_conv, tiny_mlp
+from train_helpers import batch, checkpoint_and_resume, dense_fisher, tiny_conv, tiny_mlp
 
 
 # ----------------------------------------------------------------- helpers
@@ -327,20 +326,7 @@ def test_polyak_averaging():
 def test_state_dict_round_trip_is_bit_exact(name, hp, make):
     hp = {"T1": 2, "T2": 4, "T3": 2, **hp}
     loss = get_loss("softmax_ce")
-    rng = np.random.default_rng(4)
-    net = make()
-    batches = [(rng.standard_normal((10, net.in_size)), rng.integers(0, 3, 10)) for _ in range(13)]
-    opt = OPTIMIZERS[name](net, loss, seed=7, **hp)
-    for X, Y in batches[:6]:
-        opt.step(X, Y)
-    text, arrays = encode_tree(opt.state_dict())  # what a checkpoint stores
-    state, params = decode_tree(text, arrays), net.copy_params()
-    ref = [opt.step(X, Y) for X, Y in batches[6:]]
-    net2 = make(seed=99)
-    net2.set_params(params)
-    opt2 = OPTIMIZERS[name](net2, loss, seed=123, **hp)
-    opt2.load_state_dict(state)
-    got = [opt2.step(X, Y) for X, Y in batches[6:]]
+    ref, got, net, net2, opt, opt2 = checkpoint_and_resume(lambda n: OPTIMIZERS[name](n, loss, seed=7, **hp), make, 13, 6)
     assert [r["loss"] for r in got] == [r["loss"] for r in ref]
     assert [r["gamma"] for r in got] == [r["gamma"] for r in ref] and [r["lambda"] for r in got] == [r["lambda"] for r in ref]
     for a, b in zip(net2.params, net.params):

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from kronlin.train import Conv2D, Dense, Net, get_loss, im2col
-from kronlin.train.checkpoint import decode_tree, encode_tree
 from kronlin.train.optim import OPTIMIZERS
 from kronlin.train.optim.kfac import levenberg_marquardt
 from kronlin.train.optim.kfra import KFLR, KFRA, input_factors, kflr_factors, kfra_factors, mean_output_hessian
+
+from train_helpers import checkpoint_and_resume
 
 LOSSES = ("softmax_ce", "sigmoid_bce", "squared")
 
@@ -245,20 +246,8 @@ def test_nonfinite_steps_are_rejected(name):
 def test_state_dict_round_trip_is_bit_exact(name, make):
     hp = {"T1": 2, "T2": 4, "T3": 2, "momentum": True}
     loss = get_loss("softmax_ce")
-    rng = np.random.default_rng(4)
-    net = make()
-    batches = [(rng.standard_normal((10, net.in_size)), rng.integers(0, 3, 10)) for _ in range(11)]
-    opt = OPTIMIZERS[name](net, loss, **hp)
-    for X, Y in batches[:5]:
-        opt.step(X, Y)
-    text, arrays = encode_tree(opt.state_dict())
-    state, params = decode_tree(text, arrays), net.copy_params()
-    ref = [opt.step(X, Y)["loss"] for X, Y in batches[5:]]
-    net2 = make(seed=9)
-    net2.set_params(params)
-    opt2 = OPTIMIZERS[name](net2, loss, **hp)
-    opt2.load_state_dict(state)
-    assert [opt2.step(X, Y)["loss"] for X, Y in batches[5:]] == ref
+    ref, got, net, net2, _, _ = checkpoint_and_resume(lambda n: OPTIMIZERS[name](n, loss, **hp), make, 11, 5)
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
     for a, b in zip(net2.params, net.params):
         np.testing.assert_array_equal(a, b)
 

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 
 from kronlin.train import get_loss
-from kronlin.train.checkpoint import decode_tree, encode_tree
 from kronlin.train.cli import main as cli_main
 from kronlin.train.optim import OPTIMIZERS
 from kronlin.train.optim.kfac import levenberg_marquardt
 from kronlin.train.optim.ngd import NGD
 
-from train_helpers import batch, dense_fisher as exact_fisher, jacobians, tiny_conv, tiny_mlp
+from train_helpers import batch, checkpoint_and_resume, dense_fisher as exact_fisher, jacobians, tiny_conv, tiny_mlp
 
 
 def dense_fisher(net, loss, trace, labels, samples=1, rng_state=None):
@@ -99,20 +98,7 @@ def test_state_dict_round_trip_is_bit_exact():
     loss = get_loss("softmax_ce")
     for make, hp in ((tiny_mlp, {"samples": 2}), (tiny_conv, {"independent_batch": True}), (tiny_mlp, {"labels": "full"})):
         hp = {"T1": 2, **hp}
-        rng = np.random.default_rng(4)
-        net = make()
-        batches = [(rng.standard_normal((10, net.in_size)), rng.integers(0, 3, 10)) for _ in range(9)]
-        opt = NGD(net, loss, seed=7, **hp)
-        for X, Y in batches[:4]:
-            opt.step(X, Y)
-        text, arrays = encode_tree(opt.state_dict())
-        state, params = decode_tree(text, arrays), net.copy_params()
-        ref = [opt.step(X, Y) for X, Y in batches[4:]]
-        net2 = make(seed=99)
-        net2.set_params(params)
-        opt2 = NGD(net2, loss, seed=1, **hp)
-        opt2.load_state_dict(state)
-        got = [opt2.step(X, Y) for X, Y in batches[4:]]
+        ref, got, net, net2, _, _ = checkpoint_and_resume(lambda n: NGD(n, loss, seed=7, **hp), make, 9, 4)
         assert [r["loss"] for r in got] == [r["loss"] for r in ref]
         assert [r["lambda"] for r in got] == [r["lambda"] for r in ref]
         for a, b in zip(net2.params, net.params):

@@ -31,3 +31,31 @@ def dense_fisher(net, loss, trace):
     """``F = (1/N) Σ_n J_nᵀ H_n J_n`` from ``jvp`` on every unit vector (K-FAC §5 / appendix C)."""
     J = jacobians(net, trace)
     return np.einsum("nkp,nkl,nlq->pq", J, loss.hessian(trace.out), J) / trace.N
+
+
+def checkpoint_and_resume(make_opt, make_net, n_batches, n_before, rng_seed=4):
+    """Train on random batches, checkpoint after ``n_before``, resume elsewhere; both runs' later step records.
+
+    ``make_opt(net)`` builds the optimizer.  The state goes through
+    ``encode_tree``/``decode_tree`` (what a checkpoint stores); the resumed run
+    gets a fresh network (other initial weights, then the saved ones) and a
+    fresh optimizer.  Returns ``(ref, got, net, net2, opt, opt2)``: the records
+    of the original and the resumed run on batches ``n_before:``.
+    """
+    from kronlin.train.checkpoint import decode_tree, encode_tree
+
+    rng = np.random.default_rng(rng_seed)
+    net = make_net()
+    batches = [(rng.standard_normal((10, net.in_size)), rng.integers(0, 3, 10)) for _ in range(n_batches)]
+    opt = make_opt(net)
+    for X, Y in batches[:n_before]:
+        opt.step(X, Y)
+    text, arrays = encode_tree(opt.state_dict())
+    state, params = decode_tree(text, arrays), net.copy_params()
+    ref = [opt.step(X, Y) for X, Y in batches[n_before:]]
+    net2 = make_net(seed=99)
+    net2.set_params(params)
+    opt2 = make_opt(net2)
+    opt2.load_state_dict(state)
+    got = [opt2.step(X, Y) for X, Y in batches[n_before:]]
+    return ref, got, net, net2, opt, opt2
