@@ -10,7 +10,7 @@ from kronlin.train.cli import main as cli_main
 from kronlin.train.optim import OPTIMIZERS
 from kronlin.train.optim.foof import FOOF
 
-from train_helpers import batch, checkpoint_and_resume, tiny_conv, tiny_mlp
+from train_helpers import batch, checkpoint_and_resume, tiny_conv, tiny_mlp, train_at_defaults
 
 
 def vec(M):
@@ -117,13 +117,8 @@ def test_non_finite_step_is_rejected():
 @pytest.mark.parametrize("task,factor", [("digits-clf", 0.3), ("digits-ae", 0.8)])
 def test_trains_at_defaults(tasks, task, factor):
     T = tasks[task]
-    net = T.net_factory(np.random.default_rng(0))
-    before = net.loss(T.X_train, T.Y_train, T.loss)
-    opt = FOOF(net, T.loss, seed=0)
-    rng = np.random.default_rng(1)
-    for _ in range(30):
-        assert np.isfinite(opt.step(*T.sample_batch(128, rng))["loss"])
-    after = net.loss(T.X_train, T.Y_train, T.loss)
+    before, after, opt, losses = train_at_defaults(T, "foof", steps=30, batch=128)
+    assert all(np.isfinite(losses))
     assert opt.n_rejected == 0 and after < factor * before, (before, after)
 
 

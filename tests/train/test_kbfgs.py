@@ -27,7 +27,7 @@ from kronlin.train.optim.kbfgs import (
     lbfgs_two_loop,
 )
 
-from train_helpers import batch, checkpoint_and_resume, tiny_conv, tiny_mlp
+from train_helpers import batch, checkpoint_and_resume, tiny_conv, tiny_mlp, train_at_defaults
 
 
 # ----------------------------------------------------------------- helpers
@@ -279,13 +279,8 @@ def test_fresh_state_round_trip():
 @pytest.mark.parametrize("task", ["digits-clf", "digits-ae", "digits-conv"])
 def test_trains_at_defaults(tasks, name, task):
     T = tasks[task]
-    net = T.net_factory(np.random.default_rng(0))
-    before = net.loss(T.X_train, T.Y_train, T.loss)
-    opt = OPTIMIZERS[name](net, T.loss, seed=0)
-    rng = np.random.default_rng(1)
-    for _ in range(30):
-        assert np.isfinite(opt.step(*T.sample_batch(128, rng))["loss"])
-    after = net.loss(T.X_train, T.Y_train, T.loss)
+    before, after, opt, losses = train_at_defaults(T, name, steps=30, batch=128)
+    assert all(np.isfinite(losses))
     assert opt.n_rejected == 0 and after < (0.6 if task == "digits-ae" else 0.4) * before, (before, after)
 
 

@@ -18,7 +18,7 @@ from kronlin.train import get_loss
 from kronlin.train.optim import OPTIMIZERS, SGD
 from kronlin.train.optim.kfac import KFAC, KFACTridiag, levenberg_marquardt, solve_alpha_mu
 
-from train_helpers import batch, checkpoint_and_resume, dense_fisher, tiny_conv, tiny_mlp
+from train_helpers import batch, checkpoint_and_resume, dense_fisher, tiny_conv, tiny_mlp, train_at_defaults
 
 
 # ----------------------------------------------------------------- helpers
@@ -341,14 +341,8 @@ def test_state_dict_round_trip_is_bit_exact(name, hp, make):
                                        ("kfac-tridiag", "digits-clf"), ("kfac-tridiag", "digits-ae")])  # fmt: skip
 def test_trains_at_defaults(tasks, name, task):
     T = tasks[task]
-    net = T.net_factory(np.random.default_rng(0))
-    before = net.loss(T.X_train, T.Y_train, T.loss)
-    opt = OPTIMIZERS[name](net, T.loss, seed=0)
-    rng = np.random.default_rng(1)
-    for _ in range(30):
-        info = opt.step(*T.sample_batch(128, rng))
-        assert np.isfinite(info["loss"])
-    after = net.loss(T.X_train, T.Y_train, T.loss)  # about 0.04 (classifiers) and 0.4 (autoencoder) of before
+    before, after, opt, losses = train_at_defaults(T, name, steps=30, batch=128)  # about 0.04 (classifiers) and 0.4 (autoencoder) of before
+    assert all(np.isfinite(losses))
     assert opt.n_rejected == 0 and after < (0.6 if task == "digits-ae" else 0.2) * before, (before, after)
 
 

@@ -19,7 +19,7 @@ from kronlin.train.optim import OPTIMIZERS
 from kronlin.train.optim.kfac import levenberg_marquardt
 from kronlin.train.optim.kfra import KFLR, KFRA, input_factors, kflr_factors, kfra_factors, mean_output_hessian
 
-from train_helpers import checkpoint_and_resume
+from train_helpers import checkpoint_and_resume, train_at_defaults
 
 LOSSES = ("softmax_ce", "sigmoid_bce", "squared")
 
@@ -256,11 +256,6 @@ def test_state_dict_round_trip_is_bit_exact(name, make):
 @pytest.mark.parametrize("task", ["digits-clf", "digits-ae", "digits-conv"])
 def test_trains_at_defaults(tasks, name, task):
     T = tasks[task]
-    net = T.net_factory(np.random.default_rng(0))
-    before = net.loss(T.X_train, T.Y_train, T.loss)
-    opt = OPTIMIZERS[name](net, T.loss, seed=0)
-    rng = np.random.default_rng(1)
-    for _ in range(30):
-        assert np.isfinite(opt.step(*T.sample_batch(128, rng))["loss"])
-    after = net.loss(T.X_train, T.Y_train, T.loss)  # about 0.04 (classifiers) and 0.4 (autoencoder) of before
+    before, after, opt, losses = train_at_defaults(T, name, steps=30, batch=128)  # about 0.04 (classifiers) and 0.4 (autoencoder) of before
+    assert all(np.isfinite(losses))
     assert opt.n_rejected == 0 and after < (0.6 if task == "digits-ae" else 0.2) * before, (before, after)

@@ -8,6 +8,8 @@ import pytest
 from kronlin.train import Dense, Net, get_loss, load_task
 from kronlin.train.optim import OPTIMIZERS, SGD, Adam, Optimizer, get_optimizer, register
 
+from train_helpers import train_at_defaults
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -210,11 +212,6 @@ def test_base_class_is_abstract(digits):
 def test_trains_every_task_at_defaults(task_name, name):
     """Documented defaults, default batch 256: no rejected step, full-data loss clearly down after 40 steps."""
     T = load_task(task_name, 0, **({"n": 600} if task_name == "curves-ae" else {}))
-    net = T.net_factory(np.random.default_rng(0))
-    before = net.loss(T.X_train, T.Y_train, T.loss)
-    opt = OPTIMIZERS[name](net, T.loss, seed=0)
-    rng = np.random.default_rng(1)
-    for _ in range(40):
-        assert np.isfinite(opt.step(*T.sample_batch(256, rng))["loss"])
-    after = net.loss(T.X_train, T.Y_train, T.loss)
+    before, after, opt, losses = train_at_defaults(T, name, steps=40, batch=256)
+    assert all(np.isfinite(losses))
     assert opt.n_rejected == 0 and after < 0.7 * before, (before, after)

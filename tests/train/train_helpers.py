@@ -59,3 +59,19 @@ def checkpoint_and_resume(make_opt, make_net, n_batches, n_before, rng_seed=4):
     opt2.load_state_dict(state)
     got = [opt2.step(X, Y) for X, Y in batches[n_before:]]
     return ref, got, net, net2, opt, opt2
+
+
+def train_at_defaults(T, name, steps=30, batch=128):
+    """Optimizer ``name`` at its defaults on task ``T`` (initial weights and batches seeded).
+
+    Returns ``(before, after, opt, losses)``: the full-training-set loss before
+    and after ``steps`` iterations, the optimizer and each step's reported loss.
+    """
+    from kronlin.train.optim import OPTIMIZERS
+
+    net = T.net_factory(np.random.default_rng(0))
+    before = net.loss(T.X_train, T.Y_train, T.loss)
+    opt = OPTIMIZERS[name](net, T.loss, seed=0)
+    rng = np.random.default_rng(1)
+    losses = [opt.step(*T.sample_batch(batch, rng))["loss"] for _ in range(steps)]
+    return before, net.loss(T.X_train, T.Y_train, T.loss), opt, losses
