@@ -30,7 +30,6 @@ Only dense layers are supported.  Run from the repository root, e.g.::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 
@@ -39,7 +38,7 @@ import scipy.linalg
 
 from kronlin import BlockDiagInverse, FactorEstimator, Kron
 from kronlin.train import Dense
-from kronlin.train.optim.kfra import input_factors, kflr_factors, kfra_factors
+from kronlin.train.optim.kfra import _repeat_trace, input_factors, kflr_factors, kfra_factors
 
 __all__ = ["CHUNK_ENTRIES", "METHODS", "alignment", "dense_gn_block", "probe_factors", "run_alignment"]
 
@@ -47,16 +46,6 @@ METHODS = ("kfac", "kfra", "kflr")
 
 #: Budget (float64 entries) of the per-chunk temporaries of :func:`dense_gn_block`.
 CHUNK_ENTRIES = 1 << 24
-
-
-def _slice_trace(trace, sl):
-    """The trace of the examples ``sl`` (same weights)."""
-
-    def cut(x):
-        return None if x is None else x[sl]
-
-    return dataclasses.replace(trace, a=[cut(a) for a in trace.a], s=[cut(s) for s in trace.s], out=trace.out[sl],
-                               dphi=[cut(d) for d in trace.dphi], g=None)  # fmt: skip
 
 
 def dense_gn_block(net, trace, loss, layer: int) -> np.ndarray:
@@ -84,7 +73,7 @@ def dense_gn_block(net, trace, loss, layer: int) -> np.ndarray:
     acc = np.zeros((m * m, p * p))
     for n0 in range(0, N, step):
         sl = slice(n0, min(n0 + step, N))
-        sub = _slice_trace(trace, sl)
+        sub = _repeat_trace(trace, sl, 1)  # the examples sl (copied once per chunk)
         B = np.empty((m,) + sub.out.shape)  # B[i, n] = B_n e_i
         HB = np.empty_like(B)
         for i in range(m):
