@@ -5,10 +5,19 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 import kronlin
 from kronlin import _ext
+
+
+class _FakeCuda:
+    """Just an interface (null pointer): the bindings must reject it before any CUDA call."""
+
+    def __init__(self, shape, typestr="<f8"):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (0, False), "version": 3,
+                                         "strides": None}
 
 
 def test_cpu_extension_loaded_unless_disabled():
@@ -27,10 +36,33 @@ def test_cuda_module_compiled_and_linked():
     assert _ext.cuda_import_error is None, f"kronlin._cuda failed to import: {_ext.cuda_import_error}"
     from kronlin import _cuda
 
-    assert _cuda.device_count() >= 0  # 0 without a GPU; the call itself proves the runtime links
+    assert isinstance(_cuda.device_count(), int)
+    # the typed bindings check their operands before touching the device, so this runs without a GPU
+    with pytest.raises(TypeError, match=r"Y must be a CUDA array .*got ndarray"):
+        _cuda.eig_scale(np.ones((1, 2, 2)), np.ones((1, 2)), np.ones((1, 2)), 0.0, -1.0, 0)
+    with pytest.raises(TypeError, match=r"K must be a CUDA array"):
+        _cuda.woodbury_gram_shared(_FakeCuda((1, 2, 3)), _FakeCuda((1, 2, 3)), None, 1.0, 0)
 
 
 def test_cuda_dispatch_absent_without_device():
     cuda = pytest.importorskip("kronlin._cuda")
     if cuda.device_count() == 0:
         assert _ext.cuda() is None  # CuPy inputs then take the reference path
+
+
+@pytest.mark.parametrize(
+    "Y,lg,la,match",
+    [
+        (((1, 2, 2), "<f8"), ((1, 2), "<f4"), ((1, 2), "<f8"), r"lg has dtype '<f4' but Y has '<f8'"),
+        (((1, 2, 2), "<f4"), ((1, 2), "<f4"), ((1, 2), "<f8"), r"la has dtype '<f8' but Y has '<f4'"),
+        (((1, 2, 2), "<f8"), ((1, 3), "<f8"), ((1, 2), "<f8"),
+         r"shapes of Y \(1, 2, 2\), lg \(1, 3\) and la \(1, 2\) do not agree"),
+        (((2, 2), "<f8"), ((1, 2), "<f8"), ((1, 2), "<f8"), r"Y must have 3 dimensions; got shape \(2, 2\)"),
+        (((1, 2, 2), "<i8"), ((1, 2), "<i8"), ((1, 2), "<i8"), r"Y has dtype '<i8'; the CUDA kernels take float32"),
+    ],
+)
+def test_cuda_bindings_check_operands_before_launch(Y, lg, la, match):
+    """A float32 buffer can no longer be handed to the float64 kernel (the eig_scale dtype bug)."""
+    cuda = pytest.importorskip("kronlin._cuda")
+    with pytest.raises(ValueError, match=match):
+        cuda.eig_scale(_FakeCuda(*Y), _FakeCuda(*lg), _FakeCuda(*la), 0.0, -1.0, 0)

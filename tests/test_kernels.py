@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kronlin import _ext
+from kronlin import Kron, _ext
+from kronlin._kernels import _dispatch
 from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
+from kronlin._kernels.woodbury_gram import gram_shared, gram_shared_reference
 
-from helpers import rel_err
+from helpers import rel_err, spd
 
 POWERS = [-1.0, -0.5, 0.5, 1.0, -0.25, 2.0, 0.0]
 
@@ -59,3 +61,72 @@ def test_disabled_context_forces_reference(cpu_ext):
     with _ext.disabled():
         assert _ext.cpu() is None
     assert _ext.cpu() is cpu_ext
+
+
+# -- dispatch: one helper chooses C++, CUDA or the reference for every family --------------------
+class _RecordingCuda:
+    """Stand-in for ``kronlin._cuda`` on the CPU: checks operands like the typed bindings, records, computes."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _same_dtype(**ops):
+        dts = {name: a.dtype for name, a in ops.items()}
+        if len(set(dts.values())) != 1:
+            raise ValueError(f"operands of different dtypes: {dts}")
+
+    def eig_scale(self, Y, lg, la, shift, power, stream):
+        self._same_dtype(Y=Y, lg=lg, la=la)
+        self.calls.append(("eig_scale", Y.dtype, lg.dtype, la.dtype, stream))
+        Y[...] = eig_scale_reference(np, Y, lg, la, shift, power)
+
+    def woodbury_gram_shared(self, A, E, K, scale, stream):
+        self._same_dtype(A=A, E=E, K=K)
+        self.calls.append(("woodbury_gram_shared", A.dtype, E.dtype, K.dtype, stream))
+        N, T = A.shape[0], A.shape[1]
+        K[...] = scale * gram_shared_reference(np, A, E.reshape(N, -1, T, E.shape[-1]))
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Route NumPy arrays through the CUDA branch of the dispatch, with a recording stand-in module."""
+    mod = _RecordingCuda()
+    monkeypatch.setattr(_dispatch, "module_for", lambda xp: (mod, "cuda") if xp is np else (None, None))
+    monkeypatch.setattr(_dispatch, "_cupy_stream", lambda: 1234)
+    return mod
+
+
+@pytest.mark.parametrize("op_dtype,rhs_dtype", [("float32", "float64"), ("float64", "float32"), ("float32", "float32")])
+def test_eig_scale_cuda_branch_gets_one_dtype(fake_cuda, op_dtype, rhs_dtype):
+    """The old CUDA branch passed float32 eigenvalues with is_double=True for a float64 right-hand side."""
+    rng = np.random.default_rng(3)
+    A, G = spd(rng, 6, 10.0), spd(rng, 5, 10.0)
+    X = rng.standard_normal((5, 6))
+    got = Kron(A.astype(op_dtype), G.astype(op_dtype)).eigh().solve(X.astype(rhs_dtype), 0.1)
+    out_dtype = np.result_type(op_dtype, rhs_dtype)
+    assert got.dtype == out_dtype
+    assert fake_cuda.calls == [("eig_scale", out_dtype, out_dtype, out_dtype, 1234)]
+    # reference in float64 from the very values the operator and right-hand side hold
+    A, G, X = (M.astype(op_dtype).astype(np.float64) for M in (A, G, X.astype(rhs_dtype)))
+    ref = np.linalg.solve(np.kron(A, G) + 0.1 * np.eye(30), X.flatten("F")).reshape((5, 6), order="F")
+    # a float32 operator's eigendecomposition carries float32 round-off whatever the right-hand side
+    assert rel_err(got, ref) < (1e-12 if op_dtype == "float64" else 1e-5)
+
+
+def test_gram_cuda_branch_allocates_the_output(fake_cuda):
+    rng = np.random.default_rng(4)
+    A, E = rng.standard_normal((3, 9, 4)), rng.standard_normal((3, 2, 9, 5))
+    K = gram_shared(np, A, E, "kernel")
+    assert [c[0] for c in fake_cuda.calls] == ["woodbury_gram_shared"] and fake_cuda.calls[0][-1] == 1234
+    assert rel_err(K, gram_shared_reference(np, A, E)) < 1e-14
+
+
+def test_dispatch_chooses_per_namespace(cpu_ext):
+    k = _dispatch.kernel(np, "eig_scale")
+    assert k.device == "cpu" and k.fn is cpu_ext.eig_scale and k.stream is None
+    assert _dispatch.kernel(np, "no_such_kernel") is None
+    strict = pytest.importorskip("array_api_strict")
+    assert _dispatch.kernel(strict, "eig_scale") is None
+    with _ext.disabled():
+        assert _dispatch.kernel(np, "eig_scale") is None

@@ -9,11 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define KRONLIN_HD __host__ __device__ __forceinline__
-#else
-#define KRONLIN_HD inline
-#endif
+#include "common/hd.h"
 
 namespace kronlin {
 

@@ -16,13 +16,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef KRONLIN_HD
-#if defined(__CUDACC__)
-#define KRONLIN_HD __host__ __device__ __forceinline__
-#else
-#define KRONLIN_HD inline
-#endif
-#endif
+#include "common/hd.h"
 
 namespace kronlin {
 

@@ -2,13 +2,8 @@
 // NumPy reference: kronlin/_kernels/eig_scale.py::eig_scale_reference.
 #include "cuda/eig_scale_cuda.h"
 
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <stdexcept>
-#include <string>
-
 #include "common/eig_scale.h"
+#include "cuda/cuda_utils.h"
 
 namespace kronlin {
 namespace {
@@ -25,20 +20,13 @@ __global__ void eig_scale_kernel(T* __restrict__ Y, const T* __restrict__ lg, co
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("kronlin._cuda: ") + what + ": " + cudaGetErrorString(err));
-  }
-}
-
 template <typename T>
 void launch(void* Y, const void* lg, const void* la, std::int64_t B, std::int64_t q, std::int64_t p,
             double shift, double power, cudaStream_t stream) {
   const std::int64_t n = B * q * p;
   if (n == 0) return;
   constexpr int threads = 256;
-  const std::int64_t want = (n + threads - 1) / threads;
-  const int blocks = static_cast<int>(std::min<std::int64_t>(want, 65535 * 8));
+  const int blocks = grid_1d(n, threads);
   T* y = static_cast<T*>(Y);
   const T* g = static_cast<const T*>(lg);
   const T* a = static_cast<const T*>(la);
@@ -61,7 +49,7 @@ void launch(void* Y, const void* lg, const void* la, std::int64_t B, std::int64_
       eig_scale_kernel<T, PowerKind::General><<<blocks, threads, 0, stream>>>(y, g, a, q, p, n, s, pw);
       break;
   }
-  check(cudaGetLastError(), "eig_scale launch");
+  cuda_check(cudaGetLastError(), "eig_scale launch");
 }
 
 }  // namespace
@@ -74,15 +62,6 @@ void eig_scale_cuda(void* Y, const void* lg, const void* la, std::int64_t B, std
   } else {
     launch<float>(Y, lg, la, B, q, p, shift, power, s);
   }
-}
-
-int cuda_device_count() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver" error
-    return 0;
-  }
-  return count;
 }
 
 }  // namespace kronlin

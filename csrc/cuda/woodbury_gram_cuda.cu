@@ -10,13 +10,11 @@
 // K[c1, c2].  The T x T blocks exist only as 4 registers per thread.
 #include "cuda/woodbury_gram_cuda.h"
 
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <stdexcept>
-#include <string>
 
 #include "common/woodbury_gram.h"
+#include "cuda/cuda_utils.h"
 
 namespace kronlin {
 namespace {
@@ -109,18 +107,12 @@ __global__ void mirror_kernel(T* K, std::int64_t M) {
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("kronlin._cuda: ") + what + ": " + cudaGetErrorString(err));
-  }
-}
-
 template <typename T>
 void launch(const void* A, const void* E, void* K, std::int64_t N, std::int64_t S, std::int64_t Tn, std::int64_t da,
             std::int64_t de, double scale, cudaStream_t stream) {
   const std::int64_t M = N * S;
   if (M == 0) return;
-  check(cudaMemsetAsync(K, 0, static_cast<std::size_t>(M * M) * sizeof(T), stream), "woodbury_gram memset");
+  cuda_check(cudaMemsetAsync(K, 0, static_cast<std::size_t>(M * M) * sizeof(T), stream), "woodbury_gram memset");
   const std::int64_t pairs = pair_count(N);
   if (pairs > 2147483647LL) throw std::runtime_error("kronlin._cuda: woodbury_gram: too many example pairs");
   if (Tn > 0) {
@@ -130,13 +122,12 @@ void launch(const void* A, const void* E, void* K, std::int64_t N, std::int64_t 
     gram_shared_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(A), static_cast<const T*>(E),
                                                        static_cast<T*>(K), N, S, Tn, da, de, tiles,
                                                        static_cast<T>(scale));
-    check(cudaGetLastError(), "woodbury_gram launch");
+    cuda_check(cudaGetLastError(), "woodbury_gram launch");
   }
   constexpr int threads = 256;
-  const std::int64_t want = (M * M + threads - 1) / threads;
-  const int blocks = static_cast<int>(std::min<std::int64_t>(want, 65535 * 8));
+  const int blocks = grid_1d(M * M, threads);
   mirror_kernel<T><<<blocks, threads, 0, stream>>>(static_cast<T*>(K), M);
-  check(cudaGetLastError(), "woodbury_gram mirror launch");
+  cuda_check(cudaGetLastError(), "woodbury_gram mirror launch");
 }
 
 }  // namespace

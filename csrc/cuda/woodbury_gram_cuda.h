@@ -3,7 +3,8 @@
 
 namespace kronlin {
 
-// CUDA twin of woodbury_gram_shared_cpu: device pointers to C-contiguous
+// CUDA twin of woodbury_gram_shared_cpu (called by csrc/bindings_cuda.cpp after
+// it has checked every operand): device pointers to C-contiguous
 // A (N, T, da), E (N*S, T, de) and the output K (N*S, N*S) of float
 // (is_double = false) or double, which is zeroed, accumulated and mirrored
 // on `stream` (a cudaStream_t as an integer, 0 for the legacy default stream):

@@ -10,10 +10,7 @@ array-API composition they are tested against.
 
 from __future__ import annotations
 
-import numpy as np
-
-from .. import _ext
-from .._backend import is_cupy, is_numpy
+from ._dispatch import kernel
 
 __all__ = ["eig_scale", "eig_scale_reference"]
 
@@ -46,26 +43,17 @@ def eig_scale(xp, Y, lg, la, shift: float, power: float):
 
     ``Y`` must be a fresh array owned by the caller (it is overwritten when a
     compiled kernel runs).  ``lg`` (..., q) and ``la`` (..., p) broadcast
-    against ``Y``'s batch dimensions.  Returns the scaled array.
+    against ``Y``'s batch dimensions; they are cast to ``Y``'s dtype (a
+    float32 operator applied to a float64 right-hand side computes in
+    float64), so every backend sees operands of one dtype.  Returns the
+    scaled array.
     """
     q, p = Y.shape[-2], Y.shape[-1]
     batch = tuple(Y.shape[:-2])
-    if is_numpy(xp) and Y.size > 0:
-        mod = _ext.cpu()
-        if mod is not None and Y.flags.c_contiguous and Y.flags.writeable:
-            g = np.ascontiguousarray(_flatten_eig(xp, lg, batch, q), dtype=Y.dtype)
-            a = np.ascontiguousarray(_flatten_eig(xp, la, batch, p), dtype=Y.dtype)
-            mod.eig_scale(Y.reshape(-1, q, p), g, a, float(shift), float(power))
-            return Y
-    elif is_cupy(xp) and Y.size > 0:
-        mod = _ext.cuda()
-        if mod is not None and Y.flags.c_contiguous:
-            g = xp.ascontiguousarray(_flatten_eig(xp, lg, batch, q))
-            a = xp.ascontiguousarray(_flatten_eig(xp, la, batch, p))
-            B = int(np.prod(batch)) if batch else 1
-            mod.eig_scale(
-                Y.data.ptr, g.data.ptr, a.data.ptr, B, q, p, float(shift), float(power),
-                Y.dtype == xp.float64, xp.cuda.get_current_stream().ptr,
-            )
-            return Y
+    run = kernel(xp, "eig_scale")
+    if run is not None and Y.size > 0 and Y.flags.c_contiguous and getattr(Y.flags, "writeable", True):
+        g = xp.ascontiguousarray(_flatten_eig(xp, lg, batch, q).astype(Y.dtype, copy=False))
+        a = xp.ascontiguousarray(_flatten_eig(xp, la, batch, p).astype(Y.dtype, copy=False))
+        run(Y.reshape(-1, q, p), g, a, float(shift), float(power))
+        return Y
     return eig_scale_reference(xp, Y, lg, la, shift, power)

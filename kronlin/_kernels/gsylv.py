@@ -42,9 +42,9 @@ import warnings
 
 import numpy as np
 
-from .. import _ext
 from .._backend import dtype_eps, is_numpy, to_numpy
 from .._validate import LinAlgError
+from ._dispatch import kernel
 
 __all__ = [
     "PIVOT_RTOL_FACTOR",
@@ -159,15 +159,14 @@ def gsylv_backsub_raw(xp, S1, T1, S2, T2, W, sign: int):
     ``W`` (..., q, p) may be overwritten (pass a fresh array you own).
     """
     sign = 1 if sign > 0 else -1
-    if is_numpy(xp) and W.size > 0:
-        mod = _ext.cpu()
-        if mod is not None and W.dtype in (np.float32, np.float64):
-            q, p = W.shape[-2], W.shape[-1]
-            if not (W.flags.c_contiguous and W.flags.writeable):
-                W = np.array(W, order="C")
-            S1, T1, S2, T2 = (np.ascontiguousarray(M, dtype=W.dtype) for M in (S1, T1, S2, T2))
-            rel = mod.gsylv_backsub(S1, T1, S2, T2, W.reshape(-1, q, p), sign)
-            return W, float(rel)
+    run = kernel(xp, "gsylv_backsub")
+    if run is not None and W.size > 0 and W.dtype in (np.float32, np.float64):
+        q, p = W.shape[-2], W.shape[-1]
+        if not (W.flags.c_contiguous and W.flags.writeable):
+            W = np.array(W, order="C")
+        S1, T1, S2, T2 = (np.ascontiguousarray(M, dtype=W.dtype) for M in (S1, T1, S2, T2))
+        rel = run(S1, T1, S2, T2, W.reshape(-1, q, p), sign)
+        return W, float(rel)
     return _reference_raw(xp, S1, T1, S2, T2, W, sign)
 
 

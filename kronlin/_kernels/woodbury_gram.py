@@ -53,10 +53,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from .. import _ext
-from .._backend import is_cupy, is_numpy, mT
+from .._backend import mT
+from ._dispatch import kernel
 
 __all__ = [
     "BLOCK_BYTES",
@@ -122,11 +120,7 @@ def shared_costs(N: int, S: int, T: int, da: int, de: int) -> dict:
 
 def kernel_available(xp) -> bool:
     """True when a compiled ``"pairs"`` kernel serves namespace ``xp``."""
-    if is_numpy(xp):
-        return _ext.cpu() is not None
-    if is_cupy(xp):
-        return _ext.cuda() is not None
-    return False
+    return kernel(xp, "woodbury_gram_shared") is not None
 
 
 def use_kernel(xp, S: int, T: int, da: int, de: int) -> bool:
@@ -235,21 +229,13 @@ def gram_shared(xp, A, E, method: str = "auto"):
     if method not in ("pairs", "kernel"):
         raise ValueError(f"method must be 'auto', 'pairs', 'kernel', 'grad' or 'reference'; got {method!r}")
     M = N * S
-    if M > 0 and is_numpy(xp):
-        mod = _ext.cpu()
-        if mod is not None:
-            Ac = np.ascontiguousarray(A)
-            Ec = np.ascontiguousarray(np.reshape(E, (M, T, de)))
-            return mod.woodbury_gram_shared(Ac, Ec, 1.0)
-    elif M > 0 and is_cupy(xp):
-        mod = _ext.cuda()
-        if mod is not None:
-            Ac = xp.ascontiguousarray(A)
-            Ec = xp.ascontiguousarray(xp.reshape(E, (M, T, de)))
-            K = xp.empty((M, M), dtype=A.dtype)
-            mod.woodbury_gram_shared(
-                Ac.data.ptr, Ec.data.ptr, K.data.ptr, N, S, T, da, de, 1.0,
-                A.dtype == xp.float64, xp.cuda.get_current_stream().ptr,
-            )
-            return K
+    run = kernel(xp, "woodbury_gram_shared")
+    if M > 0 and run is not None:
+        Ac = xp.ascontiguousarray(A)
+        Ec = xp.ascontiguousarray(xp.reshape(E, (M, T, de)))
+        if run.device == "cpu":
+            return run(Ac, Ec, 1.0)
+        K = xp.empty((M, M), dtype=A.dtype)
+        run(Ac, Ec, K, 1.0)
+        return K
     return gram_shared_reference(xp, A, E)
