@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Ctx", "context", "is_numpy", "is_cupy", "mT", "to_numpy", "dtype_eps"]
+__all__ = ["Ctx", "context", "is_numpy", "is_cupy", "mT", "to_numpy", "dtype_eps", "trace", "matrix_norm"]
 
 _NATIVE = ("numpy", "cupy", "array_api_strict")
 _PLAIN = (int, float, bool, list, tuple, np.generic)
@@ -222,6 +222,20 @@ def mT(x):
         return x.mT
     except AttributeError:  # pragma: no cover - older CuPy
         return x.swapaxes(-1, -2)
+
+
+def trace(xp, M):
+    """Trace over the last two axes (``xp.linalg.trace``; CuPy 14 has only ``cupy.trace``)."""
+    if hasattr(xp.linalg, "trace"):
+        return xp.linalg.trace(M)
+    return xp.trace(M, axis1=-2, axis2=-1)
+
+
+def matrix_norm(xp, M, ord):
+    """Matrix norm over the last two axes (``xp.linalg.matrix_norm``; CuPy 14 has only ``cupy.linalg.norm``)."""
+    if hasattr(xp.linalg, "matrix_norm"):
+        return xp.linalg.matrix_norm(M, ord=ord)
+    return xp.linalg.norm(M, ord=ord, axis=(-2, -1))
 
 
 def to_numpy(x) -> np.ndarray:

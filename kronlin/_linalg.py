@@ -37,6 +37,16 @@ def _scipy_linalg(xp):
     return None
 
 
+def _solve(xp, M, B):
+    """``xp.linalg.solve(M, B)`` with the batch dimensions broadcast (CuPy's ``solve`` does not broadcast)."""
+    batch = tuple(np.broadcast_shapes(tuple(M.shape[:-2]), tuple(B.shape[:-2])))
+    if tuple(M.shape[:-2]) != batch:
+        M = xp.broadcast_to(M, batch + tuple(M.shape[-2:]))
+    if tuple(B.shape[:-2]) != batch:
+        B = xp.broadcast_to(B, batch + tuple(B.shape[-2:]))
+    return xp.linalg.solve(M, B)
+
+
 def _diag(xp, M):
     return xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M, axis1=-2, axis2=-1)
 
@@ -119,14 +129,14 @@ class Factor:
         if self._lu is not None:
             return self._sl.lu_solve(self._lu, B, trans=1 if trans else 0, check_finite=False)
         M = mT(self._M) if trans else self._M
-        return self.xp.linalg.solve(M, B)
+        return _solve(self.xp, M, B)
 
     def tri_solve(self, B, trans: bool = False):
         """``L⁻¹ B`` (``trans``: ``L⁻ᵀ B``) with the Cholesky factor ``M = L Lᵀ``."""
         xp, sl, L = self.xp, self._sl, self._L
         if sl is not None and (is_numpy(xp) or not self.batched):
             return sl.solve_triangular(L, B, lower=True, trans="T" if trans else "N", check_finite=False)
-        return xp.linalg.solve(mT(L) if trans else L, B)
+        return _solve(xp, mT(L) if trans else L, B)
 
     def cond_estimate(self) -> float:
         """Cheap lower estimate of the 2-norm condition number of an SPD matrix: (max Lᵢᵢ / min Lᵢᵢ)²."""

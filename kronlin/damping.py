@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from ._backend import context, mT
+from ._backend import context, matrix_norm, mT, trace
 from ._validate import check_finite, check_nonneg_scalar, check_square, shape_str
 from .kron import Kron, _batch_shape
 
@@ -31,15 +31,15 @@ NORMS = ("trace", "fro", "spectral")
 def _factor_norms(xp, A, G, norm):
     p, q = A.shape[-1], G.shape[-1]
     if norm == "trace":
-        return q * xp.linalg.trace(A), p * xp.linalg.trace(G), "trace"
+        return q * trace(xp, A), p * trace(xp, G), "trace"
     if norm == "fro":
         return (
-            math.sqrt(q) * xp.linalg.matrix_norm(A, ord="fro"),
-            math.sqrt(p) * xp.linalg.matrix_norm(G, ord="fro"),
+            math.sqrt(q) * matrix_norm(xp, A, "fro"),
+            math.sqrt(p) * matrix_norm(xp, G, "fro"),
             "Frobenius norm",
         )
     if norm == "spectral":
-        return xp.linalg.matrix_norm(A, ord=2), xp.linalg.matrix_norm(G, ord=2), "spectral norm"
+        return matrix_norm(xp, A, 2), matrix_norm(xp, G, 2), "spectral norm"
     raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
 
 

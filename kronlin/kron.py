@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._backend import Ctx, context, mT
+from ._backend import Ctx, context, mT, trace
 from ._linalg import Factor, eigh
 from ._validate import LinAlgError, check_finite, check_square, check_symmetric, shape_str
 
@@ -226,7 +226,7 @@ class Kron(_KronShaped):
     def trace(self):
         """``tr(A ⊗ G) = tr(A) tr(G)``."""
         xp = self._ctx.xp
-        return self._ctx.out(xp.linalg.trace(self._A) * xp.linalg.trace(self._G))
+        return self._ctx.out(trace(xp, self._A) * trace(xp, self._G))
 
     def to_dense(self, allow_large: bool = False):
         """The dense ``(p*q, p*q)`` matrix ``np.kron(A, G)`` (batched: ``(..., p*q, p*q)``).

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from ._backend import dtype_eps, mT
+from ._backend import dtype_eps, matrix_norm, mT
 from ._linalg import Factor
 from ._validate import LinAlgError
 
@@ -40,7 +40,7 @@ def _maxabs(xp, X) -> float:
 
 
 def _norm(xp, M) -> float:
-    return float(xp.linalg.matrix_norm(M, ord="fro"))
+    return float(matrix_norm(xp, M, "fro"))
 
 
 class SmithStein:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kronlin._backend import to_numpy
+from kronlin._backend import is_cupy, to_numpy
 
-__all__ = ["spd", "rand_orth", "to_np", "on", "vec", "unvec", "rel_err", "tol", "DTYPES"]
+__all__ = ["spd", "rand_orth", "to_np", "on", "vec", "unvec", "rel_err", "tol", "DTYPES", "native", "krylov", "linear_operator"]
 
 DTYPES = ("float64", "float32")
 
@@ -48,7 +48,7 @@ def unvec(v, q, p):
 
 
 def rel_err(got, ref):
-    got, ref = to_np(got).astype(np.float64), np.asarray(ref, dtype=np.float64)
+    got, ref = to_np(got).astype(np.float64), to_np(ref).astype(np.float64)
     assert got.shape == ref.shape, (got.shape, ref.shape)
     scale = max(np.abs(ref).max(initial=0.0), np.finfo(np.float64).tiny)
     return float(np.abs(got - ref).max(initial=0.0) / scale)
@@ -63,3 +63,30 @@ def tol(dtype, cond=1.0):
     """
     base = 1e-13 if str(dtype) == "float64" else 2e-6
     return max(base * cond, 1e-12 if str(dtype) == "float64" else 1e-5) * 50
+
+
+def native(xp, a):
+    """A NumPy array as ``aslinearoperator()``'s operator takes it: CuPy for CuPy (cupyx), NumPy otherwise."""
+    return xp.asarray(a) if is_cupy(xp) else np.asarray(a)
+
+
+def _splinalg(xp):
+    if is_cupy(xp):
+        import cupyx.scipy.sparse.linalg as splinalg
+    else:
+        import scipy.sparse.linalg as splinalg
+    return splinalg
+
+
+def linear_operator(xp, shape, matvec, dtype):
+    """A ``LinearOperator`` of the library ``aslinearoperator()`` uses for ``xp`` (cupyx's for CuPy)."""
+    return _splinalg(xp).LinearOperator(shape, matvec=matvec, dtype=dtype)
+
+
+def krylov(xp, method: str, L, b, **kw):
+    """``scipy.sparse.linalg.<method>`` (cupyx's for CuPy) at rtol 1e-12, atol 0; returns ``(x, info)``."""
+    import inspect
+
+    fn = getattr(_splinalg(xp), method)
+    rtol = "rtol" if "rtol" in inspect.signature(fn).parameters else "tol"
+    return fn(L, b, **{rtol: 1e-12, "atol": 0.0}, **kw)

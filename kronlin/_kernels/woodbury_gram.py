@@ -172,7 +172,12 @@ def gram_shared_reference(xp, A, E, block_bytes: int | None = None):
             ni, nj = i1 - i0, j1 - j0
             AA = xp.reshape(Ai @ mT(Aj), (ni, 1, T, nj, 1, T))
             EE = xp.reshape(Ei @ mT(Ej), (ni, S, T, nj, S, T))
-            blocks[bi, bj] = xp.reshape(xp.sum(AA * EE, axis=(2, 5)), (ni * S, nj * S))
+            blk = xp.reshape(xp.sum(AA * EE, axis=(2, 5)), (ni * S, nj * S))
+            if bj == bi:
+                # exactly symmetric, like the kernels: a GEMM X Xᵀ is symmetric only to rounding on
+                # cuBLAS (NumPy's syrk is exact), so the diagonal blocks take their upper triangle
+                blk = xp.triu(blk) + mT(xp.triu(blk, k=1))
+            blocks[bi, bj] = blk
     if len(starts) == 1:
         return blocks[0, 0]
     rows = []
