@@ -117,8 +117,10 @@ void require_on_device(const std::vector<const CudaArray*>& ops) {
 
 void require_writeable(const CudaArray& a) { require(!a.readonly, a.name + " is read-only but is written by the kernel"); }
 
+// CAI v3 stream values: 1 is the legacy default stream, 2 the per-thread one;
+// 0 (how CuPy's `.ptr` names the legacy default stream) is treated as 1.
 cudaStream_t as_stream(std::uintptr_t s) {
-  if (s == 1) return cudaStreamLegacy;
+  if (s == 0 || s == 1) return cudaStreamLegacy;
   if (s == 2) return cudaStreamPerThread;
   return reinterpret_cast<cudaStream_t>(s);
 }
@@ -151,7 +153,9 @@ void eig_scale(py::handle Yo, py::handle lgo, py::handle lao, double shift, doub
                           reinterpret_cast<std::uintptr_t>(s));
 }
 
-void woodbury_gram_shared(py::handle Ao, py::handle Eo, py::handle Ko, double scale, std::uintptr_t stream) {
+void woodbury_gram_shared(py::handle Ao, py::handle Eo, py::handle Ko, double scale, std::uintptr_t stream, int tile) {
+  require(tile == 0 || tile == 32 || tile == 64 || tile == 128,
+          "tile must be 0 (automatic), 32, 64 or 128; got " + std::to_string(tile));
   const CudaArray A = cuda_array(Ao, "A", 3), E = cuda_array(Eo, "E", 3), K = cuda_array(Ko, "K", 2);
   const std::vector<const CudaArray*> ops{&A, &E, &K};
   require_same_dtype(ops);
@@ -168,7 +172,7 @@ void woodbury_gram_shared(py::handle Ao, py::handle Eo, py::handle Ko, double sc
   const cudaStream_t s = as_stream(stream);
   py::gil_scoped_release release;
   wait_for_operands(ops, s);
-  kronlin::woodbury_gram_shared_cuda(A.ptr, E.ptr, K.ptr, N, S, T, da, de, scale, A.is_double(),
+  kronlin::woodbury_gram_shared_cuda(A.ptr, E.ptr, K.ptr, N, S, T, da, de, scale, A.is_double(), tile,
                                      reinterpret_cast<std::uintptr_t>(s));
 }
 
@@ -190,8 +194,11 @@ PYBIND11_MODULE(_cuda, m) {
         "In place on C-contiguous device arrays of one dtype: Y[b, i, j] *= (lg[b, i] * la[b, j] + shift) ** power "
         "for Y (B, q, p), lg (B, q), la (B, p); launched on `stream`.");
   m.def("woodbury_gram_shared", &woodbury_gram_shared, py::arg("A"), py::arg("E"), py::arg("K"), py::arg("scale"),
-        py::arg("stream"),
+        py::arg("stream"), py::arg("tile") = 0,
         "Into K (N*S, N*S): K[c1, c2] = scale * sum_{t,t'} (A[c1/S,t].A[c2/S,t'])(E[c1,t].E[c2,t']) for "
-        "C-contiguous device arrays A (N, T, da), E (N*S, T, de) of one dtype; launched on `stream`.");
+        "C-contiguous device arrays A (N, T, da), E (N*S, T, de) of one dtype; launched on `stream`; "
+        "tile 32, 64 or 128 positions per block side (0: by T and dtype).");
+  m.def("gram_tile_for", &kronlin::gram_tile_for, py::arg("T"), py::arg("is_double"),
+        "The tile woodbury_gram_shared uses for T positions when tile is 0.");
   m.def("device_count", &device_count, "Visible CUDA devices (0 without a driver).");
 }
