@@ -354,22 +354,22 @@ def markdown(rec: dict) -> str:
          f"NumPy {env['numpy']}, Python {env['python']}. Times: CUDA events, medians; ratios paired "
          f"(kronlin and floor alternated, median of the ratios).", ""]
     s = rec["sections"]
-    if isinstance(s.get("solve_vs_gemms"), list):
-        L += ["## KronEigh.solve against its four GEMMs (p = q = n)", "",
-              "| n | dtype | solve ms | 4 GEMMs ms | ratio | rel. err |", "|---|---|---|---|---|---|"]
-        L += [f"| {r['n']} | {r['dtype']} | {r['ms']:.3f} | {r['floor_ms']:.3f} | {r['ratio']:.3f} | "
-              f"{r['rel_err_vs_composition']:.1e} |" for r in s["solve_vs_gemms"]]
-        L.append("")
-    if isinstance(s.get("eig_scale"), list):
-        L += ["## eig_scale kernel against the CuPy composition (in place vs. allocating)", "",
-              "| n | dtype | kernel ms | composition ms | ratio | max rel. err |", "|---|---|---|---|---|---|"]
-        L += [f"| {r['n']} | {r['dtype']} | {r['ms']:.3f} | {r['floor_ms']:.3f} | {r['ratio']:.3f} | "
-              f"{r['max_rel_err']:.1e} |" for r in s["eig_scale"]]
-        L.append("")
+    ratio_tables = (
+        ("solve_vs_gemms", "KronEigh.solve against its four GEMMs (p = q = n)", "solve ms", "4 GEMMs ms",
+         "rel_err_vs_composition"),
+        ("eig_scale", "eig_scale kernel against the CuPy composition (in place vs. allocating)", "kernel ms",
+         "composition ms", "max_rel_err"),
+    )
+    for key, title, what, floor, err in ratio_tables:
+        if isinstance(s.get(key), list):
+            L += [f"## {title}", "", f"| n | dtype | {what} | {floor} | ratio | rel. err |", "|---|---|---|---|---|---|"]
+            L += [f"| {r['n']} | {r['dtype']} | {r['ms']:.3f} | {r['floor_ms']:.3f} | {r['ratio']:.3f} | "
+                  f"{r[err]:.1e} |" for r in s[key]]
+            L.append("")
     if isinstance(s.get("gram"), list):
         L += ["## Weight-sharing Gram kernel against the CuPy composition (N = 32, S = 1, d_in = d_out = 64)", "",
-              "Speed-up = composition time / kernel time (paired). Peak = CuPy pool bytes during one call "
-              "(inputs excluded: they are listed).", "",
+              "Speed-up = composition time / kernel time (paired). Peak = bytes the CuPy pool holds after one "
+              "call from an emptied pool, the inputs included (listed).", "",
               "| T | dtype | composition ms | tile 32 ms | tile 64 ms | tile 128 ms | speed-up 32 / 64 / 128 | "
               "auto tile | kernel peak MiB | composition peak MiB | inputs MiB | rel. err |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
