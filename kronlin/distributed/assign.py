@@ -33,8 +33,8 @@ __all__ = ["COST_MODELS", "layer_costs", "grad_workers", "Assignment", "assign"]
 #: damping mode.  Fitted on the development machine (2 vCPU Xeon, OpenBLAS,
 #: one BLAS thread per rank): see docs/scaling.md.
 COST_MODELS = {
-    "factored": (6.0e-5, 4.6e-11),  # Cholesky + triangular inverse (potrf + potri-like)
-    "exact": (8.0e-5, 1.9e-10),  # symmetric eigendecomposition (syevd)
+    "factored": (3.4e-4, 1.65e-10),  # BlockDiagInverse's damped Cholesky inverse of one factor
+    "exact": (2.2e-4, 5.4e-10),  # symmetric eigendecomposition (Kron.eigh)
 }
 
 
