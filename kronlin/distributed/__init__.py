@@ -1,0 +1,67 @@
+"""Distributed K-FAC over MPI (mpi4py): data-parallel statistics, layer-sharded inversions.
+
+``pip install 'kronlin[mpi]'`` installs mpi4py and an MPI (the ``mpich``
+wheel); ``import kronlin`` never imports this package or mpi4py, and this
+package imports mpi4py only when a communicator is used.
+
+Pieces, each usable on its own (K-FAC section numbers refer to Martens &
+Grosse 2015; the placements follow KAISA, Pauloski et al., SC'21):
+
+* :class:`DistributedFactorEstimator` / :func:`allreduce_factors` — every rank's
+  batch statistics (dense and weight-sharing layers, diagonal and cross-layer
+  factors, K-FAC §3, §5) reduced into the statistics of the concatenated batch
+  in one packed ``Allreduce`` (symmetric factors as upper triangles), weighted
+  by each rank's number of examples;
+* :func:`allreduce_mean` — the example-weighted gradient all-reduce;
+* :class:`DistributedKFAC` — each layer's inversion (§4.2, §6.3; or the
+  eigenbasis for exact damping) on one rank chosen by a cost model
+  (:func:`assign`, greedy LPT), placed communication-optimally,
+  memory-optimally, or between (``grad_worker_fraction``);
+* :func:`guard`, :class:`RankError`, :func:`install_abort_hook` — a failure on
+  one rank ends every rank with the failing rank's message, never a hang.
+
+The block-tridiagonal inverse (§4.3) is not sharded: its ``Ψ``/``Σ`` set-up
+couples neighbouring layers, so :meth:`DistributedFactorEstimator.block_tridiag_inverse`
+builds it on every rank from the reduced (identical) statistics.
+
+Example (``mpiexec -n 2 python example.py``)::
+
+    from mpi4py import MPI
+    import kronlin.distributed as kd
+
+    comm = MPI.COMM_WORLD
+    est = kd.DistributedFactorEstimator(comm)           # K-FAC §5 running averages
+    kfac = kd.DistributedKFAC(comm, shapes)             # shapes: [(d_out, d_in + 1), ...]
+    for acts, grads, dW, n_local in batches:            # this rank's share of each global batch
+        est.update(acts, grads)
+        g = kd.allreduce_mean(comm, dW, n_local)        # the global batch's gradient
+        if est.step % 20 == 1:
+            kfac.refresh(est.A_diag, est.G_diag, gamma=1e-2)
+        step = kfac.precondition(g)                     # the same on every rank
+"""
+
+from __future__ import annotations
+
+from ._comm import CommLog, RankError, guard, install_abort_hook, pack_symmetric, unpack_symmetric
+from .assign import COST_MODELS, Assignment, assign, grad_workers, layer_costs
+from .estimator import DistributedFactorEstimator, FactorReducer, allreduce_factors, allreduce_mean
+from .precond import DistributedKFAC
+
+__all__ = [
+    "DistributedFactorEstimator",
+    "FactorReducer",
+    "allreduce_factors",
+    "allreduce_mean",
+    "DistributedKFAC",
+    "assign",
+    "Assignment",
+    "layer_costs",
+    "grad_workers",
+    "COST_MODELS",
+    "guard",
+    "RankError",
+    "install_abort_hook",
+    "CommLog",
+    "pack_symmetric",
+    "unpack_symmetric",
+]

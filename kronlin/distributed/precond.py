@@ -1,0 +1,246 @@
+"""Layer-sharded K-FAC inversions and the preconditioned step on every rank (K-FAC §4.2, §6.3, §8).
+
+:class:`DistributedKFAC` gives each layer's refresh to one rank
+(:func:`~kronlin.distributed.assign.assign`, LPT on the modelled cost) and
+places the results as KAISA does (Pauloski et al., SC'21), with
+``g = grad_worker_fraction · world`` gradient workers per layer:
+
+* ``grad_worker_fraction=1`` — **communication-optimal**: every rank receives
+  every layer's inverse (one broadcast per owner at each refresh) and
+  preconditions the gradient itself; no communication per step.
+* ``grad_worker_fraction=1/world`` — **memory-optimal**: only the owner keeps a
+  layer's inverse; it preconditions the (all-reduced) gradient of its layers
+  and broadcasts the step, every step.
+* in between — the owner's column of ``g`` ranks holds the inverse, and each of
+  them broadcasts the step to the ``world/g − 1`` other ranks of its row.
+
+The local computations are the single-process ones, layer by layer: the
+factored-damping inverse ``G⁻¹ V Ā⁻ᵀ`` of :class:`kronlin.BlockDiagInverse`
+(K-FAC §4.2 with §6.3's factored Tikhonov damping, ``damping="factored"``) or
+the exact ``(Ā⊗G + λI)⁻¹`` of :class:`kronlin.KronEigh` (eq. 6, Benzing §3,
+``damping="exact"``), so the distributed step equals the single-process step
+to rounding of the factors alone; the inverses are exactly symmetric and are
+broadcast as upper triangles, the eigenbases whole.
+
+Every collective is reached in the same order on every rank (the order is a
+function of the assignment, which is identical everywhere), and local work is
+followed by a check-in (:func:`~kronlin.distributed.guard`), so a failure on one
+rank raises :class:`~kronlin.distributed.RankError` on all of them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import BlockDiagInverse, Kron, KronEigh
+from .._backend import context, mT
+from ._comm import back, checkin, host, mpi, pack_symmetric, tri_size, unpack_symmetric
+from .assign import assign, layer_costs
+
+__all__ = ["DistributedKFAC"]
+
+
+class DistributedKFAC:
+    """Block-diagonal K-FAC preconditioner whose inversions are sharded over the ranks of ``comm``.
+
+    Parameters
+    ----------
+    comm : mpi4py communicator
+    shapes : list of ``(d_out, d_in + 1)``
+        The weight shape ``(q, p)`` of every layer (homogeneous coordinate last).
+    damping : {"factored", "exact"}
+        ``"factored"``: ``(Ā + πγI)⁻¹ ⊗ (G + (γ/π)I)⁻¹`` (K-FAC §6.3), as
+        :class:`kronlin.BlockDiagInverse` with ``gamma``/``pi`` given to
+        :meth:`refresh`; ``"exact"``: eigenbases at :meth:`refresh` and
+        ``(Ā⊗G + λI)⁻¹`` with ``λ = damping`` given to :meth:`precondition`.
+    grad_worker_fraction : float
+        KAISA's knob (see the module docstring); ``world · fraction`` must be an
+        integer dividing ``world``.
+    costs : list of float, optional
+        Per-layer refresh costs for the assignment (default: the cost model
+        :func:`~kronlin.distributed.assign.layer_costs`).  Must be the same on
+        every rank (checked).
+    log : CommLog, optional
+
+    Attributes
+    ----------
+    assignment : Assignment
+        Owners, modelled loads and KAISA's grid.
+    refresh_times : dict
+        Seconds this rank spent on each of its layers at the last refresh.
+    """
+
+    def __init__(self, comm, shapes, *, damping: str = "factored", grad_worker_fraction: float = 1.0,
+                 costs=None, log=None):  # fmt: skip
+        if damping not in ("factored", "exact"):
+            raise ValueError(f"damping must be 'factored' or 'exact'; got {damping!r}")
+        self.comm, self.log, self.damping = comm, log, damping
+        self.shapes = [(int(q), int(p)) for q, p in shapes]
+        self.rank, self.world = comm.Get_rank(), comm.Get_size()
+        costs = layer_costs(self.shapes, damping) if costs is None else [float(c) for c in costs]
+        if len(costs) != len(self.shapes):
+            raise ValueError(f"costs must have one entry per layer ({len(self.shapes)}); got {len(costs)}")
+        self.assignment = assign(costs, self.world, grad_worker_fraction)
+        a = self.assignment
+        # the assignment must be the same everywhere: check once (also catches different shapes or costs)
+        mine = (tuple(self.shapes), a.owners, damping, a.n_grad_workers)
+        everyone = comm.allgather(mine)
+        if any(x != everyone[0] for x in everyone):
+            bad = [r for r, x in enumerate(everyone) if x != everyone[0]]
+            raise ValueError(f"ranks {bad} computed a different layer assignment than rank 0 (different shapes, costs "
+                             f"or grad_worker_fraction); pass the same ones on every rank")  # fmt: skip
+        # KAISA's grid: the column holds a layer's inverse, the row shares its steps
+        self._col = comm.Split(a.column(self.rank), self.rank)
+        self._row = comm.Split(a.row(self.rank), self.rank)
+        self.my_layers = a.layers_of(self.rank)
+        self.worker_layers = a.layers_of_column(a.column(self.rank))  # layers whose inverse this rank holds
+        self._held = {}  # layer -> decomposition held by this rank
+        self.refresh_times = {}
+        self._ctx = None
+
+    # ------------------------------------------------------------ payloads
+    def _payload_size(self, k):
+        q, p = self.shapes[k]
+        if self.damping == "factored":
+            return tri_size(q) + tri_size(p)
+        return q * q + q + p * p + p
+
+    def _compute(self, k, A, G, gamma, pi):
+        if self.damping == "factored":
+            blk = BlockDiagInverse([A], [G], gamma=gamma, pi=pi).blocks[0]
+            return (blk.Ginv, mT(blk.Ainv_T))
+        return tuple(Kron(A, G).eigh())  # (Qa, la, Qg, lg)
+
+    def _pack(self, xp, k, dec):
+        if self.damping == "factored":
+            Ginv, Ainv = dec
+            return [pack_symmetric(xp, Ginv), pack_symmetric(xp, Ainv)]
+        return [xp.reshape(M, (-1,)) for M in dec]
+
+    def _unpack(self, xp, k, v):
+        q, p = self.shapes[k]
+        if self.damping == "factored":
+            return (unpack_symmetric(xp, v[:tri_size(q)], q), unpack_symmetric(xp, v[tri_size(q):], p))
+        Qa, la = xp.reshape(v[:p * p], (p, p)), v[p * p:p * p + p]
+        o = p * p + p
+        Qg, lg = xp.reshape(v[o:o + q * q], (q, q)), v[o + q * q:]
+        return (Qa, la, Qg, lg)
+
+    # ------------------------------------------------------------- refresh
+    def refresh(self, A_diag, G_diag, gamma: float = 0.0, pi="trace") -> "DistributedKFAC":
+        """Recompute the inverses from the (global, replicated) factors; each rank inverts its own layers.
+
+        ``A_diag``/``G_diag`` must be the same on every rank (e.g. from
+        :class:`~kronlin.distributed.DistributedFactorEstimator`).  ``gamma``
+        and ``pi`` are the factored damping of K-FAC §6.3 (``damping="factored"``).
+        """
+        MPI = mpi()
+        exc, dec, xp = None, {}, None
+        self.refresh_times = {}
+        try:
+            A_diag, G_diag = list(A_diag), list(G_diag)
+            if len(A_diag) != len(self.shapes) or len(G_diag) != len(self.shapes):
+                raise ValueError(f"A_diag and G_diag must hold {len(self.shapes)} factors; "
+                                 f"got {len(A_diag)} and {len(G_diag)}")  # fmt: skip
+            ctx, _ = context(("A_diag[0]", A_diag[0]))
+            xp, self._ctx = ctx.xp, ctx
+            for k in self.my_layers:
+                q, p = self.shapes[k]
+                if tuple(A_diag[k].shape) != (p, p) or tuple(G_diag[k].shape) != (q, q):
+                    raise ValueError(f"layer {k}: A_diag[{k}] must be ({p}, {p}) and G_diag[{k}] ({q}, {q}); "
+                                     f"got {tuple(A_diag[k].shape)} and {tuple(G_diag[k].shape)}")  # fmt: skip
+                t0 = time.perf_counter()
+                dec[k] = self._compute(k, A_diag[k], G_diag[k], gamma, pi)
+                self.refresh_times[k] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - reported on every rank by the check-in
+            exc = e
+        checkin(self.comm, exc, "K-FAC refresh (layer inversions)", self.log)
+        a = self.assignment
+        held = {}
+        # one broadcast per owner in this rank's column, owners in rank order (same order on every member)
+        for owner in a.column_ranks(a.column(self.rank)):
+            layers = a.layers_of(owner)
+            if not layers:
+                continue
+            if a.n_grad_workers == 1:  # memory-optimal: nothing leaves the owner
+                if owner == self.rank:
+                    held.update({k: self._unpack(xp, k, xp.concat(self._pack(xp, k, dec[k]))) for k in layers})
+                continue
+            if owner == self.rank:
+                buf = host(xp.concat([v for k in layers for v in self._pack(xp, k, dec[k])]))
+            else:
+                buf = np.empty(sum(self._payload_size(k) for k in layers), dtype=np.dtype(str(self._ctx.dtype)))
+            self._col.Bcast(buf, root=a.column_ranks(a.column(self.rank)).index(owner))
+            if self.log is not None:
+                self.log.add("inverse_bcast", buf.nbytes)
+            flat, pos = back(xp, buf, None), 0
+            for k in layers:
+                n = self._payload_size(k)
+                held[k] = self._unpack(xp, k, flat[pos:pos + n])
+                pos += n
+        self._held = held
+        if self.damping == "exact":
+            self._held = {k: KronEigh(*d) for k, d in held.items()}
+        return self
+
+    # ---------------------------------------------------------- precondition
+    def _apply(self, k, V, damping):
+        d = self._held[k]
+        if self.damping == "factored":
+            Ginv, Ainv = d
+            return Ginv @ V @ mT(Ainv)
+        return d.solve(V, damping=damping)
+
+    def precondition(self, V_list, damping: float = 0.0) -> list:
+        """``F̆⁻¹ V`` for every layer, on every rank (``V_list``: the all-reduced gradient, the same everywhere).
+
+        ``damping`` is the λ of ``(Ā⊗G + λI)⁻¹`` for ``damping="exact"`` (ignored
+        for ``"factored"``, whose damping was fixed at :meth:`refresh`).
+        """
+        MPI = mpi()
+        if not self._held and self.worker_layers:
+            raise RuntimeError("no inverses yet: call refresh(A_diag, G_diag, ...) first")
+        a = self.assignment
+        exc, steps, xp = None, {}, None
+        try:
+            V_list = list(V_list)
+            if len(V_list) != len(self.shapes):
+                raise ValueError(f"V_list must hold one array per layer ({len(self.shapes)}); got {len(V_list)}")
+            ctx, Vs = context(*[(f"V_list[{k}]", V) for k, V in enumerate(V_list)])
+            xp = ctx.xp
+            for k in self.worker_layers:
+                if tuple(Vs[k].shape) != self.shapes[k]:
+                    raise ValueError(f"V_list[{k}] must have shape {self.shapes[k]}; got {tuple(Vs[k].shape)}")
+                steps[k] = self._apply(k, Vs[k], damping)
+        except Exception as e:  # noqa: BLE001 - reported on every rank by the check-in
+            exc = e
+        checkin(self.comm, exc, "K-FAC preconditioning", self.log)
+        if a.n_columns > 1:
+            # each member of this rank's row is the gradient worker of its column's layers for this row
+            row = a.row_ranks(a.row(self.rank))
+            for src in row:
+                layers = a.layers_of_column(a.column(src))
+                if not layers:
+                    continue
+                if src == self.rank:
+                    buf = host(xp.concat([xp.reshape(steps[k], (-1,)) for k in layers]))
+                else:
+                    buf = np.empty(sum(q * p for q, p in (self.shapes[k] for k in layers)),
+                                   dtype=np.dtype(str(ctx.dtype)))  # fmt: skip
+                self._row.Bcast(buf, root=row.index(src))
+                if self.log is not None:
+                    self.log.add("step_bcast", buf.nbytes)
+                if src != self.rank:
+                    flat, pos = back(xp, buf, None), 0
+                    for k in layers:
+                        q, p = self.shapes[k]
+                        steps[k] = xp.reshape(flat[pos:pos + q * p], (q, p))
+                        pos += q * p
+        return [ctx.out(steps[k]) for k in range(len(self.shapes))]
+
+    def free(self) -> None:
+        """Release the sub-communicators (collective over ``comm``)."""
+        for c in (self._col, self._row):
+            c.Free()
