@@ -34,8 +34,9 @@ import time
 
 import numpy as np
 
-from .. import BlockDiagInverse, Kron, KronEigh
+from .. import Kron, KronEigh, factored_damping
 from .._backend import context, mT
+from .._validate import check_finite
 from ._comm import back, checkin, host, mpi, pack_symmetric, tri_size, unpack_symmetric
 from .assign import assign, layer_costs
 
@@ -108,9 +109,12 @@ class DistributedKFAC:
         return q * q + q + p * p + p
 
     def _compute(self, k, A, G, gamma, pi):
+        xp = context(("A", A))[0].xp
+        check_finite(xp, A, f"A_diag[{k}]")  # name the layer; the operators below only know "A" and "G"
+        check_finite(xp, G, f"G_diag[{k}]")
         if self.damping == "factored":
-            blk = BlockDiagInverse([A], [G], gamma=gamma, pi=pi).blocks[0]
-            return (blk.Ginv, mT(blk.Ainv_T))
+            inv = factored_damping(A, G, gamma, pi=pi).inv()  # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹, K-FAC §6.3
+            return (inv.G, inv.A)
         return tuple(Kron(A, G).eigh())  # (Qa, la, Qg, lg)
 
     def _pack(self, xp, k, dec):
