@@ -218,7 +218,7 @@ def make_config(task, opt, *, seed=0, data_seed=0, batch=DEFAULT_BATCH, steps=DE
     """The run configuration (what a checkpoint records and a resume checks)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
-    get_optimizer(opt)
+    get_optimizer(opt).check_hparams(dict(hp or {}))
     if int(steps) < 0 or int(batch) < 1:
         raise ValueError(f"need steps >= 0 and batch >= 1; got steps={steps}, batch={batch}")
     return {
