@@ -7,7 +7,8 @@ size such as a PCG64 state, floats, strings, bools, ``None``) as a JSON
 document in the member ``__tree__``.  Floats go through ``repr`` (exact round
 trip, ``nan``/``inf`` included), arrays keep dtype and bits, NumPy scalars
 become 0-d arrays and come back as NumPy scalars — so a resumed run continues
-bit for bit.
+bit for bit.  :func:`load_checkpoint` reads every member (each is CRC-checked)
+and turns whatever a damaged file raises into one :class:`CheckpointError`.
 
 :func:`atomic_write` writes any file through a temporary file in the target's
 directory, ``fsync``s it and ``os.replace``s it over the target: a crash at any
@@ -23,7 +24,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "encode_tree", "decode_tree"]
+__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "encode_tree", "decode_tree", "CheckpointError"]
 
 _TREE = "__tree__"
 
@@ -119,10 +120,71 @@ def save_checkpoint(path, tree) -> None:
     atomic_write(path, lambda f: np.savez(f, **members))
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable, well-formed checkpoint (the message says what is wrong)."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
 def load_checkpoint(path):
-    """The tree saved by :func:`save_checkpoint` (no pickle is ever loaded)."""
-    with np.load(os.fspath(path), allow_pickle=False) as z:
-        if _TREE not in z.files:
-            raise ValueError(f"{path} is not a kronlin.train checkpoint (no {_TREE} member)")
-        arrays = {k: z[k] for k in z.files if k != _TREE}
-        return decode_tree(str(z[_TREE]), arrays)
+    """The tree saved by :func:`save_checkpoint` (no pickle is ever loaded).
+
+    Raises :class:`CheckpointError` (a ``ValueError``) with one line saying
+    why when the file is missing, empty, not an ``.npz`` archive, truncated or
+    corrupted (every member is CRC-checked), or holds members that
+    :func:`save_checkpoint` does not write.
+    """
+    path = os.fspath(path)
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise CheckpointError(f"cannot read it: {exc.strerror or exc}") from None
+    with f:
+        magic = f.read(4)
+        if not magic:
+            raise CheckpointError("the file is empty (not a kronlin.train checkpoint)")
+        if magic != _ZIP_MAGIC:
+            raise CheckpointError("not a kronlin.train checkpoint (not an .npz archive)")
+        f.seek(0)
+        return _read_tree(f)
+
+
+def _read_tree(f):
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            names = z.files
+            if _TREE not in names:
+                raise CheckpointError(f"not a kronlin.train checkpoint (no {_TREE} member)")
+            arrays = _Members({k: z[k] for k in names if k != _TREE})
+            text = z[_TREE]
+            if text.dtype.kind != "U" or text.ndim != 0:
+                raise CheckpointError(f"not a kronlin.train checkpoint ({_TREE} is not a string)")
+            tree = decode_tree(str(text), arrays)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # zipfile, npy header, JSON and tree errors all mean a damaged file
+        raise CheckpointError(f"not a kronlin.train checkpoint, or truncated or corrupted ({_reason(exc)})") from None
+    extra = sorted(set(arrays) - arrays.used)
+    if extra:
+        raise CheckpointError(f"not a kronlin.train checkpoint (unexpected member(s) {extra})")
+    return tree
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, KeyError):
+        text = f"missing {text}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Members(dict):
+    """The archive's arrays, remembering which of them the tree refers to."""
+
+    def __init__(self, arrays):
+        super().__init__(arrays)
+        self.used: set = set()
+
+    def __getitem__(self, key):
+        self.used.add(key)
+        return super().__getitem__(key)

@@ -36,7 +36,11 @@ its generator), the sampler's generator, the record so far and the config to
 ``--checkpoint-every`` iterations, and when the run is interrupted (Ctrl-C
 stops at the end of the current iteration).  ``--resume PATH`` continues a run
 bit for bit as if it had never stopped; its task, optimizer, seeds, batch size,
-data options and ``--hp`` overrides must match the command line.
+data options and ``--hp`` overrides must match the command line.  A checkpoint
+that is damaged (truncated, flipped bytes, not an archive), that holds weights
+or optimizer state that are not finite, or whose contents do not fit the run
+(see :mod:`kronlin.train.resume`) is refused with one line on stderr and exit
+status 2, like every other usage error.
 
 Compare::
 
@@ -61,16 +65,15 @@ import time
 
 import numpy as np
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .data import TASKS, load_task
 from .optim import OPTIMIZERS, get_optimizer
+from .resume import checkpoint_tree, restore
+from .resume import jsonable as _jsonable
 
 __all__ = ["main", "run_training", "run_compare", "parse_hp", "Progress"]
 
 PROG = "python -m kronlin.train"
-CHECKPOINT_FORMAT = "kronlin.train-checkpoint/1"
-# Settings that must agree between a checkpoint and the command line resuming it.
-_RESUME_KEYS = ("task", "opt", "seed", "data_seed", "batch", "data", "hp")
 
 DEFAULT_STEPS = 200
 DEFAULT_BATCH = 256
@@ -106,18 +109,6 @@ def parse_hp(items) -> dict:
             raise ValueError(f"expected key=value, got {item!r}")
         out[key.strip()] = parse_value(value)
     return out
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x
 
 
 def write_json(path, obj) -> None:
@@ -243,38 +234,6 @@ def _setup(config):
     return task, net, data_rng, opt
 
 
-def _checkpoint_tree(config, net, opt, data_rng, record) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "config": {k: config[k] for k in _RESUME_KEYS},
-        "iteration": len(record["loss"]),
-        "params": [W.copy() for W in net.params],
-        "optimizer": opt.state_dict(),
-        "data_rng": data_rng.bit_generator.state,
-        "record": record,
-    }
-
-
-def _restore(ckpt, config, net, opt, data_rng) -> dict:
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("not a kronlin.train checkpoint (format tag missing or different)")
-    saved = ckpt["config"]
-    diff = [k for k in _RESUME_KEYS if _jsonable(saved.get(k)) != _jsonable(config[k])]
-    if diff:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs command line {config[k]!r}" for k in diff)
-        raise ValueError(f"--resume: the checkpoint was made with a different configuration ({detail})")
-    done = int(ckpt["iteration"])
-    if done > config["steps"]:
-        raise ValueError(f"--resume: the checkpoint already has {done} iterations, more than --steps {config['steps']}")
-    net.set_params(ckpt["params"])
-    opt.load_state_dict(ckpt["optimizer"])
-    data_rng.bit_generator.state = ckpt["data_rng"]
-    record = ckpt["record"]
-    if len(record["loss"]) != done or len(record["seconds"]) != done:
-        raise ValueError("corrupt checkpoint: its record does not hold one loss per iteration")
-    return record
-
-
 def run_training(
     config: dict,
     *,
@@ -295,7 +254,10 @@ def run_training(
     task, net, data_rng, opt = _setup(config)
     steps = config["steps"]
     if resume is not None:
-        record = _restore(load_checkpoint(resume), config, net, opt, data_rng)
+        try:
+            record = restore(load_checkpoint(resume), config, net, opt, data_rng, task.sample_batch)
+        except CheckpointError as exc:
+            raise CheckpointError(f"--resume {resume}: {exc}") from None
     else:
         record = {"task": config["task"], "opt": config["opt"], "seed": config["seed"], "config": None,
                   "loss": [], "seconds": []}  # fmt: skip
@@ -316,7 +278,7 @@ def run_training(
     def save():
         record["rejected"] = int(opt.n_rejected)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, _checkpoint_tree(config, net, opt, data_rng, record))
+            save_checkpoint(checkpoint, checkpoint_tree(config, net, opt, data_rng, record))
 
     t0 = time.perf_counter()
     with _StopFlag(handle_sigint) as stop:

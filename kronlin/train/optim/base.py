@@ -110,9 +110,10 @@ class Optimizer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("name") != self.name:
-            found = state.get("name") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"state is for optimizer {found!r}, not {self.name!r}")
+        if not isinstance(state, dict):
+            raise ValueError(f"the state must be a dict (from state_dict()); got {type(state).__name__}")
+        if state.get("name") != self.name:
+            raise ValueError(f"state is for optimizer {state.get('name')!r}, not {self.name!r}")
         self.check_hparams(state["hparams"])
         self.hparams = dict(state["hparams"])
         self.iteration = int(state["iteration"])
