@@ -13,18 +13,21 @@ and turns whatever a damaged file raises into one :class:`CheckpointError`.
 :func:`atomic_write` writes any file through a temporary file in the target's
 directory, ``fsync``s it and ``os.replace``s it over the target: a crash at any
 point leaves either the old file or the new one, never a torn mix; the
-temporary file is removed when the write fails.
+temporary file is removed when the write fails, and one left by a killed
+process is removed by the next write of the same file.  Files follow the
+umask (or keep the mode of the file they replace), like ordinary writes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 
 import numpy as np
 
-__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "encode_tree", "decode_tree", "CheckpointError"]
+__all__ = ["atomic_write", "remove_stale_temporaries", "save_checkpoint", "load_checkpoint", "encode_tree", "decode_tree", "CheckpointError"]
 
 _TREE = "__tree__"
 
@@ -83,11 +86,23 @@ def decode_tree(text: str, arrays) -> object:
 
 
 def atomic_write(path, write) -> None:
-    """Write ``path`` through ``write(fileobj)`` so that it is replaced atomically or not at all."""
+    """Write ``path`` through ``write(fileobj)`` so that it is replaced atomically or not at all.
+
+    The file gets the permissions an ordinary ``open(path, "w")`` would give
+    it: those of the file it replaces, or ``0o666`` less the umask for a new
+    one.  The temporary file (``.<name>.kronlin-<pid>-XXXXXXXX.tmp``, next to
+    ``path``) is removed when the write fails or is interrupted by an
+    exception; temporaries left by processes that were killed (SIGKILL, power
+    loss) are removed by the next write of the same ``path``
+    (:func:`remove_stale_temporaries`).
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path) + f"{os.getpid()}-", suffix=".tmp", dir=directory)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -109,6 +124,71 @@ def atomic_write(path, write) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def _tmp_prefix(path) -> str:
+    return "." + os.path.basename(path) + ".kronlin-"
+
+
+def _new_file_mode(path) -> int:
+    """The mode of the file being replaced, or ``0o666`` less the process umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    mask = None
+    try:  # Linux reports the umask without changing it (thread-safe)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def remove_stale_temporaries(path) -> list:
+    """Remove the temporary files of :func:`atomic_write` for ``path`` whose writer process is gone.
+
+    Only files of our own naming (``.<name>.kronlin-<pid>-*.tmp`` next to
+    ``path``) are considered, and only those whose ``<pid>`` is no running
+    process; returns the paths removed.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _tmp_prefix(path)
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid_text = name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+        except OSError:
+            pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process, or no way to tell: leave its file alone
+        return True
+    return True
 
 
 def save_checkpoint(path, tree) -> None:

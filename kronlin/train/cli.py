@@ -166,16 +166,22 @@ class Progress:
 
 
 class _StopFlag:
-    """Turns the first SIGINT into a request to stop after the current iteration."""
+    """Turns the first SIGINT into a request to stop after the current iteration.
+
+    SIGTERM ends the run at once, but as an exception (``SystemExit(143)``), so
+    that a checkpoint being written removes its temporary file.
+    """
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and _in_main_thread()
         self.requested = False
         self._old = None
+        self._old_term = None
 
     def __enter__(self):
         if self.enabled:
             self._old = signal.signal(signal.SIGINT, self._handler)
+            self._old_term = signal.signal(signal.SIGTERM, _terminate)
         return self
 
     def _handler(self, signum, frame):
@@ -187,7 +193,13 @@ class _StopFlag:
     def __exit__(self, *exc):
         if self.enabled:
             signal.signal(signal.SIGINT, self._old)
+            signal.signal(signal.SIGTERM, self._old_term)
         return False
+
+
+def _terminate(signum, frame):
+    sys.stderr.write("\nterminated\n")
+    raise SystemExit(128 + signum)
 
 
 def _in_main_thread() -> bool:
@@ -295,10 +307,10 @@ def run_training(
                 raise Interrupted(done, checkpoint)
             if checkpoint_every and done % checkpoint_every == 0 and done < steps:
                 save()
-    bar.close()
-    save()
-    if out is not None:
-        write_json(out, record)
+        bar.close()
+        save()
+        if out is not None:
+            write_json(out, record)
     return record
 
 
