@@ -21,10 +21,11 @@ possible only when a batch overflows at weights that were finite on the
 previous batch — is written as JSON's ``NaN``/``Infinity``; such steps are
 rejected, see :mod:`kronlin.train.optim.base`.)
 
-``--threads N`` limits BLAS/OpenMP threads (threadpoolctl).  These networks
-are small: on a machine with other work running, multi-threaded BLAS can be
-ten times slower than ``--threads 1``, which is also what makes timings
-comparable between optimizers.
+BLAS/OpenMP run one thread unless ``--threads N`` says otherwise (``0``: the
+libraries' default; see :mod:`kronlin._threads`).  These networks are small:
+on a machine with other work running, multi-threaded BLAS made 100 K-FAC
+iterations 15–25 times slower than one thread, and one thread is also what
+makes timings comparable between optimizers.
 
 Randomness: ``--seed`` is split (``numpy.random.SeedSequence``) into the
 initial weights, the mini-batch sampler and the optimizer's own generator;
@@ -44,7 +45,7 @@ status 2, like every other usage error.
 
 Compare::
 
-    python -m kronlin.train compare --task digits-ae --opts kfac sgd --steps 1000 --threads 1 --out-dir results/
+    python -m kronlin.train compare --task digits-ae --opts kfac sgd --steps 1000 --out-dir results/
 
 runs each optimizer on the task with the same seed and writes ``<opt>.json``
 records, ``compare.png`` (loss against iterations and against seconds) and
@@ -65,6 +66,7 @@ import time
 
 import numpy as np
 
+from .._threads import DEFAULT_THREADS, thread_limit
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .data import TASKS, load_task
 from .optim import OPTIMIZERS, get_optimizer
@@ -78,7 +80,7 @@ PROG = "python -m kronlin.train"
 DEFAULT_STEPS = 200
 DEFAULT_BATCH = 256
 COMPARE_DEFAULT_TASK = "digits-ae"
-COMPARE_DEFAULT_STEPS = 1000  # kfac + sgd on digits-ae: about 20-30 s on 2 cores with --threads 1
+COMPARE_DEFAULT_STEPS = 1000  # kfac + sgd on digits-ae: about 20-30 s on 2 cores (one BLAS thread)
 COMPARE_DEFAULT_OPTS = ("kfac", "sgd")  # falls back to sgd, adam while kfac is not registered
 
 
@@ -421,8 +423,8 @@ def _common(p: argparse.ArgumentParser, *, steps_default, batch_default) -> None
                    help="task option, e.g. n=2000 (curves-ae images) or activation=logistic")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="limit BLAS/OpenMP threads to N (needs threadpoolctl; small problems on a busy "
-                   "machine run much faster with 1)")  # fmt: skip
+                   help=f"BLAS/OpenMP threads (default {DEFAULT_THREADS}: these networks are small, and more threads "
+                   "on a busy machine make them many times slower; 0: the libraries' default)")  # fmt: skip
 
 
 def _hp_epilog() -> str:
@@ -472,18 +474,12 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def _thread_limit(p, n):
-    """A context limiting BLAS/OpenMP threads to ``n`` (``None``: no limit)."""
-    import contextlib
-
-    if n is None:
-        return contextlib.nullcontext()
-    if n < 1:
-        p.error("--threads must be >= 1")
+    """The context pinning BLAS/OpenMP to ``--threads`` (default :data:`DEFAULT_THREADS`); usage errors exit 2."""
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        p.error("--threads needs threadpoolctl (pip install threadpoolctl)")
-    return threadpool_limits(limits=n)
+        limit, _ = thread_limit(DEFAULT_THREADS if n is None else n, required=n is not None)
+    except (ValueError, RuntimeError) as exc:
+        p.error(str(exc))
+    return limit
 
 
 def _run_main(argv) -> int:
