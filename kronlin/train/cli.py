@@ -47,7 +47,9 @@ Compare::
 
     python -m kronlin.train compare --task digits-ae --opts kfac sgd --steps 1000 --out-dir results/
 
-runs each optimizer on the task with the same seed and writes ``<opt>.json``
+runs each optimizer on the task with the same seed and writes, into
+``--out-dir`` (default ``kronlin-out/`` in the current directory, created only
+once every argument has been checked), ``<opt>.json``
 records, ``compare.png`` (loss against iterations and against seconds) and
 ``compare.md`` (a Markdown table).  ``--hp key=value`` applies to every
 optimizer that has the hyper-parameter, ``--hp opt:key=value`` to one.
@@ -68,7 +70,7 @@ import numpy as np
 
 from .._threads import DEFAULT_THREADS, thread_limit
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .data import TASKS, load_task
+from .data import INSTALL_TRAIN, TASKS, load_task
 from .optim import OPTIMIZERS, get_optimizer
 from .resume import checkpoint_tree, restore
 from .resume import jsonable as _jsonable
@@ -81,6 +83,7 @@ DEFAULT_STEPS = 200
 DEFAULT_BATCH = 256
 COMPARE_DEFAULT_TASK = "digits-ae"
 COMPARE_DEFAULT_STEPS = 1000  # kfac + sgd on digits-ae: about 20-30 s on 2 cores (one BLAS thread)
+COMPARE_DEFAULT_OUT = "kronlin-out"  # ignored by the repository's .gitignore
 COMPARE_DEFAULT_OPTS = ("kfac", "sgd")  # falls back to sgd, adam while kfac is not registered
 
 
@@ -362,14 +365,21 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([np.full(window - 1, np.nan), out])
 
 
-def plot_records(records: dict, path, title: str = "") -> None:
-    """Loss against iterations and against seconds (log scale), one line per optimizer, to ``path`` (PNG)."""
+def _import_pyplot_backend():
+    """matplotlib's Agg canvas and Figure (``ImportError`` with the install hint when it is missing)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.ticker import LogFormatter
-    except ImportError as exc:  # pragma: no cover - matplotlib is in the [train] extra
-        raise ImportError("compare needs matplotlib for its plot: pip install 'kronlin[train]'") from exc
+    except ImportError as exc:
+        raise ImportError(f"compare needs matplotlib for its plot: {INSTALL_TRAIN}") from exc
+    return FigureCanvasAgg, Figure
+
+
+def plot_records(records: dict, path, title: str = "") -> None:
+    """Loss against iterations and against seconds (log scale), one line per optimizer, to ``path`` (PNG)."""
+    FigureCanvasAgg, Figure = _import_pyplot_backend()
+    from matplotlib.ticker import LogFormatter
+
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax_it, ax_s = fig.subplots(1, 2, sharey=True)
@@ -401,10 +411,14 @@ def run_compare(task, opts, *, steps, batch, seed=0, data_seed=0, hp=None, data=
     """Run every optimizer in ``opts`` on ``task``; write records, ``compare.png`` and ``compare.md`` to ``out_dir``."""
     opts = list(dict.fromkeys(opts))
     per = _split_hp(dict(hp or {}), opts)
+    configs = {name: make_config(task, name, seed=seed, data_seed=data_seed, batch=batch, steps=steps, hp=per[name],
+                                 data=data) for name in opts}  # fmt: skip
+    for cfg in configs.values():  # every optimizer accepts the task's network (before any output exists)
+        _setup(cfg)
+    _import_pyplot_backend()
     os.makedirs(out_dir, exist_ok=True)
     records = {}
-    for name in opts:
-        cfg = make_config(task, name, seed=seed, data_seed=data_seed, batch=batch, steps=steps, hp=per[name], data=data)
+    for name, cfg in configs.items():
         records[name] = run_training(cfg, progress=progress, out=os.path.join(out_dir, f"{name}.json"))
     title = f"{task}: batch {batch}, seed {seed}"
     plot_records(records, os.path.join(out_dir, "compare.png"), title)
@@ -469,7 +483,8 @@ def compare_parser() -> argparse.ArgumentParser:
     _common(p, steps_default=COMPARE_DEFAULT_STEPS, batch_default=DEFAULT_BATCH)
     p.add_argument("--hp", action="append", default=[], metavar="[OPT:]KEY=VALUE",
                    help="hyper-parameter override for every optimizer that has KEY, or only for OPT")  # fmt: skip
-    p.add_argument("--out-dir", default="compare-out", help="output folder (default %(default)s)")
+    p.add_argument("--out-dir", default=COMPARE_DEFAULT_OUT, help="output folder (default %(default)s, "
+                   "in the current directory; created only once the arguments are valid)")  # fmt: skip
     return p
 
 
@@ -495,13 +510,17 @@ def _run_args(p, args) -> int:
                           steps=args.steps, hp=parse_hp(args.hp), data=parse_hp(args.data))  # fmt: skip
         if args.checkpoint_every < 0:
             raise ValueError("--checkpoint-every must be >= 0")
+        for flag, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
+            folder = os.path.dirname(os.path.abspath(path)) if path else None
+            if folder and not os.path.isdir(folder):
+                raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
         rec = run_training(cfg, resume=args.resume, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                            progress=not args.quiet, handle_sigint=True, out=args.out)  # fmt: skip
     except Interrupted as exc:
         where = f"; resume with --resume {exc.checkpoint}" if exc.checkpoint else " (no --checkpoint given)"
         print(f"interrupted after {exc.done} iterations{where}", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         p.exit(2, f"{PROG}: error: {exc}\n")
     if rec["loss"]:
         print(f"{cfg['task']} / {cfg['opt']}: {len(rec['loss'])} iterations, final loss {rec['loss'][-1]:.6g}, "
@@ -521,7 +540,7 @@ def _compare_args(p, args) -> int:
         recs = run_compare(args.task, args.opts, steps=args.steps, batch=args.batch, seed=args.seed,
                            data_seed=args.data_seed, hp=parse_hp(args.hp), data=parse_hp(args.data),
                            out_dir=args.out_dir, progress=not args.quiet)  # fmt: skip
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         p.exit(2, f"{PROG} compare: error: {exc}\n")
     print(summary_table(recs), end="")
     print(f"wrote {args.out_dir}/compare.png, compare.md and one JSON record per optimizer")

@@ -125,3 +125,53 @@ def test_sigterm_during_a_write_removes_the_temporary(tmp_path, monkeypatch):
     assert e.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+# ----------------------------------------------------------------- where outputs go, and when
+def test_compare_writes_into_kronlin_out_of_the_current_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["compare", "--task", "digits-clf", "--opts", "sgd", "--steps", "2", "--batch", "16", "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kronlin-out"]
+    assert sorted(p.name for p in (tmp_path / "kronlin-out").iterdir()) == ["compare.md", "compare.png", "sgd.json"]
+    assert "wrote kronlin-out/compare.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (["--steps", "-1"], "need steps >= 0"),
+        (["--batch", "0"], "batch >= 1"),
+        (["--hp", "lr=-1"], "hyper-parameter lr"),
+        (["--hp", "nonsense=1"], "no optimizer among"),
+        (["--data", "colour=red"], "unknown task option"),
+        (["--task", "digits-conv", "--opts", "sgd", "kfac-tridiag"], "needs a network of dense layers"),
+    ],
+)
+def test_compare_usage_errors_create_no_output_folder(tmp_path, monkeypatch, capsys, bad, words):
+    monkeypatch.chdir(tmp_path)
+    args = ["compare", "--task", "digits-clf", "--opts", "sgd", "--steps", "2", "--quiet", *bad]
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_refuses_an_output_in_a_missing_folder_before_training(tmp_path, capsys, monkeypatch):
+    from kronlin.train.optim import SGD
+
+    monkeypatch.setattr(SGD, "step", lambda *a: pytest.fail("trained before checking --out"))
+    for flag in ("--out", "--checkpoint"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(RUN + ["--opt", "sgd", "--steps", "2", flag, str(tmp_path / "missing" / "f")])
+        assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_missing_scikit_learn_names_the_readme_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # "import sklearn.datasets" now fails
+    with pytest.raises(SystemExit) as e:
+        cli.main(RUN + ["--opt", "sgd", "--steps", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "scikit-learn" in err and 'pip install ".[train]"' in err, err
