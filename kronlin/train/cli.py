@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import os
 import signal
 import sys
@@ -70,8 +69,10 @@ import numpy as np
 
 from .._threads import DEFAULT_THREADS, thread_limit
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .data import INSTALL_TRAIN, TASKS, load_task
+from .data import TASKS, load_task
 from .optim import OPTIMIZERS, get_optimizer
+from .plot import import_matplotlib, plot_records
+from .progress import Progress
 from .resume import checkpoint_tree, restore
 from .resume import jsonable as _jsonable
 
@@ -120,54 +121,6 @@ def write_json(path, obj) -> None:
     """Atomically write ``obj`` as JSON."""
     text = json.dumps(_jsonable(obj), indent=1)
     atomic_write(path, lambda f: f.write(text.encode()))
-
-
-class Progress:
-    """A dependency-free progress bar on stderr.
-
-    On a terminal the bar is redrawn in place (at most ten times a second);
-    otherwise one line is printed about every tenth of the run.
-    """
-
-    def __init__(self, total: int, label: str = "", enabled: bool = True, stream=None, width: int = 24):
-        self.total, self.label, self.enabled, self.width = int(total), label, enabled, width
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last_draw = -math.inf
-        self._next_line = 0
-        self._drew = False
-
-    def update(self, done: int, loss: float, seconds: float, start: int = 0) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        final = done >= self.total
-        if self.tty:
-            if not final and now - self._last_draw < 0.1:
-                return
-        elif not final and done < self._next_line:
-            return
-        self._last_draw = now
-        self._next_line = done + max(1, self.total // 10)
-        frac = done / self.total if self.total else 1.0
-        fill = int(round(frac * self.width))
-        rate = seconds / max(done - start, 1)  # seconds per iteration of this session only
-        eta = rate * (self.total - done)
-        line = (
-            f"{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{self.total}"
-            f"  loss {loss:.4e}  {seconds:.1f}s  eta {eta:.1f}s"
-        )
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self._drew = True
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self._drew:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 class _StopFlag:
@@ -357,56 +310,6 @@ def summary_table(records: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _smooth(y: np.ndarray, window: int) -> np.ndarray:
-    if window <= 1 or len(y) < window:
-        return y
-    c = np.cumsum(np.insert(np.where(np.isfinite(y), y, np.nan), 0, 0.0))
-    out = (c[window:] - c[:-window]) / window
-    return np.concatenate([np.full(window - 1, np.nan), out])
-
-
-def _import_pyplot_backend():
-    """matplotlib's Agg canvas and Figure (``ImportError`` with the install hint when it is missing)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise ImportError(f"compare needs matplotlib for its plot: {INSTALL_TRAIN}") from exc
-    return FigureCanvasAgg, Figure
-
-
-def plot_records(records: dict, path, title: str = "") -> None:
-    """Loss against iterations and against seconds (log scale), one line per optimizer, to ``path`` (PNG)."""
-    FigureCanvasAgg, Figure = _import_pyplot_backend()
-    from matplotlib.ticker import LogFormatter
-
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_it, ax_s = fig.subplots(1, 2, sharey=True)
-    for i, (name, rec) in enumerate(records.items()):
-        loss = np.asarray(rec["loss"], dtype=float)
-        if len(loss) == 0:
-            continue
-        sec = np.asarray(rec["seconds"], dtype=float)
-        it = np.arange(1, len(loss) + 1)
-        colour = f"C{i}"
-        sm = _smooth(loss, max(1, len(loss) // 50))
-        for ax, x in ((ax_it, it), (ax_s, sec)):
-            ax.plot(x, loss, color=colour, alpha=0.25, lw=0.8)
-            ax.plot(x, sm, color=colour, lw=1.8, label=name)
-    for ax, xl in ((ax_it, "iteration"), (ax_s, "seconds")):
-        ax.set_xlabel(xl)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(LogFormatter())  # plain numbers ("20", "0.01"), not 2×10¹
-        ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
-        ax.grid(True, which="both", alpha=0.3)
-    ax_it.set_ylabel("training loss (mini-batch, after the step)")
-    ax_it.legend()
-    if title:
-        fig.suptitle(title)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-
-
 def run_compare(task, opts, *, steps, batch, seed=0, data_seed=0, hp=None, data=None, out_dir=".", progress=False) -> dict:
     """Run every optimizer in ``opts`` on ``task``; write records, ``compare.png`` and ``compare.md`` to ``out_dir``."""
     opts = list(dict.fromkeys(opts))
@@ -415,11 +318,12 @@ def run_compare(task, opts, *, steps, batch, seed=0, data_seed=0, hp=None, data=
                                  data=data) for name in opts}  # fmt: skip
     for cfg in configs.values():  # every optimizer accepts the task's network (before any output exists)
         _setup(cfg)
-    _import_pyplot_backend()
+    import_matplotlib()
     os.makedirs(out_dir, exist_ok=True)
     records = {}
-    for name, cfg in configs.items():
-        records[name] = run_training(cfg, progress=progress, out=os.path.join(out_dir, f"{name}.json"))
+    for k, (name, cfg) in enumerate(configs.items(), 1):
+        records[name] = run_training(cfg, progress=progress, out=os.path.join(out_dir, f"{name}.json"),
+                                     label=f"{task}/{name} (optimizer {k} of {len(configs)})")  # fmt: skip
     title = f"{task}: batch {batch}, seed {seed}"
     plot_records(records, os.path.join(out_dir, "compare.png"), title)
     table = f"## {title}\n\n" + summary_table(records)
