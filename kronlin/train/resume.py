@@ -14,7 +14,10 @@ that a run of the same configuration could not have written:
   whose arrays differ in shape or dtype from the fresh optimizer's, or whose
   numbers are not finite;
 * a sampler state the generator refuses, or a record that does not hold one
-  loss and one time per iteration.
+  loss and one time per iteration;
+* a state whose pieces do not fit together (say, K-FAC factors of another
+  network): one trial step on copies of the restored network, optimizer and
+  sampler must run, so that such a state fails here, not mid-run.
 """
 
 from __future__ import annotations
