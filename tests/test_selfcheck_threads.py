@@ -56,3 +56,16 @@ def test_cli_threads_option(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kronlin", "--help"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=300, check=False)  # fmt: skip
     assert r.returncode == 0 and "--threads" in r.stdout
+
+
+def test_without_threadpoolctl_the_default_runs_unpinned_and_says_so(monkeypatch):
+    from kronlin._threads import thread_limit
+
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # "import threadpoolctl" now fails
+    limit, text = thread_limit(1, required=False)
+    with limit:
+        pass
+    assert "not pinned" in text and "pip install threadpoolctl" in text
+    with pytest.raises(RuntimeError, match="--threads needs threadpoolctl"):
+        thread_limit(2, required=True)
+    assert thread_limit(0, required=True)[1] == "threads: BLAS/OpenMP default (not pinned)"

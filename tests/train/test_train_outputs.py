@@ -175,3 +175,17 @@ def test_missing_scikit_learn_names_the_readme_install(tmp_path, monkeypatch, ca
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "scikit-learn" in err and 'pip install ".[train]"' in err, err
+
+
+def test_compare_shows_progress_on_stderr_unless_quiet(tmp_path, capsys):
+    base = ["compare", "--task", "digits-clf", "--opts", "sgd", "adam", "--steps", "20", "--batch", "16",
+            "--out-dir", str(tmp_path / "cmp")]  # fmt: skip
+    assert cli.main(base) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert any(line.startswith("digits-clf/sgd (optimizer 1 of 2) [") for line in err)
+    assert err[-1].startswith("digits-clf/adam (optimizer 2 of 2) [") and "20/20" in err[-1]
+    assert all("elapsed " in line and " eta " in line for line in err)
+    assert "elapsed" not in captured.out  # the table goes to stdout, progress to stderr
+    assert cli.main(base + ["--quiet"]) == 0
+    assert capsys.readouterr().err == ""
