@@ -250,3 +250,25 @@ def test_factor_estimator_state_round_trips():
             np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="must be a dict"):
         FactorEstimator().load_state_dict([1])
+
+
+# ------------------------------------------------ every optimizer's real checkpoints pass the checks
+RESUME_CASES = [
+    ("digits-clf", "sgd", []), ("digits-clf", "adam", []), ("digits-clf", "kfac", ["--hp", "polyak=0.9"]),
+    ("digits-clf", "kfac", ["--hp", "damping=exact", "--hp", "T3=2", "--hp", "T2=4"]),
+    ("digits-clf", "kfac-tridiag", []), ("digits-clf", "kfra", []), ("digits-clf", "kflr", ["--hp", "T3=1"]),
+    ("digits-clf", "foof", ["--hp", "T=2"]), ("digits-clf", "ngd", []), ("digits-clf", "kbfgs", []),
+    ("digits-clf", "kbfgs-l", ["--hp", "memory=2"]), ("digits-conv", "kfac", []), ("digits-conv", "kbfgs-l", []),
+    ("digits-conv", "ngd", []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("task, opt, hp", RESUME_CASES, ids=[f"{t}-{o}-{len(h)}" for t, o, h in RESUME_CASES])
+def test_every_optimizers_checkpoint_resumes_bit_exactly(tmp_path, task, opt, hp):
+    base = ["--task", task, "--opt", opt, "--batch", "16", "--seed", "2", "--quiet", *hp]
+    ck = tmp_path / "ck.npz"
+    assert cli.main(base + ["--steps", "7", "--out", str(tmp_path / "full.json")]) == 0
+    assert cli.main(base + ["--steps", "4", "--checkpoint", str(ck)]) == 0
+    assert cli.main(base + ["--steps", "7", "--resume", str(ck), "--out", str(tmp_path / "rest.json")]) == 0
+    full, rest = (json.loads((tmp_path / f).read_text()) for f in ("full.json", "rest.json"))
+    assert rest["loss"] == full["loss"]
