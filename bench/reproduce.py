@@ -140,10 +140,19 @@ def _one_align(job):
 
 
 class _Runner:
-    """Submit jobs to a process pool (or run them inline with ``workers=1``) and log completions."""
+    """Submit jobs to a process pool (or run them inline with ``workers=1``) and log completions.
 
-    def __init__(self, workers, verbose):
+    With ``verbose``, each finished job is logged on stdout and a progress line
+    (jobs done of ``total``, elapsed time, an estimate of what remains from the
+    mean time per job so far) is kept on stderr.
+    """
+
+    def __init__(self, workers, verbose, total=0, label="reproduce"):
+        from kronlin.train.progress import Progress
+
         self.workers, self.verbose, self.t0 = workers, verbose, time.perf_counter()
+        self.progress = Progress(total, label, enabled=verbose and total > 0)
+        self.done = 0
         self.pool = None
         if workers > 1:
             import multiprocessing as mp
@@ -158,11 +167,14 @@ class _Runner:
 
     def get(self, handle):
         path, res = handle.get()
+        self.done += 1
         if self.verbose:
             print(f"[{time.perf_counter() - self.t0:7.1f}s] {os.path.relpath(path, OUT_DIR)}", flush=True)
+            self.progress.update(self.done, None, time.perf_counter() - self.t0)
         return res
 
     def close(self):
+        self.progress.close()
         if self.pool is not None:
             self.pool.close()
             self.pool.join()
@@ -205,10 +217,12 @@ def run_task(task, *, out_dir=None, cfg=None, tune=TUNE, fixed=FIXED, tune_seed=
     out_dir = out_dir or os.path.join(OUT_DIR, task)
     _clear(out_dir, ["*.json", "*.png"])
     steps, batch = cfg["steps"], cfg["batch"]
-    R = _Runner(workers, verbose)
+    a = cfg.get("align") if align else None
+    n_jobs = (sum(len(grid_points(g)) for _, g in tune.values()) + len(eval_seeds) * (len(fixed) + len(tune))
+              + (len(a["seeds"]) if a else 0))  # fmt: skip
+    R = _Runner(workers, verbose, n_jobs, f"reproduce {task}")
     t0 = time.perf_counter()
     # slow, independent jobs first: alignment, then tuning, then the untuned evaluation runs
-    a = cfg.get("align") if align else None
     align_h = [R.submit(_one_align, (task, s, steps, batch, a, out_dir)) for s in a["seeds"]] if a else []
     tune_h = {}
     for base, (opt, grid) in tune.items():
@@ -244,7 +258,7 @@ def run_defaults(*, out_dir=None, tasks=DEFAULTS_TASKS, seed=0, batch=256, worke
 
     out_dir = out_dir or os.path.join(OUT_DIR, "defaults")
     _clear(out_dir, ["*.json"])
-    R = _Runner(workers, verbose)
+    R = _Runner(workers, verbose, len(tasks) * len(OPTIMIZERS), "reproduce defaults")
     t0 = time.perf_counter()
     hs = [R.submit(_one_run, ("check", f"{task}-{opt}", opt, {}, seed, steps, task, batch, out_dir))
           for task, steps in tasks.items() for opt in sorted(OPTIMIZERS)]  # fmt: skip
@@ -263,10 +277,12 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", choices=list(TASKS) + ["defaults"], default=list(TASKS) + ["defaults"],
                    help="what to (re)run; the others' records are kept (default: all)")  # fmt: skip
     p.add_argument("--workers", type=int, default=WORKERS, help=f"parallel processes (default {WORKERS})")
+    p.add_argument("--quiet", action="store_true", help="no job log and no progress line (stderr)")
     args = p.parse_args(argv)
     if not args.report_only:
         for task in args.tasks:
-            meta = run_defaults(workers=args.workers) if task == "defaults" else run_task(task, workers=args.workers)
+            kw = {"workers": args.workers, "verbose": not args.quiet}
+            meta = run_defaults(**kw) if task == "defaults" else run_task(task, **kw)
             print(f"{task} done in {meta['wall_seconds']:.0f} s", flush=True)
     import _repro_report
 

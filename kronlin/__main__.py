@@ -11,6 +11,7 @@ Examples
     python -m kronlin            # full run: sizes 8x5, 64x48, 256x192
     python -m kronlin --quick    # small sizes only, a few seconds
     python -m kronlin --seed 3
+    python -m kronlin --threads 2  # BLAS/OpenMP threads (default 1; 0: the libraries' default)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import sys
 
 from ._selfcheck import DEFAULT_SIZES, QUICK_SIZES, run
+from ._threads import DEFAULT_THREADS
 
 
 def _sizes_text(sizes) -> str:
@@ -52,9 +54,23 @@ def main(argv=None) -> int:
         action="store_true",
         help=f"small sizes only ({_sizes_text(QUICK_SIZES)} instead of {_sizes_text(DEFAULT_SIZES)})",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"BLAS/OpenMP threads (default {DEFAULT_THREADS}: these sizes are small, and a second thread on a busy "
+        "machine makes them many times slower; 0: the libraries' default)",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 0:
+        parser.error("--threads must be >= 0")
     sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
-    return 0 if run(sizes=sizes, seed=args.seed) else 1
+    try:
+        ok = run(sizes=sizes, seed=args.seed, threads=args.threads)
+    except RuntimeError as exc:  # --threads without threadpoolctl
+        parser.error(str(exc))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

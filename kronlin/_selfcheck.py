@@ -47,7 +47,7 @@ Each (method, size, dtype) gives one row: the relative error, the tolerance,
 the time of kronlin's call and the ratio "dense solve time / kronlin time".
 The dense solve is ``scipy.linalg.solve(np.kron(A, G), vec(X))`` in the same
 dtype, ``np.kron`` included, because kronlin's timed calls also start from the
-raw factors (see :func:`_best_time`).  The network rows compare with the dense
+raw factors (see :func:`_median_time`).  The network rows compare with the dense
 solve of their own ``P x P`` matrix instead (the damped ``F̃`` on its
 tridiagonal blocks, ``λI + F``), formed from the same inputs.
 
@@ -100,6 +100,8 @@ import numpy as np
 import scipy
 import scipy.linalg
 import scipy.sparse.linalg
+
+from ._threads import DEFAULT_THREADS, thread_limit
 
 __all__ = ["run", "DEFAULT_SIZES", "QUICK_SIZES", "DENSE_REF_LIMIT", "SPECTRAL_REF_LIMIT"]
 
@@ -459,7 +461,7 @@ class _MLPProblem:
     def dense_time(self) -> float:
         """Dense solve with the damped ``F̃`` (tridiagonal blocks), formed from the factors in their dtype."""
         v = self.v64.astype(self.V[0].dtype)
-        return _best_time(lambda: scipy.linalg.solve(_damped_tridiag(self.f, NET_GAMMA)[0], v),
+        return _median_time(lambda: scipy.linalg.solve(_damped_tridiag(self.f, NET_GAMMA)[0], v),
                           repeats=3, min_repeats=2, budget=0.1)
 
 
@@ -506,7 +508,7 @@ class _WoodburyProblem:
             M[np.diag_indices_from(M)] += self.damping
             return scipy.linalg.solve(M, u)
 
-        return _best_time(call, repeats=3, min_repeats=2, budget=0.1)
+        return _median_time(call, repeats=3, min_repeats=2, budget=0.1)
 
 
 class _Problem:
@@ -608,34 +610,38 @@ class _Problem:
 # -- timing ------------------------------------------------------------------------
 
 
-def _best_time(fn: Callable[[], object], repeats: int = 5, min_repeats: int = 3, budget: float = 0.1) -> float:
-    """Best wall time of ``fn()`` in seconds (``time.perf_counter``).
+def _median_time(fn: Callable[[], object], repeats: int = 5, min_repeats: int = 3, budget: float = 0.1) -> float:
+    """Median wall time of ``fn()`` in seconds (``time.perf_counter``), after a warm-up.
 
     ``fn`` has already been called once (the checked call, which also warms
-    caches and lazy imports).  It is then run at least ``min_repeats`` and at
-    most ``repeats`` times, stopping early once ``budget`` seconds are spent; a
-    single call longer than ``budget`` is run once only.  Calls shorter
-    than a millisecond are looped so that each measurement spans about 1 ms.
-    Every timed kronlin call starts from the raw factors (``Kron(A, G)...``),
-    so construction and any factorization are included: kronlin caches
-    factorizations on an operator, and the dense solve refactors every time.
+    caches and lazy imports); one more call, timed only to size the loop, is
+    a second warm-up.  Calls shorter than a millisecond are then looped so
+    that each measurement spans about 1 ms, and at least ``min_repeats`` and
+    at most ``repeats`` measurements are taken, stopping early once
+    ``budget`` seconds are spent; the median is returned, so one measurement
+    disturbed by other work on the machine does not decide the row.  A call
+    longer than ``budget`` is measured once (after the checked call as its
+    warm-up).  Every timed kronlin call starts from the raw factors
+    (``Kron(A, G)...``), so construction and any factorization are included:
+    kronlin caches factorizations on an operator, and the dense solve
+    refactors every time.  :func:`run` pins BLAS/OpenMP threads while timing.
     """
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
-    best, spent, count = first, first, 1
     if first > budget:
-        return best
+        return first
     number = 1 if first >= 1e-3 else min(1000, max(1, int(1e-3 / max(first, 1e-7))))
-    while count < repeats and (count < min_repeats or spent < budget):
+    times: list[float] = []
+    spent = first
+    while len(times) < repeats and (len(times) < min_repeats or spent < budget):
         t0 = time.perf_counter()
         for _ in range(number):
             fn()
         dt = time.perf_counter() - t0
-        best = min(best, dt / number)
+        times.append(dt / number)
         spent += dt
-        count += 1
-    return best
+    return float(np.median(times))
 
 
 def _fmt_time(t: Optional[float]) -> str:
@@ -1093,7 +1099,8 @@ def _legend(out) -> None:
     w("                ident = Kronecker identity on the factors, diag = dense diagonal")
     w(f"tol    = {BASE_TOL['float64']:.0e} (float64) / {BASE_TOL['float32']:.0e} (float32), times "
       f"max(1, cond/{KAPPA_REF:.0e}) where an inverse is involved")
-    w("time   = best of up to 5 runs of the kronlin call from the raw factors (factorizations included)")
+    w("time   = median of 3-5 timed runs (after a warm-up) of the kronlin call from the raw factors")
+    w("         (factorizations included), with the BLAS/OpenMP threads of the header")
     w("dense/kronlin = time of scipy.linalg.solve(np.kron(A, G), vec(X)) / kronlin time, same size and")
     w(f"         dtype ('-' where p*q > {DENSE_REF_LIMIT}: the dense matrix is too large to form); network rows:")
     w("         the dense solve of the network's own P x P matrix, formed from the same inputs")
@@ -1103,13 +1110,13 @@ def _dense_solve_time(P: _Problem) -> Optional[float]:
     if not P.dense:
         return None
     x = P.X.flatten(order="F")
-    return _best_time(lambda: scipy.linalg.solve(np.kron(P.A, P.G), x), repeats=3, min_repeats=2, budget=0.3)
+    return _median_time(lambda: scipy.linalg.solve(np.kron(P.A, P.G), x), repeats=3, min_repeats=2, budget=0.3)
 
 
 def _run_one(kl, label: str, check, P: _Problem, dense_time: Optional[float]) -> _Row:
     try:
         res = check(kl, P)
-        seconds = _best_time(res.call)
+        seconds = _median_time(res.call)
     except Exception as exc:  # a raising method is a failed row, never a crashed self-check
         tb = traceback.extract_tb(exc.__traceback__)[-1]
         note = f"{type(exc).__name__}: {exc} (at {os.path.basename(tb.filename)}:{tb.lineno})"
@@ -1133,7 +1140,7 @@ def _validate_args(sizes, dtypes):
     return sizes, dtypes
 
 
-def run(sizes=DEFAULT_SIZES, dtypes=("float64", "float32"), seed: int = 0, out=None) -> bool:
+def run(sizes=DEFAULT_SIZES, dtypes=("float64", "float32"), seed: int = 0, out=None, threads=None) -> bool:
     """Check every public kronlin method against dense NumPy/SciPy and print a report.
 
     Parameters
@@ -1150,6 +1157,10 @@ def run(sizes=DEFAULT_SIZES, dtypes=("float64", "float32"), seed: int = 0, out=N
         Seed of the ``numpy.random.default_rng`` all problems are drawn from.
     out : text stream, optional
         Where the report goes; ``sys.stdout`` (looked up at call time) when None.
+    threads : int, optional
+        BLAS/OpenMP threads while checking and timing (``0``: the libraries'
+        default); ``None`` pins :data:`kronlin._threads.DEFAULT_THREADS` (one)
+        when threadpoolctl is installed (see :mod:`kronlin._threads`).
 
     Returns
     -------
@@ -1160,17 +1171,24 @@ def run(sizes=DEFAULT_SIZES, dtypes=("float64", "float32"), seed: int = 0, out=N
     -----
     One row per (method, size, dtype): relative error, tolerance (base
     ``1e-10`` float64 / ``1e-4`` float32, scaled by ``max(1, cond / 100)``
-    for rows that involve an inverse), the best time of kronlin's call and
+    for rows that involve an inverse), the median time of kronlin's call and
     the ratio of the dense solve time to it.
     """
     import kronlin as kl
 
     out = sys.stdout if out is None else out
     sizes, dtypes = _validate_args(sizes, dtypes)
+    limit, threads_text = thread_limit(DEFAULT_THREADS if threads is None else threads, required=threads is not None)
+    with limit:
+        return _run(kl, sizes, dtypes, seed, out, threads_text)
+
+
+def _run(kl, sizes, dtypes, seed, out, threads_text) -> bool:
     rng = np.random.default_rng(seed)
     t_start = time.perf_counter()
 
     _header(kl, out)
+    print(threads_text, file=out)
     print(f"seed {seed}; sizes {', '.join(f'{p}x{q}' for p, q in sizes)}; dtypes {', '.join(dtypes)}", file=out)
     _legend(out)
     print("", file=out)

@@ -204,12 +204,79 @@ class FactorEstimator:
                 "append_one": self.append_one, "stats": stats}
 
     def load_state_dict(self, state: dict) -> "FactorEstimator":
-        self.__init__(state["max_decay"], state["tridiagonal"], state["append_one"])
-        self.step = int(state["step"])
-        if state["stats"] is not None:
-            named = [(f"{k}[{i}]", M) for k in _KEYS for i, M in enumerate(state["stats"][k])]
-            ctx, arrays = context(*named)
+        """Restore what :meth:`state_dict` returned; a malformed state raises ``ValueError`` naming the entry.
+
+        Nothing is changed unless the whole state is well-formed: the five
+        entries present, ``step`` an integer ``>= 0`` (``stats`` is ``None``
+        exactly when it is 0), ``max_decay`` in ``[0, 1)``, the switches
+        bools, and ``stats`` finite matrices of consistent shapes
+        (``A_diag``/``G_diag`` square, one per layer; ``A_off``/``G_off`` one
+        per neighbouring pair when ``tridiagonal``, else none).
+        """
+
+        def bad(what):
+            return ValueError(f"FactorEstimator.load_state_dict: {what}")
+
+        if not isinstance(state, dict):
+            raise bad(f"the state must be a dict (from state_dict()); got {type(state).__name__}")
+        missing = [k for k in ("step", "max_decay", "tridiagonal", "append_one", "stats") if k not in state]
+        if missing:
+            raise bad(f"the state is missing {', '.join(repr(k) for k in missing)}")
+        step, decay, stats = state["step"], state["max_decay"], state["stats"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise bad(f"step must be an integer >= 0; got {step!r}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise bad(f"max_decay must be a number in [0, 1); got {decay!r}")
+        for key in ("tridiagonal", "append_one"):
+            if not isinstance(state[key], bool):
+                raise bad(f"{key} must be true or false; got {state[key]!r}")
+        if stats is not None and not isinstance(stats, dict):
+            raise bad(f"stats must be None or a dict of factor lists; got {type(stats).__name__}")
+        if (stats is None) != (step == 0):
+            raise bad(f"step {step} with {'no' if stats is None else ''} stats: stats are None exactly before the first update")
+        ctx = None
+        if stats is not None:
+            missing = [k for k in _KEYS if k not in stats]
+            if missing:
+                raise bad(f"stats is missing {', '.join(repr(k) for k in missing)}")
+            lists = {k: stats[k] for k in _KEYS}
+            for k, v in lists.items():
+                if not isinstance(v, (list, tuple)):
+                    raise bad(f"stats[{k!r}] must be a list of matrices; got {type(v).__name__}")
+            n = len(lists["A_diag"])
+            if n < 1 or len(lists["G_diag"]) != n:
+                raise bad(f"stats['A_diag'] and stats['G_diag'] must hold one matrix per layer each; "
+                          f"got {n} and {len(lists['G_diag'])}")  # fmt: skip
+            n_off = n - 1 if state["tridiagonal"] else 0
+            for k in ("A_off", "G_off"):
+                if len(lists[k]) != n_off:
+                    raise bad(f"stats[{k!r}] must hold {n_off} matrices ({n} layers, tridiagonal={state['tridiagonal']}); "
+                              f"got {len(lists[k])}")  # fmt: skip
+            named = [(f"{k}[{i}]", M) for k in _KEYS for i, M in enumerate(lists[k])]
+            try:
+                ctx, arrays = context(*named)
+            except (TypeError, ValueError) as exc:
+                raise bad(str(exc)) from None
             it = iter(arrays)
-            self._stats = {k: [next(it) for _ in state["stats"][k]] for k in _KEYS}
-            self._ctx = ctx
+            loaded = {k: [next(it) for _ in lists[k]] for k in _KEYS}
+            for k in _KEYS:
+                for i, M in enumerate(loaded[k]):
+                    name = f"stats[{k!r}][{i}] ({k}[{i}])"
+                    if M.ndim != 2:
+                        raise bad(f"{name} must be a matrix; got shape {shape_str(M)}")
+                    if k in ("A_diag", "G_diag"):
+                        want = (M.shape[0], M.shape[0])
+                    else:
+                        diag = loaded["A_diag" if k == "A_off" else "G_diag"]
+                        want = (diag[i].shape[0], diag[i + 1].shape[0])
+                    if tuple(M.shape) != want:
+                        raise bad(f"{name} has shape {shape_str(M)}; expected {want}")
+                    try:
+                        check_finite(ctx.xp, M, f"{k}[{i}]")
+                    except ValueError as exc:
+                        raise bad(str(exc)) from None
+        self.__init__(decay, state["tridiagonal"], state["append_one"])
+        self.step = step
+        if stats is not None:
+            self._stats, self._ctx = loaded, ctx
         return self

@@ -21,10 +21,11 @@ possible only when a batch overflows at weights that were finite on the
 previous batch — is written as JSON's ``NaN``/``Infinity``; such steps are
 rejected, see :mod:`kronlin.train.optim.base`.)
 
-``--threads N`` limits BLAS/OpenMP threads (threadpoolctl).  These networks
-are small: on a machine with other work running, multi-threaded BLAS can be
-ten times slower than ``--threads 1``, which is also what makes timings
-comparable between optimizers.
+BLAS/OpenMP run one thread unless ``--threads N`` says otherwise (``0``: the
+libraries' default; see :mod:`kronlin._threads`).  These networks are small:
+on a machine with other work running, multi-threaded BLAS made 100 K-FAC
+iterations 15–25 times slower than one thread, and one thread is also what
+makes timings comparable between optimizers.
 
 Randomness: ``--seed`` is split (``numpy.random.SeedSequence``) into the
 initial weights, the mini-batch sampler and the optimizer's own generator;
@@ -36,13 +37,19 @@ its generator), the sampler's generator, the record so far and the config to
 ``--checkpoint-every`` iterations, and when the run is interrupted (Ctrl-C
 stops at the end of the current iteration).  ``--resume PATH`` continues a run
 bit for bit as if it had never stopped; its task, optimizer, seeds, batch size,
-data options and ``--hp`` overrides must match the command line.
+data options and ``--hp`` overrides must match the command line.  A checkpoint
+that is damaged (truncated, flipped bytes, not an archive), that holds weights
+or optimizer state that are not finite, or whose contents do not fit the run
+(see :mod:`kronlin.train.resume`) is refused with one line on stderr and exit
+status 2, like every other usage error.
 
 Compare::
 
-    python -m kronlin.train compare --task digits-ae --opts kfac sgd --steps 1000 --threads 1 --out-dir results/
+    python -m kronlin.train compare --task digits-ae --opts kfac sgd --steps 1000 --out-dir results/
 
-runs each optimizer on the task with the same seed and writes ``<opt>.json``
+runs each optimizer on the task with the same seed and writes, into
+``--out-dir`` (default ``kronlin-out/`` in the current directory, created only
+once every argument has been checked), ``<opt>.json``
 records, ``compare.png`` (loss against iterations and against seconds) and
 ``compare.md`` (a Markdown table).  ``--hp key=value`` applies to every
 optimizer that has the hyper-parameter, ``--hp opt:key=value`` to one.
@@ -53,7 +60,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import os
 import signal
 import sys
@@ -61,21 +67,24 @@ import time
 
 import numpy as np
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .._threads import DEFAULT_THREADS, thread_limit
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .data import TASKS, load_task
 from .optim import OPTIMIZERS, get_optimizer
+from .plot import import_matplotlib, plot_records
+from .progress import Progress
+from .resume import checkpoint_tree, restore
+from .resume import jsonable as _jsonable
 
 __all__ = ["main", "run_training", "run_compare", "parse_hp", "Progress"]
 
 PROG = "python -m kronlin.train"
-CHECKPOINT_FORMAT = "kronlin.train-checkpoint/1"
-# Settings that must agree between a checkpoint and the command line resuming it.
-_RESUME_KEYS = ("task", "opt", "seed", "data_seed", "batch", "data", "hp")
 
 DEFAULT_STEPS = 200
 DEFAULT_BATCH = 256
 COMPARE_DEFAULT_TASK = "digits-ae"
-COMPARE_DEFAULT_STEPS = 1000  # kfac + sgd on digits-ae: about 20-30 s on 2 cores with --threads 1
+COMPARE_DEFAULT_STEPS = 1000  # kfac + sgd on digits-ae: about 20-30 s on 2 cores (one BLAS thread)
+COMPARE_DEFAULT_OUT = "kronlin-out"  # ignored by the repository's .gitignore
 COMPARE_DEFAULT_OPTS = ("kfac", "sgd")  # falls back to sgd, adam while kfac is not registered
 
 
@@ -108,83 +117,29 @@ def parse_hp(items) -> dict:
     return out
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x
-
-
 def write_json(path, obj) -> None:
     """Atomically write ``obj`` as JSON."""
     text = json.dumps(_jsonable(obj), indent=1)
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-class Progress:
-    """A dependency-free progress bar on stderr.
-
-    On a terminal the bar is redrawn in place (at most ten times a second);
-    otherwise one line is printed about every tenth of the run.
-    """
-
-    def __init__(self, total: int, label: str = "", enabled: bool = True, stream=None, width: int = 24):
-        self.total, self.label, self.enabled, self.width = int(total), label, enabled, width
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last_draw = -math.inf
-        self._next_line = 0
-        self._drew = False
-
-    def update(self, done: int, loss: float, seconds: float, start: int = 0) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        final = done >= self.total
-        if self.tty:
-            if not final and now - self._last_draw < 0.1:
-                return
-        elif not final and done < self._next_line:
-            return
-        self._last_draw = now
-        self._next_line = done + max(1, self.total // 10)
-        frac = done / self.total if self.total else 1.0
-        fill = int(round(frac * self.width))
-        rate = seconds / max(done - start, 1)  # seconds per iteration of this session only
-        eta = rate * (self.total - done)
-        line = (
-            f"{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{self.total}"
-            f"  loss {loss:.4e}  {seconds:.1f}s  eta {eta:.1f}s"
-        )
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self._drew = True
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self._drew:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 class _StopFlag:
-    """Turns the first SIGINT into a request to stop after the current iteration."""
+    """Turns the first SIGINT into a request to stop after the current iteration.
+
+    SIGTERM ends the run at once, but as an exception (``SystemExit(143)``), so
+    that a checkpoint being written removes its temporary file.
+    """
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and _in_main_thread()
         self.requested = False
         self._old = None
+        self._old_term = None
 
     def __enter__(self):
         if self.enabled:
             self._old = signal.signal(signal.SIGINT, self._handler)
+            self._old_term = signal.signal(signal.SIGTERM, _terminate)
         return self
 
     def _handler(self, signum, frame):
@@ -196,7 +151,13 @@ class _StopFlag:
     def __exit__(self, *exc):
         if self.enabled:
             signal.signal(signal.SIGINT, self._old)
+            signal.signal(signal.SIGTERM, self._old_term)
         return False
+
+
+def _terminate(signum, frame):
+    sys.stderr.write("\nterminated\n")
+    raise SystemExit(128 + signum)
 
 
 def _in_main_thread() -> bool:
@@ -218,7 +179,7 @@ def make_config(task, opt, *, seed=0, data_seed=0, batch=DEFAULT_BATCH, steps=DE
     """The run configuration (what a checkpoint records and a resume checks)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
-    get_optimizer(opt)
+    get_optimizer(opt).check_hparams(dict(hp or {}))
     if int(steps) < 0 or int(batch) < 1:
         raise ValueError(f"need steps >= 0 and batch >= 1; got steps={steps}, batch={batch}")
     return {
@@ -243,38 +204,6 @@ def _setup(config):
     return task, net, data_rng, opt
 
 
-def _checkpoint_tree(config, net, opt, data_rng, record) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "config": {k: config[k] for k in _RESUME_KEYS},
-        "iteration": len(record["loss"]),
-        "params": [W.copy() for W in net.params],
-        "optimizer": opt.state_dict(),
-        "data_rng": data_rng.bit_generator.state,
-        "record": record,
-    }
-
-
-def _restore(ckpt, config, net, opt, data_rng) -> dict:
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("not a kronlin.train checkpoint (format tag missing or different)")
-    saved = ckpt["config"]
-    diff = [k for k in _RESUME_KEYS if _jsonable(saved.get(k)) != _jsonable(config[k])]
-    if diff:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs command line {config[k]!r}" for k in diff)
-        raise ValueError(f"--resume: the checkpoint was made with a different configuration ({detail})")
-    done = int(ckpt["iteration"])
-    if done > config["steps"]:
-        raise ValueError(f"--resume: the checkpoint already has {done} iterations, more than --steps {config['steps']}")
-    net.set_params(ckpt["params"])
-    opt.load_state_dict(ckpt["optimizer"])
-    data_rng.bit_generator.state = ckpt["data_rng"]
-    record = ckpt["record"]
-    if len(record["loss"]) != done or len(record["seconds"]) != done:
-        raise ValueError("corrupt checkpoint: its record does not hold one loss per iteration")
-    return record
-
-
 def run_training(
     config: dict,
     *,
@@ -295,7 +224,10 @@ def run_training(
     task, net, data_rng, opt = _setup(config)
     steps = config["steps"]
     if resume is not None:
-        record = _restore(load_checkpoint(resume), config, net, opt, data_rng)
+        try:
+            record = restore(load_checkpoint(resume), config, net, opt, data_rng, task.sample_batch)
+        except CheckpointError as exc:
+            raise CheckpointError(f"--resume {resume}: {exc}") from None
     else:
         record = {"task": config["task"], "opt": config["opt"], "seed": config["seed"], "config": None,
                   "loss": [], "seconds": []}  # fmt: skip
@@ -316,7 +248,7 @@ def run_training(
     def save():
         record["rejected"] = int(opt.n_rejected)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, _checkpoint_tree(config, net, opt, data_rng, record))
+            save_checkpoint(checkpoint, checkpoint_tree(config, net, opt, data_rng, record))
 
     t0 = time.perf_counter()
     with _StopFlag(handle_sigint) as stop:
@@ -333,10 +265,10 @@ def run_training(
                 raise Interrupted(done, checkpoint)
             if checkpoint_every and done % checkpoint_every == 0 and done < steps:
                 save()
-    bar.close()
-    save()
-    if out is not None:
-        write_json(out, record)
+        bar.close()
+        save()
+        if out is not None:
+            write_json(out, record)
     return record
 
 
@@ -378,58 +310,20 @@ def summary_table(records: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _smooth(y: np.ndarray, window: int) -> np.ndarray:
-    if window <= 1 or len(y) < window:
-        return y
-    c = np.cumsum(np.insert(np.where(np.isfinite(y), y, np.nan), 0, 0.0))
-    out = (c[window:] - c[:-window]) / window
-    return np.concatenate([np.full(window - 1, np.nan), out])
-
-
-def plot_records(records: dict, path, title: str = "") -> None:
-    """Loss against iterations and against seconds (log scale), one line per optimizer, to ``path`` (PNG)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import LogFormatter
-    except ImportError as exc:  # pragma: no cover - matplotlib is in the [train] extra
-        raise ImportError("compare needs matplotlib for its plot: pip install 'kronlin[train]'") from exc
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_it, ax_s = fig.subplots(1, 2, sharey=True)
-    for i, (name, rec) in enumerate(records.items()):
-        loss = np.asarray(rec["loss"], dtype=float)
-        if len(loss) == 0:
-            continue
-        sec = np.asarray(rec["seconds"], dtype=float)
-        it = np.arange(1, len(loss) + 1)
-        colour = f"C{i}"
-        sm = _smooth(loss, max(1, len(loss) // 50))
-        for ax, x in ((ax_it, it), (ax_s, sec)):
-            ax.plot(x, loss, color=colour, alpha=0.25, lw=0.8)
-            ax.plot(x, sm, color=colour, lw=1.8, label=name)
-    for ax, xl in ((ax_it, "iteration"), (ax_s, "seconds")):
-        ax.set_xlabel(xl)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(LogFormatter())  # plain numbers ("20", "0.01"), not 2×10¹
-        ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
-        ax.grid(True, which="both", alpha=0.3)
-    ax_it.set_ylabel("training loss (mini-batch, after the step)")
-    ax_it.legend()
-    if title:
-        fig.suptitle(title)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-
-
 def run_compare(task, opts, *, steps, batch, seed=0, data_seed=0, hp=None, data=None, out_dir=".", progress=False) -> dict:
     """Run every optimizer in ``opts`` on ``task``; write records, ``compare.png`` and ``compare.md`` to ``out_dir``."""
     opts = list(dict.fromkeys(opts))
     per = _split_hp(dict(hp or {}), opts)
+    configs = {name: make_config(task, name, seed=seed, data_seed=data_seed, batch=batch, steps=steps, hp=per[name],
+                                 data=data) for name in opts}  # fmt: skip
+    for cfg in configs.values():  # every optimizer accepts the task's network (before any output exists)
+        _setup(cfg)
+    import_matplotlib()
     os.makedirs(out_dir, exist_ok=True)
     records = {}
-    for name in opts:
-        cfg = make_config(task, name, seed=seed, data_seed=data_seed, batch=batch, steps=steps, hp=per[name], data=data)
-        records[name] = run_training(cfg, progress=progress, out=os.path.join(out_dir, f"{name}.json"))
+    for k, (name, cfg) in enumerate(configs.items(), 1):
+        records[name] = run_training(cfg, progress=progress, out=os.path.join(out_dir, f"{name}.json"),
+                                     label=f"{task}/{name} (optimizer {k} of {len(configs)})")  # fmt: skip
     title = f"{task}: batch {batch}, seed {seed}"
     plot_records(records, os.path.join(out_dir, "compare.png"), title)
     table = f"## {title}\n\n" + summary_table(records)
@@ -447,8 +341,8 @@ def _common(p: argparse.ArgumentParser, *, steps_default, batch_default) -> None
                    help="task option, e.g. n=2000 (curves-ae images) or activation=logistic")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="limit BLAS/OpenMP threads to N (needs threadpoolctl; small problems on a busy "
-                   "machine run much faster with 1)")  # fmt: skip
+                   help=f"BLAS/OpenMP threads (default {DEFAULT_THREADS}: these networks are small, and more threads "
+                   "on a busy machine make them many times slower; 0: the libraries' default)")  # fmt: skip
 
 
 def _hp_epilog() -> str:
@@ -493,23 +387,18 @@ def compare_parser() -> argparse.ArgumentParser:
     _common(p, steps_default=COMPARE_DEFAULT_STEPS, batch_default=DEFAULT_BATCH)
     p.add_argument("--hp", action="append", default=[], metavar="[OPT:]KEY=VALUE",
                    help="hyper-parameter override for every optimizer that has KEY, or only for OPT")  # fmt: skip
-    p.add_argument("--out-dir", default="compare-out", help="output folder (default %(default)s)")
+    p.add_argument("--out-dir", default=COMPARE_DEFAULT_OUT, help="output folder (default %(default)s, "
+                   "in the current directory; created only once the arguments are valid)")  # fmt: skip
     return p
 
 
 def _thread_limit(p, n):
-    """A context limiting BLAS/OpenMP threads to ``n`` (``None``: no limit)."""
-    import contextlib
-
-    if n is None:
-        return contextlib.nullcontext()
-    if n < 1:
-        p.error("--threads must be >= 1")
+    """The context pinning BLAS/OpenMP to ``--threads`` (default :data:`DEFAULT_THREADS`); usage errors exit 2."""
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        p.error("--threads needs threadpoolctl (pip install threadpoolctl)")
-    return threadpool_limits(limits=n)
+        limit, _ = thread_limit(DEFAULT_THREADS if n is None else n, required=n is not None)
+    except (ValueError, RuntimeError) as exc:
+        p.error(str(exc))
+    return limit
 
 
 def _run_main(argv) -> int:
@@ -525,13 +414,17 @@ def _run_args(p, args) -> int:
                           steps=args.steps, hp=parse_hp(args.hp), data=parse_hp(args.data))  # fmt: skip
         if args.checkpoint_every < 0:
             raise ValueError("--checkpoint-every must be >= 0")
+        for flag, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
+            folder = os.path.dirname(os.path.abspath(path)) if path else None
+            if folder and not os.path.isdir(folder):
+                raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
         rec = run_training(cfg, resume=args.resume, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                            progress=not args.quiet, handle_sigint=True, out=args.out)  # fmt: skip
     except Interrupted as exc:
         where = f"; resume with --resume {exc.checkpoint}" if exc.checkpoint else " (no --checkpoint given)"
         print(f"interrupted after {exc.done} iterations{where}", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         p.exit(2, f"{PROG}: error: {exc}\n")
     if rec["loss"]:
         print(f"{cfg['task']} / {cfg['opt']}: {len(rec['loss'])} iterations, final loss {rec['loss'][-1]:.6g}, "
@@ -551,7 +444,7 @@ def _compare_args(p, args) -> int:
         recs = run_compare(args.task, args.opts, steps=args.steps, batch=args.batch, seed=args.seed,
                            data_seed=args.data_seed, hp=parse_hp(args.hp), data=parse_hp(args.data),
                            out_dir=args.out_dir, progress=not args.quiet)  # fmt: skip
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         p.exit(2, f"{PROG} compare: error: {exc}\n")
     print(summary_table(recs), end="")
     print(f"wrote {args.out_dir}/compare.png, compare.md and one JSON record per optimizer")

@@ -93,6 +93,10 @@ class Task:
             yield self.sample_batch(batch, rng)
 
 
+#: How to install what the tasks and ``compare``'s plot need (the README installs kronlin from its source folder).
+INSTALL_TRAIN = 'pip install ".[train]" in the kronlin source folder'
+
+
 def mlp(widths, activation: str = "tanh", linear_layers=()) -> list[Dense]:
     """Dense layers ``widths[0] → … → widths[-1]``; the last and those in ``linear_layers`` are linear."""
     n = len(widths) - 1
@@ -106,7 +110,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - sklearn is in the [train] extra
-        raise ImportError("the digits tasks need scikit-learn: pip install 'kronlin[train]'") from exc
+        raise ImportError(f"the digits tasks need scikit-learn: {INSTALL_TRAIN}") from exc
     d = load_digits()
     return np.asarray(d.data, dtype=np.float64) / 16.0, np.asarray(d.target, dtype=np.int64)
 

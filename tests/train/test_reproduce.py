@@ -68,3 +68,17 @@ def test_helpers():
     assert report.gap_fraction(15.0, 14.0, 16.0) == 0.5
     d, sig = report.paired([0.1, 0.11, 0.09, 0.1])
     assert abs(d - 0.1) < 1e-12 and sig
+
+
+def test_progress_line_on_stderr_and_quiet(tmp_path, capsys):
+    from kronlin.train.optim import OPTIMIZERS
+
+    rep = _load("reproduce")
+    n = len(OPTIMIZERS)
+    rep.run_defaults(out_dir=str(tmp_path / "a"), tasks={"digits-clf": 2}, workers=1, verbose=True)
+    err = capsys.readouterr().err.splitlines()
+    assert err and all(line.startswith("reproduce defaults [") for line in err)
+    assert f"] 1/{n}" in err[0] and "elapsed " in err[0] and "eta " in err[0]
+    assert f"] {n}/{n}" in err[-1] and "eta 0.0s" in err[-1]
+    rep.run_defaults(out_dir=str(tmp_path / "b"), tasks={"digits-clf": 2}, workers=1, verbose=False)  # --quiet
+    assert capsys.readouterr().err == ""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Optimizer
+from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE
 
 __all__ = ["Adam"]
 
@@ -28,6 +29,8 @@ class Adam(Optimizer):
 
     name = "adam"
     defaults = {"lr": 3e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "reject_factor": 0.5}
+    spec = {"lr": POSITIVE, "beta1": HALF_OPEN_UNIT, "beta2": HALF_OPEN_UNIT, "eps": POSITIVE,
+            "weight_decay": NONNEGATIVE, "reject_factor": OPEN_UNIT}  # fmt: skip
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)

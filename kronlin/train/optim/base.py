@@ -17,10 +17,13 @@ offers
   :mod:`kronlin.train.checkpoint` stores).  The network's weights are *not*
   part of it (the caller saves ``net.params``).
 * ``hparams`` (the defaults merged with the overrides) and the class
-  attributes ``name`` and ``defaults``.
+  attributes ``name``, ``defaults`` and ``spec``.
 
-Subclasses set ``name`` and ``defaults`` (unknown hyper-parameters raise
-``ValueError``), implement ``step``, and keep their buffers in
+Subclasses set ``name``, ``defaults`` and ``spec`` (what each
+hyper-parameter accepts, :mod:`~kronlin.train.optim.hparams`: unknown,
+ill-typed and out-of-range values raise ``ValueError`` naming the key, both
+at construction and in :meth:`Optimizer.check_hparams`; conditions tying
+several together go in ``_validate``), implement ``step``, and keep their buffers in
 ``extra_state()`` / ``load_extra_state(state)`` (or override ``state_dict``
 and ``load_state_dict``, calling ``super()``).
 
@@ -47,6 +50,8 @@ import copy
 
 import numpy as np
 
+from .hparams import check_hparams
+
 __all__ = ["Optimizer", "all_finite"]
 
 
@@ -62,13 +67,11 @@ class Optimizer:
 
     name = "base"
     defaults: dict = {}
+    #: ``{name: hparams.Param}`` for every key of ``defaults``
+    spec: dict = {}
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
-        unknown = sorted(set(hparams) - set(self.defaults))
-        if unknown:
-            raise ValueError(
-                f"{self.name}: unknown hyper-parameter(s) {unknown}; known: {sorted(self.defaults)}"
-            )
+        self.check_hparams(hparams)
         self.net = net
         self.loss = loss
         self.hparams = {**self.defaults, **hparams}
@@ -77,9 +80,17 @@ class Optimizer:
         self.iteration = 0
         self.n_rejected = 0
 
+    @classmethod
+    def check_hparams(cls, hparams: dict) -> None:
+        """Raise ``ValueError`` naming the key unless every override is known, well-typed and in range."""
+        check_hparams(cls.name, cls.spec, hparams)
+
     # ------------------------------------------------------------- interface
     def step(self, X, Y) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _validate(self) -> None:
+        """Check conditions that tie several hyper-parameters together (override; ``spec`` checks each one)."""
 
     def extra_state(self) -> dict:
         """The subclass's buffers for :meth:`state_dict` (override)."""
@@ -99,8 +110,11 @@ class Optimizer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"the state must be a dict (from state_dict()); got {type(state).__name__}")
         if state.get("name") != self.name:
             raise ValueError(f"state is for optimizer {state.get('name')!r}, not {self.name!r}")
+        self.check_hparams(state["hparams"])
         self.hparams = dict(state["hparams"])
         self.iteration = int(state["iteration"])
         self.n_rejected = int(state["n_rejected"])

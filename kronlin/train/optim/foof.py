@@ -46,6 +46,7 @@ import numpy as np
 from ... import FactorEstimator, Kron
 from . import register
 from .base import Optimizer, all_finite
+from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, integer
 
 __all__ = ["FOOF"]
 
@@ -79,6 +80,16 @@ class FOOF(Optimizer):
         "weight_decay": 0.0,
         "reject_factor": 0.5,
     }
+    spec = {
+        "lr": POSITIVE,
+        "damping": POSITIVE,
+        "momentum": HALF_OPEN_UNIT,
+        "decay": HALF_OPEN_UNIT,
+        "T": integer(1),
+        "S": integer(1, optional=True),
+        "weight_decay": NONNEGATIVE,
+        "reject_factor": OPEN_UNIT,
+    }
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)
@@ -91,20 +102,10 @@ class FOOF(Optimizer):
 
     # ----------------------------------------------------------- configuration
     def _validate(self):
+        """What ties hyper-parameters together (each one's type and range is in ``spec``)."""
         h = self.hparams
-        if int(h["T"]) != h["T"] or h["T"] < 1:
-            raise ValueError(f"{self.name}: T must be a positive integer; got {h['T']!r}")
-        S = h["T"] if h["S"] is None else h["S"]
-        if int(S) != S or not 1 <= S <= h["T"]:
+        if h["S"] is not None and h["S"] > h["T"]:
             raise ValueError(f"{self.name}: S must be an integer with 1 <= S <= T (or None); got {h['S']!r}")
-        if not h["damping"] > 0:
-            raise ValueError(f"{self.name}: damping must be positive; got {h['damping']!r}")
-        if not h["lr"] > 0:
-            raise ValueError(f"{self.name}: lr must be positive; got {h['lr']!r}")
-        if not 0 <= h["momentum"] < 1:
-            raise ValueError(f"{self.name}: momentum must be in [0, 1); got {h['momentum']!r}")
-        if not 0 <= h["decay"] < 1:
-            raise ValueError(f"{self.name}: decay must be in [0, 1); got {h['decay']!r}")
 
     @property
     def S(self) -> int:

@@ -67,6 +67,7 @@ from scipy.linalg import solve_triangular
 
 from . import register
 from .base import Optimizer, all_finite
+from .hparams import HALF_OPEN_UNIT, OPEN_UNIT, POSITIVE, integer
 
 __all__ = [
     "KBFGS",
@@ -171,22 +172,12 @@ class KBFGS(Optimizer):
     name = "kbfgs"
     limited = False
     defaults = {"lr": 0.03, "damping": 0.3, "T": 1, "beta": 0.9, "mu1": 0.2}
+    spec = {"lr": POSITIVE, "damping": POSITIVE, "T": integer(1), "beta": HALF_OPEN_UNIT, "mu1": OPEN_UNIT}
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)
         self._validate()
         self._reset_buffers()
-
-    def _validate(self):
-        h = self.hparams
-        if int(h["T"]) != h["T"] or h["T"] < 1:
-            raise ValueError(f"{self.name}: T must be a positive integer; got {h['T']!r}")
-        if not h["lr"] > 0 or not h["damping"] > 0:
-            raise ValueError(f"{self.name}: lr and damping must be positive; got {h['lr']!r}, {h['damping']!r}")
-        if not 0 <= h["beta"] < 1 or not 0 < h["mu1"] < 1:
-            raise ValueError(f"{self.name}: need 0 <= beta < 1 and 0 < mu1 < 1")
-        if self.limited and (int(h["memory"]) != h["memory"] or h["memory"] < 1):
-            raise ValueError(f"{self.name}: memory must be a positive integer; got {h['memory']!r}")
 
     def _reset_buffers(self):
         self.H_A = None  # list of (d_in+1)² inverse factors
@@ -352,6 +343,7 @@ class KBFGSL(KBFGS):
     name = "kbfgs-l"
     limited = True
     defaults = {**KBFGS.defaults, "memory": 100}
+    spec = {**KBFGS.spec, "memory": integer(1)}
 
     def apply_HG(self, i: int, M: np.ndarray) -> np.ndarray:
         S, Yp = self.pairs[i]

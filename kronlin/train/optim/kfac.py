@@ -60,6 +60,7 @@ import numpy as np
 from ... import BlockDiagInverse, BlockTridiagInverse, FactorEstimator, Kron
 from . import register
 from .base import Optimizer, all_finite
+from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, boolean, choice, integer, real
 
 __all__ = ["KFAC", "KFACTridiag", "KroneckerOptimizer", "levenberg_marquardt", "solve_alpha_mu"]
 
@@ -177,6 +178,20 @@ class KroneckerOptimizer(Optimizer):
         "pi": "trace",
         "polyak": None,
     }
+    common_spec = {
+        "lam": POSITIVE,
+        "gamma": real(0, low_open=True, optional=True),
+        "eta": NONNEGATIVE,
+        "T1": integer(1),
+        "T2": integer(1),
+        "T3": integer(1),
+        "omega1": real(0, 1, low_open=True, high_open=True, optional=True),
+        "omega2": real(0, 1, low_open=True, high_open=True, optional=True),
+        "damping": choice("factored", "exact"),
+        "second_factor": boolean(),
+        "pi": real(0, low_open=True, names=("trace", "fro", "spectral")),
+        "polyak": real(0, 1, high_open=True, optional=True),
+    }
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)
@@ -194,25 +209,10 @@ class KroneckerOptimizer(Optimizer):
 
     # ----------------------------------------------------------- configuration
     def _validate(self):
+        """What ties hyper-parameters together (each one's type and range is in ``spec``)."""
         h = self.hparams
-        for key in ("T1", "T2", "T3"):
-            if int(h[key]) != h[key] or h[key] < 1:
-                raise ValueError(f"{self.name}: {key} must be a positive integer; got {h[key]!r}")
         if h["T2"] % h["T3"]:
             raise ValueError(f"{self.name}: T2 ({h['T2']}) must be a multiple of T3 ({h['T3']}) (K-FAC §6.6)")
-        if not h["lam"] > 0:
-            raise ValueError(f"{self.name}: lam must be positive; got {h['lam']!r}")
-        if h["gamma"] is not None and not h["gamma"] > 0:
-            raise ValueError(f"{self.name}: gamma must be positive (or None); got {h['gamma']!r}")
-        if not h["eta"] >= 0:
-            raise ValueError(f"{self.name}: eta must be >= 0; got {h['eta']!r}")
-        for key in ("omega1", "omega2"):
-            if h[key] is not None and not 0 < h[key] < 1:
-                raise ValueError(f"{self.name}: {key} must be in (0, 1) (or None); got {h[key]!r}")
-        if h["damping"] not in ("factored", "exact"):
-            raise ValueError(f"{self.name}: damping must be 'factored' or 'exact'; got {h['damping']!r}")
-        if h["polyak"] is not None and not 0 <= h["polyak"] < 1:
-            raise ValueError(f"{self.name}: polyak must be None or in [0, 1); got {h['polyak']!r}")
 
     @property
     def omega1(self) -> float:
@@ -466,6 +466,7 @@ class KFAC(KroneckerOptimizer):
 
     name = "kfac"
     defaults = {**KroneckerOptimizer.common_defaults, "max_decay": 0.95, "momentum": True}
+    spec = {**KroneckerOptimizer.common_spec, "max_decay": HALF_OPEN_UNIT, "momentum": boolean()}
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)
@@ -474,8 +475,6 @@ class KFAC(KroneckerOptimizer):
     def _validate(self):
         super()._validate()
         h = self.hparams
-        if not 0 <= h["max_decay"] < 1:
-            raise ValueError(f"{self.name}: max_decay must be in [0, 1); got {h['max_decay']!r}")
         if self.tridiagonal:
             conv = [i for i, L in enumerate(self.net.layers) if _is_conv(L)]
             if conv:

@@ -53,6 +53,7 @@ import dataclasses
 import numpy as np
 
 from . import register
+from .hparams import boolean
 from .kfac import KroneckerOptimizer
 
 __all__ = ["KFLR", "KFRA", "input_factors", "kflr_factors", "kfra_factors", "mean_output_hessian"]
@@ -173,6 +174,7 @@ class _BotevOptimizer(KroneckerOptimizer):
     """Botev et al.'s γ convention on :class:`KroneckerOptimizer`: ``C̃ = G̃ + (γ + η)I`` (appendix B)."""
 
     defaults = {**KroneckerOptimizer.common_defaults, "momentum": False}
+    spec = {**KroneckerOptimizer.common_spec, "momentum": boolean()}
 
     @property
     def omega2(self) -> float:

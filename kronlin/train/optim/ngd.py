@@ -61,6 +61,7 @@ import numpy as np
 from ... import WoodburyFisher
 from . import register
 from .base import Optimizer, all_finite
+from .hparams import NONNEGATIVE, POSITIVE, boolean, choice, integer, real
 from .kfac import DAMPING_BOUNDS, _vdot, levenberg_marquardt
 
 __all__ = ["NGD"]
@@ -101,29 +102,24 @@ class NGD(Optimizer):
         "eta": 0.0,
         "reject_increase": True,
     }
+    spec = {
+        "lr": POSITIVE,
+        "lam": POSITIVE,
+        "adapt": boolean(),
+        "T1": integer(1),
+        "omega1": real(0, 1, low_open=True, high_open=True, optional=True),
+        "labels": choice("mc", "full"),
+        "samples": integer(1),
+        "independent_batch": boolean(),
+        "eta": NONNEGATIVE,
+        "reject_increase": boolean(),
+    }
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)
         self._validate()
         self.lam = float(self.hparams["lam"])
         self.fisher = None  # the WoodburyFisher of the last step
-
-    def _validate(self):
-        h = self.hparams
-        if h["labels"] not in ("mc", "full"):
-            raise ValueError(f"{self.name}: labels must be 'mc' or 'full'; got {h['labels']!r}")
-        if int(h["samples"]) != h["samples"] or h["samples"] < 1:
-            raise ValueError(f"{self.name}: samples must be a positive integer; got {h['samples']!r}")
-        if int(h["T1"]) != h["T1"] or h["T1"] < 1:
-            raise ValueError(f"{self.name}: T1 must be a positive integer; got {h['T1']!r}")
-        if not h["lam"] > 0:
-            raise ValueError(f"{self.name}: lam must be positive; got {h['lam']!r}")
-        if not h["lr"] > 0:
-            raise ValueError(f"{self.name}: lr must be positive; got {h['lr']!r}")
-        if h["omega1"] is not None and not 0 < h["omega1"] < 1:
-            raise ValueError(f"{self.name}: omega1 must be in (0, 1) (or None); got {h['omega1']!r}")
-        if not h["eta"] >= 0:
-            raise ValueError(f"{self.name}: eta must be >= 0; got {h['eta']!r}")
 
     @property
     def omega1(self) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Optimizer
+from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, boolean
 
 __all__ = ["SGD"]
 
@@ -31,6 +32,8 @@ class SGD(Optimizer):
 
     name = "sgd"
     defaults = {"lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "reject_factor": 0.5}
+    spec = {"lr": POSITIVE, "momentum": HALF_OPEN_UNIT, "nesterov": boolean(), "weight_decay": NONNEGATIVE,
+            "reject_factor": OPEN_UNIT}  # fmt: skip
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)
