@@ -153,6 +153,10 @@ PYBIND11_MODULE(_C, m) {
       "(E[c1,t].E[c2,t']) for C-contiguous A (N, T, da), E (N*S, T, de); returns K (N*S, N*S).");
   m.def("woodbury_gram_isa", &kronlin::woodbury_gram_isa, "SIMD instruction set woodbury_gram_shared dispatches to.");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP's thread count (1 when built without OpenMP).");
+#if defined(KRONLIN_CUDA_SETTING)
+  m.attr("cuda_setting") = KRONLIN_CUDA_SETTING;  // KRONLIN_CUDA at build time: AUTO, ON or OFF
+  m.attr("cuda_built") = static_cast<bool>(KRONLIN_CUDA_BUILT);
+#endif
 #if defined(KRONLIN_HAVE_OPENMP)
   m.attr("has_openmp") = true;
 #else
