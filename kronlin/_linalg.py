@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from ._backend import dtype_eps, is_cupy, is_numpy, mT
+from ._backend import ModuleRefs, dtype_eps, is_cupy, is_numpy, mT
 from ._validate import LinAlgError, _symmetric_within_tol, shape_str
 
 __all__ = ["Factor", "eigh", "generalized_eigh", "PSD_CLIP_FACTOR"]
@@ -41,7 +41,7 @@ def _diag(xp, M):
     return xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M, axis1=-2, axis2=-1)
 
 
-class Factor:
+class Factor(ModuleRefs):
     """A cached factorization of a square matrix or a stack of them.
 
     Cholesky when the matrix is symmetric (to round-off) and positive
@@ -52,6 +52,7 @@ class Factor:
 
     def __init__(self, xp, M, name: str):
         self.xp, self.name, self.n = xp, name, int(M.shape[-1])
+        # the constructor builds everything before the caller publishes the object (thread safety)
         self.batched = M.ndim > 2
         self._M = M
         self._sl = _scipy_linalg(xp)

@@ -180,7 +180,7 @@ class FactorEstimator:
     def _get(self, key):
         if self._stats is None:
             raise RuntimeError("no statistics yet: call update(acts, grads) first")
-        return [self._ctx.out(M) for M in self._stats[key]]
+        return [self._ctx.out_copy(M) for M in self._stats[key]]  # copies: never live views of the averages
 
     A_diag = property(lambda self: self._get("A_diag"), doc="[Ā_{0,0}, …, Ā_{ℓ-1,ℓ-1}]")
     G_diag = property(lambda self: self._get("G_diag"), doc="[G_{1,1}, …, G_{ℓ,ℓ}]")
@@ -208,7 +208,7 @@ class FactorEstimator:
         self.step = int(state["step"])
         if state["stats"] is not None:
             named = [(f"{k}[{i}]", M) for k in _KEYS for i, M in enumerate(state["stats"][k])]
-            ctx, arrays = context(*named)
+            ctx, arrays = context(*named, snapshot=True)
             it = iter(arrays)
             self._stats = {k: [next(it) for _ in state["stats"][k]] for k in _KEYS}
             self._ctx = ctx

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import is_numpy, to_numpy
+from ._backend import ModuleRefs, is_numpy, to_numpy
 from ._kernels.gsylv import gsylv_backsub, gsylv_backsub_raw, check_pivot
 from ._validate import shape_str
 
@@ -43,7 +43,7 @@ def _np_dtype(xp, dtype):
     return np.float32 if dtype == getattr(xp, "float32", None) else np.float64
 
 
-class SchurStein:
+class SchurStein(ModuleRefs):
     """``(A ⊗ B + sign·C ⊗ D)⁻¹`` for general real square factors, by the generalized Schur method.
 
     Solves the generalized Stein / generalized Sylvester equation

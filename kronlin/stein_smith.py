@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from ._backend import dtype_eps, mT
+from ._backend import ModuleRefs, dtype_eps, mT
 from ._linalg import Factor
 from ._validate import LinAlgError
 
@@ -43,7 +43,7 @@ def _norm(xp, M) -> float:
     return float(xp.linalg.matrix_norm(M, ord="fro"))
 
 
-class SmithStein:
+class SmithStein(ModuleRefs):
     """Set-up and solves of the (squared) Smith iteration.
 
     Parameters
