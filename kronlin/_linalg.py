@@ -118,7 +118,10 @@ class Factor(ModuleRefs):
         if self.kind == "cholesky":
             return self.tri_solve(self.tri_solve(B), trans=True)
         if self._lu is not None:
-            return self._sl.lu_solve(self._lu, B, trans=1 if trans else 0, check_finite=False)
+            lu, piv = self._lu
+            # SciPy's lu_solve writes to the pivot array it is given: concurrent solves on one shared
+            # (lu, piv) corrupt the heap (issue 17), so every call gets its own copy of the pivots (O(n))
+            return self._sl.lu_solve((lu, piv.copy()), B, trans=1 if trans else 0, check_finite=False)
         M = mT(self._M) if trans else self._M
         return self.xp.linalg.solve(M, B)
 
