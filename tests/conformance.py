@@ -35,6 +35,7 @@ class Backend:
     dtype_of: Callable[[Any], str]  # "float32" / "float64"
     mutate: Callable[[Any], None] | None  # in-place change of a caller's array (None: immutable)
     ndim: Callable[[Any], int]
+    host: Callable[[np.ndarray], Any] = np.asarray  # a vector for aslinearoperator() (CuPy's on a GPU)
 
 
 def _numpy():
@@ -72,6 +73,11 @@ def _torch(device="cpu"):
     def to_np(x):
         return x.detach().cpu().numpy().copy()
 
+    host = np.asarray
+    if device != "cpu":  # torch CUDA tensors compute on CuPy: the LinearOperator is cupyx's
+        import cupy
+
+        host = cupy.asarray
     return Backend(
         "torch" if device == "cpu" else "torch_cuda",
         lambda a, dt: torch.tensor(np.array(a, dtype=dt), device=device),
@@ -80,6 +86,7 @@ def _torch(device="cpu"):
         lambda x: str(x.dtype).split(".")[-1],
         lambda x: x.mul_(2.0),
         lambda x: x.dim(),
+        host,
     )
 
 
@@ -111,6 +118,7 @@ def _cupy():
         lambda x: str(x.dtype),
         lambda x: x.__imul__(2.0),
         lambda x: x.ndim,
+        cupy.asarray,
     )
 
 
@@ -157,6 +165,10 @@ def backend_params():
 #: computed from the same (rounded) inputs, so the error is the solver's own:
 #: a few hundred ulps for the conditionings used here (cond <= ~100).
 TOL = {"float32": 2e-4, "float64": 1e-10}
+
+
+def _host_to_np(x) -> np.ndarray:
+    return x.get() if type(x).__module__.split(".")[0] == "cupy" else np.asarray(x)
 
 
 def rel_err(got, ref) -> float:
@@ -301,29 +313,30 @@ class OperatorConformance:
         assert L.shape == (n, n)
         rng = np.random.default_rng(3)
         v, V = rng.standard_normal(n), rng.standard_normal((n, 2))
-        assert rel_err(L @ v, ref @ v) < TOL[dtype]
-        assert rel_err(L.matmat(V), ref @ V) < TOL[dtype]
-        assert rel_err(L.rmatvec(v), ref.T @ v) < TOL[dtype]
-        assert rel_err(L.H @ v, ref.T @ v) < TOL[dtype]
+        h, back = be.host, _host_to_np
+        assert rel_err(back(L @ h(v)), ref @ v) < TOL[dtype]
+        assert rel_err(back(L.matmat(h(V))), ref @ V) < TOL[dtype]
+        assert rel_err(back(L.rmatvec(h(v))), ref.T @ v) < TOL[dtype]
+        assert rel_err(back(L.H @ h(v)), ref.T @ v) < TOL[dtype]
 
     def test_aslinearoperator_validates_like_the_operator(self, be, dtype):
         self._need("linop", dtype)
         op, _ = self._op(be, dtype)
         L = op.aslinearoperator()
-        n = L.shape[0]
+        n, h = L.shape[0], be.host
         with pytest.raises(ValueError, match=rf"length P = {n}: expected a vector of shape \({n},\).*got shape \({n + 1},\)"):
-            L.matvec(np.ones(n + 1))
+            L.matvec(h(np.ones(n + 1)))
         with pytest.raises(ValueError, match=rf"expected a matrix of shape \({n}, k\)"):
-            L.matmat(np.ones((n - 1, 2)))
+            L.matmat(h(np.ones((n - 1, 2))))
         bad = np.ones(n)
         bad[0] = np.nan
         with pytest.raises(ValueError, match="contains NaN or infinity"):
-            L @ bad
+            L @ h(bad)
         bad[0] = np.inf
         with pytest.raises(ValueError, match="contains NaN or infinity"):
-            L.rmatvec(bad)
+            L.rmatvec(h(bad))
         with pytest.raises(TypeError, match="complex"):
-            L @ (np.ones(n) + 1j)
+            L @ h(np.ones(n) + 1j)
 
     def test_pickle_and_deepcopy_compute_identically(self, be, dtype):
         op, _ = self._op(be, dtype)
