@@ -1,6 +1,6 @@
 """kronlin: numerical linear algebra for Kronecker-factored curvature.
 
-Conventions (DESIGN §1): ``vec`` stacks columns; ``Kron(A, G)`` is ``A ⊗ G``
+Conventions (docs/design.md §1): ``vec`` stacks columns; ``Kron(A, G)`` is ``A ⊗ G``
 with the input factor ``A`` (p, p) and the output factor ``G`` (q, q), acting
 on ``(..., q, p)`` weight-shaped arrays by ``G @ X @ A.T``.  Results come back
 in the namespace and dtype of the inputs.

@@ -14,7 +14,7 @@ inputs into it, and converts results back into the caller's library:
   DLPack into NumPy (CPU) or CuPy (CUDA) and results are handed back through
   the caller's ``from_dlpack``.
 
-Dtype policy (DESIGN §1): float32 and float64 are kept; integer and bool
+Dtype policy (docs/design.md §1): float32 and float64 are kept; integer and bool
 inputs are promoted to float64; mixed float inputs compute in the wider type;
 float16, complex, object and string dtypes are rejected.
 """

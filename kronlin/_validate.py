@@ -1,4 +1,4 @@
-"""Input validation shared by every public function (DESIGN §5).
+"""Input validation shared by every public function (docs/design.md §5).
 
 Each check raises before any work is done, with a message that names the
 argument, shows its shape and says how to fix the input.  Nothing is ever
@@ -24,6 +24,8 @@ __all__ = [
     "check_choice",
     "check_sign",
     "check_positive_scalar",
+    "check_real_scalar",
+    "check_positive_int",
     "shape_str",
 ]
 
@@ -141,3 +143,23 @@ def check_positive_scalar(value, name: str) -> float:
     if not np.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite positive number; got {value!r}")
     return v
+
+
+def check_real_scalar(value, name: str) -> float:
+    """A finite real Python scalar of any sign (a matrix power)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__} {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__}") from None
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    return v
+
+
+def check_positive_int(value, name: str) -> int:
+    """An integer >= 1 (an iteration count); floats, bools and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    return int(value)

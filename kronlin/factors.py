@@ -13,7 +13,7 @@ The batch estimates are ``Ā_{k,j} = ā_kᵀ ā_j / N`` and ``G_{k+1,j+1} = g_{k
 for ``j ∈ {k, k+1}``; :class:`FactorEstimator` keeps the exponentially decaying
 average of §5 with ``ε = min(1 − 1/k, 0.95)`` at iteration ``k``.
 
-Weight-sharing layers (convolutions after patch extraction, DESIGN §1) pass
+Weight-sharing layers (convolutions after patch extraction, docs/design.md §1) pass
 ``acts[k]`` of shape ``(N, T, d_k)`` and ``grads[k]`` of shape ``(N, T, d_{k+1})``
 with the same ``T``: the per-example gradient is ``Σ_t g_t ā_tᵀ`` and the factors
 are those of KFC (Grosse & Martens 2016; K-BFGS §2.2)::
@@ -37,6 +37,11 @@ _KEYS = ("A_diag", "G_diag", "A_off", "G_off")
 
 
 def _prepare(acts, grads, append_one, tridiagonal=False):
+    for name, x in (("acts", acts), ("grads", grads)):
+        if not isinstance(x, (list, tuple)):
+            raise TypeError(
+                f"{name} must be a list with one array per layer (a single layer is [array]); got {type(x).__name__}"
+            )
     acts, grads = list(acts), list(grads)
     if not acts or len(acts) != len(grads):
         raise ValueError(f"acts and grads must be non-empty lists of equal length; got {len(acts)} and {len(grads)}")

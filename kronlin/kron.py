@@ -1,4 +1,4 @@
-"""The Kronecker operator ``Kron(A, G) = A ⊗ G`` (K-FAC §3, §4.2; DESIGN §1).
+"""The Kronecker operator ``Kron(A, G) = A ⊗ G`` (K-FAC §3, §4.2; docs/design.md §1).
 
 ``A`` (p, p) is the input/activation factor and ``G`` (q, q) the output/gradient
 factor.  The operator acts on weight-shaped matrices ``X`` (q, p) through
@@ -37,7 +37,7 @@ class Kron(KronShaped):
     Notes
     -----
     ``Kron(A, G) @ X == G @ X @ A.T`` for ``X`` of shape ``(..., q, p)``, and a
-    flat vector of length ``p*q`` is read in column-stacking order (DESIGN §1).
+    flat vector of length ``p*q`` is read in column-stacking order (docs/design.md §1).
     Factorizations (Cholesky for symmetric positive definite factors, LU
     otherwise; the eigendecomposition) are computed once and cached.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from ._backend import context, dtype_eps, mT
 from ._kernels.eig_scale import eig_scale
 from ._operator import KronShaped, batch_shape_of
-from ._validate import LinAlgError, check_finite, check_nonempty, check_nonneg_scalar, shape_str
+from ._validate import LinAlgError, check_finite, check_nonempty, check_nonneg_scalar, check_real_scalar, shape_str
 
 __all__ = ["KronEigh"]
 
@@ -125,7 +125,7 @@ class KronEigh(KronShaped):
         roots of Shampoo-style preconditioners.  Runs the fused scaling kernel.
         """
         damping = check_nonneg_scalar(damping, "damping")
-        power = float(power)
+        power = check_real_scalar(power, "power")
         (X,), fmt = self._rhs(X)
         self._check_denominators(power, damping)
         Y = eig_scale(self._ctx.xp, self._to_eig(X), self._lg, self._la, damping, power)
@@ -195,7 +195,7 @@ class KronEigh(KronShaped):
         from .linop import make_linear_operator
 
         damping = check_nonneg_scalar(damping, "damping")
-        power = float(power)
+        power = check_real_scalar(power, "power")
         if power == 1.0 and damping == 0.0:
             return make_linear_operator(self, self._forward, self._forward)
         self._check_denominators(power, damping)

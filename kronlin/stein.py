@@ -2,7 +2,7 @@
 
 ``(A ⊗ B + sign·C ⊗ D) vec(U) = vec(V)``  ⇔  ``B U Aᵀ + sign·D U Cᵀ = V``
 with ``A``, ``C`` of shape (p, p), ``B``, ``D`` of shape (q, q) and ``U``, ``V``
-of shape (..., q, p) (DESIGN §1).  K-FAC needs it for exact Tikhonov damping of
+of shape (..., q, p) (docs/design.md §1).  K-FAC needs it for exact Tikhonov damping of
 a Kronecker block (``Ā ⊗ G + λ I ⊗ I``, eq. 6) and for the conditional
 covariances ``Σ_{i|i+1}`` of the block-tridiagonal inverse (a difference, §4.3).
 

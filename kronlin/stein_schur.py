@@ -2,7 +2,7 @@
 
 Solves ``B U Aᵀ + sign·D U Cᵀ = V`` — equivalently
 ``(A ⊗ B + sign·C ⊗ D) vec(U) = vec(V)`` with column-stacking ``vec`` (K-FAC
-appendix B, DESIGN §1) — for *general* real square factors: non-symmetric,
+appendix B, docs/design.md §1) — for *general* real square factors: non-symmetric,
 indefinite, defective.  K-FAC appendix B (Martens & Grosse 2015) inverts
 ``A ⊗ B ± C ⊗ D`` through symmetric eigendecompositions, which needs
 symmetric positive (semi-)definite factors; for anything else a diagonalizing

@@ -2,7 +2,7 @@
 
 Layers are indexed from 0 here; layer ``k`` is the paper's layer ``i = k + 1``
 with weights ``W_i`` of shape ``(d_i, d_{i-1}+1)`` (homogeneous coordinate
-last).  The arguments follow DESIGN §2:
+last).  The arguments follow docs/design.md §2:
 
 ``A_diag[k] = Ā_{k,k}``   (d_k+1, d_k+1)      ``G_diag[k] = G_{k+1,k+1}``  (d_{k+1}, d_{k+1})
 ``A_off[k]  = Ā_{k,k+1}`` (d_k+1, d_{k+1}+1)  ``G_off[k]  = G_{k+1,k+2}``  (d_{k+1}, d_{k+2})
@@ -47,9 +47,7 @@ def _damped(ctx, A, G, gamma, pi, k):
             G + (gamma / pv) * xp.eye(G.shape[-1], dtype=ctx.dtype))
 
 
-def _as_list(x, name: str, optional: bool = False) -> list:
-    if optional and x is None:
-        return []
+def _as_list(x, name: str) -> list:
     if not isinstance(x, (list, tuple)):
         raise TypeError(f"{name} must be a list with one array per layer; got {type(x).__name__}")
     return list(x)
@@ -66,8 +64,8 @@ class _LayerBlocks(Operator):
 
     def _setup(self, A_diag, G_diag, A_off, G_off, gamma, pi):
         A_diag, G_diag = _as_list(A_diag, "A_diag"), _as_list(G_diag, "G_diag")
-        A_off = _as_list(A_off, "A_off", optional=True)
-        G_off = _as_list(G_off, "G_off", optional=True)
+        A_off = _as_list(A_off, "A_off")
+        G_off = _as_list(G_off, "G_off")
         n = len(A_diag)
         if n == 0 or len(G_diag) != n:
             raise ValueError(
@@ -136,7 +134,7 @@ class BlockDiagInverse(_LayerBlocks):
     """
 
     def __init__(self, A_diag, G_diag, gamma=0.0, pi="trace"):
-        self._setup(A_diag, G_diag, None, None, gamma, pi)
+        self._setup(A_diag, G_diag, [], [], gamma, pi)
         self._build()
 
     def _build(self):
@@ -149,7 +147,7 @@ class BlockDiagInverse(_LayerBlocks):
     def update(self, A_diag, G_diag, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (e.g. every T₃ iterations)."""
         shapes = self.shapes
-        self._setup(A_diag, G_diag, None, None, self.gamma if gamma is None else gamma, self.pi if pi is None else pi)
+        self._setup(A_diag, G_diag, [], [], self.gamma if gamma is None else gamma, self.pi if pi is None else pi)
         if self.shapes != shapes:
             raise ValueError(f"update() needs the original layer shapes {shapes}; got {self.shapes}")
         self._build()

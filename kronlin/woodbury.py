@@ -219,7 +219,7 @@ class WoodburyFisher(Operator):
 
     Notes
     -----
-    Shapes follow DESIGN §1: a layer's weight (and every argument ``U``) is
+    Shapes follow docs/design.md §1: a layer's weight (and every argument ``U``) is
     ``(d_out, d_in)``; ``vec`` stacks columns; the flat vector of all layers is
     the concatenation of the per-layer column-stacked vecs (length ``P``).
     Every method taking ``U`` accepts a list of per-layer arrays
@@ -590,7 +590,7 @@ class WoodburyFisher(Operator):
 
         ``F`` (``inverse=False``) or ``(λI + F)⁻¹`` (``inverse=True``), both
         symmetric, on flat vectors: the concatenation of the layers'
-        column-stacked vecs (DESIGN §1).  For ``λI + F`` add
+        column-stacked vecs (docs/design.md §1).  For ``λI + F`` add
         ``λ * scipy.sparse.linalg.aslinearoperator(scipy.sparse.eye(P))``.
         """
         from .linop import make_linear_operator
