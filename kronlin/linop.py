@@ -50,6 +50,8 @@ def _linear_operator_class(xp):
                 fwd, rfwd, check = self._kl
                 return KronlinLinearOperator(self.shape[::-1], self.dtype, rfwd, fwd, check)
 
+            _transpose = _adjoint  # real operators: .T is .H, validated the same way
+
             def matvec(self, x):
                 self._kl[2](x, "vector")
                 return super().matvec(x)

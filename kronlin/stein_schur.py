@@ -31,7 +31,7 @@ import numpy as np
 
 from ._backend import ModuleRefs, is_numpy, to_numpy
 from ._kernels.gsylv import gsylv_backsub, gsylv_backsub_raw, check_pivot
-from ._validate import shape_str
+from ._validate import check_sign, shape_str
 
 __all__ = ["SchurStein"]
 
@@ -141,8 +141,7 @@ class SchurStein(ModuleRefs):
     def __init__(self, xp, A, B, C, D, sign):
         import scipy.linalg
 
-        if sign not in (1, -1):
-            raise ValueError(f"sign must be +1 or -1; got {sign!r}")
+        sign = check_sign(sign)
         for M, name in ((A, "A"), (B, "B"), (C, "C"), (D, "D")):
             if M.ndim != 2 or M.shape[0] != M.shape[1]:
                 raise ValueError(

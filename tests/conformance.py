@@ -318,6 +318,7 @@ class OperatorConformance:
         assert rel_err(back(L.matmat(h(V))), ref @ V) < TOL[dtype]
         assert rel_err(back(L.rmatvec(h(v))), ref.T @ v) < TOL[dtype]
         assert rel_err(back(L.H @ h(v)), ref.T @ v) < TOL[dtype]
+        assert rel_err(back(L.T @ h(v)), ref.T @ v) < TOL[dtype]
 
     def test_aslinearoperator_validates_like_the_operator(self, be, dtype):
         self._need("linop", dtype)
@@ -337,6 +338,11 @@ class OperatorConformance:
             L.rmatvec(h(bad))
         with pytest.raises(TypeError, match="complex"):
             L @ h(np.ones(n) + 1j)
+        for T in (L.T, L.H):  # the transposes validate too
+            with pytest.raises(ValueError, match=rf"length P = {n}"):
+                T @ h(np.ones(n + 1))
+            with pytest.raises(ValueError, match="contains NaN or infinity"):
+                T @ h(bad)
 
     def test_pickle_and_deepcopy_compute_identically(self, be, dtype):
         op, _ = self._op(be, dtype)

@@ -352,3 +352,10 @@ def test_readme_torch_and_jax_examples_run():
     exec(compile(jax_block, "README.md (JAX example)", "exec"), ns)  # noqa: S102
     E, W = ns["E"], ns["W"]
     np.testing.assert_allclose(np.asarray(W), -0.1 * np.asarray(E.solve(ns["jnp"].ones((5, 20)), 1e-3)), rtol=1e-12)
+
+
+def test_schur_set_up_agrees_on_signs():
+    from kronlin.stein_schur import SchurStein
+
+    with pytest.raises(ValueError, match=r"^sign must be \+1 or -1; got True"):
+        SchurStein(np, EYE3, EYE2, EYE3, EYE2, True)
