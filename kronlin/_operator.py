@@ -86,15 +86,23 @@ class Operator(ModuleRefs):
         tells :meth:`_ret` how to hand results back.
         """
         ctx = self._ctx
-        if self._layered and isinstance(X, (list, tuple)):
-            return self._rhs_list(X, name), "list"
-        X = ctx.asarray(X, name)
-        P = self.n_params
-        if not self._layered:
+        if self._layered:
+            if isinstance(X, (list, tuple)):
+                return self._rhs_list(X, name), "list"
+            X = ctx.asarray(X, name)
+            P = self.n_params
+            if X.ndim < 1 or X.shape[-1] != P:
+                raise ValueError(
+                    f"{name} must be a list of per-layer arrays of shapes (..., d_out, d_in) = {self.layer_shapes} "
+                    f"or a flat column-stacked array (..., P) with P = {P}; got shape {shape_str(X)}"
+                )
+        else:
+            X = ctx.asarray(X, name)
             q, p = self._blocks[0]
-            if X.ndim >= 2 and tuple(X.shape[-2:]) == (q, p):
+            if X.ndim >= 2 and X.shape[-1] == p and X.shape[-2] == q:  # the common case first
                 check_finite(ctx.xp, X, name)
                 return [X], "matrix"
+            P = p * q
             if X.ndim == 1 and X.shape[0] != P:
                 raise ValueError(
                     f"{name} is a flat vector of length {X.shape[0]}, but the operator needs length "
@@ -105,11 +113,6 @@ class Operator(ModuleRefs):
                     f"{name} must have shape (..., q, p) = (..., {q}, {p}) or be a flat column-stacked "
                     f"array (..., p*q) with p*q = {P}; got shape {shape_str(X)}"
                 )
-        elif X.ndim < 1 or X.shape[-1] != P:
-            raise ValueError(
-                f"{name} must be a list of per-layer arrays of shapes (..., d_out, d_in) = {self.layer_shapes} "
-                f"or a flat column-stacked array (..., P) with P = {P}; got shape {shape_str(X)}"
-            )
         check_finite(ctx.xp, X, name)
         return self._unflatten(X), "flat"
 

@@ -98,6 +98,8 @@ def check_symmetric(xp, x, name: str) -> None:
 
 def check_nonneg_scalar(value, name: str) -> float:
     """A finite, non-negative Python scalar (damping, gamma)."""
+    if type(value) is float and value >= 0.0 and value - value == 0.0:  # the common case, fast (inf - inf is NaN)
+        return value
     if isinstance(value, (str, bytes, bool)):
         raise TypeError(f"{name} must be a real scalar; got {type(value).__name__} {value!r}")
     try:
@@ -147,6 +149,8 @@ def check_positive_scalar(value, name: str) -> float:
 
 def check_real_scalar(value, name: str) -> float:
     """A finite real Python scalar of any sign (a matrix power)."""
+    if type(value) is float and value - value == 0.0:  # the common case, fast (inf - inf is NaN)
+        return value
     if isinstance(value, (str, bytes, bool)):
         raise TypeError(f"{name} must be a real scalar; got {type(value).__name__} {value!r}")
     try:
