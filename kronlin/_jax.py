@@ -23,6 +23,7 @@ import copy
 import numpy as np
 
 from ._backend import Ctx
+from ._validate import check_choice
 
 __all__ = ["jax_callback"]
 
@@ -63,8 +64,7 @@ def jax_callback(op, method: str = "solve", **kwargs):
     """
     import jax
 
-    if method not in SHAPE_PRESERVING:
-        raise ValueError(f"method must be one of {SHAPE_PRESERVING}; got {method!r}")
+    check_choice(method, SHAPE_PRESERVING, "method")
     fn = getattr(_numpy_view(op), method)
     op_dtype = np.dtype(str(op.dtype).split(".")[-1])
 

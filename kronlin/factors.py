@@ -28,7 +28,7 @@ such layers: use ``tridiagonal=False``.
 from __future__ import annotations
 
 from ._backend import context, is_numpy, mT
-from ._validate import check_finite, shape_str
+from ._validate import check_finite, check_nonneg_scalar, shape_str
 from .tridiag import BlockDiagInverse, BlockTridiagInverse
 
 __all__ = ["batch_factors", "FactorEstimator"]
@@ -154,7 +154,7 @@ class FactorEstimator:
     """
 
     def __init__(self, max_decay: float = 0.95, tridiagonal: bool = True, append_one: bool = True):
-        if not 0.0 <= float(max_decay) < 1.0:
+        if not check_nonneg_scalar(max_decay, "max_decay") < 1.0:
             raise ValueError(f"max_decay must be in [0, 1); got {max_decay!r}")
         self.max_decay, self.tridiagonal, self.append_one = float(max_decay), bool(tridiagonal), bool(append_one)
         self.step = 0
@@ -209,6 +209,13 @@ class FactorEstimator:
                 "append_one": self.append_one, "stats": stats}
 
     def load_state_dict(self, state: dict) -> "FactorEstimator":
+        """Restore :meth:`state_dict`'s output (arrays are copied: the estimator owns its averages)."""
+        keys = ("step", "max_decay", "tridiagonal", "append_one", "stats")
+        missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+        stats = state.get("stats") if isinstance(state, dict) else None
+        if missing or (stats is not None and (not isinstance(stats, dict) or any(k not in stats for k in _KEYS))):
+            what = f"missing {missing}" if missing else f"state['stats'] must be a dict with keys {list(_KEYS)}"
+            raise ValueError(f"state is not a FactorEstimator.state_dict() ({what})")
         self.__init__(state["max_decay"], state["tridiagonal"], state["append_one"])
         self.step = int(state["step"])
         if state["stats"] is not None:

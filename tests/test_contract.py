@@ -359,3 +359,22 @@ def test_schur_set_up_agrees_on_signs():
 
     with pytest.raises(ValueError, match=r"^sign must be \+1 or -1; got True"):
         SchurStein(np, EYE3, EYE2, EYE3, EYE2, True)
+
+
+def test_factor_estimator_arguments_and_state_validated():
+    with pytest.raises(TypeError, match=r"^max_decay must be a real scalar"):
+        kronlin.FactorEstimator(max_decay="0.5")
+    with pytest.raises(ValueError, match=r"^max_decay must be finite and non-negative"):
+        kronlin.FactorEstimator(max_decay=float("nan"))
+    with pytest.raises(ValueError, match=r"^state is not a FactorEstimator.state_dict\(\) \(missing \['stats'\]\)"):
+        kronlin.FactorEstimator().load_state_dict({"step": 1, "max_decay": 0.9, "tridiagonal": True,
+                                                  "append_one": True})
+    with pytest.raises(ValueError, match=r"state\['stats'\] must be a dict with keys"):
+        kronlin.FactorEstimator().load_state_dict({"step": 1, "max_decay": 0.9, "tridiagonal": True,
+                                                  "append_one": True, "stats": {"A_diag": []}})
+    rng = np.random.default_rng(0)
+    est = kronlin.FactorEstimator().update([rng.standard_normal((8, 3))], [rng.standard_normal((8, 2))])
+    state = est.state_dict()
+    est2 = kronlin.FactorEstimator().load_state_dict(state)
+    state["stats"]["A_diag"][0][...] = 0  # the loaded estimator owns its copy
+    assert np.all(np.diag(est2.A_diag[0]) > 0) and est2.step == 1
