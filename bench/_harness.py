@@ -1,4 +1,4 @@
-"""Shared benchmark machinery: case registries and paired timing (DESIGN §6).
+"""Shared benchmark machinery: case registries and paired timing (docs/design.md §6).
 
 The floor runs (timed here, outside pytest-benchmark's timed region) right
 before every round of the operation, so each round has its own floor time and

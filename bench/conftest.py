@@ -1,4 +1,4 @@
-"""Session set-up of the kronlin benchmark harness (DESIGN §6).
+"""Session set-up of the kronlin benchmark harness (docs/design.md §6).
 
 Run from the repository root (see ``bench/README.md``)::
 

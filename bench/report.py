@@ -1,4 +1,4 @@
-"""Turn a pytest-benchmark JSON from ``bench/`` into per-module ratio reports (DESIGN §6).
+"""Turn a pytest-benchmark JSON from ``bench/`` into per-module ratio reports (docs/design.md §6).
 
 Usage (from the repository root)::
 

@@ -1,4 +1,4 @@
-"""Benchmarks of ``Kron`` / ``KronEigh`` against their BLAS/LAPACK floors (DESIGN §6).
+"""Benchmarks of ``Kron`` / ``KronEigh`` against their BLAS/LAPACK floors (docs/design.md §6).
 
 Every operation is timed next to the *floor* it cannot beat, measured in the
 same run on the same arrays: plain NumPy GEMMs (``gemm``: one ``G @ X``;
@@ -152,7 +152,7 @@ def check_solve(U, P, what):
     berr = np.linalg.norm(R) / (knorm * np.linalg.norm(U64) + np.linalg.norm(P.X64))
     assert berr <= P.tol, f"{what}: backward error {berr:.3g} > {P.tol:.3g}"
     if P.q * P.p <= 64 * 64 and P.dtype == np.float64:
-        # Dense reference on the column-stacked vector (DESIGN §1): (A ⊗ G + λI) vec(U) = vec(X).
+        # Dense reference on the column-stacked vector (docs/design.md §1): (A ⊗ G + λI) vec(U) = vec(X).
         K = np.kron(P.A64, P.G64) + DAMPING * np.eye(P.q * P.p)
         u = scipy.linalg.solve(K, P.X64.flatten("F"), assume_a="pos")
         err = rel(U64.flatten("F"), u)
@@ -204,7 +204,7 @@ def case_kron_matvec(P):
     err = rel(Z, P.G64 @ P.X64 @ P.A64.T)
     assert err <= P.tol, f"kron_matvec vs G X Aᵀ: {err:.3g}"
     if P.q * P.p <= 64 * 64:
-        # DESIGN §1: Kron(A, G) @ X == np.kron(A, G) @ X.flatten("F") reshaped back; flat input too.
+        # docs/design.md §1: Kron(A, G) @ X == np.kron(A, G) @ X.flatten("F") reshaped back; flat input too.
         z = np.kron(P.A64, P.G64) @ P.X64.flatten("F")
         err = rel(Z.flatten("F"), z)
         assert err <= P.tol, f"kron_matvec vs np.kron: {err:.3g}"

@@ -1,4 +1,4 @@
-"""Benchmarks of ``KronSumInverse`` (generalized Stein equations, issue 3) against their floors (DESIGN §6).
+"""Benchmarks of ``KronSumInverse`` (generalized Stein equations, issue 3) against their floors (docs/design.md §6).
 
 ``KronSumInverse(A, B, C, D, sign)`` represents ``(A ⊗ B + sign·C ⊗ D)⁻¹``, i.e.
 solves ``B U Aᵀ + sign·D U Cᵀ = V`` for ``U`` of shape ``(q, p)``; here
@@ -221,7 +221,7 @@ def check_solution(U, P, what):
     berr = np.linalg.norm(R) / (P.knorm * np.linalg.norm(U64) + np.linalg.norm(P.V64))
     assert berr <= P.tol, f"{what}: backward error {berr:.3g} > {P.tol:.3g}"
     if P.n <= 32 and P.dtype == np.float64:
-        # Dense reference on the column-stacked vector (DESIGN §1).
+        # Dense reference on the column-stacked vector (docs/design.md §1).
         K = np.kron(P.A64, P.B64) + P.sign * np.kron(P.C64, P.D64)
         u = scipy.linalg.solve(K, P.V64.flatten("F"))
         err = rel(U64.flatten("F"), u)

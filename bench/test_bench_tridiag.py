@@ -1,4 +1,4 @@
-"""Benchmarks of K-FAC's block-tridiagonal inverse (issue 4) against its GEMM floor (DESIGN §6).
+"""Benchmarks of K-FAC's block-tridiagonal inverse (issue 4) against its GEMM floor (docs/design.md §6).
 
 Network: ``depth`` fully connected tanh layers of width ``w`` (layer k: ``W_k`` of shape
 ``(w, w + 1)``, homogeneous coordinate last), ``N = 2048`` examples.  Activations come

@@ -1,4 +1,4 @@
-"""Benchmarks of ``WoodburyFisher`` and its weight-sharing Gram kernel (DESIGN §6).
+"""Benchmarks of ``WoodburyFisher`` and its weight-sharing Gram kernel (docs/design.md §6).
 
 Conventions of ``bench/test_bench_kron.py`` (run with ``bench/conftest.py``:
 BLAS and OpenMP pinned to one thread): every operation is checked first, then

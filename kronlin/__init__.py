@@ -1,6 +1,6 @@
 """kronlin: numerical linear algebra for Kronecker-factored curvature.
 
-Conventions (DESIGN §1): ``vec`` stacks columns; ``Kron(A, G)`` is ``A ⊗ G``
+Conventions (docs/design.md §1): ``vec`` stacks columns; ``Kron(A, G)`` is ``A ⊗ G``
 with the input factor ``A`` (p, p) and the output factor ``G`` (q, q), acting
 on ``(..., q, p)`` weight-shaped arrays by ``G @ X @ A.T``.  Results come back
 in the namespace and dtype of the inputs.
@@ -16,6 +16,7 @@ from .kron import DENSE_LIMIT, Kron
 from .kron_eigh import KronEigh
 from .stein import KronSumInverse, solve_kron_sum
 from .factors import FactorEstimator, batch_factors
+from ._jax import jax_callback
 from .tridiag import BlockDiagInverse, BlockTridiagInverse
 from .woodbury import WoodburyFisher
 
@@ -34,6 +35,7 @@ __all__ = [
     "WoodburyFisher",
     "FactorEstimator",
     "batch_factors",
+    "jax_callback",
     "DENSE_LIMIT",
     "PSD_CLIP_FACTOR",
     "SYM_RTOL_FACTOR",

@@ -14,20 +14,25 @@ inputs into it, and converts results back into the caller's library:
   DLPack into NumPy (CPU) or CuPy (CUDA) and results are handed back through
   the caller's ``from_dlpack``.
 
-Dtype policy (DESIGN §1): float32 and float64 are kept; integer and bool
+Dtype policy (docs/design.md §1): float32 and float64 are kept; integer and bool
 inputs are promoted to float64; mixed float inputs compute in the wider type;
 float16, complex, object and string dtypes are rejected.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Ctx", "context", "is_numpy", "is_cupy", "mT", "to_numpy", "dtype_eps", "trace", "matrix_norm"]
+__all__ = [
+    "Ctx", "context", "is_numpy", "is_cupy", "mT", "to_numpy", "dtype_eps", "owned_copy", "ModuleRefs", "trace",
+    "matrix_norm",
+]
 
 _NATIVE = ("numpy", "cupy", "array_api_strict")
 _PLAIN = (int, float, bool, list, tuple, np.generic)
@@ -56,11 +61,42 @@ class Ctx:
     def name(self) -> str:
         return _ns_name(self.xp)
 
+    def __reduce__(self):
+        # pickled by the libraries' *names*: modules do not pickle (DESIGN: operators pickle and deep-copy)
+        foreign = None if self.foreign is None else self.foreign.__name__
+        return (_ctx_from_names, (self.xp.__name__, _dtype_name(self.xp, self.dtype), foreign))
+
     def out(self, x):
-        """Return a result array in the caller's library."""
-        if self.foreign is None or x is None:
+        """Return a freshly computed result array in the caller's library, dtype and device."""
+        if x is None:
             return x
+        if self.foreign is None:
+            return x
+        if is_numpy(self.xp):
+            x = np.asarray(x)  # a NumPy scalar has no DLPack export
+            if _ns_name(self.foreign) == "jax":
+                # JAX takes only compact, writable buffers by DLPack; asarray copies whatever it gets
+                return self.foreign.asarray(x)
+            if not x.flags.writeable:
+                x = x.copy()
+        elif _ns_name(self.foreign) == "jax":
+            x = self.xp.ascontiguousarray(x)
         return self.foreign.from_dlpack(x)
+
+    def out_copy(self, x):
+        """A copy of internal state in the caller's library: accessors never hand out live views."""
+        return self.out(owned_copy(self.xp, x))
+
+    def scalar(self, x):
+        """A scalar result (0-d, or of the batch shape): a NumPy scalar for NumPy, else a 0-d array.
+
+        Always in the context's dtype and the caller's library.
+        """
+        xp = self.xp
+        x = xp.asarray(x, dtype=self.dtype) if not hasattr(x, "dtype") or x.dtype != self.dtype else x
+        if is_numpy(xp) and self.foreign is None:
+            return x[()] if x.ndim == 0 else x
+        return self.out(x)
 
     def asarray(self, x, name: str):
         """Convert a later argument (a right-hand side) into this context's namespace.
@@ -70,6 +106,12 @@ class Ctx:
         """
         ns, fr = _namespace_of(x, name)
         plain = isinstance(x, _PLAIN)
+        if fr is not None and (fr is not self.foreign and (self.foreign is None or _ns_name(fr) != _ns_name(self.foreign))):
+            who = "NumPy" if self.foreign is None else _ns_name(self.foreign)
+            raise TypeError(
+                f"{name} is a {_ns_name(fr)} array but the operator was built from {who} arrays; "
+                f"pass arrays of one library"
+            )
         if not plain and _ns_name(ns) != self.name:
             raise TypeError(
                 f"{name} is a {_ns_name(ns)} array but the operator computes on {self.name}; "
@@ -92,6 +134,74 @@ def is_numpy(xp) -> bool:
 
 def is_cupy(xp) -> bool:
     return _ns_name(xp) == "cupy"
+
+
+def _ctx_from_names(xp_name: str, dtype_name: str, foreign_name):
+    xp = importlib.import_module(xp_name)
+    foreign = None if foreign_name is None else importlib.import_module(foreign_name)
+    dtype = np.dtype(dtype_name) if is_numpy(xp) or is_cupy(xp) else getattr(xp, dtype_name)
+    return Ctx(xp, dtype, foreign)
+
+
+def _dtype_name(xp, dtype) -> str:
+    return "float32" if dtype == xp.float32 else "float64"
+
+
+class _ModuleName:
+    """A module held by an object, pickled as its name."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+class ModuleRefs:
+    """Pickling for objects that hold array-library modules (``xp``): they travel as names."""
+
+    def __getstate__(self):
+        return {k: _ModuleName(v.__name__) if isinstance(v, ModuleType) else v for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, importlib.import_module(v.name) if isinstance(v, _ModuleName) else canonical_arrays(v))
+
+
+def canonical_arrays(v):
+    """Unpickled NumPy arrays carry a fresh copy of their dtype object; the compiled kernels accept only
+    NumPy's own float32/float64 dtype objects, so arrays (also inside lists, tuples and dicts) get a view
+    with the canonical one."""
+    if isinstance(v, np.ndarray):
+        canon = np.dtype(v.dtype.str)
+        return v if v.dtype is canon else v.view(canon)
+    if isinstance(v, (list, tuple)):
+        return type(v)(canonical_arrays(x) for x in v)
+    if isinstance(v, dict):
+        return {k: canonical_arrays(x) for k, x in v.items()}
+    return v
+
+
+def owned_copy(xp, x):
+    """A copy of ``x`` that no caller holds (snapshot semantics; results never alias internal state)."""
+    if is_numpy(xp) or is_cupy(xp):
+        return x.copy()
+    return xp.asarray(x, copy=True)
+
+
+_HALF = ("float16", "bfloat16", "half")
+
+
+def _reject_traced_or_half(x, name: str) -> None:
+    cls = type(x)
+    if cls.__module__.startswith("jax") and "Tracer" in cls.__name__:
+        raise TypeError(
+            f"{name} is a traced JAX value ({cls.__name__}): kronlin computes eagerly on concrete arrays, "
+            f"so it cannot run inside jax.jit, jax.grad or jax.vmap directly; inside jit, wrap the call with "
+            f"kronlin.jax_callback (a jax.pure_callback) or call kronlin outside the traced function"
+        )
+    dt = str(getattr(x, "dtype", "")).split(".")[-1]
+    if dt in _HALF:
+        raise TypeError(f"{name} has dtype {dt}; kronlin computes in float32 or float64, cast it first")
 
 
 def _namespace_of(x, name: str):
@@ -121,6 +231,7 @@ def _namespace_of(x, name: str):
                 ) from exc
             return cupy, foreign
         raise TypeError(f"{name} is on DLPack device type {device_type}; kronlin computes on CPU or CUDA only")
+    _reject_traced_or_half(x, name)
     raise TypeError(
         f"{name} must be an array (NumPy, CuPy, or any DLPack-capable array such as torch/jax); "
         f"got {type(x).__name__}"
@@ -129,6 +240,12 @@ def _namespace_of(x, name: str):
 
 def _convert(x, xp, foreign, name: str):
     if foreign is not None:
+        _reject_traced_or_half(x, name)
+        if getattr(x, "requires_grad", False):
+            raise TypeError(
+                f"{name} requires grad: kronlin's results are not differentiable by autograd; pass "
+                f"{name}.detach() (and treat the result as a constant)"
+            )
         try:
             return xp.from_dlpack(x)
         except (TypeError, RuntimeError, BufferError) as exc:
@@ -170,7 +287,7 @@ def _float_dtype(xp, dt):
     return dt if xp.isdtype(dt, "real floating") else xp.float64
 
 
-def context(*named):
+def context(*named, snapshot: bool = False):
     """Build the context of a call and convert its arrays.
 
     Parameters
@@ -179,6 +296,11 @@ def context(*named):
         The array inputs of one public call, with the argument names used in
         error messages.  Python scalars and lists join the namespace of the
         first real array.
+    snapshot : bool
+        Constructors pass True: every returned array is then owned by kronlin
+        (copied unless the conversion already made a new array), so mutating
+        the caller's arrays later never changes the operator (DESIGN: snapshot
+        semantics).
 
     Returns
     -------
@@ -212,7 +334,10 @@ def context(*named):
     dtype = _float_dtype(xp, arrays[0].dtype)
     for arr in arrays[1:]:
         dtype = xp.result_type(dtype, _float_dtype(xp, arr.dtype))
-    arrays = [a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays]
+    arrays = [
+        xp.astype(a, dtype) if a.dtype != dtype else owned_copy(xp, a) if snapshot and not isinstance(x, _PLAIN) else a
+        for a, (_, x, _, _) in zip(arrays, infos)
+    ]
     return Ctx(xp, dtype, foreign), arrays
 
 

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from ._backend import dtype_eps, is_cupy, is_numpy, mT
+from ._backend import ModuleRefs, dtype_eps, is_cupy, is_numpy, mT
 from ._validate import LinAlgError, _symmetric_within_tol, shape_str
 
 __all__ = ["Factor", "eigh", "generalized_eigh", "PSD_CLIP_FACTOR"]
@@ -51,7 +51,7 @@ def _diag(xp, M):
     return xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M, axis1=-2, axis2=-1)
 
 
-class Factor:
+class Factor(ModuleRefs):
     """A cached factorization of a square matrix or a stack of them.
 
     Cholesky when the matrix is symmetric (to round-off) and positive
@@ -62,6 +62,7 @@ class Factor:
 
     def __init__(self, xp, M, name: str):
         self.xp, self.name, self.n = xp, name, int(M.shape[-1])
+        # the constructor builds everything before the caller publishes the object (thread safety)
         self.batched = M.ndim > 2
         self._M = M
         self._sl = _scipy_linalg(xp)
@@ -127,7 +128,10 @@ class Factor:
         if self.kind == "cholesky":
             return self.tri_solve(self.tri_solve(B), trans=True)
         if self._lu is not None:
-            return self._sl.lu_solve(self._lu, B, trans=1 if trans else 0, check_finite=False)
+            lu, piv = self._lu
+            # SciPy's lu_solve writes to the pivot array it is given: concurrent solves on one shared
+            # (lu, piv) corrupt the heap (issue 17), so every call gets its own copy of the pivots (O(n))
+            return self._sl.lu_solve((lu, piv.copy()), B, trans=1 if trans else 0, check_finite=False)
         M = mT(self._M) if trans else self._M
         return _solve(self.xp, M, B)
 

@@ -1,4 +1,4 @@
-"""Input validation shared by every public function (DESIGN §5).
+"""Input validation shared by every public function (docs/design.md §5).
 
 Each check raises before any work is done, with a message that names the
 argument, shows its shape and says how to fix the input.  Nothing is ever
@@ -20,6 +20,12 @@ __all__ = [
     "check_finite",
     "check_symmetric",
     "check_nonneg_scalar",
+    "check_nonempty",
+    "check_choice",
+    "check_sign",
+    "check_positive_scalar",
+    "check_real_scalar",
+    "check_positive_int",
     "shape_str",
 ]
 
@@ -92,6 +98,10 @@ def check_symmetric(xp, x, name: str) -> None:
 
 def check_nonneg_scalar(value, name: str) -> float:
     """A finite, non-negative Python scalar (damping, gamma)."""
+    if type(value) is float and value >= 0.0 and value - value == 0.0:  # the common case, fast (inf - inf is NaN)
+        return value
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__} {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -99,3 +109,61 @@ def check_nonneg_scalar(value, name: str) -> float:
     if not np.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be finite and non-negative; got {value!r}")
     return v
+
+
+def check_nonempty(x, name: str) -> None:
+    """A factor of order 0 has nothing to solve: one clear error for every operator."""
+    if x.shape[-1] == 0 or (x.ndim >= 2 and x.shape[-2] == 0):
+        raise ValueError(
+            f"{name} has shape {shape_str(x)}: kronlin operators need factors of order >= 1 (a size-0 layer "
+            f"has no parameters; leave it out)"
+        )
+
+
+def check_choice(value, choices, name: str):
+    """``value`` must be one of ``choices`` (compared as given: no case folding, no conversion)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
+    return value
+
+
+def check_sign(sign, name: str = "sign") -> int:
+    """+1 or -1 as an integer or float; ``True``/``False`` are not signs."""
+    if isinstance(sign, bool) or not isinstance(sign, (int, float, np.integer, np.floating)) or sign not in (1, -1):
+        raise ValueError(f"{name} must be +1 or -1; got {sign!r}")
+    return int(sign)
+
+
+def check_positive_scalar(value, name: str) -> float:
+    """A finite, strictly positive Python scalar (pi, scale)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__} {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__}") from None
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite positive number; got {value!r}")
+    return v
+
+
+def check_real_scalar(value, name: str) -> float:
+    """A finite real Python scalar of any sign (a matrix power)."""
+    if type(value) is float and value - value == 0.0:  # the common case, fast (inf - inf is NaN)
+        return value
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__} {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__}") from None
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    return v
+
+
+def check_positive_int(value, name: str) -> int:
+    """An integer >= 1 (an iteration count); floats, bools and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    return int(value)

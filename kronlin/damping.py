@@ -20,8 +20,17 @@ from __future__ import annotations
 import math
 
 from ._backend import context, matrix_norm, mT, trace
-from ._validate import check_finite, check_nonneg_scalar, check_square, shape_str
-from .kron import Kron, _batch_shape
+from ._operator import KronShaped, batch_shape_of
+from ._validate import (
+    check_choice,
+    check_finite,
+    check_nonempty,
+    check_nonneg_scalar,
+    check_positive_scalar,
+    check_square,
+    shape_str,
+)
+from .kron import Kron
 
 __all__ = ["pi_factor", "factored_damping", "DampedKron", "NORMS"]
 
@@ -40,13 +49,13 @@ def _factor_norms(xp, A, G, norm):
         )
     if norm == "spectral":
         return matrix_norm(xp, A, 2), matrix_norm(xp, G, 2), "spectral norm"
-    raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
+    raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")  # pragma: no cover - checked by callers
 
 
-def _pi(ctx, A, G, norm):
+def _pi(ctx, A, G, norm, nameA: str = "A", nameG: str = "G"):
     xp = ctx.xp
     nA, nG, what = _factor_norms(xp, A, G, norm)
-    for val, name, M in ((nA, "A", A), (nG, "G", G)):
+    for val, name, M in ((nA, nameA, A), (nG, nameG, G)):
         if not bool(xp.all(val > 0)):
             raise ValueError(
                 f"{name} (shape {shape_str(M)}) has {what} {float(xp.min(val)):.3g} <= 0, so π is undefined; "
@@ -55,18 +64,24 @@ def _pi(ctx, A, G, norm):
     return xp.sqrt(nA / nG)
 
 
+def pi_value(ctx, A, G, pi, nameA: str = "A", nameG: str = "G"):
+    """π of factored damping: ``pi`` a norm name (π from the factors) or a positive number."""
+    if isinstance(pi, str):
+        check_choice(pi, NORMS, "pi")
+        return _pi(ctx, A, G, pi, nameA, nameG)
+    return ctx.xp.asarray(check_positive_scalar(pi, "pi"), dtype=ctx.dtype)
+
+
 def _prepare(A, G):
     ctx, (A, G) = context(("A", A), ("G", G))
     check_square(A, "A")
     check_square(G, "G")
-    _batch_shape(A, G)
+    batch_shape_of(A, G)
+    check_nonempty(A, "A")
+    check_nonempty(G, "G")
     check_finite(ctx.xp, A, "A")
     check_finite(ctx.xp, G, "G")
     return ctx, A, G
-
-
-def _as_result(ctx, value):
-    return float(value) if value.ndim == 0 else ctx.out(value)
 
 
 def pi_factor(A, G, norm: str = "trace"):
@@ -84,8 +99,10 @@ def pi_factor(A, G, norm: str = "trace"):
     -------
     float (unbatched factors) or array of the batch shape.
     """
+    check_choice(norm, NORMS, "norm")
     ctx, A, G = _prepare(A, G)
-    return _as_result(ctx, _pi(ctx, A, G, norm))
+    value = _pi(ctx, A, G, norm)
+    return float(value) if value.ndim == 0 else ctx.out(value)  # a parameter (a Python float), not a result
 
 
 def factored_damping(A, G, gamma: float, pi="trace") -> Kron:
@@ -102,20 +119,13 @@ def factored_damping(A, G, gamma: float, pi="trace") -> Kron:
     gamma = check_nonneg_scalar(gamma, "gamma")
     ctx, A, G = _prepare(A, G)
     xp = ctx.xp
-    if isinstance(pi, str):
-        pv = _pi(ctx, A, G, pi)
-    else:
-        pv = check_nonneg_scalar(pi, "pi")
-        if pv == 0:
-            raise ValueError("pi must be positive; got 0")
-        pv = xp.asarray(pv, dtype=ctx.dtype)
-    pv = xp.astype(pv, ctx.dtype)[..., None, None]
+    pv = xp.astype(pi_value(ctx, A, G, pi), ctx.dtype)[..., None, None]
     Ia = xp.eye(A.shape[-1], dtype=ctx.dtype)
     Ig = xp.eye(G.shape[-1], dtype=ctx.dtype)
     return Kron._trusted(ctx, A + (gamma * pv) * Ia, G + (gamma / pv) * Ig)
 
 
-class DampedKron:
+class DampedKron(KronShaped):
     """A Kronecker curvature block with Tikhonov damping ``λ``, exact or factored, behind one switch.
 
     ``mode="exact"``: the matrix ``A ⊗ G + λ I`` (K-FAC eq. 6 with the
@@ -129,56 +139,66 @@ class DampedKron:
     Cholesky solves.
 
     Both modes offer ``solve(X)`` (the damped inverse applied to ``X``),
-    ``@`` (the damped matrix), ``to_dense()`` and ``aslinearoperator()``
-    (the inverse), so an optimizer compares them by changing ``mode`` only.
+    ``@`` and ``matmat`` (the damped matrix), ``to_dense()`` (the damped
+    matrix) and ``aslinearoperator()`` (the damped *inverse*, for iterative
+    solvers that want a preconditioner), so an optimizer compares them by
+    changing ``mode`` only.
     """
 
     MODES = ("exact", "factored")
 
     def __init__(self, A, G, damping: float, mode: str = "exact", pi="trace"):
         self.damping = check_nonneg_scalar(damping, "damping")
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}; got {mode!r}")
-        self.mode = mode
+        self.mode = check_choice(mode, self.MODES, "mode")
         if mode == "exact":
             self.kron = Kron(A, G)
             self._eig = self.kron.eigh()
         else:
             self.kron = factored_damping(A, G, math.sqrt(self.damping), pi=pi)
+        self._set_shape(self.kron._ctx, self.kron.p, self.kron.q, self.kron.batch_shape)
 
     @property
-    def p(self) -> int:
-        return self.kron.p
+    def T(self) -> "DampedKron":
+        """The damped block is symmetric when its factors are; ``T`` is its transpose."""
+        new = DampedKron.__new__(DampedKron)
+        new.damping, new.mode, new.kron = self.damping, self.mode, self.kron.T
+        if self.mode == "exact":
+            new._eig = self._eig
+        new._set_shape(self._ctx, self.p, self.q, self.batch_shape)
+        return new
 
-    @property
-    def q(self) -> int:
-        return self.kron.q
+    def _apply_matrix(self, X):
+        Y = self.kron._apply_matrix(X)
+        return Y + self.damping * X if self.mode == "exact" else Y
+
+    def _solve_matrix(self, X, trans: bool = False):
+        if self.mode == "exact":
+            return self._eig._damped_solve(X, self.damping)
+        fa, fg = self.kron._factors()
+        return mT(fa.solve(mT(fg.solve(X, trans)), trans))
 
     def solve(self, X):
         """The damped block's inverse applied to ``X`` (..., q, p) or a flat vector."""
-        if self.mode == "exact":
-            return self._eig.solve(X, damping=self.damping)
-        return self.kron.solve(X)
+        (X,), fmt = self._rhs(X)
+        return self._ret([self._solve_matrix(X)], fmt)
 
     def __matmul__(self, X):
-        if self.mode == "exact":
-            return self.kron @ X + self.damping * self.kron._ctx.asarray(X, "X")
-        return self.kron @ X
+        """The damped matrix applied to ``X``."""
+        (X,), fmt = self._rhs(X)
+        return self._ret([self._apply_matrix(X)], fmt)
 
     def to_dense(self, allow_large: bool = False):
         """The dense damped matrix."""
-        D = self.kron.to_dense(allow_large=allow_large)
+        D = self.kron._dense(allow_large)
         if self.mode == "exact":
-            xp = self.kron._ctx.xp
-            D = D + self.damping * xp.eye(self.p * self.q, dtype=self.kron.dtype)
-        return D
+            xp = self._ctx.xp
+            D = D + self.damping * xp.eye(self.p * self.q, dtype=self.dtype)
+        return self._ctx.out(D)
 
     def aslinearoperator(self):
-        """The damped inverse as a ``LinearOperator`` on flat column-stacked vectors."""
-        if self.mode == "exact":
-            return self._eig.aslinearoperator(power=-1.0, damping=self.damping)
+        """The damped *inverse* as a ``LinearOperator`` on flat column-stacked vectors."""
         from .linop import make_linear_operator
 
-        fa, fg = self.kron._factors()
-        fn = lambda X: mT(fa.solve(mT(fg.solve(X))))  # noqa: E731
-        return make_linear_operator(self.kron, fn, lambda X: mT(fa.solve(mT(fg.solve(X, True)), True)))
+        return make_linear_operator(
+            self, lambda Xs: [self._solve_matrix(Xs[0])], lambda Xs: [self._solve_matrix(Xs[0], True)]
+        )

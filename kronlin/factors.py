@@ -13,7 +13,7 @@ The batch estimates are ``Ā_{k,j} = ā_kᵀ ā_j / N`` and ``G_{k+1,j+1} = g_{k
 for ``j ∈ {k, k+1}``; :class:`FactorEstimator` keeps the exponentially decaying
 average of §5 with ``ε = min(1 − 1/k, 0.95)`` at iteration ``k``.
 
-Weight-sharing layers (convolutions after patch extraction, DESIGN §1) pass
+Weight-sharing layers (convolutions after patch extraction, docs/design.md §1) pass
 ``acts[k]`` of shape ``(N, T, d_k)`` and ``grads[k]`` of shape ``(N, T, d_{k+1})``
 with the same ``T``: the per-example gradient is ``Σ_t g_t ā_tᵀ`` and the factors
 are those of KFC (Grosse & Martens 2016; K-BFGS §2.2)::
@@ -28,7 +28,7 @@ such layers: use ``tridiagonal=False``.
 from __future__ import annotations
 
 from ._backend import context, is_numpy, mT
-from ._validate import check_finite, shape_str
+from ._validate import check_finite, check_nonneg_scalar, shape_str
 from .tridiag import BlockDiagInverse, BlockTridiagInverse
 
 __all__ = ["batch_factors", "FactorEstimator"]
@@ -37,6 +37,11 @@ _KEYS = ("A_diag", "G_diag", "A_off", "G_off")
 
 
 def _prepare(acts, grads, append_one, tridiagonal=False):
+    for name, x in (("acts", acts), ("grads", grads)):
+        if not isinstance(x, (list, tuple)):
+            raise TypeError(
+                f"{name} must be a list with one array per layer (a single layer is [array]); got {type(x).__name__}"
+            )
     acts, grads = list(acts), list(grads)
     if not acts or len(acts) != len(grads):
         raise ValueError(f"acts and grads must be non-empty lists of equal length; got {len(acts)} and {len(grads)}")
@@ -149,7 +154,7 @@ class FactorEstimator:
     """
 
     def __init__(self, max_decay: float = 0.95, tridiagonal: bool = True, append_one: bool = True):
-        if not 0.0 <= float(max_decay) < 1.0:
+        if not check_nonneg_scalar(max_decay, "max_decay") < 1.0:
             raise ValueError(f"max_decay must be in [0, 1); got {max_decay!r}")
         self.max_decay, self.tridiagonal, self.append_one = float(max_decay), bool(tridiagonal), bool(append_one)
         self.step = 0
@@ -180,7 +185,7 @@ class FactorEstimator:
     def _get(self, key):
         if self._stats is None:
             raise RuntimeError("no statistics yet: call update(acts, grads) first")
-        return [self._ctx.out(M) for M in self._stats[key]]
+        return [self._ctx.out_copy(M) for M in self._stats[key]]  # copies: never live views of the averages
 
     A_diag = property(lambda self: self._get("A_diag"), doc="[Ā_{0,0}, …, Ā_{ℓ-1,ℓ-1}]")
     G_diag = property(lambda self: self._get("G_diag"), doc="[G_{1,1}, …, G_{ℓ,ℓ}]")
@@ -254,7 +259,7 @@ class FactorEstimator:
                               f"got {len(lists[k])}")  # fmt: skip
             named = [(f"{k}[{i}]", M) for k in _KEYS for i, M in enumerate(lists[k])]
             try:
-                ctx, arrays = context(*named)
+                ctx, arrays = context(*named, snapshot=True)  # copied: the estimator owns its averages
             except (TypeError, ValueError) as exc:
                 raise bad(str(exc)) from None
             it = iter(arrays)

@@ -1,4 +1,4 @@
-"""The Kronecker operator ``Kron(A, G) = A ⊗ G`` (K-FAC §3, §4.2; DESIGN §1).
+"""The Kronecker operator ``Kron(A, G) = A ⊗ G`` (K-FAC §3, §4.2; docs/design.md §1).
 
 ``A`` (p, p) is the input/activation factor and ``G`` (q, q) the output/gradient
 factor.  The operator acts on weight-shaped matrices ``X`` (q, p) through
@@ -11,16 +11,11 @@ solved in one batched LAPACK call instead of a Python loop.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import numpy as np
-
-from ._backend import Ctx, context, mT, trace
+from ._backend import context, mT, trace
 from ._linalg import Factor, eigh
-from ._validate import LinAlgError, check_finite, check_square, check_symmetric, shape_str
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .kron_eigh import KronEigh
+from ._operator import KronShaped, batch_shape_of
+from ._validate import LinAlgError, check_finite, check_nonempty, check_square, check_symmetric
+from .kron_eigh import KronEigh
 
 __all__ = ["Kron", "DENSE_LIMIT"]
 
@@ -29,83 +24,7 @@ __all__ = ["Kron", "DENSE_LIMIT"]
 DENSE_LIMIT = 2**24
 
 
-def _batch_shape(A, G, nameA="A", nameG="G"):
-    try:
-        return tuple(np.broadcast_shapes(tuple(A.shape[:-2]), tuple(G.shape[:-2])))
-    except ValueError:
-        raise ValueError(
-            f"the batch dimensions of {nameA} {shape_str(A)} and {nameG} {shape_str(G)} do not broadcast"
-        ) from None
-
-
-class _KronShaped:
-    """Right-hand-side handling shared by the Kronecker-structured operators."""
-
-    _ctx: Ctx
-    p: int
-    q: int
-    batch_shape: tuple
-
-    @property
-    def shape(self) -> tuple:
-        """Shape ``(p*q, p*q)`` of the (unbatched) matrix the operator represents."""
-        n = self.p * self.q
-        return (n, n)
-
-    @property
-    def dtype(self):
-        return self._ctx.dtype
-
-    def _rhs(self, X, name: str = "X"):
-        """Convert ``X`` to a ``(..., q, p)`` array; return it and whether it was flat."""
-        X = self._ctx.asarray(X, name)
-        p, q = self.p, self.q
-        if X.ndim == 1:
-            if X.shape[0] != p * q:
-                raise ValueError(
-                    f"{name} is a flat vector of length {X.shape[0]}, but the operator needs length "
-                    f"p*q = {p * q} (column-stacked), or shape (..., q, p) = (..., {q}, {p})"
-                )
-            check_finite(self._ctx.xp, X, name)
-            return mT(self._ctx.xp.reshape(X, (p, q))), True
-        if X.ndim < 2 or tuple(X.shape[-2:]) != (q, p):
-            raise ValueError(
-                f"{name} must have shape (..., q, p) = (..., {q}, {p}) or be a flat column-stacked vector "
-                f"of length {p * q}; got shape {shape_str(X)}"
-            )
-        check_finite(self._ctx.xp, X, name)
-        return X, False
-
-    def _ret(self, Y, flat: bool):
-        xp = self._ctx.xp
-        if flat:
-            Y = xp.reshape(mT(Y), tuple(Y.shape[:-2]) + (self.p * self.q,))
-        return self._ctx.out(Y)
-
-    def matmat(self, V):
-        """Apply the operator to the columns of ``V`` (p*q, k) (flat column-stacked vectors)."""
-        return self._flat_columns(V, lambda X: self._apply_matrix(X))
-
-    def _flat_columns(self, V, fn):
-        xp = self._ctx.xp
-        V = self._ctx.asarray(V, "V")
-        n = self.p * self.q
-        if V.ndim != 2 or V.shape[0] != n:
-            raise ValueError(f"V must have shape (p*q, k) = ({n}, k); got {shape_str(V)}")
-        check_finite(xp, V, "V")
-        k = V.shape[1]
-        X = mT(xp.reshape(mT(V), (k, self.p, self.q)))
-        Y = fn(X)
-        return self._ctx.out(mT(xp.reshape(mT(Y), (k, n))))
-
-    def aslinearoperator(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` (CuPy: ``cupyx``'s) on flat column-stacked vectors."""
-        from .linop import make_linear_operator
-
-        return make_linear_operator(self)
-
-
-class Kron(_KronShaped):
+class Kron(KronShaped):
     """The Kronecker product ``A ⊗ G`` of an input factor ``A`` and an output factor ``G``.
 
     Parameters
@@ -118,7 +37,7 @@ class Kron(_KronShaped):
     Notes
     -----
     ``Kron(A, G) @ X == G @ X @ A.T`` for ``X`` of shape ``(..., q, p)``, and a
-    flat vector of length ``p*q`` is read in column-stacking order (DESIGN §1).
+    flat vector of length ``p*q`` is read in column-stacking order (docs/design.md §1).
     Factorizations (Cholesky for symmetric positive definite factors, LU
     otherwise; the eigendecomposition) are computed once and cached.
 
@@ -132,18 +51,20 @@ class Kron(_KronShaped):
     """
 
     def __init__(self, A, G):
-        ctx, (A, G) = context(("A", A), ("G", G))
+        ctx, (A, G) = context(("A", A), ("G", G), snapshot=True)
         p = check_square(A, "A")
         q = check_square(G, "G")
-        self.batch_shape = _batch_shape(A, G)
+        batch_shape_of(A, G)
+        check_nonempty(A, "A")
+        check_nonempty(G, "G")
         check_finite(ctx.xp, A, "A")
         check_finite(ctx.xp, G, "G")
         self._init(ctx, A, G, p, q)
 
     def _init(self, ctx, A, G, p, q):
-        self._ctx, self._A, self._G, self.p, self.q = ctx, A, G, p, q
-        self.batch_shape = _batch_shape(A, G)
-        self._fa = self._fg = None
+        self._set_shape(ctx, p, q, batch_shape_of(A, G))
+        self._A, self._G = A, G
+        self._fac = None  # (Factor of A, Factor of G), published together
         self._eigh = {}
         return self
 
@@ -157,13 +78,13 @@ class Kron(_KronShaped):
 
     @property
     def A(self):
-        """The input factor, in the caller's library."""
-        return self._ctx.out(self._A)
+        """A copy of the input factor, in the caller's library."""
+        return self._ctx.out_copy(self._A)
 
     @property
     def G(self):
-        """The output factor, in the caller's library."""
-        return self._ctx.out(self._G)
+        """A copy of the output factor, in the caller's library."""
+        return self._ctx.out_copy(self._G)
 
     # -- products -----------------------------------------------------------
     def _apply_matrix(self, X):
@@ -171,8 +92,8 @@ class Kron(_KronShaped):
 
     def __matmul__(self, X):
         """``(A ⊗ G) vec(X)``, i.e. ``G @ X @ A.T``."""
-        X, flat = self._rhs(X)
-        return self._ret(self._apply_matrix(X), flat)
+        (X,), fmt = self._rhs(X)
+        return self._ret([self._apply_matrix(X)], fmt)
 
     matvec = __matmul__
 
@@ -181,23 +102,23 @@ class Kron(_KronShaped):
         """``(A ⊗ G)ᵀ = Aᵀ ⊗ Gᵀ``."""
         return Kron._trusted(self._ctx, mT(self._A), mT(self._G))
 
-    def rmatmat(self, V):
-        """Apply the transpose to the columns of ``V`` (p*q, k)."""
-        return self.T.matmat(V)
-
     # -- factorizations -------------------------------------------------------
     def _factors(self):
-        if self._fa is None:
-            self._fa = Factor(self._ctx.xp, self._A, "A")
-            self._fg = Factor(self._ctx.xp, self._G, "G")
-        return self._fa, self._fg
+        fac = self._fac
+        if fac is None:  # built into locals, published as one tuple: other threads see both or neither
+            fac = (Factor(self._ctx.xp, self._A, "A"), Factor(self._ctx.xp, self._G, "G"))
+            self._fac = fac
+        return fac
+
+    _fa = property(lambda self: self._factors()[0], doc="The cached factorization of A.")
+    _fg = property(lambda self: self._factors()[1], doc="The cached factorization of G.")
 
     def solve(self, X):
         """``(A ⊗ G)⁻¹ vec(X)``, i.e. ``G⁻¹ X A⁻ᵀ`` (Cholesky for SPD factors, LU otherwise)."""
-        X, flat = self._rhs(X)
+        (X,), fmt = self._rhs(X)
         fa, fg = self._factors()
         Z = fg.solve(X)
-        return self._ret(mT(fa.solve(mT(Z))), flat)
+        return self._ret([mT(fa.solve(mT(Z)))], fmt)
 
     def inv(self) -> "Kron":
         """``(A ⊗ G)⁻¹ = A⁻¹ ⊗ G⁻¹`` as a new operator."""
@@ -211,7 +132,7 @@ class Kron(_KronShaped):
         sa, la = fa.slogdet()
         sg, lg = fg.slogdet()
         sign = (sa**self.q) * (sg**self.p)
-        return self._ctx.out(sign), self._ctx.out(self.q * la + self.p * lg + xp.zeros_like(sign))
+        return self._scalar(sign), self._scalar(self.q * la + self.p * lg + xp.zeros_like(sign))
 
     def logdet(self):
         """``log det(A ⊗ G) = q log det A + p log det G``; raises if the determinant is not positive."""
@@ -221,18 +142,21 @@ class Kron(_KronShaped):
         sg, lg = fg.slogdet()
         if bool(xp.any((sa**self.q) * (sg**self.p) <= 0)):
             raise LinAlgError("det(A ⊗ G) is not positive, so its log is undefined; use slogdet()")
-        return self._ctx.out(self.q * la + self.p * lg)
+        return self._scalar(self.q * la + self.p * lg)
 
     def trace(self):
         """``tr(A ⊗ G) = tr(A) tr(G)``."""
         xp = self._ctx.xp
-        return self._ctx.out(trace(xp, self._A) * trace(xp, self._G))
+        return self._scalar(trace(xp, self._A) * trace(xp, self._G))
 
     def to_dense(self, allow_large: bool = False):
         """The dense ``(p*q, p*q)`` matrix ``np.kron(A, G)`` (batched: ``(..., p*q, p*q)``).
 
         Refuses more than :data:`DENSE_LIMIT` entries unless ``allow_large=True``.
         """
+        return self._ctx.out(self._dense(allow_large))
+
+    def _dense(self, allow_large: bool):
         n = self.p * self.q
         if n * n > DENSE_LIMIT and not allow_large:
             raise ValueError(
@@ -241,7 +165,7 @@ class Kron(_KronShaped):
             )
         xp = self._ctx.xp
         K = self._A[..., :, None, :, None] * self._G[..., None, :, None, :]
-        return self._ctx.out(xp.reshape(K, tuple(K.shape[:-4]) + (n, n)))
+        return xp.reshape(K, tuple(K.shape[:-4]) + (n, n))
 
     def eigh(self, psd: bool = True) -> "KronEigh":
         """Eigendecomposition ``A = Qa diag(la) Qaᵀ``, ``G = Qg diag(lg) Qgᵀ`` (cached).
@@ -250,13 +174,14 @@ class Kron(_KronShaped):
         round-off negative eigenvalues are clipped to zero and clearly negative
         ones raise; float32 failures are retried in float64.
         """
-        from .kron_eigh import KronEigh
-
-        if psd not in self._eigh:
+        psd = bool(psd)
+        E = self._eigh.get(psd)
+        if E is None:  # built whole, then published (one dict item)
             xp = self._ctx.xp
             check_symmetric(xp, self._A, "A")
             check_symmetric(xp, self._G, "G")
             la, Qa = eigh(xp, self._A, "A", psd=psd)
             lg, Qg = eigh(xp, self._G, "G", psd=psd)
-            self._eigh[psd] = KronEigh._trusted(self._ctx, Qa, la, Qg, lg)
-        return self._eigh[psd]
+            E = KronEigh._trusted(self._ctx, Qa, la, Qg, lg)
+            self._eigh[psd] = E
+        return E

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from ._backend import context, dtype_eps, mT
 from ._kernels.eig_scale import eig_scale
-from ._validate import LinAlgError, check_finite, check_nonneg_scalar, shape_str
-from .kron import _KronShaped, _batch_shape
+from ._operator import KronShaped, batch_shape_of
+from ._validate import LinAlgError, check_finite, check_nonempty, check_nonneg_scalar, check_real_scalar, shape_str
 
 __all__ = ["KronEigh"]
 
 
-class KronEigh(_KronShaped):
+class KronEigh(KronShaped):
     """Eigenbasis ``(Qa, la, Qg, lg)`` of ``A ⊗ G`` (from :meth:`Kron.eigh`).
 
     Unpacks as ``Qa, la, Qg, lg = Kron(A, G).eigh()``.
@@ -35,20 +35,21 @@ class KronEigh(_KronShaped):
     """
 
     def __init__(self, Qa, la, Qg, lg):
-        ctx, (Qa, la, Qg, lg) = context(("Qa", Qa), ("la", la), ("Qg", Qg), ("lg", lg))
+        ctx, (Qa, la, Qg, lg) = context(("Qa", Qa), ("la", la), ("Qg", Qg), ("lg", lg), snapshot=True)
         for Q, w, nq, nw in ((Qa, la, "Qa", "la"), (Qg, lg, "Qg", "lg")):
             if Q.ndim < 2 or Q.shape[-1] != Q.shape[-2] or w.ndim < 1 or w.shape[-1] != Q.shape[-1]:
                 raise ValueError(
                     f"{nq} must be (..., n, n) and {nw} (..., n); got {nq} {shape_str(Q)} and {nw} {shape_str(w)}"
                 )
+            check_nonempty(Q, nq)
             check_finite(ctx.xp, Q, nq)
             check_finite(ctx.xp, w, nw)
         self._init(ctx, Qa, la, Qg, lg)
 
     def _init(self, ctx, Qa, la, Qg, lg):
-        self._ctx, self._Qa, self._la, self._Qg, self._lg = ctx, Qa, la, Qg, lg
-        self.p, self.q = int(Qa.shape[-1]), int(Qg.shape[-1])
-        self.batch_shape = _batch_shape(Qa, Qg, "Qa", "Qg")
+        self._Qa, self._la, self._Qg, self._lg = Qa, la, Qg, lg
+        self._set_shape(ctx, Qa.shape[-1], Qg.shape[-1], batch_shape_of(Qa, Qg, "Qa", "Qg"))
+        self._ext_cache = None
         return self
 
     @classmethod
@@ -56,17 +57,17 @@ class KronEigh(_KronShaped):
         return cls.__new__(cls)._init(ctx, Qa, la, Qg, lg)
 
     def __iter__(self):
-        out = self._ctx.out
+        out = self._ctx.out_copy
         return iter((out(self._Qa), out(self._la), out(self._Qg), out(self._lg)))
 
     def __repr__(self) -> str:
         b = f", batch={self.batch_shape}" if self.batch_shape else ""
         return f"KronEigh(p={self.p}, q={self.q}{b}, dtype={self.dtype}, backend={self._ctx.name})"
 
-    Qa = property(lambda self: self._ctx.out(self._Qa), doc="Eigenvectors of A.")
-    la = property(lambda self: self._ctx.out(self._la), doc="Eigenvalues of A.")
-    Qg = property(lambda self: self._ctx.out(self._Qg), doc="Eigenvectors of G.")
-    lg = property(lambda self: self._ctx.out(self._lg), doc="Eigenvalues of G.")
+    Qa = property(lambda self: self._ctx.out_copy(self._Qa), doc="Eigenvectors of A (a copy).")
+    la = property(lambda self: self._ctx.out_copy(self._la), doc="Eigenvalues of A (a copy).")
+    Qg = property(lambda self: self._ctx.out_copy(self._Qg), doc="Eigenvectors of G (a copy).")
+    lg = property(lambda self: self._ctx.out_copy(self._lg), doc="Eigenvalues of G (a copy).")
 
     # -- eigenbasis transforms ---------------------------------------------------
     def _to_eig(self, X):
@@ -80,15 +81,17 @@ class KronEigh(_KronShaped):
 
     def _extremes(self):
         """Per-batch ``(min, max)`` of ``lg la`` products when both spectra are non-negative, else None (cached)."""
-        if not hasattr(self, "_ext_cache"):
+        cache = self._ext_cache
+        if cache is None:  # one tuple, published whole; ("indef",) marks an indefinite spectrum
             xp = self._ctx.xp
             if bool(xp.all(self._la >= 0)) and bool(xp.all(self._lg >= 0)):
                 lo = xp.min(self._lg, axis=-1) * xp.min(self._la, axis=-1)
                 hi = xp.max(self._lg, axis=-1) * xp.max(self._la, axis=-1)
-                self._ext_cache = (float(xp.min(lo)), float(xp.max(hi)), lo, hi)
+                cache = (float(xp.min(lo)), float(xp.max(hi)), lo, hi)
             else:
-                self._ext_cache = None
-        return self._ext_cache
+                cache = ("indef",)
+            self._ext_cache = cache
+        return None if len(cache) == 1 else cache
 
     def _check_denominators(self, power: float, damping: float) -> None:
         """Raise when ``(lg laᵀ + damping) ** power`` is undefined or numerically infinite."""
@@ -122,26 +125,34 @@ class KronEigh(_KronShaped):
         roots of Shampoo-style preconditioners.  Runs the fused scaling kernel.
         """
         damping = check_nonneg_scalar(damping, "damping")
-        power = float(power)
-        X, flat = self._rhs(X)
+        power = check_real_scalar(power, "power")
+        (X,), fmt = self._rhs(X)
         self._check_denominators(power, damping)
         Y = eig_scale(self._ctx.xp, self._to_eig(X), self._lg, self._la, damping, power)
-        return self._ret(self._from_eig(Y), flat)
+        return self._ret([self._from_eig(Y)], fmt)
 
     def solve(self, X, damping: float = 0.0):
         """Exactly ``(A ⊗ G + damping·I)⁻¹ vec(X)`` (K-FAC eq. 6 with Tikhonov damping)."""
         return self.power(X, -1.0, damping)
 
+    def _damped_solve(self, X, damping: float):
+        """``(A ⊗ G + damping·I)⁻¹`` on a validated block in the compute namespace."""
+        self._check_denominators(-1.0, damping)
+        return self._from_eig(eig_scale(self._ctx.xp, self._to_eig(X), self._lg, self._la, damping, -1.0))
+
     def apply(self, X, fn):
         """``f(A ⊗ G)`` applied to ``X``.
 
         ``fn`` receives the ``(..., q, p)`` array of eigenvalue products
-        ``lg[i]·la[j]`` and returns the values to scale by (same shape, or
-        broadcastable to it), e.g. ``lambda d: (d + 1e-3) ** -0.25``.
+        ``lg[i]·la[j]`` (an array of the caller's library) and returns the
+        values to scale by (same shape, or broadcastable to it), e.g.
+        ``lambda d: (d + 1e-3) ** -0.25``.
         """
-        X, flat = self._rhs(X)
+        if not callable(fn):
+            raise TypeError(f"fn must be a function of the eigenvalue products; got {type(fn).__name__}")
+        (X,), fmt = self._rhs(X)
         xp = self._ctx.xp
-        scale = fn(self._products())
+        scale = fn(self._ctx.out(self._products()))
         scale = self._ctx.asarray(scale, "fn(products)")
         try:
             Y = self._to_eig(X) * scale
@@ -152,24 +163,20 @@ class KronEigh(_KronShaped):
             ) from None
         if not bool(xp.all(xp.isfinite(scale))):
             raise ValueError("fn returned NaN or infinity for some eigenvalue products")
-        return self._ret(self._from_eig(Y), flat)
+        return self._ret([self._from_eig(Y)], fmt)
 
     @property
     def T(self) -> "KronEigh":
         """``A ⊗ G`` is symmetric: its transpose is itself."""
         return self
 
-    def rmatmat(self, V):
-        """Same as :meth:`matmat` (the operator is symmetric)."""
-        return self.matmat(V)
-
     def _apply_matrix(self, X):
         return self._from_eig(self._to_eig(X) * self._products())
 
     def __matmul__(self, X):
         """``(A ⊗ G) vec(X)`` through the eigenbasis."""
-        X, flat = self._rhs(X)
-        return self._ret(self._apply_matrix(X), flat)
+        (X,), fmt = self._rhs(X)
+        return self._ret([self._apply_matrix(X)], fmt)
 
     def eigvals(self, damping: float = 0.0):
         """The ``(..., q, p)`` eigenvalues ``lg[i]·la[j] + damping`` of ``A ⊗ G + damping·I``."""
@@ -181,19 +188,19 @@ class KronEigh(_KronShaped):
         d = self._products(check_nonneg_scalar(damping, "damping"))
         if bool(xp.any(d <= 0)):
             raise LinAlgError("A ⊗ G + damping·I is not positive definite; pass damping > 0")
-        return self._ctx.out(xp.sum(xp.log(d), axis=(-2, -1)))
+        return self._scalar(xp.sum(xp.log(d), axis=(-2, -1)))
 
     def aslinearoperator(self, power: float = 1.0, damping: float = 0.0):
         """``(A ⊗ G + damping·I) ** power`` as a ``scipy.sparse.linalg.LinearOperator`` (symmetric)."""
         from .linop import make_linear_operator
 
         damping = check_nonneg_scalar(damping, "damping")
-        power = float(power)
+        power = check_real_scalar(power, "power")
         if power == 1.0 and damping == 0.0:
-            return make_linear_operator(self)
+            return make_linear_operator(self, self._forward, self._forward)
         self._check_denominators(power, damping)
 
-        def fn(X):
-            return self._from_eig(eig_scale(self._ctx.xp, self._to_eig(X), self._lg, self._la, damping, power))
+        def fn(Xs):
+            return [self._from_eig(eig_scale(self._ctx.xp, self._to_eig(Xs[0]), self._lg, self._la, damping, power))]
 
         return make_linear_operator(self, fn, fn)

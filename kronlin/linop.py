@@ -1,7 +1,10 @@
 """``aslinearoperator()``: kronlin operators as SciPy (or cupyx) ``LinearOperator`` objects.
 
-The LinearOperator acts on flat column-stacked vectors (DESIGN §1), so it can be
-handed to ``scipy.sparse.linalg.cg``, ``gmres``, ``eigsh`` and friends.
+The LinearOperator acts on flat column-stacked vectors (docs/design.md §1), so it
+can be handed to ``scipy.sparse.linalg.cg``, ``gmres``, ``eigsh`` and friends.
+It validates its input like the operator does: a wrong length is reported
+with the expected one (not SciPy's bare "dimension mismatch"), NaN/Inf and
+complex vectors are rejected.
 """
 
 from __future__ import annotations
@@ -12,31 +15,102 @@ from ._backend import is_cupy, is_numpy, mT, to_numpy
 
 __all__ = ["make_linear_operator"]
 
+_CLASSES: dict = {}
+
 
 def _linear_operator_class(xp):
-    if is_cupy(xp):
-        from cupyx.scipy.sparse.linalg import LinearOperator
-    else:
-        from scipy.sparse.linalg import LinearOperator
-    return LinearOperator
+    """A ``LinearOperator`` subclass (SciPy's, or cupyx's for CuPy) that checks vectors before SciPy does."""
+    key = "cupy" if is_cupy(xp) else "scipy"
+    if key not in _CLASSES:
+        if key == "cupy":
+            from cupyx.scipy.sparse.linalg import LinearOperator
+        else:
+            from scipy.sparse.linalg import LinearOperator
+
+        class KronlinLinearOperator(LinearOperator):
+            """A kronlin operator on flat column-stacked vectors; input is validated first."""
+
+            def __init__(self, shape, dtype, fwd, rfwd, check):
+                self._kl = (fwd, rfwd, check)
+                super().__init__(dtype=dtype, shape=shape)
+
+            def _matvec(self, x):
+                return self._kl[0](x)
+
+            def _matmat(self, X):
+                return self._kl[0](X)
+
+            def _rmatvec(self, x):
+                return self._kl[1](x)
+
+            def _rmatmat(self, X):
+                return self._kl[1](X)
+
+            def _adjoint(self):
+                fwd, rfwd, check = self._kl
+                return KronlinLinearOperator(self.shape[::-1], self.dtype, rfwd, fwd, check)
+
+            _transpose = _adjoint  # real operators: .T is .H, validated the same way
+
+            def matvec(self, x):
+                self._kl[2](x, "vector")
+                return super().matvec(x)
+
+            def rmatvec(self, x):
+                self._kl[2](x, "vector")
+                return super().rmatvec(x)
+
+            def matmat(self, X):
+                self._kl[2](X, "matrix")
+                return super().matmat(X)
+
+            def rmatmat(self, X):
+                self._kl[2](X, "matrix")
+                return super().rmatmat(X)
+
+        _CLASSES[key] = KronlinLinearOperator
+    return _CLASSES[key]
 
 
-def make_linear_operator(op, fn=None, rfn=None):
-    """Wrap a Kronecker-structured operator.
+def _checker(n: int, host):
+    """Validate a vector (n,)/(n, 1) or a matrix (n, k) handed to the LinearOperator."""
 
-    ``fn``/``rfn`` map ``(k, q, p)`` stacks in the operator's namespace to
-    ``(k, q, p)`` stacks (the operator and its transpose); by default the
-    operator's own product and that of its ``.T``.
+    def check(x, what: str) -> None:
+        shape = tuple(getattr(x, "shape", np.shape(x)))
+        ok = (shape in ((n,), (n, 1))) if what == "vector" else (len(shape) == 2 and shape[0] == n)
+        if not ok:
+            want = f"({n},) or ({n}, 1)" if what == "vector" else f"({n}, k)"
+            raise ValueError(
+                f"the LinearOperator acts on column-stacked vectors of length P = {n}: expected a {what} of shape "
+                f"{want}; got shape {shape}"
+            )
+        kind = np.dtype(x.dtype).kind if hasattr(x, "dtype") else np.asarray(x).dtype.kind
+        if kind == "c":
+            raise TypeError(
+                f"the {what} is complex ({x.dtype}); kronlin operators are real: apply the operator to the real "
+                f"and imaginary parts separately"
+            )
+        if kind not in "fiub":
+            raise TypeError(f"the {what} has dtype {x.dtype}; pass a real float32/float64 array")
+        xh = host.asarray(x)
+        if not bool(host.isfinite(xh).all()):
+            raise ValueError(f"the {what} (shape {shape}) contains NaN or infinity; kronlin needs finite input")
+
+    return check
+
+
+def make_linear_operator(op, fn, rfn):
+    """Wrap an :class:`kronlin._operator.Operator` whose hooks map lists of ``(k, q, p)`` blocks.
+
+    ``fn``/``rfn`` are the operator and its transpose on lists of blocks in
+    the operator's compute namespace.
     """
     if op.batch_shape:
         raise ValueError(
             f"a batched operator (batch shape {op.batch_shape}) is not one linear operator; build one per item"
         )
     xp = op._ctx.xp
-    p, q, n = op.p, op.q, op.p * op.q
-    fn = fn or op._apply_matrix
-    if rfn is None:
-        rfn = op.T._apply_matrix if hasattr(op, "T") else fn
+    n = op.n_params
     native = is_numpy(xp) or is_cupy(xp)
 
     def wrap(f):
@@ -44,15 +118,13 @@ def make_linear_operator(op, fn=None, rfn=None):
             V = xp.asarray(V if native else np.asarray(V), dtype=op.dtype)
             vec = V.ndim == 1
             V2 = xp.reshape(V, (n, 1)) if vec else V
-            k = V2.shape[1]
-            X = mT(xp.reshape(mT(V2), (k, p, q)))
-            Y = mT(xp.reshape(mT(f(X)), (k, n)))
+            Y = mT(op._flatten(f(op._unflatten(mT(V2)))))
             Y = xp.reshape(Y, (n,)) if vec else Y
             return Y if native else to_numpy(Y)
 
         return matmat
 
-    LinearOperator = _linear_operator_class(xp)
-    mm, rmm = wrap(fn), wrap(rfn)
-    dtype = np.dtype(str(op.dtype).split(".")[-1]) if not native else op.dtype
-    return LinearOperator((n, n), matvec=mm, rmatvec=rmm, matmat=mm, rmatmat=rmm, dtype=dtype)
+    host = xp if native else np
+    cls = _linear_operator_class(xp)
+    dtype = op.dtype if native else np.dtype(str(op.dtype).split(".")[-1])
+    return cls((n, n), dtype, wrap(fn), wrap(rfn), _checker(n, host))

@@ -2,7 +2,7 @@
 
 ``(A ⊗ B + sign·C ⊗ D) vec(U) = vec(V)``  ⇔  ``B U Aᵀ + sign·D U Cᵀ = V``
 with ``A``, ``C`` of shape (p, p), ``B``, ``D`` of shape (q, q) and ``U``, ``V``
-of shape (..., q, p) (DESIGN §1).  K-FAC needs it for exact Tikhonov damping of
+of shape (..., q, p) (docs/design.md §1).  K-FAC needs it for exact Tikhonov damping of
 a Kronecker block (``Ā ⊗ G + λ I ⊗ I``, eq. 6) and for the conditional
 covariances ``Σ_{i|i+1}`` of the block-tridiagonal inverse (a difference, §4.3).
 
@@ -28,14 +28,17 @@ Methods
 from __future__ import annotations
 
 from ._backend import context, mT
+from ._operator import KronShaped
 from ._validate import (
     _symmetric_within_tol,
+    check_choice,
     check_finite,
+    check_nonempty,
+    check_sign,
     check_square,
     check_symmetric,
     shape_str,
 )
-from .kron import _KronShaped
 from .stein_eig import EigStein, NotPositiveDefinite
 from .stein_schur import SchurStein
 from .stein_smith import SmithStein
@@ -45,13 +48,7 @@ __all__ = ["KronSumInverse", "solve_kron_sum", "METHODS"]
 METHODS = ("auto", "eig", "schur", "smith")
 
 
-def _check_sign(sign) -> int:
-    if sign in (1, -1) and not isinstance(sign, bool):
-        return int(sign)
-    raise ValueError(f"sign must be +1 or -1; got {sign!r}")
-
-
-class KronSumInverse(_KronShaped):
+class KronSumInverse(KronShaped):
     """``(A ⊗ B + sign·C ⊗ D)⁻¹`` with the set-up done once; ``solve(V)`` many times.
 
     Parameters
@@ -89,19 +86,20 @@ class KronSumInverse(_KronShaped):
 
     def __init__(self, A, B, C, D, sign=+1, method="auto", *, tol=None, max_iter=None, squared=True,
                  _factors=None):
-        ctx, (A, B, C, D) = context(("A", A), ("B", B), ("C", C), ("D", D))
+        ctx, (A, B, C, D) = context(("A", A), ("B", B), ("C", C), ("D", D), snapshot=True)
         xp = ctx.xp
         p = check_square(A, "A", batch=False)
         q = check_square(B, "B", batch=False)
         for M, name, n, like in ((C, "C", p, "A"), (D, "D", q, "B")):
             if tuple(M.shape) != (n, n):
                 raise ValueError(f"{name} must have the shape of {like}, ({n}, {n}); got {shape_str(M)}")
+        check_nonempty(A, "A")
+        check_nonempty(B, "B")
         for M, name in ((A, "A"), (B, "B"), (C, "C"), (D, "D")):
             check_finite(xp, M, name)
-        sign = _check_sign(sign)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-        self._ctx, self.p, self.q, self.batch_shape = ctx, p, q, ()
+        sign = check_sign(sign)
+        check_choice(method, METHODS, "method")
+        self._set_shape(ctx, p, q)
         self.sign = sign
         self._args = (A, B, C, D)
         self._opts = dict(tol=tol, max_iter=max_iter, squared=squared)
@@ -140,14 +138,16 @@ class KronSumInverse(_KronShaped):
 
     def solve(self, V):
         """``U`` with ``B U Aᵀ + sign·D U Cᵀ = V``; ``V`` is (..., q, p) or a flat column-stacked vector."""
-        V, flat = self._rhs(V, "V")
-        return self._ret(self.solver.solve(V), flat)
+        (V,), fmt = self._rhs(V, "V")
+        return self._ret([self.solver.solve(V)], fmt)
 
-    def logdet(self) -> float:
+    __matmul__ = solve
+
+    def logdet(self):
         """``log det(A ⊗ B + sign·C ⊗ D)`` (of the operator, not its inverse); ``method="eig"`` only."""
         if self.method != "eig":
             raise NotImplementedError("logdet() is available for method='eig' (symmetric positive definite sums)")
-        return self.solver.logdet()
+        return self._scalar(self.solver.logdet())
 
     @property
     def T(self) -> "KronSumInverse":
@@ -157,17 +157,18 @@ class KronSumInverse(_KronShaped):
         if self._T is None:
             A, B, C, D = (mT(M) for M in self._args)
             T = KronSumInverse.__new__(KronSumInverse)
-            T._ctx, T.p, T.q, T.batch_shape, T.sign = self._ctx, self.p, self.q, (), self.sign
+            T._set_shape(self._ctx, self.p, self.q)
+            T.sign, T._factors = self.sign, None
             T._args, T._opts, T.method, T._T = (A, B, C, D), self._opts, self.method, self
             T.solver = T._build(self.method, A, B, C, D)
-            self._T = T
+            self._T = T  # published whole
         return self._T
 
     def operator_matmul(self, U):
         """The forward operator: ``B U Aᵀ + sign·D U Cᵀ`` (to check residuals)."""
-        U, flat = self._rhs(U, "U")
+        (U,), fmt = self._rhs(U, "U")
         A, B, C, D = self._args
-        return self._ret(B @ U @ mT(A) + self.sign * (D @ U @ mT(C)), flat)
+        return self._ret([B @ U @ mT(A) + self.sign * (D @ U @ mT(C))], fmt)
 
 
 def solve_kron_sum(A, B, C, D, V, sign=+1, method="auto", **options):

@@ -24,7 +24,7 @@ Tikhonov damping ``Ā ⊗ G + λ I ⊗ I``), plain eigendecompositions are used.
 
 from __future__ import annotations
 
-from ._backend import dtype_eps, mT
+from ._backend import ModuleRefs, dtype_eps, mT
 from ._kernels.eig_scale import eig_scale
 from ._linalg import Factor, eigh, generalized_eigh
 from ._validate import LinAlgError
@@ -55,7 +55,7 @@ def _spd_factor(xp, M, name):
     return f if f.kind == "cholesky" else None
 
 
-class EigStein:
+class EigStein(ModuleRefs):
     """Set-up of appendix B's formula; ``solve(V)`` is four GEMMs and a fused divide.
 
     Parameters are validated by the caller (:class:`kronlin.KronSumInverse`):

@@ -2,7 +2,7 @@
 
 Solves ``B U Aᵀ + sign·D U Cᵀ = V`` — equivalently
 ``(A ⊗ B + sign·C ⊗ D) vec(U) = vec(V)`` with column-stacking ``vec`` (K-FAC
-appendix B, DESIGN §1) — for *general* real square factors: non-symmetric,
+appendix B, docs/design.md §1) — for *general* real square factors: non-symmetric,
 indefinite, defective.  K-FAC appendix B (Martens & Grosse 2015) inverts
 ``A ⊗ B ± C ⊗ D`` through symmetric eigendecompositions, which needs
 symmetric positive (semi-)definite factors; for anything else a diagonalizing
@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import is_numpy, to_numpy
+from ._backend import ModuleRefs, is_numpy, to_numpy
 from ._kernels.gsylv import gsylv_backsub, gsylv_backsub_raw, check_pivot
-from ._validate import shape_str
+from ._validate import check_sign, shape_str
 
 __all__ = ["SchurStein"]
 
@@ -43,7 +43,7 @@ def _np_dtype(xp, dtype):
     return np.float32 if dtype == getattr(xp, "float32", None) else np.float64
 
 
-class SchurStein:
+class SchurStein(ModuleRefs):
     """``(A ⊗ B + sign·C ⊗ D)⁻¹`` for general real square factors, by the generalized Schur method.
 
     Solves the generalized Stein / generalized Sylvester equation
@@ -141,8 +141,7 @@ class SchurStein:
     def __init__(self, xp, A, B, C, D, sign):
         import scipy.linalg
 
-        if sign not in (1, -1):
-            raise ValueError(f"sign must be +1 or -1; got {sign!r}")
+        sign = check_sign(sign)
         for M, name in ((A, "A"), (B, "B"), (C, "C"), (D, "D")):
             if M.ndim != 2 or M.shape[0] != M.shape[1]:
                 raise ValueError(

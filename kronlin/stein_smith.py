@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 
-from ._backend import dtype_eps, matrix_norm, mT
+from ._backend import ModuleRefs, dtype_eps, matrix_norm, mT
 from ._linalg import Factor
-from ._validate import LinAlgError
+from ._validate import LinAlgError, check_positive_int, check_positive_scalar
 
 __all__ = ["SmithStein"]
 
@@ -43,7 +43,7 @@ def _norm(xp, M) -> float:
     return float(matrix_norm(xp, M, "fro"))
 
 
-class SmithStein:
+class SmithStein(ModuleRefs):
     """Set-up and solves of the (squared) Smith iteration.
 
     Parameters
@@ -69,12 +69,9 @@ class SmithStein:
     def __init__(self, xp, A, B, C, D, sign: int, tol=None, max_iter=None, squared: bool = True):
         self.xp, self.sign, self.squared = xp, sign, bool(squared)
         eps = dtype_eps(xp, A.dtype)
-        self.tol = 4 * eps if tol is None else float(tol)
-        if not self.tol > 0:
-            raise ValueError(f"tol must be positive; got {tol!r}")
-        self.max_iter = (MAX_SQUARINGS if squared else 100_000) if max_iter is None else int(max_iter)
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be at least 1; got {max_iter!r}")
+        self.tol = 4 * eps if tol is None else check_positive_scalar(tol, "tol")
+        default = MAX_SQUARINGS if squared else 100_000
+        self.max_iter = default if max_iter is None else check_positive_int(max_iter, "max_iter")
         self._Ainv = Factor(xp, A, "A").inv()
         self._Binv = Factor(xp, B, "B").inv()
         M = self._Binv @ D

@@ -2,7 +2,7 @@
 
 Layers are indexed from 0 here; layer ``k`` is the paper's layer ``i = k + 1``
 with weights ``W_i`` of shape ``(d_i, d_{i-1}+1)`` (homogeneous coordinate
-last).  The arguments follow DESIGN §2:
+last).  The arguments follow docs/design.md §2:
 
 ``A_diag[k] = Ā_{k,k}``   (d_k+1, d_k+1)      ``G_diag[k] = G_{k+1,k+1}``  (d_{k+1}, d_{k+1})
 ``A_off[k]  = Ā_{k,k+1}`` (d_k+1, d_{k+1}+1)  ``G_off[k]  = G_{k+1,k+2}``  (d_{k+1}, d_{k+2})
@@ -21,35 +21,51 @@ from __future__ import annotations
 
 from ._backend import context, mT
 from ._linalg import Factor
-from ._validate import LinAlgError, check_finite, check_nonneg_scalar, check_symmetric, shape_str
-from .damping import _pi
+from ._operator import Operator
+from ._validate import (
+    LinAlgError,
+    check_choice,
+    check_finite,
+    check_nonempty,
+    check_nonneg_scalar,
+    check_symmetric,
+    shape_str,
+)
+from .damping import pi_value
 from .stein import KronSumInverse
 
 __all__ = ["BlockDiagInverse", "BlockTridiagInverse"]
 
 
-def _damped(ctx, A, G, gamma, pi):
-    """The factor-damped pair ``(A + πγI, G + (γ/π)I)`` of K-FAC §6.3."""
+def _damped(ctx, A, G, gamma, pi, k):
+    """The factor-damped pair ``(A + πγI, G + (γ/π)I)`` of K-FAC §6.3 for layer ``k``."""
     xp = ctx.xp
     if gamma == 0.0:
         return A, G
-    if isinstance(pi, str):
-        pv = float(_pi(ctx, A, G, pi))
-    else:
-        pv = check_nonneg_scalar(pi, "pi")
-        if pv == 0.0:
-            raise ValueError("pi must be positive; got 0")
+    pv = float(pi_value(ctx, A, G, pi, f"A_diag[{k}]", f"G_diag[{k}]"))
     return (A + (pv * gamma) * xp.eye(A.shape[-1], dtype=ctx.dtype),
             G + (gamma / pv) * xp.eye(G.shape[-1], dtype=ctx.dtype))
 
 
-class _LayerBlocks:
-    """Validation, damping and shapes shared by the block-diagonal and block-tridiagonal inverses."""
+def _as_list(x, name: str) -> list:
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"{name} must be a list with one array per layer; got {type(x).__name__}")
+    return list(x)
+
+
+class _LayerBlocks(Operator):
+    """Validation, damping and shapes shared by the block-diagonal and block-tridiagonal inverses.
+
+    Right-hand sides are lists of per-layer ``(..., d_i, d_{i-1}+1)`` arrays or
+    flat column-stacked ``(..., P)`` arrays (the operator base).
+    """
+
+    _layered = True
 
     def _setup(self, A_diag, G_diag, A_off, G_off, gamma, pi):
-        A_diag, G_diag = list(A_diag), list(G_diag)
-        A_off = [] if A_off is None else list(A_off)
-        G_off = [] if G_off is None else list(G_off)
+        A_diag, G_diag = _as_list(A_diag, "A_diag"), _as_list(G_diag, "G_diag")
+        A_off = _as_list(A_off, "A_off")
+        G_off = _as_list(G_off, "G_off")
         n = len(A_diag)
         if n == 0 or len(G_diag) != n:
             raise ValueError(
@@ -58,11 +74,13 @@ class _LayerBlocks:
             )
         named = [(f"A_diag[{k}]", M) for k, M in enumerate(A_diag)] + [(f"G_diag[{k}]", M) for k, M in enumerate(G_diag)]
         named += [(f"A_off[{k}]", M) for k, M in enumerate(A_off)] + [(f"G_off[{k}]", M) for k, M in enumerate(G_off)]
-        ctx, arrays = context(*named)
+        gamma = check_nonneg_scalar(gamma, "gamma")
+        ctx, arrays = context(*named, snapshot=True)
         xp = ctx.xp
         for (name, _), M in zip(named, arrays):
             if M.ndim != 2:
                 raise ValueError(f"{name} must be a matrix; got shape {shape_str(M)}")
+            check_nonempty(M, name)
             check_finite(xp, M, name)
         Ad, Gd = arrays[:n], arrays[n:2 * n]
         Ao, Go = arrays[2 * n:2 * n + len(A_off)], arrays[2 * n + len(A_off):]
@@ -72,31 +90,25 @@ class _LayerBlocks:
                     raise ValueError(f"{name} must be square; got shape {shape_str(M)}")
                 check_symmetric(xp, M, name)
         self._ctx, self.n_layers = ctx, n
-        self.gamma = check_nonneg_scalar(gamma, "gamma")
+        self.gamma = gamma
         self.pi = pi
         # damp the diagonal factors first (K-FAC §6.3); they are used everywhere below
-        damped = [_damped(ctx, Ad[k], Gd[k], self.gamma, pi) for k in range(n)]
+        damped = [_damped(ctx, Ad[k], Gd[k], self.gamma, pi, k) for k in range(n)]
         self._Ad = [a for a, _ in damped]
         self._Gd = [g for _, g in damped]
         self.shapes = [(int(Gd[k].shape[0]), int(Ad[k].shape[0])) for k in range(n)]
+        self._blocks = tuple(self.shapes)
         return Ao, Go
 
-    def _vlist(self, V_list):
-        V_list = list(V_list)
-        if len(V_list) != self.n_layers:
-            raise ValueError(f"V_list must hold one array per layer ({self.n_layers}); got {len(V_list)}")
-        out = []
-        for k, (V, shape) in enumerate(zip(V_list, self.shapes)):
-            V = self._ctx.asarray(V, f"V_list[{k}]")
-            if V.ndim < 2 or tuple(V.shape[-2:]) != shape:
-                raise ValueError(f"V_list[{k}] must have shape (..., {shape[0]}, {shape[1]}); got {shape_str(V)}")
-            check_finite(self._ctx.xp, V, f"V_list[{k}]")
-            out.append(V)
-        return out
+    def _forward(self, Xs):
+        return self._apply(Xs)
 
-    @property
-    def n_params(self) -> int:
-        return sum(q * p for q, p in self.shapes)
+    def apply(self, V_list):
+        """The inverse applied to per-layer blocks ``(..., d_i, d_{i-1}+1)`` (or a flat ``(..., P)`` array)."""
+        Vs, fmt = self._rhs(V_list, "V_list")
+        return self._ret(self._apply(Vs), fmt)
+
+    __matmul__ = apply
 
     def _dense_from_apply(self, allow_large):
         """Dense matrix of ``apply`` on flat per-layer column-stacked vecs (layers concatenated)."""
@@ -105,15 +117,8 @@ class _LayerBlocks:
         xp, P = self._ctx.xp, self.n_params
         if P * P > DENSE_LIMIT and not allow_large:
             raise ValueError(f"to_dense() would build a {P}x{P} matrix; pass allow_large=True if you really want it")
-        eye = xp.eye(P, dtype=self._ctx.dtype)
-        cols, start = [], 0
-        for q, p in self.shapes:  # unit vectors as a batch of weight-shaped arrays per layer
-            block = eye[:, start:start + q * p]
-            cols.append(mT(xp.reshape(block, (P, p, q))))
-            start += q * p
-        out = self._apply(cols)
-        flat = [xp.reshape(mT(U), (P, -1)) for U in out]
-        return self._ctx.out(mT(xp.concat(flat, axis=1)))
+        # row j of the identity is the flat unit vector e_j; row j of the result is F e_j, column j of F
+        return self._ctx.out(mT(self._flatten(self._apply(self._unflatten(xp.eye(P, dtype=self._ctx.dtype))))))
 
 
 class BlockDiagInverse(_LayerBlocks):
@@ -129,7 +134,7 @@ class BlockDiagInverse(_LayerBlocks):
     """
 
     def __init__(self, A_diag, G_diag, gamma=0.0, pi="trace"):
-        self._setup(A_diag, G_diag, None, None, gamma, pi)
+        self._setup(A_diag, G_diag, [], [], gamma, pi)
         self._build()
 
     def _build(self):
@@ -142,7 +147,7 @@ class BlockDiagInverse(_LayerBlocks):
     def update(self, A_diag, G_diag, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (e.g. every T₃ iterations)."""
         shapes = self.shapes
-        self._setup(A_diag, G_diag, None, None, self.gamma if gamma is None else gamma, self.pi if pi is None else pi)
+        self._setup(A_diag, G_diag, [], [], self.gamma if gamma is None else gamma, self.pi if pi is None else pi)
         if self.shapes != shapes:
             raise ValueError(f"update() needs the original layer shapes {shapes}; got {self.shapes}")
         self._build()
@@ -151,13 +156,12 @@ class BlockDiagInverse(_LayerBlocks):
     def _apply(self, V_list):
         return [blk.apply(V) for blk, V in zip(self.blocks, V_list)]
 
-    def apply(self, V_list):
-        """``U_i = G_{i,i}⁻¹ V_i Ā_{i-1,i-1}⁻¹`` for every layer (damped factors)."""
-        return [self._ctx.out(U) for U in self._apply(self._vlist(V_list))]
-
-    def logdet(self) -> float:
+    def logdet(self):
         """``log det F̆`` (of the damped approximate Fisher, not of its inverse)."""
-        return sum(blk.logdet for blk in self.blocks)
+        if any(blk.logdet is None for blk in self.blocks):
+            raise LinAlgError("det F̆ is not positive (a damped factor has a negative determinant), so its log is "
+                              "undefined")
+        return self._scalar(sum(blk.logdet for blk in self.blocks))
 
     def to_dense(self, allow_large: bool = False):
         """Dense ``F̆⁻¹`` on the concatenation of the layers' column-stacked vecs."""
@@ -177,7 +181,10 @@ class _KronInverse:
     def __init__(self, xp, fa: Factor, fg: Factor):
         self.Ainv_T, self.Ginv = mT(fa.inv()), fg.inv()
         p, q = fa.n, fg.n
-        self.logdet = q * float(fa.slogdet()[1]) + p * float(fg.slogdet()[1])
+        (sa, la), (sg, lg) = fa.slogdet(), fg.slogdet()
+        # det(A ⊗ G) = det(A)^q det(G)^p; None when it is not positive (log det undefined)
+        positive = float(sa) ** q * float(sg) ** p > 0
+        self.logdet = q * float(la) + p * float(lg) if positive else None
 
     def apply(self, V):
         return self.Ginv @ V @ self.Ainv_T
@@ -211,9 +218,7 @@ class BlockTridiagInverse(_LayerBlocks):
     """
 
     def __init__(self, A_diag, G_diag, A_off, G_off, gamma=0.0, pi="trace", method="eig"):
-        if method not in ("eig", "smith"):
-            raise ValueError(f"method must be 'eig' or 'smith'; got {method!r}")
-        self.method = method
+        self.method = check_choice(method, ("eig", "smith"), "method")
         Ao, Go = self._setup(A_diag, G_diag, A_off, G_off, gamma, pi)
         self._check_off(Ao, Go)
         self._build(Ao, Go)
@@ -279,15 +284,13 @@ class BlockTridiagInverse(_LayerBlocks):
         # Ξᵀ: U_k = Y_k − Ψ^Gᵀ_{k-1} Y_{k-1} Ψ^Ā_{k-1}
         return [Y[0]] + [Y[k] - mT(self.psi_G[k - 1]) @ Y[k - 1] @ self.psi_A[k - 1] for k in range(1, n)]
 
-    def apply(self, V_list):
-        """``F̂⁻¹ v`` on weight-shaped blocks: a list of ``(..., d_i, d_{i-1}+1)`` arrays."""
-        return [self._ctx.out(U) for U in self._apply(self._vlist(V_list))]
-
-    def logdet(self) -> float:
+    def logdet(self):
         """``log det F̂ = Σ_i log det Σ_{i|i+1} + log det Σ_ℓ`` (``Ξ`` is unit triangular)."""
         if self.method != "eig":
             raise NotImplementedError("logdet() needs method='eig'")
-        return sum(s.logdet() for s in self.sigma) + self.last.logdet
+        if self.last.logdet is None:
+            raise LinAlgError("det F̂ is not positive, so its log is undefined")
+        return self._scalar(sum(s.solver.logdet() for s in self.sigma) + self.last.logdet)
 
     def to_dense(self, allow_large: bool = False):
         """Dense ``F̂⁻¹`` on the concatenation of the layers' column-stacked vecs."""

@@ -31,10 +31,11 @@ import math
 
 import numpy as np
 
-from ._backend import Ctx, context, is_cupy, is_numpy, mT, to_numpy
+from ._backend import Ctx, canonical_arrays, context, is_numpy, mT
 from ._kernels.woodbury_gram import gram_dense, gram_shared
 from ._linalg import Factor
-from ._validate import LinAlgError, check_finite, check_nonneg_scalar, shape_str
+from ._operator import Operator
+from ._validate import LinAlgError, check_choice, check_finite, check_nonneg_scalar, check_positive_scalar, shape_str
 from .kron import DENSE_LIMIT
 
 __all__ = ["WoodburyFisher"]
@@ -52,6 +53,9 @@ class _Layer:
         self.N, self.S, self.T, self.de = (int(d) for d in E.shape)
         self.da = int(A.shape[-1])
 
+    def __reduce__(self):
+        return (_restore_layer, (self.A, self.E, self.shared))
+
     @property
     def shape(self) -> tuple:
         return (self.de, self.da)
@@ -59,6 +63,10 @@ class _Layer:
     @property
     def size(self) -> int:
         return self.de * self.da
+
+
+def _restore_layer(A, E, shared):
+    return _Layer(None, canonical_arrays(A), canonical_arrays(E), shared)
 
 
 def _layer_lists(acts, errs, prefix: str = ""):
@@ -113,6 +121,12 @@ def _canonical(xp, arrays, n_layers: int, prefix: str = ""):
                 f"{an} must have shape (N, d_in) for a dense layer or (N, T, d_in) for a weight-sharing layer; "
                 f"got shape {shape_str(A)}"
             )
+        if A.shape[-1] == 0 or E.shape[-1] == 0:
+            raise ValueError(
+                f"layer {k} has d_in = {A.shape[-1]} and d_out = {E.shape[-1]} ({an} {shape_str(A)}, {en} "
+                f"{shape_str(E)}): kronlin operators need factors of order >= 1 (a size-0 layer has no "
+                f"parameters; leave it out)"
+            )
         for name, x in ((an, A), (en, E)):
             n = int(x.shape[0])
             if N is None:
@@ -139,13 +153,7 @@ def _canonical(xp, arrays, n_layers: int, prefix: str = ""):
 
 
 def _check_scale(scale) -> float:
-    try:
-        v = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"scale must be a real scalar; got {type(scale).__name__}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"scale must be a finite positive number; got {scale!r}")
-    return v
+    return check_positive_scalar(scale, "scale")
 
 
 def _batch_sum(xp, layer: _Layer):
@@ -170,7 +178,7 @@ def _axpy_inplace(Y, U, a: float) -> None:
         Y2[r0 : r0 + step] += U2[r0 : r0 + step] * a
 
 
-class WoodburyFisher:
+class WoodburyFisher(Operator):
     """The damped subsampled Fisher/GGN ``λI + F``, ``F = scale · Σ_c vec(g_c) vec(g_c)ᵀ``.
 
     Exact products, solves, log-determinants and posterior samples without
@@ -211,7 +219,7 @@ class WoodburyFisher:
 
     Notes
     -----
-    Shapes follow DESIGN §1: a layer's weight (and every argument ``U``) is
+    Shapes follow docs/design.md §1: a layer's weight (and every argument ``U``) is
     ``(d_out, d_in)``; ``vec`` stacks columns; the flat vector of all layers is
     the concatenation of the per-layer column-stacked vecs (length ``P``).
     Every method taking ``U`` accepts a list of per-layer arrays
@@ -251,16 +259,16 @@ class WoodburyFisher:
         _layer_lists(acts, errs)
         L = len(acts)
         named = [(f"acts[{k}]", a) for k, a in enumerate(acts)] + [(f"errs[{k}]", e) for k, e in enumerate(errs)]
-        ctx, arrays = context(*named)
-        layers, N, S = _canonical(ctx.xp, arrays, L)
         damping = check_nonneg_scalar(damping, "damping")
+        check_choice(gram_method, _GRAM_METHODS, "gram_method")
+        ctx, arrays = context(*named, snapshot=True)
+        layers, N, S = _canonical(ctx.xp, arrays, L)
         scale = 1.0 / N if scale is None else _check_scale(scale)
-        if gram_method not in _GRAM_METHODS:
-            raise ValueError(f"gram_method must be one of {_GRAM_METHODS}; got {gram_method!r}")
         self._init(ctx, layers, N, S, damping, scale, gram_method, None)
 
     def _init(self, ctx: Ctx, layers, N, S, damping, scale, gram_method, K):
         self._ctx, self._layers = ctx, layers
+        self._blocks = tuple(ly.shape for ly in layers)
         self.batch_size, self.labels = int(N), int(S)
         self._damping, self._scale, self._gram_method = float(damping), float(scale), gram_method
         self._K, self._factor = K, None
@@ -282,25 +290,6 @@ class WoodburyFisher:
         """``M = N·S``: the number of per-example gradients, the order of the Gram."""
         return self.batch_size * self.labels
 
-    @property
-    def layer_shapes(self) -> list:
-        """Per-layer weight shapes ``(d_out, d_in)``."""
-        return [ly.shape for ly in self._layers]
-
-    @property
-    def n_params(self) -> int:
-        """``P``: total parameter count."""
-        return sum(ly.size for ly in self._layers)
-
-    @property
-    def shape(self) -> tuple:
-        """``(P, P)``."""
-        return (self.n_params, self.n_params)
-
-    @property
-    def dtype(self):
-        return self._ctx.dtype
-
     def __repr__(self) -> str:
         kinds = ", ".join(
             f"{ly.de}x{ly.da}" + (f"@T={ly.T}" if ly.shared else "") for ly in self._layers
@@ -317,74 +306,17 @@ class WoodburyFisher:
         return new._init(self._ctx, self._layers, self.batch_size, self.labels, damping, self._scale,
                          self._gram_method, self._K)
 
-    # -- right-hand sides ----------------------------------------------------------
-    def _rhs(self, U, name: str = "U"):
-        """``U`` as a list of per-layer ``(..., d_out, d_in)`` arrays; and whether it was flat."""
-        xp = self._ctx.xp
-        if isinstance(U, (list, tuple)):
-            if len(U) != len(self._layers):
-                raise ValueError(
-                    f"{name} must hold one array per layer ({len(self._layers)} layers of shapes "
-                    f"{self.layer_shapes}); got {len(U)}"
-                )
-            out = []
-            for k, (u, ly) in enumerate(zip(U, self._layers)):
-                nm = f"{name}[{k}]"
-                u = self._ctx.asarray(u, nm)
-                if u.ndim < 2 or tuple(u.shape[-2:]) != ly.shape:
-                    raise ValueError(
-                        f"{nm} must have shape (..., d_out, d_in) = (..., {ly.de}, {ly.da}) for layer {k}; "
-                        f"got shape {shape_str(u)}"
-                    )
-                check_finite(xp, u, nm)
-                out.append(u)
-            self._batch_shape(out, name)
-            return out, False
-        u = self._ctx.asarray(U, name)
-        P = self.n_params
-        if u.ndim < 1 or u.shape[-1] != P:
-            raise ValueError(
-                f"{name} must be a list of per-layer arrays of shapes (..., d_out, d_in) = {self.layer_shapes} "
-                f"or a flat column-stacked array (..., P) with P = {P}; got shape {shape_str(u)}"
-            )
-        check_finite(xp, u, name)
-        return self._from_flat(u), True
-
-    def _batch_shape(self, Us, name: str) -> tuple:
-        try:
-            return tuple(np.broadcast_shapes(*(tuple(u.shape[:-2]) for u in Us)))
-        except ValueError:
-            shapes = ", ".join(f"{name}[{k}] {shape_str(u)}" for k, u in enumerate(Us))
-            raise ValueError(f"the leading (batch) dimensions of {shapes} do not broadcast") from None
-
-    def _from_flat(self, u):
-        xp = self._ctx.xp
-        lead = tuple(u.shape[:-1])
-        out, o = [], 0
-        for ly in self._layers:
-            seg = u[..., o : o + ly.size]
-            out.append(mT(xp.reshape(seg, lead + (ly.da, ly.de))))
-            o += ly.size
-        return out
-
-    def _to_flat(self, Ys):
-        xp = self._ctx.xp
-        parts = [xp.reshape(mT(y), tuple(y.shape[:-2]) + (ly.size,)) for y, ly in zip(Ys, self._layers)]
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=-1)
-
-    def _ret(self, Ys, flat: bool):
-        if flat:
-            return self._ctx.out(self._to_flat(Ys))
-        return [self._ctx.out(y) for y in Ys]
+    # -- right-hand sides: the operator base (lists of (..., d_out, d_in) or flat (..., P)) ---------
+    _layered = True
 
     def _rhs_or_batch(self, U, batch, what: str):
         if (U is None) == (batch is None):
             raise TypeError(f"{what}() takes exactly one of U and batch=(acts, errs)")
         if U is not None:
-            return self._rhs(U)
+            return self._rhs(U, "U")
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise TypeError(f"batch must be a pair (acts, errs) of per-layer lists; got {type(batch).__name__}")
-        return self._batch_gradient(batch[0], batch[1], None, prefix="batch "), False
+        return self._batch_gradient(batch[0], batch[1], None, prefix="batch "), "list"
 
     # -- G and Gᵀ (Benzing eqs. 21 and 23) -------------------------------------------
     def _gt(self, Us):
@@ -440,7 +372,7 @@ class WoodburyFisher:
 
     def gram(self):
         """``K = scale · GᵀG`` (M × M), ``K[c1, c2] = scale · <g_c1, g_c2>`` (Benzing eq. 22); cached."""
-        return self._ctx.out(self._gram())
+        return self._ctx.out_copy(self._gram())
 
     def _require_damping(self, what: str) -> None:
         if self._damping > 0:
@@ -484,22 +416,25 @@ class WoodburyFisher:
         ``batch=(acts, errs)`` instead of ``U`` applies ``F`` to the mean
         gradient of that (independent) batch, as in :meth:`solve`.
         """
-        Us, flat = self._rhs_or_batch(U, batch, "matvec")
-        return self._ret(self._matvec_list(Us), flat)
+        Us, fmt = self._rhs_or_batch(U, batch, "matvec")
+        return self._ret(self._matvec_list(Us), fmt)
+
+    def _forward(self, Us):
+        return self._matvec_list(Us)
 
     def quad(self, U):
         """``uᵀ F u = scale · |Gᵀu|²`` from ``Gᵀu`` alone (K-FAC app. C); shape: ``U``'s batch dims."""
-        Us, _ = self._rhs(U)
+        Us, _ = self._rhs(U, "U")
         xp = self._ctx.xp
         v = self._gt(Us)
-        return self._ctx.out(self._scale * xp.sum(v * v, axis=-1))
+        return self._scalar(self._scale * xp.sum(v * v, axis=-1))
 
     def bilinear(self, U, V):
         """``uᵀ F v = scale · (Gᵀu) · (Gᵀv)`` (K-FAC app. C); batch dims broadcast."""
         Us, _ = self._rhs(U, "U")
         Vs, _ = self._rhs(V, "V")
         xp = self._ctx.xp
-        return self._ctx.out(self._scale * xp.sum(self._gt(Us) * self._gt(Vs), axis=-1))
+        return self._scalar(self._scale * xp.sum(self._gt(Us) * self._gt(Vs), axis=-1))
 
     def _solve_list(self, Us):
         xp = self._ctx.xp
@@ -535,8 +470,8 @@ class WoodburyFisher:
         Needs ``damping > 0``.
         """
         self._require_damping("solve()")
-        Us, flat = self._rhs_or_batch(U, batch, "solve")
-        return self._ret(self._solve_list(Us), flat)
+        Us, fmt = self._rhs_or_batch(U, batch, "solve")
+        return self._ret(self._solve_list(Us), fmt)
 
     def logdet(self):
         """``log det(λI + F) = (P − M) log λ + log det(λI + K)`` (matrix determinant lemma).
@@ -549,7 +484,7 @@ class WoodburyFisher:
         if bool(xp.any(sign <= 0)):
             raise LinAlgError("damping·I + gram() is not positive definite; its log-determinant is undefined")
         P, M = self.n_params, self.n_columns
-        return self._ctx.out(logabs + (P - M) * math.log(self._damping))
+        return self._scalar(logabs + (P - M) * math.log(self._damping))
 
     def sample(self, rng, size: int = 1):
         """Exact draws from ``N(0, (λI + F)⁻¹)`` (the Laplace posterior with prior precision ``λI``).
@@ -655,27 +590,13 @@ class WoodburyFisher:
 
         ``F`` (``inverse=False``) or ``(λI + F)⁻¹`` (``inverse=True``), both
         symmetric, on flat vectors: the concatenation of the layers'
-        column-stacked vecs (DESIGN §1).  For ``λI + F`` add
+        column-stacked vecs (docs/design.md §1).  For ``λI + F`` add
         ``λ * scipy.sparse.linalg.aslinearoperator(scipy.sparse.eye(P))``.
         """
-        from .linop import _linear_operator_class
+        from .linop import make_linear_operator
 
         if inverse:
             self._require_damping("aslinearoperator(inverse=True)")
             self._factorized()
-        xp, P = self._ctx.xp, self.n_params
         fn = self._solve_list if inverse else self._matvec_list
-        native = is_numpy(xp) or is_cupy(xp)
-        dtype = self.dtype
-
-        def matmat(V):
-            V = xp.asarray(V if native else np.asarray(V), dtype=dtype)
-            vec = V.ndim == 1
-            V2 = xp.reshape(V, (P, 1)) if vec else V
-            Y = mT(self._to_flat(fn(self._from_flat(mT(V2)))))
-            Y = xp.reshape(Y, (P,)) if vec else Y
-            return Y if native else to_numpy(Y)
-
-        np_dtype = dtype if native else np.dtype(str(dtype).split(".")[-1])
-        LinearOperator = _linear_operator_class(xp)
-        return LinearOperator((P, P), matvec=matmat, rmatvec=matmat, matmat=matmat, rmatmat=matmat, dtype=np_dtype)
+        return make_linear_operator(self, fn, fn)

@@ -87,7 +87,7 @@ def test_bad_arguments():
         pi_factor(np.eye(2), np.eye(2), norm="nuclear")
     with pytest.raises(ValueError, match="gamma must be finite and non-negative"):
         factored_damping(np.eye(2), np.eye(2), -1.0)
-    with pytest.raises(ValueError, match="pi must be positive"):
+    with pytest.raises(ValueError, match="pi must be a finite positive number"):
         factored_damping(np.eye(2), np.eye(2), 0.1, pi=0.0)
     with pytest.raises(ValueError, match="A must be a square matrix"):
         pi_factor(np.ones((2, 3)), np.eye(2))

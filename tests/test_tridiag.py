@@ -159,7 +159,7 @@ def test_validation_messages():
     with pytest.raises(ValueError, match=r"G_diag\[1\] \(shape \(2, 2\)\) must be symmetric"):
         BlockDiagInverse(f["A_diag"], [f["G_diag"][0], np.array([[1.0, 2.0], [0.0, 1.0]])])
     inv = BlockDiagInverse(f["A_diag"], f["G_diag"], gamma=0.1)
-    with pytest.raises(ValueError, match=r"V_list\[1\] must have shape \(\.\.\., 2, 5\)"):
+    with pytest.raises(ValueError, match=r"V_list\[1\] must have shape \(\.\.\., d_out, d_in\) = \(\.\.\., 2, 5\)"):
         inv.apply([np.ones((4, 4)), np.ones((5, 2))])
     with pytest.raises(ValueError, match="one array per layer"):
         inv.apply([np.ones((4, 4))])

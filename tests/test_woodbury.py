@@ -1,7 +1,7 @@
 """WoodburyFisher against dense per-example gradients (materialised here only), kernels, validation.
 
 The reference: every per-example gradient ``g_c`` (column ``c = i*S + s``) is
-formed explicitly as a ``(d_out, d_in)`` matrix, column-stacked (DESIGN §1) and
+formed explicitly as a ``(d_out, d_in)`` matrix, column-stacked (docs/design.md §1) and
 concatenated over layers into the dense ``P × M`` matrix ``G``; then
 ``F = scale · G Gᵀ`` and every operation is checked against NumPy/SciPy on the
 dense matrix.

@@ -12,7 +12,7 @@ layer's pre-activation ``s_ℓ`` (logits); the loss applies its own link
 
 A :class:`Conv2D` layer is the same thing applied at ``T`` weight-sharing
 positions: its ``ā`` is the ``(N, T, C·kh·kw + 1)`` array of image patches
-(DESIGN §1's batch-first ``(N, T, d)`` layout, patch features ordered
+(docs/design.md §1's batch-first ``(N, T, d)`` layout, patch features ordered
 ``(channel, row, column)``), its ``s`` is ``(N, T, out_channels)``, and its
 weight gradient is summed over positions, ``Σ_n Σ_t g_{n,t} ā_{n,t}ᵀ``, which
 is what K-FAC-style factors for convolutions sum over (K-BFGS §2.2).  Output
@@ -31,7 +31,7 @@ Products with the network's Jacobian ``J = ∂out/∂θ`` (per example, ``(k, P)
   only (K-FAC appendix C: half the cost of a full ``F v``).
 
 Flat parameter vectors (:meth:`Net.flatten`) concatenate the layers' weights,
-each stacked column by column (``vec``, DESIGN §1).
+each stacked column by column (``vec``, docs/design.md §1).
 """
 
 from __future__ import annotations

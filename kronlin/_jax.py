@@ -1,0 +1,80 @@
+"""``jax_callback``: kronlin's solves inside ``jax.jit`` through ``jax.pure_callback``.
+
+kronlin computes eagerly on concrete arrays (LAPACK, its compiled kernels), so a
+traced JAX value cannot enter it; under ``jax.jit`` the call has to leave the
+trace.  ``jax.pure_callback`` does exactly that: at run time JAX hands the
+concrete input to a host function and takes its result back into the
+compiled program.  Build the operator outside the traced function (its
+set-up, e.g. an eigendecomposition, is done once), then::
+
+    K = kronlin.Kron(A, G)                      # jax arrays, concrete
+    solve = kronlin.jax_callback(K, "solve")    # jit-compatible X -> K.solve(X)
+    step = jax.jit(lambda g: -lr * solve(g))(grad)
+
+No derivative flows through the callback (kronlin's results are constants to
+autodiff), and ``jax.vmap`` of the callback is sequential.  JAX arrays on the
+CPU only: the host function computes with NumPy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from ._backend import Ctx
+from ._validate import check_choice
+
+__all__ = ["jax_callback"]
+
+#: Methods whose result has the shape of their right-hand side (so the callback's
+#: output shape is known before it runs).
+SHAPE_PRESERVING = ("solve", "__matmul__", "matvec", "power")
+
+
+def _numpy_view(op):
+    """A shallow copy of ``op`` that takes and returns NumPy arrays (the host side of the callback)."""
+    ctx = op._ctx
+    if ctx.xp is not np:
+        raise TypeError(
+            f"jax_callback needs an operator built from JAX CPU arrays (it computes on {ctx.name}); "
+            f"build it from jax arrays on the CPU"
+        )
+    view = copy.copy(op)
+    view._ctx = Ctx(np, ctx.dtype, None)
+    return view
+
+
+def jax_callback(op, method: str = "solve", **kwargs):
+    """A jit-compatible function ``X -> op.<method>(X, **kwargs)`` through ``jax.pure_callback``.
+
+    Parameters
+    ----------
+    op : a kronlin operator built from (concrete) JAX CPU arrays
+    method : {"solve", "__matmul__", "matvec", "power"}
+        A method whose result has the shape of its right-hand side.
+    **kwargs :
+        Fixed keyword arguments of the method (``damping=``, ``power=``).
+
+    Returns
+    -------
+    function
+        Takes ``X`` (an array, or a list of per-layer arrays for a layered
+        operator) as a JAX value, traced or not, and returns the result as one.
+    """
+    import jax
+
+    check_choice(method, SHAPE_PRESERVING, "method")
+    fn = getattr(_numpy_view(op), method)
+    op_dtype = np.dtype(str(op.dtype).split(".")[-1])
+
+    def host(X):
+        X = jax.tree.map(np.asarray, X)  # the callback may receive JAX arrays; it computes on NumPy
+        out = fn(X, **kwargs)
+        return jax.tree.map(lambda a, x: np.asarray(a, dtype=np.result_type(op_dtype, x.dtype)), out, X)
+
+    def call(X):
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.result_type(op_dtype, x.dtype)), X)
+        return jax.pure_callback(host, shapes, X)
+
+    return call
