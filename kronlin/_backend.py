@@ -156,15 +156,64 @@ class _ModuleName:
         self.name = name
 
 
+class _Fortran:
+    """A Fortran-ordered array on its way through pickle or ``copy.deepcopy``, restored Fortran-ordered.
+
+    CuPy pickles and deep-copies arrays to C order, and cuBLAS rounds a GEMM
+    differently for the two layouts, so a copied operator would solve to
+    within rounding instead of identically (seen on an H100 with
+    eigenvectors, which cuSOLVER returns column-major).
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = array
+
+
+def _mark_layout(v):
+    flags = getattr(v, "flags", None)
+    if flags is not None and getattr(flags, "f_contiguous", False) and not flags.c_contiguous:
+        return _Fortran(v)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_mark_layout(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _mark_layout(x) for k, x in v.items()}
+    return v
+
+
+def _restore_layout(v):
+    if isinstance(v, _Fortran):
+        arr = v.array
+        if isinstance(arr, np.ndarray):
+            return np.asfortranarray(arr)
+        return sys.modules[type(arr).__module__.split(".")[0]].asfortranarray(arr)  # CuPy
+    if isinstance(v, (list, tuple)):
+        return type(v)(_restore_layout(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _restore_layout(x) for k, x in v.items()}
+    return v
+
+
 class ModuleRefs:
-    """Pickling for objects that hold array-library modules (``xp``): they travel as names."""
+    """Pickling for objects that hold array-library modules (``xp``): they travel as names.
+
+    Arrays keep their memory layout through pickle and ``copy.deepcopy``
+    (:class:`_Fortran`), so a copy computes bit-identically.
+    """
 
     def __getstate__(self):
-        return {k: _ModuleName(v.__name__) if isinstance(v, ModuleType) else v for k, v in self.__dict__.items()}
+        return {
+            k: _ModuleName(v.__name__) if isinstance(v, ModuleType) else _mark_layout(v)
+            for k, v in self.__dict__.items()
+        }
 
     def __setstate__(self, state):
         for k, v in state.items():
-            setattr(self, k, importlib.import_module(v.name) if isinstance(v, _ModuleName) else canonical_arrays(v))
+            if isinstance(v, _ModuleName):
+                setattr(self, k, importlib.import_module(v.name))
+            else:
+                setattr(self, k, canonical_arrays(_restore_layout(v)))
 
 
 def canonical_arrays(v):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import copy
 import pickle
 
 import numpy as np
@@ -378,3 +379,27 @@ def test_factor_estimator_arguments_and_state_validated():
     est2 = kronlin.FactorEstimator().load_state_dict(state)
     state["stats"]["A_diag"][0][...] = 0  # the loaded estimator owns its copy
     assert np.all(np.diag(est2.A_diag[0]) > 0) and est2.step == 1
+
+
+class _COrderOnCopy(np.ndarray):
+    """Copies and pickles to C order, as CuPy arrays do (cuBLAS then rounds GEMMs differently)."""
+
+    def __deepcopy__(self, memo):
+        return np.ascontiguousarray(self).view(_COrderOnCopy)
+
+    def __reduce__(self):
+        return (np.ascontiguousarray, (np.asarray(self),))
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda op: pickle.loads(pickle.dumps(op))])
+def test_copies_keep_fortran_ordered_arrays_fortran_ordered(clone):
+    """Found on an H100: a deep-copied/unpickled KronEigh on CuPy solved to 2e-7 instead of identically,
+    because CuPy copies cuSOLVER's column-major eigenvectors to C order."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((6, 6))
+    E = kronlin.Kron(A @ A.T + np.eye(6), np.eye(3)).eigh()
+    E._Qa = np.asfortranarray(E._Qa).view(_COrderOnCopy)
+    assert E._Qa.flags.f_contiguous and not E._Qa.flags.c_contiguous
+    twin = clone(E)
+    assert twin._Qa.flags.f_contiguous and not twin._Qa.flags.c_contiguous
+    assert np.array_equal(np.asarray(twin._Qa), np.asarray(E._Qa))
