@@ -68,3 +68,11 @@ def test_cuda_bindings_check_operands_before_launch(Y, lg, la, match):
     cuda = pytest.importorskip("kronlin._cuda")
     with pytest.raises(ValueError, match=match):
         cuda.eig_scale(_FakeCuda(*Y), _FakeCuda(*lg), _FakeCuda(*la), 0.0, -1.0, 0)
+
+
+def test_gram_tile_rule_follows_the_h100_measurements():
+    """bench/results/gpu-2026-11-26.md: tile 32 wins at T = 16, 64 at T = 64, 128 from T = 256 on."""
+    cuda = pytest.importorskip("kronlin._cuda")
+    for dbl in (False, True):
+        assert [cuda.gram_tile_for(T, dbl) for T in (1, 16, 32, 33, 64, 127, 128, 256, 1024)] == [
+            32, 32, 32, 64, 64, 64, 128, 128, 128]

@@ -17,7 +17,7 @@ void woodbury_gram_shared_cuda(const void* A, const void* E, void* K, std::int64
                                std::int64_t T, std::int64_t da, std::int64_t de, double scale, bool is_double,
                                int tile, std::uintptr_t stream);
 
-// Up to this many positions the 32 x 32 tile wastes less than the 64 x 64 one gains.
+// Up to this many positions the 32 x 32 tile wastes less than the larger ones gain.
 constexpr std::int64_t kGramSmallT = 32;
 
 // The tile woodbury_gram_shared_cuda uses for T positions when `tile` is 0.
