@@ -140,6 +140,30 @@ def test_preconditioned_gradient_equals_dense_solve(make, mode):
         close(vec(grad_block(m).numpy()), expected, SOLVE64)
 
 
+def test_linear_layer_on_sequences_uses_the_weight_sharing_factors():
+    """nn.Linear on (N, T, d) inputs: A = (1/(N·T)) Σ ā āᵀ, G = (1/N) Σ ĝ ĝᵀ over examples and positions."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    x = torch.randn(5, 6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    A = np.zeros((5, 5))
+    G = np.zeros((3, 3))
+    for n in range(5):
+        out = lin(x[n:n + 1])
+        out.retain_grad()
+        F.cross_entropy(out.mean(1), y[n:n + 1]).backward()
+        a = torch.cat([x[n], torch.ones(6, 1, dtype=torch.float64)], 1).numpy()
+        g = out.grad[0].numpy()
+        A += a.T @ a / 30
+        G += g.T @ g / 5
+    lin.zero_grad()
+    pre = kt.KFAC(lin, damping=1e-2)
+    F.cross_entropy(lin(x).mean(1), y).backward()
+    pre.step()
+    close(pre.factors(lin)[0].numpy(), A, RTOL64)
+    close(pre.factors(lin)[1].numpy(), G, RTOL64)
+
+
 def test_unsupported_layers_keep_their_gradient():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.LayerNorm(4 * 5 * 5),
@@ -401,6 +425,27 @@ def test_non_finite_statistics_refuse_the_step_and_name_the_layer():
     with pytest.raises(FloatingPointError, match="layer '4' has a non-finite gradient"):
         pre.step()
     assert pre.steps == 1
+
+
+def test_overflowing_statistics_refuse_the_step_and_name_the_layer():
+    """float32 inputs of 1e20 are finite, their second moments are not."""
+    model = mlp(dtype=torch.float32)
+    x, y = batch(model, dtype=torch.float32)
+    pre = kt.KFAC(model, damping=1e-2)
+    run_step(model, pre, x, y)
+    factors = [t.clone() for t in pre.factors(model[0])]
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x * 1e20), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="layer '0' has non-finite statistics"):
+        pre.step()
+    assert pre.steps == 1
+    assert all(torch.equal(s, t) for s, t in zip(factors, pre.factors(model[0])))
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    # the preconditioner still works afterwards, with the old statistics
+    pre._clear()
+    run_step(model, pre, x, y)
+    assert pre.steps == 2
 
 
 def test_load_state_dict_rejects_another_configuration():

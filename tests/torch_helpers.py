@@ -30,7 +30,7 @@ def single_thread():
         torch.set_num_threads(n)
 
 
-# ---------------------------------------------------------------------------------------------
+# -- models and per-example references -----------------------------------------------------
 def mlp(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)).to(dtype)

@@ -146,6 +146,12 @@ class _Layer:
                 self.bias.grad.copy_(V[:, -1])
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite: a finite sum proves it (a NaN or an infinity makes the sum
+    non-finite), so the full elementwise test runs only when the one-pass sum is not finite."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return module.weight.requires_grad
@@ -336,7 +342,7 @@ class CurvatureHooks:
             if self.fisher == "empirical" and self.reduction == "mean":
                 g = g * N  # autograd's gradients of a mean are ĝ/N
             for what, t in (("inputs", a), ("output gradients", g)):
-                if not bool(torch.isfinite(t).all()):
+                if not _all_finite(t):
                     raise FloatingPointError(
                         f"layer {ly.name!r} has non-finite {what} (inf or nan): step refused, nothing was changed"
                     )
@@ -347,7 +353,7 @@ class CurvatureHooks:
     def _grad_blocks(self):
         blocks = [ly.grad_block() for ly in self.layers]
         for ly, V in zip(self.layers, blocks):
-            if not bool(torch.isfinite(V).all()):
+            if not _all_finite(V):
                 raise FloatingPointError(f"layer {ly.name!r} has a non-finite gradient: step refused, nothing was changed")
         return blocks
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 import kronlin
@@ -147,16 +148,39 @@ class KFAC(CurvatureHooks):
             if self.structure == "tridiagonal" and any(a.ndim != 2 for a in acts):
                 raise ValueError("structure='tridiagonal' needs (N, d) inputs for every layer (no weight sharing)")
         blocks = self._grad_blocks()
-        if update:
-            self._estimator.update(self._np(acts), self._np(errs))
-            self._scale = self._curvature_scale(N)
-        if self._inv is None or self._steps % self.refresh_period == 0:
-            self._refresh()
-        solved = self._apply(blocks)
+        saved = (self._estimator.state_dict(), self._scale, self._inv, self._inv_factors)  # references, no copies
+        try:
+            if update:
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by _check_statistics
+                    self._estimator.update(self._np(acts), self._np(errs))
+                self._scale = self._curvature_scale(N)
+                self._check_statistics()
+            if self._inv is None or self._steps % self.refresh_period == 0:
+                self._refresh()
+            solved = self._apply(blocks)
+        except Exception:
+            # refuse the step: the running averages and the inverse stay what they were
+            self._estimator.load_state_dict(saved[0])
+            self._scale, self._inv, self._inv_factors = saved[1:]
+            raise
         for ly, V in zip(self.layers, solved):
             ly.set_grad(V)
         self._steps += 1
         self._clear()
+
+    def _check_statistics(self):
+        """Finite inputs can still give non-finite factors (float32 overflow of ``āᵀā``): name the layer.
+
+        The diagonal suffices: ``|M_ij| ≤ √(M_ii M_jj)`` for the PSD averages, so a finite
+        diagonal bounds every entry."""
+        est = self._estimator
+        for ly, A, G in zip(self.layers, est.A_diag, est.G_diag):
+            for name, M in (("A", A), ("G", G)):
+                if not bool(np.isfinite(np.diagonal(M)).all()):
+                    raise FloatingPointError(
+                        f"layer {ly.name!r} has non-finite statistics ({name} overflowed in {M.dtype}): step refused, "
+                        "nothing was changed; lower the learning rate or use float64"
+                    )
 
     def _current_factors(self):
         """The running averages as curvature factors (G scaled by c), kronlin's split."""
@@ -171,17 +195,24 @@ class KFAC(CurvatureHooks):
         if self.structure == "tridiagonal":
             self._inv = kronlin.BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
                                                     gamma=math.sqrt(self.damping), pi="trace")
+        elif self.damping_mode == "exact":
+            # (A⊗G + λI)⁻¹ through the eigenbases: four GEMMs and a divide per application
+            self._inv = [kronlin.Kron(A, G).eigh() for A, G in zip(f["A_diag"], f["G_diag"])]
         else:
-            self._inv = [kronlin.DampedKron(A, G, self.damping, mode=self.damping_mode, pi="trace")
-                         for A, G in zip(f["A_diag"], f["G_diag"])]
+            # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ formed once per refresh (potri), so that each step
+            # applies it with two GEMMs instead of four triangular solves
+            gamma = math.sqrt(self.damping)
+            self._inv = [kronlin.factored_damping(A, G, gamma, pi="trace").inv() for A, G in zip(f["A_diag"], f["G_diag"])]
         self._inv_factors = f
 
     def _apply(self, blocks):
         V = self._np(blocks)
         if self.structure == "tridiagonal":
             out = self._inv.apply(V)
+        elif self.damping_mode == "exact":
+            out = [inv.solve(v, damping=self.damping) for inv, v in zip(self._inv, V)]
         else:
-            out = [inv.solve(v) for inv, v in zip(self._inv, V)]
+            out = [inv @ v for inv, v in zip(self._inv, V)]
         return [from_array(x, b) for x, b in zip(out, blocks)]
 
     # -- inspection -------------------------------------------------------------------------
