@@ -365,8 +365,10 @@ def test_bad_options(kwargs, match):
 
 
 def test_tridiagonal_needs_a_linear_chain():
+    model = cnn()
     with pytest.raises(ValueError, match="sequential stack"):
-        kt.KFAC(cnn(), damping_mode="factored", structure="tridiagonal")
+        kt.KFAC(model, damping_mode="factored", structure="tridiagonal")
+    assert all(not m._forward_hooks for m in model.modules())  # a refused construction leaves no hooks
     with pytest.raises(ValueError, match="has 5 outputs"):
         kt.KFAC(nn.Sequential(nn.Linear(3, 5), nn.Linear(4, 2)), damping_mode="factored", structure="tridiagonal")
 
@@ -446,6 +448,19 @@ def test_overflowing_statistics_refuse_the_step_and_name_the_layer():
     pre._clear()
     run_step(model, pre, x, y)
     assert pre.steps == 2
+
+
+def test_singular_curvature_names_the_layer():
+    """Exact damping λ = 0 on a rank-deficient factor: the refresh fails, names the layer, changes nothing."""
+    model = mlp()
+    x, y = batch(model, N=2)  # A of the first layer (7×7) has rank ≤ 2
+    pre = kt.KFAC(model, damping=0.0, damping_mode="factored")
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(np.linalg.LinAlgError, match="layer '0'"):
+        pre.step()
+    assert pre.steps == 0
+    with pytest.raises(RuntimeError, match="no statistics yet"):
+        pre.factors(model[0])
 
 
 def test_load_state_dict_rejects_another_configuration():

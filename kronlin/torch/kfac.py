@@ -104,12 +104,16 @@ class KFAC(CurvatureHooks):
         self.damping_mode, self.structure, self.max_decay = damping_mode, structure, float(max_decay)
         super().__init__(model, damping, fisher, loss, reduction, seed)
         if structure == "tridiagonal":
-            self._check_chain()
+            try:
+                self._check_chain()
+            except ValueError:
+                self.remove_hooks()  # leave the model as it was
+                raise
         self._steps = 0
         self._estimator = kronlin.FactorEstimator(max_decay=self.max_decay, tridiagonal=structure == "tridiagonal",
                                                   append_one=False)
         self._scale = None         # c of the hooks' docstring at the last update
-        self._inv = None           # per-layer DampedKron, or one BlockTridiagInverse
+        self._inv = None           # per-layer KronEigh (exact) or inverse Kron (factored), or a BlockTridiagInverse
         self._inv_factors = None   # the (scaled) factors the current inverse was built from
 
     def _check_chain(self):
@@ -195,14 +199,21 @@ class KFAC(CurvatureHooks):
         if self.structure == "tridiagonal":
             self._inv = kronlin.BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
                                                     gamma=math.sqrt(self.damping), pi="trace")
-        elif self.damping_mode == "exact":
-            # (A⊗G + λI)⁻¹ through the eigenbases: four GEMMs and a divide per application
-            self._inv = [kronlin.Kron(A, G).eigh() for A, G in zip(f["A_diag"], f["G_diag"])]
         else:
-            # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ formed once per refresh (potri), so that each step
-            # applies it with two GEMMs instead of four triangular solves
             gamma = math.sqrt(self.damping)
-            self._inv = [kronlin.factored_damping(A, G, gamma, pi="trace").inv() for A, G in zip(f["A_diag"], f["G_diag"])]
+            inv = []
+            for ly, A, G in zip(self.layers, f["A_diag"], f["G_diag"]):
+                try:
+                    if self.damping_mode == "exact":
+                        # (A⊗G + λI)⁻¹ through the eigenbases: four GEMMs and a divide per application
+                        inv.append(kronlin.Kron(A, G).eigh())
+                    else:
+                        # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ formed once per refresh (potri), so that each
+                        # step applies it with two GEMMs instead of four triangular solves
+                        inv.append(kronlin.factored_damping(A, G, gamma, pi="trace").inv())
+                except (ValueError, np.linalg.LinAlgError) as exc:
+                    raise type(exc)(f"layer {ly.name!r}: {exc}") from exc
+            self._inv = inv
         self._inv_factors = f
 
     def _apply(self, blocks):

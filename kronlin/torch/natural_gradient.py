@@ -48,9 +48,9 @@ class NaturalGradient(CurvatureHooks):
 
     def __init__(self, model, damping: float = 1e-3, *, fisher: str = "empirical", loss=None,
                  reduction: str = "mean", seed: int = 0):
+        if not float(damping) > 0:
+            raise ValueError(f"NaturalGradient needs damping > 0 (the batch Fisher has rank at most N); got {damping!r}")
         super().__init__(model, damping, fisher, loss, reduction, seed)
-        if self.damping <= 0:
-            raise ValueError("NaturalGradient needs damping > 0: the batch Fisher has rank at most N")
         self._steps = 0
 
     @property
