@@ -80,6 +80,27 @@ def test_mc_factors_equal_dense_with_the_sampled_labels(make, kind, reduction):
         close(Gt.numpy(), G, RTOL64)
 
 
+def test_mc_ignores_forward_passes_that_are_not_back_propagated():
+    model = mlp()
+    x, y = batch(model)
+    pre = kt.KFAC(model, damping=1e-2, fisher="mc", loss="cross_entropy")
+    model.zero_grad(set_to_none=True)
+    f = model(x)
+    yhat = pre.sampled_targets.clone()
+    model(x[:3])  # e.g. a logging pass outside no_grad: its MC labels are drawn but never used
+    F.cross_entropy(f, y).backward()
+    pre.step()
+    pre.remove_hooks()
+    ref = dense_factors(*per_example(model, x, yhat)[:2])
+    for m, (A, G) in zip(layers_of(model), ref):
+        close(pre.factors(m)[1].numpy(), G, RTOL64)
+    # a layer run twice *with* backward passes through both is refused
+    pre = kt.KFAC(model, damping=1e-2)
+    (F.cross_entropy(model(x), y) + F.cross_entropy(model(x[:3]), y[:3])).backward()
+    with pytest.raises(RuntimeError, match="ran 2 times"):
+        pre.step()
+
+
 def test_mc_labels_follow_the_predictive_distribution():
     """Cross-entropy: label frequencies ≈ softmax; squared error: ŷ − f ~ N(0, C/2) (so E ĝĝᵀ = (2/C) I)."""
     torch.manual_seed(0)

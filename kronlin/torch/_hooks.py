@@ -321,7 +321,9 @@ class CurvatureHooks:
         """Per-layer ``(acts, errs)`` tensors in kronlin's layout, checked; and the batch size ``N``."""
         acts, errs, N = [], [], None
         for ly in self.layers:
-            recs = [r for r in ly.records if r.grad is not None]
+            # only forward passes the user's backward went through count (an extra forward under
+            # grad, e.g. for logging, draws MC labels too but is never back-propagated)
+            recs = [r for r in ly.records if r.grad is not None and r.seen]
             if not recs:
                 raise RuntimeError(
                     f"layer {ly.name!r} saw no data: no output gradient of the "
