@@ -1,0 +1,287 @@
+"""kronlin.torch.KFAC against curvlinops' KFACLinearOperator / KFACInverseLinearOperator (not a unit test).
+
+Same model, batch and damping; checks first (factors and preconditioned
+gradients agree to 1e-10 in float64), then times, one thread, paired in one run.
+
+Recipe (curvlinops' torchvision requirement would pull a second torch, so no
+dependencies are resolved by pip)::
+
+    pip install torch==2.13.0 && pip install -e '.[test]'
+    pip install --no-deps curvlinops-for-pytorch backpack-for-pytorch einops opt-einsum tqdm \\
+        linear-operator einconv
+    python bench/torch_vs_curvlinops.py [--out bench/results/torch_vs_curvlinops.md]
+
+Correspondences (curvlinops 3.0.1):
+
+* ``fisher="empirical"`` ↔ ``fisher_type="empirical"``; ``fisher="mc"`` ↔ the
+  empirical type fed with kronlin's sampled labels (``pre.sampled_targets``),
+  so both use the *same* labels (curvlinops' own "mc" draws its own);
+* ``damping_mode="exact"`` ↔ ``use_exact_damping=True``;
+  ``damping_mode="factored"`` ↔ ``use_heuristic_damping=True`` (π from the
+  trace norm, γ = √λ);
+* ``separate_weight_and_bias=False``, ``kfac_approx="expand"``.
+
+Timed, per step of a training loop (median of ``--repeat``): the plain
+forward + backward (the SGD step's work); kronlin.torch: forward + backward +
+``pre.step()`` (factors from the hooks, inversion, application); curvlinops:
+forward + backward for the gradient, then ``KFACLinearOperator`` (its own
+forward + backward and factors), ``KFACInverseLinearOperator`` and ``inv @ grad``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
+
+import kronlin.torch as kt
+
+
+def models(dtype):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+    cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    return {"MLP 256-256-256-10": (mlp.to(dtype), (256,)), "CNN 3x16x16": (cnn.to(dtype), (3, 16, 16))}
+
+
+def fwd_bwd(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def kronlin_step(model, x, y, fisher, mode, lam):
+    pre = kt.KFAC(model, damping=lam, damping_mode=mode, fisher=fisher, loss="cross_entropy", seed=1)
+    grads = fwd_bwd(model, x, y)
+    pre.step()
+    out = [p.grad.detach().clone() for p in model.parameters()]
+    labels = pre.sampled_targets if fisher == "mc" else y
+    factors = [pre.factors(m) for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
+    pre.remove_hooks()
+    return grads, out, labels, factors, pre
+
+
+def curvlinops_step(model, x, labels, grads, mode, lam):
+    from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+
+    params = [p for p in model.parameters()]
+    K = KFACLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, labels)], fisher_type="empirical",
+                           separate_weight_and_bias=False, check_deterministic=False, num_data=x.shape[0],
+                           num_per_example_loss_terms=1)
+    K.compute_kronecker_factors()
+    kw = {"use_exact_damping": True} if mode == "exact" else {"use_heuristic_damping": True}
+    inv = KFACInverseLinearOperator(K, damping=lam, **kw)
+    out = inv @ [g.clone() for g in grads]
+    return K, out
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def agreement(dtype=torch.float64, N=64, lam=1e-2):
+    rows = []
+    for name, (model, shape) in models(dtype).items():
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn((N,) + shape, generator=g, dtype=dtype)
+        y = torch.randint(0, 10, (N,), generator=g)
+        for fisher in ("empirical", "mc"):
+            for mode in ("exact", "factored"):
+                state = {k: v.clone() for k, v in model.state_dict().items()}
+                grads, ours, labels, factors, _ = kronlin_step(model, x, y, fisher, mode, lam)
+                model.load_state_dict(state)
+                K, theirs = curvlinops_step(model, x, labels, grads, mode, lam)
+                mods = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+                fa = max(rel(A, K._input_covariances[n]) for (A, _), n in zip(factors, mods))
+                fg = max(rel(G, K._gradient_covariances[n]) for (_, G), n in zip(factors, mods))
+                sol = max(rel(a, b) for a, b in zip(ours, theirs))
+                rows.append((name, fisher, mode, fa, fg, sol))
+    return rows
+
+
+def median_time(fn, repeat):
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def timing(dtype, N, lam, repeat):
+    rows = []
+    for name, (model, shape) in models(dtype).items():
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn((N,) + shape, generator=g, dtype=dtype)
+        y = torch.randint(0, 10, (N,), generator=g)
+        t_sgd = median_time(lambda: fwd_bwd(model, x, y), repeat)
+        for mode in ("exact", "factored"):
+            pre = kt.KFAC(model, damping=lam, damping_mode=mode)
+
+            def ours():
+                fwd_bwd(model, x, y)
+                pre.step()
+
+            t_ours = median_time(ours, repeat)
+            pre.remove_hooks()
+
+            def theirs():
+                grads = fwd_bwd(model, x, y)
+                curvlinops_step(model, x, y, grads, mode, lam)
+
+            t_theirs = median_time(theirs, repeat)
+            rows.append((name, mode, t_sgd, t_ours, t_theirs))
+    return rows
+
+
+def overhead(repeat, refresh=10, N=256, sizes=(784, 512, 512, 10), lam=1e-2):
+    """KFAC's amortised step (factored damping, refresh every ``refresh``) against SGD and its GEMM floor.
+
+    The floor is the SGD step plus, layer by layer, the bare calls K-FAC cannot avoid, timed in
+    the same run (NumPy/SciPy, the libraries kronlin computes with): the statistics ``āᵀā`` and
+    ``ĝᵀĝ`` (two GEMMs), the preconditioner product ``G⁻¹ V A⁻¹`` (two GEMMs) and 1/refresh of
+    the refresh (LAPACK ``potrf`` + ``potri`` of both damped factors).  float32, batch N, one thread.
+    """
+    import scipy.linalg as sl
+
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(N, sizes[0], generator=g), torch.randint(0, sizes[-1], (N,), generator=g))
+               for _ in range(4)]
+
+    def run(pre, opt, steps):
+        t = time.perf_counter()
+        for i in range(steps):
+            x, y = batches[i % len(batches)]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            if pre is not None:
+                pre.step()
+            opt.step()
+        return (time.perf_counter() - t) / steps
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    run(None, opt, 5)
+    t_sgd = statistics.median(run(None, opt, refresh) for _ in range(repeat))
+    pre = kt.KFAC(model, damping=lam, damping_mode="factored", refresh_period=refresh)
+    run(pre, opt, refresh)
+    t_kfac = statistics.median(run(pre, opt, refresh) for _ in range(repeat))
+    pre.remove_hooks()
+    rng = np.random.default_rng(0)
+    parts = {"stats": 0.0, "apply": 0.0, "refresh_amortised": 0.0}
+    potrf, potri = sl.lapack.get_lapack_funcs(("potrf", "potri"), (np.ones((2, 2), np.float32),))
+    for d_in, d_out in zip(sizes, sizes[1:]):
+        p, q = d_in + 1, d_out
+        a = rng.standard_normal((N, p), dtype=np.float32)
+        e = rng.standard_normal((N, q), dtype=np.float32)
+        A, G = a.T @ a / N + np.eye(p, dtype=np.float32), e.T @ e / N + np.eye(q, dtype=np.float32)
+        Ai, Gi = np.linalg.inv(A), np.linalg.inv(G)
+        V = rng.standard_normal((q, p), dtype=np.float32)
+        parts["stats"] += median_time(lambda: (a.T @ a, e.T @ e), 5 * repeat)
+        parts["apply"] += median_time(lambda: Gi @ V @ Ai, 5 * repeat)
+        parts["refresh_amortised"] += median_time(
+            lambda: (potri(potrf(A, lower=1)[0], lower=1), potri(potrf(G, lower=1)[0], lower=1)), 5 * repeat) / refresh
+    floor = t_sgd + sum(parts.values())
+    return {"sizes": sizes, "N": N, "refresh": refresh, "sgd": t_sgd, "kfac": t_kfac, "floor": floor, **parts}
+
+
+def mse_ratio(C=5, N=32):
+    """curvlinops' empirical G over kronlin.torch's for a mean-reduced MSE (C outputs): C (see the README)."""
+    from curvlinops import KFACLinearOperator
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, C)).double()
+    x, y = torch.randn(N, 8, dtype=torch.float64), torch.randn(N, C, dtype=torch.float64)
+    pre = kt.KFAC(m, damping=1e-2)
+    F.mse_loss(m(x), y).backward()
+    pre.step()
+    K = KFACLinearOperator(m, nn.MSELoss(), list(m.parameters()), [(x, y)], fisher_type="empirical",
+                           separate_weight_and_bias=False, check_deterministic=False, num_data=N,
+                           num_per_example_loss_terms=1)
+    K.compute_kronecker_factors()
+    ratios = torch.cat([(K._gradient_covariances[n] / pre.factors(mod)[1]).flatten() for n, mod in (("0", m[0]), ("2", m[2]))])
+    dA = max(rel(pre.factors(mod)[0], K._input_covariances[n]) for n, mod in (("0", m[0]), ("2", m[2])))
+    return C, float(ratios.min()), float(ratios.max()), dA
+
+
+def agreement_lines(lam):
+    agree = agreement(lam=lam)
+    lines = ["## Agreement (float64, batch 64): max relative error", "",
+             "| model | fisher | damping | A | G | preconditioned gradient |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {m} | {f} | {d} | {a:.1e} | {g:.1e} | {s:.1e} |" for m, f, d, a, g, s in agree]
+    worst = max(max(r[3:]) for r in agree)
+    lines += ["", f"worst: {worst:.1e} ({'within' if worst <= 1e-10 else 'ABOVE'} 1e-10)", ""]
+    C, lo, hi, dA = mse_ratio()
+    lines += [f"MSE (mean-reduced, C = {C} outputs), empirical: A agrees to {dA:.1e}; curvlinops' G / kronlin.torch's G "
+              f"= {lo:.12g} … {hi:.12g} (curvlinops scales the loss by √C; kronlin.torch uses ℓ_n = (1/C)‖f_n − y_n‖²)", ""]
+    return lines
+
+
+def timing_lines(dtype, batch, lam, repeat):
+    rows = timing(dtype, batch, lam, repeat)
+    lines = [f"## Time per step, {str(dtype).replace('torch.', '')}, batch {batch} (ms, median of {repeat})", "",
+             "| model | damping | fwd+bwd (SGD) | kronlin.torch | curvlinops | K-FAC part: kronlin | "
+             "K-FAC part: curvlinops | kronlin speed-up (>1: faster) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m, d, s, o, t in rows:
+        ko, kc = o - s, t - s
+        lines.append(f"| {m} | {d} | {s * 1e3:.2f} | {o * 1e3:.2f} | {t * 1e3:.2f} | {ko * 1e3:.2f} | {kc * 1e3:.2f} | "
+                     f"{kc / ko:.1f}x |")
+    lines += ["", "K-FAC part = step time − fwd+bwd: factors + inversion + application, refreshed every step (for "
+              "curvlinops also its own forward+backward, which its API cannot share with the training step's).", ""]
+    return lines
+
+
+def overhead_lines(repeat):
+    o = overhead(repeat)
+    return [f"## Amortised K-FAC step vs SGD and its GEMM floor (MLP {'-'.join(map(str, o['sizes']))}, batch {o['N']}, "
+            f"float32, factored damping, refresh every {o['refresh']})", "",
+            "| SGD step | KFAC step | KFAC / SGD | floor | KFAC / floor | floor parts: stats, apply, refresh/T |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| {o['sgd'] * 1e3:.2f} ms | {o['kfac'] * 1e3:.2f} ms | {o['kfac'] / o['sgd']:.2f}x | {o['floor'] * 1e3:.2f} ms | "
+            f"{o['kfac'] / o['floor']:.2f}x | {o['stats'] * 1e3:.2f}, {o['apply'] * 1e3:.2f}, "
+            f"{o['refresh_amortised'] * 1e3:.2f} ms |", ""]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="kronlin.torch vs curvlinops: agreement and time")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--damping", type=float, default=1e-2)
+    ap.add_argument("--quick", action="store_true", help="float32 timings only")
+    ap.add_argument("--overhead-only", action="store_true", help="only the amortised-step section")
+    ap.add_argument("--out", default=None, help="also write the report (markdown) here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    lines = ["# kronlin.torch vs curvlinops", "",
+             f"torch {torch.__version__}, one thread (torch.set_num_threads(1), threadpoolctl), damping λ = {args.damping}", ""]
+    with threadpool_limits(1):
+        if not args.overhead_only:
+            import curvlinops  # noqa: F401 - fail early with the recipe's ImportError
+
+            lines += agreement_lines(args.damping)
+            for dtype in (torch.float32, torch.float64)[: 1 if args.quick else 2]:
+                lines += timing_lines(dtype, args.batch, args.damping, args.repeat)
+        lines += overhead_lines(args.repeat)
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""K-FAC for torch.nn models on kronlin's core (Martens & Grosse 2015; KFC, Grosse & Martens 2016)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+import kronlin
+
+from ._convert import from_array, to_array
+from ._hooks import CurvatureHooks
+
+__all__ = ["KFAC"]
+
+DAMPING_MODES = ("exact", "factored")
+STRUCTURES = ("blockdiag", "tridiagonal")
+_STATE_FORMAT = "kronlin.torch.KFAC/1"
+_KEYS = ("A_diag", "G_diag", "A_off", "G_off")
+
+
+def _period(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    return value
+
+
+class KFAC(CurvatureHooks):
+    r"""K-FAC preconditioner for the ``nn.Linear`` and ``nn.Conv2d`` layers of a torch model.
+
+    Usage (any torch optimizer steps on the preconditioned gradient)::
+
+        pre = kronlin.torch.KFAC(model, damping=1e-3)
+        loss_fn(model(x), y).backward()
+        pre.step(); opt.step()
+
+    Each supported layer's parameters ``[W | b]`` (bias as the last column, K-FAC
+    §2.1) get the Kronecker-factored Fisher block ``Ā ⊗ G`` (K-FAC §3, eq. 1;
+    convolutions: KFC's factors through kronlin's ``(N, T, d)`` patch path), and
+    :meth:`step` replaces their ``.grad`` by the damped inverse applied to it.
+    Other parameters keep their gradient.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    damping : float
+        Tikhonov damping ``λ >= 0``.
+    damping_mode : {"exact", "factored"}
+        ``"exact"``: ``(Ā⊗G + λI)⁻¹`` through the eigenbases of ``Ā`` and ``G``
+        (:class:`kronlin.KronEigh`); ``"factored"``: K-FAC §6.3,
+        ``(Ā + πγI)⁻¹ ⊗ (G + (γ/π)I)⁻¹`` with ``γ = √λ`` and π from the trace
+        norm (:func:`kronlin.factored_damping`).
+    fisher : {"empirical", "mc"}
+        ``"empirical"``: output gradients of the loss the user back-propagates;
+        ``"mc"``: of labels sampled from the model's predictive distribution
+        (K-FAC §5), back-propagated by ``torch.autograd.grad`` after the forward
+        pass (``.grad`` untouched); needs ``loss``.
+    loss : {"cross_entropy", "mse"}, nn.CrossEntropyLoss, nn.MSELoss or None
+        The loss (for ``fisher="mc"``; a module also sets ``reduction``).
+    reduction : {"mean", "sum"}
+        How the loss combines its per-example terms (see :mod:`kronlin.torch`).
+    update_period : int
+        Fold the batch statistics into the running averages every this many
+        steps (K-FAC §5: ``ε = min(1 − 1/k, max_decay)`` at the ``k``-th update,
+        so the first :meth:`step` uses exactly the first batch's statistics).
+    refresh_period : int
+        Recompute the damped inverses (eigen/Cholesky factorizations) every this
+        many steps (K-FAC §8's ``T₃``).
+    max_decay : float
+        The cap of ``ε`` (0.95 in K-FAC).
+    structure : {"blockdiag", "tridiagonal"}
+        ``"tridiagonal"``: K-FAC §4.3's block-tridiagonal inverse
+        (:class:`kronlin.BlockTridiagInverse`) for a sequential stack of
+        ``nn.Linear`` layers; needs ``damping_mode="factored"`` (the paper damps
+        the diagonal factors, §6.3).
+    seed : int
+        Seed of the generator that samples the MC labels.
+
+    Notes
+    -----
+    :meth:`factors` returns ``(A, G)`` scaled as curvlinops' ``KFACLinearOperator``
+    (``separate_weight_and_bias=False``, ``kfac_approx="expand"``) for the same
+    Fisher type: for a convolution with ``T`` output positions
+    ``A = (1/(N·T)) Σ_{n,t} ā āᵀ`` and ``G = c·(1/N) Σ_{n,t} ĝ ĝᵀ``
+    (kronlin's KFC split, ``Σ_t`` on the activation side, differs by ``T``;
+    ``Ā ⊗ G`` and the factored damping with the trace-norm π do not).
+    """
+
+    def __init__(self, model, damping: float = 1e-3, *, damping_mode: str = "exact", fisher: str = "empirical",
+                 loss=None, reduction: str = "mean", update_period: int = 1, refresh_period: int = 1,
+                 max_decay: float = 0.95, structure: str = "blockdiag", seed: int = 0):
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(f"damping_mode must be one of {DAMPING_MODES}; got {damping_mode!r}")
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}; got {structure!r}")
+        if structure == "tridiagonal" and damping_mode != "factored":
+            raise ValueError("structure='tridiagonal' damps the diagonal factors (K-FAC §4.3, §6.3): "
+                             "use damping_mode='factored'")
+        self.update_period = _period(update_period, "update_period")
+        self.refresh_period = _period(refresh_period, "refresh_period")
+        if not 0.0 <= float(max_decay) < 1.0:
+            raise ValueError(f"max_decay must be in [0, 1); got {max_decay!r}")
+        self.damping_mode, self.structure, self.max_decay = damping_mode, structure, float(max_decay)
+        super().__init__(model, damping, fisher, loss, reduction, seed)
+        if structure == "tridiagonal":
+            try:
+                self._check_chain()
+            except ValueError:
+                self.remove_hooks()  # leave the model as it was
+                raise
+        self._steps = 0
+        self._estimator = kronlin.FactorEstimator(max_decay=self.max_decay, tridiagonal=structure == "tridiagonal",
+                                                  append_one=False)
+        self._scale = None         # c of the hooks' docstring at the last update
+        self._inv = None           # per-layer KronEigh (exact) or inverse Kron (factored), or a BlockTridiagInverse
+        self._inv_factors = None   # the (scaled) factors the current inverse was built from
+
+    def _check_chain(self):
+        for ly in self.layers:
+            if ly.conv:
+                raise ValueError(f"structure='tridiagonal' needs a sequential stack of nn.Linear layers; "
+                                 f"{ly.name!r} is a convolution")
+        for a, b in zip(self.layers, self.layers[1:]):
+            if a.module.out_features != b.module.in_features:
+                raise ValueError(
+                    f"structure='tridiagonal' needs a sequential stack of nn.Linear layers: {a.name!r} has "
+                    f"{a.module.out_features} outputs but the next, {b.name!r}, has {b.module.in_features} inputs"
+                )
+
+    # -- schedule ---------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """How many steps were taken."""
+        return self._steps
+
+    def _collecting(self) -> bool:
+        return self._steps % self.update_period == 0
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> None:
+        """Replace the ``.grad`` of every supported layer by its preconditioned gradient.
+
+        Call after ``loss.backward()`` and before the optimizer's ``step()``.
+        Raises (and changes nothing) on missing or non-finite data.
+        """
+        self._check_backward()
+        self._dtype()
+        update = self._collecting()
+        if update:
+            acts, errs, N = self._collect()
+            if self.structure == "tridiagonal" and any(a.ndim != 2 for a in acts):
+                raise ValueError("structure='tridiagonal' needs (N, d) inputs for every layer (no weight sharing)")
+        blocks = self._grad_blocks()
+        saved = (self._estimator.state_dict(), self._scale, self._inv, self._inv_factors)  # references, no copies
+        try:
+            if update:
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by _check_statistics
+                    self._estimator.update(self._np(acts), self._np(errs))
+                self._scale = self._curvature_scale(N)
+                self._check_statistics()
+            if self._inv is None or self._steps % self.refresh_period == 0:
+                self._refresh()
+            solved = self._apply(blocks)
+        except Exception:
+            # refuse the step: the running averages and the inverse stay what they were
+            self._estimator.load_state_dict(saved[0])
+            self._scale, self._inv, self._inv_factors = saved[1:]
+            raise
+        for ly, V in zip(self.layers, solved):
+            ly.set_grad(V)
+        self._steps += 1
+        self._clear()
+
+    def _check_statistics(self):
+        """Finite inputs can still give non-finite factors (float32 overflow of ``āᵀā``): name the layer.
+
+        The diagonal suffices: ``|M_ij| ≤ √(M_ii M_jj)`` for the PSD averages, so a finite
+        diagonal bounds every entry."""
+        est = self._estimator
+        for ly, A, G in zip(self.layers, est.A_diag, est.G_diag):
+            for name, M in (("A", A), ("G", G)):
+                if not bool(np.isfinite(np.diagonal(M)).all()):
+                    raise FloatingPointError(
+                        f"layer {ly.name!r} has non-finite statistics ({name} overflowed in {M.dtype}): step refused, "
+                        "nothing was changed; lower the learning rate or use float64"
+                    )
+
+    def _current_factors(self):
+        """The running averages as curvature factors (G scaled by c), kronlin's split."""
+        est, c = self._estimator, self._scale
+        out = {"A_diag": est.A_diag, "G_diag": [G * c for G in est.G_diag]}
+        if self.structure == "tridiagonal":
+            out["A_off"], out["G_off"] = est.A_off, [G * c for G in est.G_off]
+        return out
+
+    def _refresh(self, factors=None):
+        f = self._current_factors() if factors is None else factors
+        if self.structure == "tridiagonal":
+            self._inv = kronlin.BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
+                                                    gamma=math.sqrt(self.damping), pi="trace")
+        else:
+            gamma = math.sqrt(self.damping)
+            inv = []
+            for ly, A, G in zip(self.layers, f["A_diag"], f["G_diag"]):
+                try:
+                    if self.damping_mode == "exact":
+                        # (A⊗G + λI)⁻¹ through the eigenbases: four GEMMs and a divide per application
+                        inv.append(kronlin.Kron(A, G).eigh())
+                    else:
+                        # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ formed once per refresh (potri), so that each
+                        # step applies it with two GEMMs instead of four triangular solves
+                        inv.append(kronlin.factored_damping(A, G, gamma, pi="trace").inv())
+                except (ValueError, np.linalg.LinAlgError) as exc:
+                    raise type(exc)(f"layer {ly.name!r}: {exc}") from exc
+            self._inv = inv
+        self._inv_factors = f
+
+    def _apply(self, blocks):
+        V = self._np(blocks)
+        if self.structure == "tridiagonal":
+            out = self._inv.apply(V)
+        elif self.damping_mode == "exact":
+            out = [inv.solve(v, damping=self.damping) for inv, v in zip(self._inv, V)]
+        else:
+            out = [inv @ v for inv, v in zip(self._inv, V)]
+        return [from_array(x, b) for x, b in zip(out, blocks)]
+
+    # -- inspection -------------------------------------------------------------------------
+    def factors(self, module):
+        """``(A, G)`` of ``module``'s layer as torch tensors, in curvlinops' scaling (see the class notes).
+
+        ``A`` is ``(d_in+1, d_in+1)`` with the bias coordinate last; ``G`` is
+        ``(d_out, d_out)``.  These are the running averages (no damping).
+        """
+        ly = self._layer_of(module)
+        if self._estimator.step == 0:
+            raise RuntimeError("no statistics yet: factors() needs at least one step()")
+        k = self.layers.index(ly)
+        A = self._estimator.A_diag[k] / ly.positions
+        G = self._estimator.G_diag[k] * (self._scale * ly.positions)
+        like = ly.weight
+        return from_array(A, like).to(like.device), from_array(G, like).to(like.device)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _options(self) -> dict:
+        return {"damping": self.damping, "damping_mode": self.damping_mode, "fisher": self.fisher,
+                "loss": self.loss, "reduction": self.reduction, "update_period": self.update_period,
+                "refresh_period": self.refresh_period, "max_decay": self.max_decay, "structure": self.structure,
+                "layers": [ly.name for ly in self.layers], "shapes": [list(ly.shape) for ly in self.layers]}
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume bit-exactly (tensors, numbers and strings: ``torch.save`` works)."""
+        like = self.layers[0].weight
+
+        def tens(xs):
+            return [from_array(x.copy(), like) for x in xs]  # copies: the state must not alias live statistics
+
+        est = self._estimator.state_dict()
+        stats = None if est["stats"] is None else {k: tens(v) for k, v in est["stats"].items()}
+        inv = None if self._inv_factors is None else {k: tens(v) for k, v in self._inv_factors.items()}
+        return {"format": _STATE_FORMAT, "options": self._options(), "steps": self._steps,
+                "estimator_step": est["step"], "stats": stats, "scale": self._scale,
+                "positions": [ly.positions for ly in self.layers], "inverse_factors": inv,
+                "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` (the model's own state is restored separately)."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a {_STATE_FORMAT} state dict")
+        mine, theirs = self._options(), state["options"]
+        for key in ("fisher", "loss", "reduction", "structure", "layers", "shapes"):
+            if mine[key] != theirs[key]:
+                raise ValueError(f"the state was saved with {key}={theirs[key]!r}; this preconditioner has {mine[key]!r}")
+
+        def arrs(xs):
+            return [to_array(t.to(self.layers[0].weight.device)) for t in xs]
+
+        stats = state["stats"]
+        self._estimator.load_state_dict({
+            "step": state["estimator_step"], "max_decay": self.max_decay,
+            "tridiagonal": self.structure == "tridiagonal", "append_one": False,
+            "stats": None if stats is None else {k: arrs(v) for k, v in stats.items()},
+        })
+        self._steps, self._scale = int(state["steps"]), state["scale"]
+        for ly, T in zip(self.layers, state["positions"]):
+            ly.positions = int(T)
+        self._generator.set_state(state["generator"])
+        self._inv = self._inv_factors = None
+        if state["inverse_factors"] is not None:
+            self._refresh({k: arrs(v) for k, v in state["inverse_factors"].items()})
+        self._clear()
+

@@ -1,0 +1,498 @@
+"""kronlin.torch.KFAC against dense references built here from per-example quantities.
+
+The references (tests/torch_helpers.py) are computed one example at a time,
+with convolution patches cut out by explicit loops: nothing is shared with the
+binding's batched hooks.  Scaling convention checked throughout (curvlinops'):
+``A = (1/(N·T)) Σ_{n,t} ā āᵀ``, ``G = c·(1/N) Σ_{n,t} ĝ ĝᵀ`` with ``c = 1`` for a
+mean-reduced loss and ``c = N`` for a summed one.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+import kronlin  # noqa: E402
+import kronlin.torch as kt  # noqa: E402
+from torch_helpers import (  # noqa: E402
+    batch, close, cnn, dense_factors, example_loss, grad_block, layers_of, mlp, per_example, plain_copy, run_step,
+    single_thread, vec,
+)
+
+# torch warns that padding="same" with an even kernel (the asymmetric case the CNN below tests on
+# purpose) may copy the input; the warning is about speed, not results
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+
+RTOL64 = 1e-12   # factors: sums of products, a few ulps times the sizes here
+SOLVE64 = 1e-10  # solves: the condition numbers here are ≲ 1e4
+
+
+# ---------------------------------------------------------------------------------------------
+# factors
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_empirical_factors_equal_dense_per_example(make, kind, reduction):
+    model = make()
+    x, y = batch(model, kind=kind)
+    acts, errs, _ = per_example(model, x, y, kind, reduction)
+    N = x.shape[0]
+    ref = dense_factors(acts, errs, c=1.0 if reduction == "mean" else N)
+    pre = kt.KFAC(model, damping=1e-3, reduction=reduction)
+    run_step(model, pre, x, y, kind, reduction)
+    for m, (A, G) in zip(layers_of(model), ref):
+        At, Gt = pre.factors(m)
+        assert At.dtype == Gt.dtype == torch.float64
+        close(At.numpy(), A, RTOL64)
+        close(Gt.numpy(), G, RTOL64)
+
+
+@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mc_factors_equal_dense_with_the_sampled_labels(make, kind, reduction):
+    model = make()
+    x, y = batch(model, kind=kind)
+    pre = kt.KFAC(model, damping=1e-3, fisher="mc", loss=kind, reduction=reduction, seed=3)
+    model.zero_grad(set_to_none=True)
+    f = model(x)
+    # the MC backward ran inside the forward pass and left .grad alone
+    assert all(p.grad is None for p in model.parameters())
+    example_loss(kind, f, y, reduction).backward()
+    pre.step()
+    yhat = pre.sampled_targets.clone()
+    pre.remove_hooks()
+    acts, errs, _ = per_example(model, x, yhat, kind, reduction)
+    c = 1.0 if reduction == "mean" else x.shape[0]
+    for m, (A, G) in zip(layers_of(model), dense_factors(acts, errs, c)):
+        At, Gt = pre.factors(m)
+        close(At.numpy(), A, RTOL64)
+        close(Gt.numpy(), G, RTOL64)
+
+
+def test_mc_ignores_forward_passes_that_are_not_back_propagated():
+    model = mlp()
+    x, y = batch(model)
+    pre = kt.KFAC(model, damping=1e-2, fisher="mc", loss="cross_entropy")
+    model.zero_grad(set_to_none=True)
+    f = model(x)
+    yhat = pre.sampled_targets.clone()
+    model(x[:3])  # e.g. a logging pass outside no_grad: its MC labels are drawn but never used
+    F.cross_entropy(f, y).backward()
+    pre.step()
+    pre.remove_hooks()
+    ref = dense_factors(*per_example(model, x, yhat)[:2])
+    for m, (A, G) in zip(layers_of(model), ref):
+        close(pre.factors(m)[1].numpy(), G, RTOL64)
+    # a layer run twice *with* backward passes through both is refused
+    pre = kt.KFAC(model, damping=1e-2)
+    (F.cross_entropy(model(x), y) + F.cross_entropy(model(x[:3]), y[:3])).backward()
+    with pytest.raises(RuntimeError, match="ran 2 times"):
+        pre.step()
+
+
+def test_mc_labels_follow_the_predictive_distribution():
+    """Cross-entropy: label frequencies ≈ softmax; squared error: ŷ − f ~ N(0, C/2) (so E ĝĝᵀ = (2/C) I)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(1, 3).double()
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.copy_(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    x = torch.zeros(20000, 1, dtype=torch.float64)
+    pre = kt.KFAC(lin, fisher="mc", loss="cross_entropy")
+    lin(x)
+    freq = torch.bincount(pre.sampled_targets, minlength=3).double() / x.shape[0]
+    p = torch.softmax(lin.bias.detach(), 0)
+    assert torch.allclose(freq, p, atol=0.015)  # 4.5 standard errors at N = 20000
+    pre.remove_hooks()
+    pre = kt.KFAC(lin, fisher="mc", loss=nn.MSELoss())
+    f = lin(x)
+    var = (pre.sampled_targets - f.detach()).var(dim=0)
+    assert torch.allclose(var, torch.full((3,), 1.5, dtype=torch.float64), rtol=0.05)  # C/2 = 1.5; 5 % ≈ 5 s.e.
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kfac_block_equals_dense_fisher_block_for_one_example(reduction):
+    """For N = 1 the layer's Fisher block vec(∇ℓ)vec(∇ℓ)ᵀ is exactly A ⊗ G in column-stacked order."""
+    model = mlp()
+    x, y = batch(model, N=1)
+    _, _, grads = per_example(model, x, y)
+    pre = kt.KFAC(model, damping=1e-3, reduction=reduction)
+    run_step(model, pre, x, y, reduction=reduction)
+    for m, g in zip(layers_of(model), grads):
+        A, G = (t.numpy() for t in pre.factors(m))
+        close(np.kron(A, G), np.outer(g[0], g[0]), RTOL64)
+
+
+# ---------------------------------------------------------------------------------------------
+# preconditioned gradients
+# ---------------------------------------------------------------------------------------------
+def _pi(A, G):
+    return math.sqrt((np.trace(A) / A.shape[0]) / (np.trace(G) / G.shape[0]))
+
+
+@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("mode", ["exact", "factored"])
+def test_preconditioned_gradient_equals_dense_solve(make, mode):
+    lam = 1e-2
+    model = make()
+    x, y = batch(model)
+    acts, errs, _ = per_example(model, x, y)
+    pre = kt.KFAC(model, damping=lam, damping_mode=mode)
+    _, before = run_step(model, pre, x, y)
+    for m, (A, G), V in zip(layers_of(model), dense_factors(acts, errs), before):
+        p, q = A.shape[0], G.shape[0]
+        if mode == "exact":
+            M = np.kron(A, G) + lam * np.eye(p * q)
+        else:
+            pi, gam = _pi(A, G), math.sqrt(lam)
+            M = np.kron(A + pi * gam * np.eye(p), G + gam / pi * np.eye(q))
+        expected = np.linalg.solve(M, vec(V.numpy()))
+        close(vec(grad_block(m).numpy()), expected, SOLVE64)
+
+
+def test_linear_layer_on_sequences_uses_the_weight_sharing_factors():
+    """nn.Linear on (N, T, d) inputs: A = (1/(N·T)) Σ ā āᵀ, G = (1/N) Σ ĝ ĝᵀ over examples and positions."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    x = torch.randn(5, 6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    A = np.zeros((5, 5))
+    G = np.zeros((3, 3))
+    for n in range(5):
+        out = lin(x[n:n + 1])
+        out.retain_grad()
+        F.cross_entropy(out.mean(1), y[n:n + 1]).backward()
+        a = torch.cat([x[n], torch.ones(6, 1, dtype=torch.float64)], 1).numpy()
+        g = out.grad[0].numpy()
+        A += a.T @ a / 30
+        G += g.T @ g / 5
+    lin.zero_grad()
+    pre = kt.KFAC(lin, damping=1e-2)
+    F.cross_entropy(lin(x).mean(1), y).backward()
+    pre.step()
+    close(pre.factors(lin)[0].numpy(), A, RTOL64)
+    close(pre.factors(lin)[1].numpy(), G, RTOL64)
+
+
+def test_unsupported_layers_keep_their_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.LayerNorm(4 * 5 * 5),
+                          nn.Linear(4 * 5 * 5, 3)).double()
+    x = torch.randn(5, 2, 7, 7, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    pre = kt.KFAC(model, damping=1e-2)
+    assert [ly.module for ly in pre.layers] == [model[3]]
+    F.cross_entropy(model(x), y).backward()
+    kept = {n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("3.")}
+    lin_before = model[3].weight.grad.clone()
+    pre.step()
+    for n, p in model.named_parameters():
+        if n in kept:
+            assert torch.equal(p.grad, kept[n])
+    assert not torch.allclose(model[3].weight.grad, lin_before)
+
+
+def test_running_average_update_and_refresh_periods():
+    """First step: the first batch exactly; then ε = min(1 − 1/k, 0.95); inverses refreshed every T steps."""
+    lam = 1e-2
+    model = mlp()
+    (x1, y1), (x2, y2), (x3, y3) = (batch(model, seed=s) for s in (1, 2, 3))
+    ref1 = dense_factors(*per_example(model, x1, y1)[:2])
+    pre = kt.KFAC(model, damping=lam, refresh_period=2)
+    run_step(model, pre, x1, y1)
+    for m, (A, G) in zip(layers_of(model), ref1):
+        close(pre.factors(m)[0].numpy(), A, RTOL64)
+        close(pre.factors(m)[1].numpy(), G, RTOL64)
+    # step 2 folds in batch 2 (ε = 1/2) but applies the inverse built at step 1
+    w_before = [m.weight.detach().clone() for m in layers_of(model)]
+    ref2 = dense_factors(*per_example(plain_copy(model, mlp), x2, y2)[:2])
+    _, before = run_step(model, pre, x2, y2)
+    for m, (A1, G1), (A2, G2), V in zip(layers_of(model), ref1, ref2, before):
+        close(pre.factors(m)[0].numpy(), 0.5 * A1 + 0.5 * A2, RTOL64)
+        close(pre.factors(m)[1].numpy(), 0.5 * G1 + 0.5 * G2, RTOL64)
+        M = np.kron(A1, G1) + lam * np.eye(A1.shape[0] * G1.shape[0])
+        close(vec(grad_block(m).numpy()), np.linalg.solve(M, vec(V.numpy())), SOLVE64)
+    assert all(torch.equal(w, m.weight) for w, m in zip(w_before, layers_of(model)))
+    # update_period=2: the second step adds nothing
+    model = mlp()
+    pre = kt.KFAC(model, damping=lam, update_period=2)
+    run_step(model, pre, x1, y1)
+    run_step(model, pre, x2, y2)
+    for m, (A, G) in zip(layers_of(model), ref1):
+        close(pre.factors(m)[0].numpy(), A, RTOL64)
+    ref3 = dense_factors(*per_example(plain_copy(model, mlp), x3, y3)[:2])
+    run_step(model, pre, x3, y3)
+    for m, (A1, _), (A3, _) in zip(layers_of(model), ref1, ref3):
+        close(pre.factors(m)[0].numpy(), 0.5 * A1 + 0.5 * A3, RTOL64)
+
+
+def test_tridiagonal_structure_inverts_the_block_tridiagonal_fisher():
+    """K-FAC §4.3: F̂⁻¹ applied to the stacked gradient; F̂ agrees with the damped F̃ on its tridiagonal blocks."""
+    lam = 1e-2
+    model = mlp()
+    x, y = batch(model, N=9)
+    acts, errs, _ = per_example(model, x, y)
+    pre = kt.KFAC(model, damping=lam, damping_mode="factored", structure="tridiagonal")
+    _, before = run_step(model, pre, x, y)
+    N = x.shape[0]
+    a = [np.concatenate(al) for al in acts]  # (N, p_k)
+    g = [np.concatenate(gl) for gl in errs]
+    gam = math.sqrt(lam)
+    blocks = {}
+    for i in range(3):
+        for j in range(3):
+            Aij, Gij = a[i].T @ a[j] / N, g[i].T @ g[j] / N
+            if i == j:
+                pi = _pi(Aij, Gij)
+                Aij = Aij + pi * gam * np.eye(Aij.shape[0])
+                Gij = Gij + gam / pi * np.eye(Gij.shape[0])
+            blocks[i, j] = np.kron(Aij, Gij)
+    sizes = [blocks[i, i].shape[0] for i in range(3)]
+    off = np.cumsum([0] + sizes)
+    Finv = kronlin.BlockTridiagInverse([a[k].T @ a[k] / N for k in range(3)], [g[k].T @ g[k] / N for k in range(3)],
+                                       [a[k].T @ a[k + 1] / N for k in range(2)], [g[k].T @ g[k + 1] / N for k in range(2)],
+                                       gamma=gam).to_dense()
+    Fhat = np.linalg.inv(Finv)
+    for i in range(3):
+        for j in range(3):
+            if abs(i - j) <= 1:  # the defining property of F̂ (K-FAC §4.3)
+                close(Fhat[off[i]:off[i + 1], off[j]:off[j + 1]], blocks[i, j], 1e-8)
+    v = np.concatenate([vec(V.numpy()) for V in before])
+    got = np.concatenate([vec(grad_block(m).numpy()) for m in layers_of(model)])
+    close(got, Finv @ v, SOLVE64)
+
+
+def test_float32_model_stays_float32_and_matches_float64():
+    m64 = mlp()
+    m32 = mlp(dtype=torch.float32)
+    x, y = batch(m64)
+    out = []
+    for model, xx in ((m64, x), (m32, x.float())):
+        pre = kt.KFAC(model, damping=1e-2)
+        run_step(model, pre, xx, y)
+        A, G = pre.factors(model[0])
+        out.append((A, G, grad_block(model[0])))
+    for t64, t32 in zip(*out):
+        assert t32.dtype == torch.float32
+        close(t32.double().numpy(), t64.numpy(), 1e-4)  # float32 round-off, condition ≲ 1e2
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and training
+# ---------------------------------------------------------------------------------------------
+def _train(model, pre, opt, batches, kind="cross_entropy"):
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
+
+
+@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
+def test_state_dict_resume_is_bit_exact(make):
+    def fresh():
+        model = make()
+        pre = kt.KFAC(model, damping=1e-2, fisher="mc", loss="cross_entropy", refresh_period=2, update_period=1, seed=5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, pre, opt
+
+    batches = [batch(make(), seed=s) for s in range(6)]
+    model_a, pre_a, opt_a = fresh()
+    _train(model_a, pre_a, opt_a, batches)
+    model_b, pre_b, opt_b = fresh()
+    _train(model_b, pre_b, opt_b, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "pre": pre_b.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    pre_b.remove_hooks()
+    model_c, pre_c, opt_c = fresh()
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    pre_c.load_state_dict(ckpt["pre"])
+    assert pre_c.steps == 3
+    _train(model_c, pre_c, opt_c, batches[3:])
+    for pa, pc in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc)
+    for m_a, m_c in zip(layers_of(model_a), layers_of(model_c)):
+        assert all(torch.equal(s, t) for s, t in zip(pre_a.factors(m_a), pre_c.factors(m_c)))
+
+
+def test_kfac_beats_sgd_on_digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    X, Y = datasets.load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float64)
+    Y = torch.tensor(Y)
+    g = torch.Generator().manual_seed(0)
+    idx = [torch.randint(0, X.shape[0], (64,), generator=g) for _ in range(40)]
+
+    def run(use_kfac):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        pre = kt.KFAC(model, damping=3e-2, damping_mode="factored", refresh_period=5) if use_kfac else None
+        for i in idx:
+            opt.zero_grad()
+            F.cross_entropy(model(X[i]), Y[i]).backward()
+            if pre is not None:
+                pre.step()
+            opt.step()
+        with torch.no_grad():
+            return F.cross_entropy(model(X), Y).item()
+
+    sgd, kfac = run(False), run(True)
+    assert kfac < 0.7 * sgd, (kfac, sgd)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+def test_model_without_supported_layer():
+    with pytest.raises(ValueError, match="no supported layer"):
+        kt.KFAC(nn.Sequential(nn.ReLU(), nn.Conv2d(2, 2, 3, groups=2)))
+    with pytest.raises(TypeError, match="nn.Module"):
+        kt.KFAC(lambda x: x)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(reduction="none"), "reduction must be 'mean' or 'sum'"),
+    (dict(loss=nn.CrossEntropyLoss(reduction="none")), "cannot be represented"),
+    (dict(loss=nn.MSELoss(reduction="sum"), reduction="sum"), None),
+    (dict(loss=nn.CrossEntropyLoss(weight=torch.ones(3))), "class weights"),
+    (dict(fisher="mc"), "needs loss="),
+    (dict(fisher="type-2"), "fisher must be"),
+    (dict(damping_mode="heuristic"), "damping_mode"),
+    (dict(structure="tridiagonal"), "damping_mode='factored'"),
+    (dict(update_period=0), "update_period"),
+    (dict(damping=-1.0), "damping"),
+])
+def test_bad_options(kwargs, match):
+    if match is None:
+        assert kt.KFAC(mlp(), **kwargs).reduction == "sum"
+        return
+    with pytest.raises(ValueError, match=match):
+        kt.KFAC(mlp(), **kwargs)
+
+
+def test_tridiagonal_needs_a_linear_chain():
+    model = cnn()
+    with pytest.raises(ValueError, match="sequential stack"):
+        kt.KFAC(model, damping_mode="factored", structure="tridiagonal")
+    assert all(not m._forward_hooks for m in model.modules())  # a refused construction leaves no hooks
+    with pytest.raises(ValueError, match="has 5 outputs"):
+        kt.KFAC(nn.Sequential(nn.Linear(3, 5), nn.Linear(4, 2)), damping_mode="factored", structure="tridiagonal")
+
+
+def test_step_before_backward_and_layers_without_data():
+    model = mlp()
+    x, y = batch(model)
+    pre = kt.KFAC(model)
+    with pytest.raises(RuntimeError, match="before any backward pass"):
+        pre.step()
+    model(x)  # a forward pass alone is not enough
+    with pytest.raises(RuntimeError, match="before any backward pass"):
+        pre.step()
+    pre._clear()
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.unused = nn.Linear(6, 4), nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x)))
+
+    net = TwoHeads().double()
+    pre = kt.KFAC(net)
+    F.cross_entropy(net(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"\['unused'\] saw no data"):
+        pre.step()
+    with pytest.raises(RuntimeError, match="no statistics yet"):
+        pre.factors(net.head)
+    with pytest.raises(ValueError, match="not one of the layers"):
+        pre.factors(nn.Linear(2, 2))
+
+
+def test_non_finite_statistics_refuse_the_step_and_name_the_layer():
+    model = mlp()
+    x, y = batch(model)
+    pre = kt.KFAC(model)
+    run_step(model, pre, x, y)
+    factors = [t.clone() for t in pre.factors(model[2])]
+    x = x.clone()
+    x[3, 1] = float("nan")
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="layer '0' has non-finite inputs"):
+        pre.step()
+    assert pre.steps == 1
+    assert all(torch.equal(g.nan_to_num(), p.grad.nan_to_num()) for g, p in zip(grads, model.parameters()))
+    assert all(torch.equal(s, t) for s, t in zip(factors, pre.factors(model[2])))
+    # a finite batch whose gradient is not finite is refused too
+    pre._clear()
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x[:3]), y[:3]).backward()
+    model[4].bias.grad[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="layer '4' has a non-finite gradient"):
+        pre.step()
+    assert pre.steps == 1
+
+
+def test_overflowing_statistics_refuse_the_step_and_name_the_layer():
+    """float32 inputs of 1e20 are finite, their second moments are not."""
+    model = mlp(dtype=torch.float32)
+    x, y = batch(model, dtype=torch.float32)
+    pre = kt.KFAC(model, damping=1e-2)
+    run_step(model, pre, x, y)
+    factors = [t.clone() for t in pre.factors(model[0])]
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x * 1e20), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="layer '0' has non-finite statistics"):
+        pre.step()
+    assert pre.steps == 1
+    assert all(torch.equal(s, t) for s, t in zip(factors, pre.factors(model[0])))
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    # the preconditioner still works afterwards, with the old statistics
+    pre._clear()
+    run_step(model, pre, x, y)
+    assert pre.steps == 2
+
+
+def test_singular_curvature_names_the_layer():
+    """Exact damping λ = 0 on a rank-deficient factor: the refresh fails, names the layer, changes nothing."""
+    model = mlp()
+    x, y = batch(model, N=2)  # A of the first layer (7×7) has rank ≤ 2
+    pre = kt.KFAC(model, damping=0.0, damping_mode="factored")
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(np.linalg.LinAlgError, match="layer '0'"):
+        pre.step()
+    assert pre.steps == 0
+    with pytest.raises(RuntimeError, match="no statistics yet"):
+        pre.factors(model[0])
+
+
+def test_load_state_dict_rejects_another_configuration():
+    pre = kt.KFAC(mlp())
+    with pytest.raises(ValueError, match="not a kronlin.torch.KFAC"):
+        pre.load_state_dict({"format": "x"})
+    other = kt.KFAC(mlp(), fisher="mc", loss="mse").state_dict()
+    with pytest.raises(ValueError, match="fisher="):
+        pre.load_state_dict(other)
+
+
+def test_import_kronlin_does_not_import_torch(tmp_path):
+    code = "import sys, kronlin; assert 'torch' not in sys.modules; import kronlin.torch; assert 'torch' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
