@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from ._comm import CommLog, RankError, guard, install_abort_hook, pack_symmetric, unpack_symmetric
 from .assign import COST_MODELS, Assignment, assign, grad_workers, layer_costs
-from .estimator import DistributedFactorEstimator, FactorReducer, allreduce_factors, allreduce_mean
+from .estimator import DistributedFactorEstimator, FactorReducer, allreduce_factors, allreduce_mean, fold_batch
 from .precond import DistributedKFAC
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "FactorReducer",
     "allreduce_factors",
     "allreduce_mean",
+    "fold_batch",
     "DistributedKFAC",
     "assign",
     "Assignment",

@@ -29,7 +29,7 @@ from .. import FactorEstimator, batch_factors
 from .._backend import context
 from ._comm import back, host, mpi, pack_symmetric, raise_failures, tri_size, unpack_symmetric
 
-__all__ = ["FactorReducer", "allreduce_factors", "allreduce_mean", "DistributedFactorEstimator"]
+__all__ = ["FactorReducer", "allreduce_factors", "allreduce_mean", "fold_batch", "DistributedFactorEstimator"]
 
 _KEYS = ("A_diag", "G_diag", "A_off", "G_off")
 
@@ -205,6 +205,26 @@ def _blend(old, new, eps):
     return R
 
 
+def fold_batch(estimator, batch: dict):
+    """Fold already-reduced batch factors into a :class:`kronlin.FactorEstimator`'s average, in place.
+
+    ``batch`` is a dict like :func:`kronlin.batch_factors` returns (for a
+    ``tridiagonal=False`` estimator ``A_off``/``G_off`` are empty lists), e.g.
+    a :class:`FactorReducer`'s result.  The estimator then holds what its own
+    ``update`` on the concatenated global batch would give (``ε·old + (1 − ε)·batch``,
+    the same operations), and keeps its ``state_dict`` format.
+    """
+    state = estimator.state_dict()
+    eps = estimator.decay()
+    if state["stats"] is None:
+        state["stats"] = {k: list(batch[k]) for k in _KEYS}
+    else:
+        state["stats"] = {k: [_blend(o, n, eps) for o, n in zip(state["stats"][k], batch[k])] for k in _KEYS}
+    state["step"] += 1
+    estimator.load_state_dict(state)
+    return estimator
+
+
 class DistributedFactorEstimator:
     """:class:`kronlin.FactorEstimator` over a data-parallel batch (K-FAC §5 running averages).
 
@@ -236,15 +256,7 @@ class DistributedFactorEstimator:
 
     def update(self, acts, grads) -> "DistributedFactorEstimator":
         """Fold in one global mini-batch, of which this rank holds ``acts``/``grads``."""
-        batch = self.reducer.reduce(acts, grads)
-        state = self.estimator.state_dict()
-        eps = self.estimator.decay()
-        if state["stats"] is None:
-            state["stats"] = batch
-        else:
-            state["stats"] = {k: [_blend(o, n, eps) for o, n in zip(state["stats"][k], batch[k])] for k in _KEYS}
-        state["step"] += 1
-        self.estimator.load_state_dict(state)
+        fold_batch(self.estimator, self.reducer.reduce(acts, grads))
         return self
 
     A_diag = property(lambda self: self.estimator.A_diag, doc="[Ā_{0,0}, …, Ā_{ℓ-1,ℓ-1}] (global averages)")

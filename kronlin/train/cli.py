@@ -43,6 +43,13 @@ or optimizer state that are not finite, or whose contents do not fit the run
 (see :mod:`kronlin.train.resume`) is refused with one line on stderr and exit
 status 2, like every other usage error.
 
+``--distributed`` (under ``mpiexec -n R``; kfac, kfac-tridiag, foof, ngd):
+every rank draws the same global batch and steps on its rows, with every
+batch reduction all-reduced (:mod:`kronlin.train.distributed`), so the run
+equals the single-process one up to rounding; rank 0 reads ``--resume`` and
+writes ``--out`` and the checkpoints (resumable on any number of ranks); a
+failure on one rank aborts all of them.
+
 Compare::
 
     python -m kronlin.train compare --task digits-ae --opts kfac sgd --steps 1000 --out-dir results/
@@ -214,18 +221,47 @@ def run_training(
     handle_sigint: bool = False,
     out=None,
     label: str | None = None,
+    dp=None,
 ) -> dict:
     """Train as ``config`` (from :func:`make_config`) says and return the record.
 
     ``resume``/``checkpoint`` are checkpoint paths; ``out`` a JSON path for the
     record.  With ``handle_sigint`` the first Ctrl-C stops at the end of an
     iteration, writes the checkpoint (if any) and raises :class:`Interrupted`.
+
+    ``dp`` (a :class:`kronlin.train.distributed.DataParallel`, under
+    ``mpiexec``): every rank draws the same global batches and steps on its
+    shard; rank 0 alone reads the checkpoint to resume from (and broadcasts
+    it), writes checkpoints and ``out`` and shows progress.
     """
     task, net, data_rng, opt = _setup(config)
     steps = config["steps"]
+    if dp is not None:
+        opt.check_distributed()
+        if min(config["batch"], task.n_train) < dp.size:
+            raise ValueError(f"--distributed: the batch ({min(config['batch'], task.n_train)} examples) must hold at "
+                             f"least one example per rank ({dp.size} ranks)")  # fmt: skip
+        opt.dp = dp
+        if dp.rank != 0:
+            checkpoint = out = None
+            progress = False
+        handle_sigint = False  # under mpiexec a signal reaches every rank at a different iteration
     if resume is not None:
         try:
-            record = restore(load_checkpoint(resume), config, net, opt, data_rng, task.sample_batch)
+            if dp is None:
+                tree = load_checkpoint(resume)
+            else:  # rank 0 reads; every rank gets the tree or the same error
+                got = None
+                if dp.rank == 0:
+                    try:
+                        got = ("ok", load_checkpoint(resume))
+                    except Exception as exc:  # noqa: BLE001 - every rank must learn it (no rank left in bcast)
+                        got = ("error", str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}")
+                got = dp.bcast(got)
+                if got[0] == "error":
+                    raise CheckpointError(got[1])
+                tree = got[1]
+            record = restore(tree, config, net, opt, data_rng, task.sample_batch)
         except CheckpointError as exc:
             raise CheckpointError(f"--resume {resume}: {exc}") from None
     else:
@@ -241,6 +277,8 @@ def run_training(
         "n_params": net.n_params,
         "n_train": task.n_train,
     }
+    if dp is not None:
+        record["config"]["ranks"] = dp.size
     start = len(record["loss"])
     offset = record["seconds"][-1] if start else 0.0
     bar = Progress(steps, label or f"{config['task']}/{config['opt']}", enabled=progress)
@@ -250,10 +288,26 @@ def run_training(
         if checkpoint is not None:
             save_checkpoint(checkpoint, checkpoint_tree(config, net, opt, data_rng, record))
 
+    if dp is not None:  # a failure on one rank must end every rank (the others wait in a collective)
+        try:
+            return _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, save, handle_sigint,
+                               checkpoint, checkpoint_every, out, dp)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - ends every rank
+            bar.close()
+            dp.abort(f"{PROG}: error: {type(exc).__name__}: {exc}")
+    return _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, save, handle_sigint,
+                       checkpoint, checkpoint_every, out, dp)  # fmt: skip
+
+
+def _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, save, handle_sigint, checkpoint,
+                checkpoint_every, out, dp):  # fmt: skip
+    steps = config["steps"]
     t0 = time.perf_counter()
     with _StopFlag(handle_sigint) as stop:
         for it in range(start, steps):
             X, Y = task.sample_batch(config["batch"], data_rng)
+            if dp is not None:
+                X, Y = dp.shard(X, Y)
             info = opt.step(X, Y)
             record["loss"].append(float(info["loss"]))
             record["seconds"].append(offset + time.perf_counter() - t0)
@@ -370,6 +424,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="also checkpoint every K iterations (default: only at the end and on Ctrl-C)")  # fmt: skip
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI: run under 'mpiexec -n R'; each global batch is split over the "
+                   "ranks and the steps equal the single-process run's (rank 0 writes --out and --checkpoint)")  # fmt: skip
     return p
 
 
@@ -408,8 +465,27 @@ def _run_main(argv) -> int:
         return _run_args(p, args)
 
 
-def _run_args(p, args) -> int:
+def _data_parallel():
+    """The :class:`DataParallel` of ``MPI.COMM_WORLD``; ``ValueError``/``ImportError`` when not under ``mpiexec``."""
+    from .distributed import DataParallel, launched_by_mpiexec
+
     try:
+        from ..distributed._comm import mpi
+
+        MPI = mpi()
+    except ImportError as exc:
+        raise ImportError(f"--distributed: {exc}") from None
+    if not launched_by_mpiexec():
+        raise ValueError("--distributed must be launched by an MPI launcher: mpiexec -n R python -m kronlin.train "
+                         "... --distributed (mpiexec comes with pip install 'kronlin[mpi]')")  # fmt: skip
+    return DataParallel(MPI.COMM_WORLD)
+
+
+def _run_args(p, args) -> int:
+    dp = None
+    try:
+        if args.distributed:
+            dp = _data_parallel()
         cfg = make_config(args.task, args.opt, seed=args.seed, data_seed=args.data_seed, batch=args.batch,
                           steps=args.steps, hp=parse_hp(args.hp), data=parse_hp(args.data))  # fmt: skip
         if args.checkpoint_every < 0:
@@ -419,13 +495,16 @@ def _run_args(p, args) -> int:
             if folder and not os.path.isdir(folder):
                 raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
         rec = run_training(cfg, resume=args.resume, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                           progress=not args.quiet, handle_sigint=True, out=args.out)  # fmt: skip
+                           progress=not args.quiet, handle_sigint=True, out=args.out, dp=dp)  # fmt: skip
     except Interrupted as exc:
         where = f"; resume with --resume {exc.checkpoint}" if exc.checkpoint else " (no --checkpoint given)"
         print(f"interrupted after {exc.done} iterations{where}", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as exc:
-        p.exit(2, f"{PROG}: error: {exc}\n")
+        # under mpiexec these arise before training, the same on every rank: rank 0 says it, all exit 2
+        p.exit(2, f"{PROG}: error: {exc}\n" if dp is None or dp.rank == 0 else None)
+    if dp is not None and dp.rank != 0:
+        return 0
     if rec["loss"]:
         print(f"{cfg['task']} / {cfg['opt']}: {len(rec['loss'])} iterations, final loss {rec['loss'][-1]:.6g}, "
               f"{rec['seconds'][-1]:.2f} s")  # fmt: skip

@@ -69,6 +69,11 @@ class Optimizer:
     defaults: dict = {}
     #: ``{name: hparams.Param}`` for every key of ``defaults``
     spec: dict = {}
+    #: whether ``step`` goes through the data-parallel hooks below (``--distributed``)
+    supports_distributed = False
+    #: ``None`` (one process) or a :class:`kronlin.train.distributed.DataParallel`:
+    #: ``step`` then receives this rank's shard of the global batch
+    dp = None
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         self.check_hparams(hparams)
@@ -121,10 +126,55 @@ class Optimizer:
         self.rng.bit_generator.state = copy.deepcopy(state["rng"])
         self.load_extra_state(state["extra"])
 
+    def check_distributed(self) -> None:
+        """Raise ``ValueError`` unless this optimizer, so configured, can run data-parallel (``--distributed``)."""
+        if not self.supports_distributed:
+            from . import OPTIMIZERS
+
+            ok = sorted(n for n, c in OPTIMIZERS.items() if c.supports_distributed)
+            raise ValueError(f"--distributed is not available for {self.name!r}; it is for {ok}")
+
+    # ------------------------------------------------- data-parallel hooks
+    # With ``dp is None`` each runs the single-process code unchanged; with a
+    # DataParallel it reduces over the ranks (see kronlin.train.distributed).
+    def _loss_and_grads(self, X, Y):
+        """``net.loss_and_grads`` of the (global) batch."""
+        if self.dp is None:
+            return self.net.loss_and_grads(X, Y, self.loss)
+        return self.dp.loss_and_grads(self.net, self.loss, X, Y)
+
+    def _value(self, out, Y) -> float:
+        """``loss.value`` of the (global) batch."""
+        if self.dp is None:
+            return self.loss.value(out, Y)
+        return self.dp.value(self.loss, out, Y)
+
+    def _sample(self, out):
+        """``loss.sample(out, self.rng)``: targets from the model (the global batch's draws)."""
+        if self.dp is None:
+            return self.loss.sample(out, self.rng)
+        return self.dp.sample(self.loss, out, self.rng)
+
+    def _sums(self, values) -> list:
+        """Each value summed over the ranks (one collective); one process: the values themselves."""
+        if self.dp is None:
+            return list(values)
+        return self.dp.sums(values)
+
+    def _all(self, flag: bool) -> bool:
+        """``flag`` on every rank (one process: ``flag``)."""
+        return bool(flag) if self.dp is None else self.dp.all(flag)
+
+    def _batch_size(self, trace) -> int:
+        """The (global) number of examples of the batch ``trace`` came from."""
+        return trace.N if self.dp is None else self.dp.n
+
     # --------------------------------------------------------------- helpers
     def batch_loss(self, X, Y, params=None) -> float:
         """Mean loss on the batch at ``params`` (default: the current weights)."""
-        return self.net.loss(X, Y, self.loss, params)
+        if self.dp is None:
+            return self.net.loss(X, Y, self.loss, params)
+        return self._value(self.net.forward(X, params).out, Y)
 
     def accept_or_reject(self, new_loss: float, backup: list, accept=None) -> bool:
         """Keep a step already written into ``net.params`` if ``new_loss`` is finite (and ``accept(new_loss)``).
@@ -160,7 +210,7 @@ class Optimizer:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             self.net.params = [W + D for W, D in zip(backup, deltas)]
             trace = self.net.forward(X)
-            new_loss = self.loss.value(trace.out, Y)
+            new_loss = self._value(trace.out, Y)
         accepted = self.accept_or_reject(new_loss, backup, accept)
         return (accepted, new_loss, trace if accepted else None) if return_trace else (accepted, new_loss)
 

@@ -70,6 +70,7 @@ class FOOF(Optimizer):
     """
 
     name = "foof"
+    supports_distributed = True
     defaults = {
         "lr": 0.1,
         "damping": 1.0,
@@ -117,6 +118,14 @@ class FOOF(Optimizer):
 
     # ---------------------------------------------------------------- pieces
     def _fold(self, trace) -> None:
+        if self.dp is not None:  # the global batch's Σ (one packed all-reduce), folded into each average
+            from ...distributed.estimator import fold_batch
+
+            zeros = [np.zeros(a.shape[:-1] + (1,)) for a in trace.a]
+            batch = self.dp.factors(list(trace.a), zeros, tridiagonal=False)
+            for k, est in enumerate(self._est):
+                fold_batch(est, {"A_diag": [batch["A_diag"][k]], "G_diag": [batch["G_diag"][k]], "A_off": [], "G_off": []})
+            return
         for est, a in zip(self._est, trace.a):  # conv patches (N, T, d): the estimator sums over positions
             est.update([a], [np.zeros(a.shape[:-1] + (1,))])  # G is not used: a 1-column placeholder
 
@@ -148,8 +157,9 @@ class FOOF(Optimizer):
         mu, wd = float(h["momentum"]), float(h["weight_decay"])
         lr = float(h["lr"]) * self.lr_scale
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            loss0, grads, trace = self.net.loss_and_grads(X, Y, self.loss)
-        if not (math.isfinite(loss0) and all_finite(grads) and all_finite(trace.a)):
+            loss0, grads, trace = self._loss_and_grads(X, Y)
+        acts_ok = self._all(all_finite(trace.a))  # every rank's activations (one process: these)
+        if not (math.isfinite(loss0) and all_finite(grads) and acts_ok):
             self.n_rejected += 1
             self.lr_scale *= float(h["reject_factor"])
             return {"loss": float(loss0), "loss_before": float(loss0), "accepted": False, "lr": lr,

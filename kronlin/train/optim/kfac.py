@@ -60,6 +60,12 @@ import numpy as np
 from ... import BlockDiagInverse, BlockTridiagInverse, FactorEstimator, Kron
 from . import register
 from .base import Optimizer, all_finite
+
+
+def fold_batch(estimator, batch):
+    from ...distributed.estimator import fold_batch as fold
+
+    return fold(estimator, batch)
 from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, boolean, choice, integer, real
 
 __all__ = ["KFAC", "KFACTridiag", "KroneckerOptimizer", "levenberg_marquardt", "solve_alpha_mu"]
@@ -310,17 +316,18 @@ class KroneckerOptimizer(Optimizer):
         (one forward-mode pass each, ``Jδ₀`` shared by all candidate γ) and the
         output Hessian, ``(1/N) Σ_n (Ju)_nᵀ H_n (Jv)_n`` (appendix C).
         """
-        N, c = trace.N, self.lam + self.hparams["eta"]
+        N, c = self._batch_size(trace), self.lam + self.hparams["eta"]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             JD = self.net.jvp(trace, Delta)
             HJD = self.loss.hvp(trace.out, JD)
-            DFD = float(np.sum(JD * HJD)) / N
             gD, DD = _vdot(grads, Delta), _vdot(Delta, Delta)
             if J0 is None:
+                (sD,) = self._sums([np.sum(JD * HJD)])  # over the ranks' examples (one process: as is)
+                DFD = float(sD) / N
                 return solve_alpha_mu([[DFD + c * DD]], [gD])
             J0, HJ0 = J0
-            DFd = float(np.sum(JD * HJ0)) / N
-            d0Fd0 = float(np.sum(J0 * HJ0)) / N
+            sD, sd, s0 = self._sums([np.sum(JD * HJD), np.sum(JD * HJ0), np.sum(J0 * HJ0)])
+            DFD, DFd, d0Fd0 = float(sD) / N, float(sd) / N, float(s0) / N
             Dd, dd, gd = _vdot(Delta, d0), _vdot(d0, d0), _vdot(grads, d0)
             Q = [[DFD + c * DD, DFd + c * Dd], [DFd + c * Dd, d0Fd0 + c * dd]]
             return solve_alpha_mu(Q, [gD, gd])
@@ -332,7 +339,7 @@ class KroneckerOptimizer(Optimizer):
         k, eta = self.iteration, h["eta"]
         params = self.net.params
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            value, grads, trace = self.net.loss_and_grads(X, Y, self.loss)
+            value, grads, trace = self._loss_and_grads(X, Y)
         sq = _vdot(params, params)
         h0 = value + 0.5 * eta * sq
         if eta:
@@ -465,6 +472,7 @@ class KFAC(KroneckerOptimizer):
     """
 
     name = "kfac"
+    supports_distributed = True
     defaults = {**KroneckerOptimizer.common_defaults, "max_decay": 0.95, "momentum": True}
     spec = {**KroneckerOptimizer.common_spec, "max_decay": HALF_OPEN_UNIT, "momentum": boolean()}
 
@@ -503,13 +511,22 @@ class KFAC(KroneckerOptimizer):
     def _observe(self, trace) -> bool:
         """K-FAC §5: one backward pass with targets sampled from the model; fold into the averages."""
         if self.hparams["second_factor"]:
-            Ys = self.loss.sample(trace.out, self.rng)
+            Ys = self._sample(trace.out)
             g = self.net.backward(trace, self.loss.grad(trace.out, Ys))
         else:  # Benzing §4.2: G is not used, so the sampled pass is skipped (a 1-column placeholder)
             g = [np.zeros(s.shape[:-1] + (1,)) for s in trace.s]
         acts, errs = list(trace.a), list(g)  # conv layers stay (N, T, d): the estimator forms KFC's factors
-        if not (all_finite(acts) and all_finite(errs)):
+        if not self._all(all_finite(acts) and all_finite(errs)):
             return False
+        if self.dp is not None:  # the global batch's factors (one packed all-reduce), folded into each average
+            batch = self.dp.factors(acts, errs, self.tridiagonal)
+            if self.tridiagonal:
+                fold_batch(self._est[0], batch)
+            else:
+                for k, est in enumerate(self._est):
+                    fold_batch(est, {"A_diag": [batch["A_diag"][k]], "G_diag": [batch["G_diag"][k]],
+                                     "A_off": [], "G_off": []})  # fmt: skip
+            return True
         if self.tridiagonal:
             self._est[0].update(acts, errs)
         else:

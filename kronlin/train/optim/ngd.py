@@ -115,6 +115,12 @@ class NGD(Optimizer):
         "reject_increase": boolean(),
     }
 
+    supports_distributed = True
+
+    def check_distributed(self) -> None:
+        if self.hparams["independent_batch"]:
+            raise ValueError(f"--distributed is not available for {self.name!r} with independent_batch=True")
+
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)
         self._validate()
@@ -129,13 +135,13 @@ class NGD(Optimizer):
     # ---------------------------------------------------------------- pieces
     def errors(self, trace) -> tuple[list, float]:
         """Per-layer errors ``(N, S, d_out)`` / ``(N, S, T, d_out)`` of the Fisher's columns, and its ``scale``."""
-        out, N = trace.out, trace.N
+        out, N = trace.out, self._batch_size(trace)
         if self.hparams["labels"] == "full":
             dout = np.moveaxis(self.loss.hessian_factor(out), 2, 0)  # (r, N, k)
             scale = 1.0 / N
         else:
             S = int(self.hparams["samples"])
-            dout = np.stack([self.loss.grad(out, self.loss.sample(out, self.rng)) for _ in range(S)])
+            dout = np.stack([self.loss.grad(out, self._sample(out)) for _ in range(S)])
             scale = 1.0 / (N * S)
         g = self.net.backward(trace, dout)
         return [np.moveaxis(gi, 0, 1) for gi in g], scale
@@ -167,18 +173,24 @@ class NGD(Optimizer):
                 value_g, grads, _ = self.net.loss_and_grads(Xg, Yg, self.loss)
                 value = (len(Xf) * value_f + len(Xg) * value_g) / len(X)
             else:
-                value, grads, trace = self.net.loss_and_grads(X, Y, self.loss)
+                value, grads, trace = self._loss_and_grads(X, Y)
         params = self.net.params
         h0 = value + 0.5 * eta * _vdot(params, params)
         if eta:
             grads = [G + eta * W for G, W in zip(grads, params)]
-        if not (math.isfinite(h0) and all_finite(grads) and all_finite(trace.a)):
+        acts_ok = self._all(all_finite(trace.a))  # every rank's activations (one process: these)
+        if not (math.isfinite(h0) and all_finite(grads) and acts_ok):
             return self._reject(value, "non-finite loss or gradient at the current weights")
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             errs, scale = self.errors(trace)
-        if not all_finite(errs):
+        if not self._all(all_finite(errs)):
             return self._reject(value, "non-finite curvature statistics")
-        F = WoodburyFisher(list(trace.a), errs, damping=lam, scale=scale)
+        acts = list(trace.a)
+        if self.dp is not None:  # the Gram couples all examples: every rank gathers the global batch's rows
+            n = len(acts)
+            rows = self.dp.gather_rows(acts + list(errs))
+            acts, errs = rows[:n], rows[n:]
+        F = WoodburyFisher(acts, errs, damping=lam, scale=scale)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
                 nat = F.solve(grads)

@@ -1,0 +1,80 @@
+"""Run under ``mpiexec -n R`` by tests/train/test_train_distributed.py; writes ``rank<r>.json`` to ``$KRONLIN_MPI_OUT``.
+
+``python dp_worker.py steps SPEC_JSON``: the training loop of ``kronlin.train``
+with the optimizer on a :class:`kronlin.train.distributed.DataParallel` (the
+same global batches, this rank's shard); every rank writes its per-step
+decisions (loss, accepted, λ, γ), a digest of its final weights and optimizer
+state, and rank 0 the first update (``first.npy``).  :func:`trajectory` with
+``dp=None`` is the single-process reference the test computes in-process.
+
+``python dp_worker.py cli-fail ARGV_JSON``: ``kronlin.train``'s CLI with the
+optimizer's third step raising on rank 1 only; the CLI must end every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+
+
+def trajectory(spec: dict, dp=None):
+    """``(infos, first_update, digest)`` of ``spec["steps"]`` iterations (one process when ``dp`` is None)."""
+    from kronlin.train.cli import _setup, make_config
+
+    cfg = make_config(spec["task"], spec["opt"], seed=spec.get("seed", 0), batch=spec["batch"], steps=spec["steps"],
+                      hp=spec.get("hp", {}))  # fmt: skip
+    task, net, data_rng, opt = _setup(cfg)
+    opt.dp = dp
+    infos, first = [], None
+    for it in range(cfg["steps"]):
+        X, Y = task.sample_batch(cfg["batch"], data_rng)
+        if dp is not None:
+            X, Y = dp.shard(X, Y)
+        before = net.copy_params()
+        info = opt.step(X, Y)
+        if it == 0:
+            first = np.concatenate([(W - W0).ravel() for W, W0 in zip(net.params, before)])
+        infos.append({"loss": float(info["loss"]), "accepted": bool(info["accepted"]),
+                      "lambda": info.get("lambda"), "gamma": info.get("gamma")})  # fmt: skip
+    state = pickle.dumps((opt.state_dict(), [np.asarray(W) for W in net.params]))
+    return infos, first, hashlib.sha256(state).hexdigest(), int(opt.n_rejected)
+
+
+def main():
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    mode, arg = sys.argv[1], json.loads(sys.argv[2])
+    if mode == "cli-fail":
+        from kronlin.train import cli
+        from kronlin.train.optim.kfac import KFAC
+
+        original = KFAC.step
+
+        def failing(self, X, Y):
+            if rank == 1 and self.iteration == 2:
+                raise RuntimeError("injected failure on this rank")
+            return original(self, X, Y)
+
+        KFAC.step = failing
+        sys.exit(cli.main(arg))
+    from kronlin.train.distributed import DataParallel
+
+    infos, first, digest, rejected = trajectory(arg, DataParallel(comm))
+    out = os.environ["KRONLIN_MPI_OUT"]
+    if rank == 0:
+        np.save(os.path.join(out, "first.npy"), first)
+    path = os.path.join(out, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"rank": rank, "world": comm.Get_size(), "infos": infos, "digest": digest, "rejected": rejected}, f)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()
