@@ -26,7 +26,23 @@ from ._validate import (
     singular_tol,
 )
 
-__all__ = ["KronEigh"]
+__all__ = ["KronEigh", "ORTH_RTOL_FACTOR"]
+
+#: ``KronEigh(Qa, la, Qg, lg)`` checks ``max|QᵀQ - I| <= ORTH_RTOL_FACTOR · n · eps``:
+#: eigenvectors from ``eigh`` are orthonormal to a few ``n·eps``; anything
+#: larger is not an eigenbasis and every solve with it would be silently wrong.
+ORTH_RTOL_FACTOR = 100.0
+
+
+def _check_orthonormal(xp, Q, name):
+    n = Q.shape[-1]
+    tol = ORTH_RTOL_FACTOR * n * dtype_eps(xp, Q.dtype)
+    dev = float(xp.max(xp.abs(mT(Q) @ Q - xp.eye(n, dtype=Q.dtype))))
+    if not dev <= tol:
+        raise ValueError(
+            f"{name} (shape {shape_str(Q)}) must have orthonormal columns (eigenvectors from eigh): "
+            f"max|{name}ᵀ{name} - I| = {dev:.3g} exceeds {tol:.3g}; pass the Q of eigh, or build with Kron(A, G).eigh()"
+        )
 
 
 class KronEigh(KronShaped):
@@ -52,6 +68,7 @@ class KronEigh(KronShaped):
             check_nonempty(Q, nq)
             check_finite(ctx.xp, Q, nq)
             check_finite(ctx.xp, w, nw)
+            _check_orthonormal(ctx.xp, Q, nq)
         self._init(ctx, Qa, la, Qg, lg)
 
     def _init(self, ctx, Qa, la, Qg, lg):
@@ -227,6 +244,7 @@ class KronEigh(KronShaped):
         d = self._products(check_nonneg_scalar(damping, "damping"))
         if bool(xp.any(d <= 0)):
             raise LinAlgError("A ⊗ G + damping·I is not positive definite; pass damping > 0")
+        self._check_denominators(-1.0, damping)  # singular to working precision: as Kron.solve/logdet say
         return self._scalar(xp.sum(xp.log(d), axis=(-2, -1)))
 
     def aslinearoperator(self, power: float = 1.0, damping: float = 0.0):

@@ -135,3 +135,57 @@ def test_kron_eigh_singularity_agrees_with_kron_solve():
     for call in (lambda: K.solve(np.ones((2, 3))), lambda: K.eigh().solve(np.ones((2, 3)))):
         with pytest.raises(np.linalg.LinAlgError, match="singular"):
             call()
+
+
+# -- item 3: silently wrong or non-finite results ----------------------------------------------------------------
+def test_kron_eigh_checks_orthonormal_eigenvectors():
+    with pytest.raises(ValueError, match=r"Qa \(shape \(2, 2\)\) must have orthonormal columns"):
+        kronlin.KronEigh(np.zeros((2, 2)), np.ones(2), np.eye(2), np.ones(2))
+    Q = np.linalg.qr(np.random.default_rng(0).standard_normal((4, 4)))[0].astype(np.float32)
+    f32 = np.float32
+    kronlin.KronEigh(np.eye(3, dtype=f32), np.ones(3, f32), Q, np.ones(4, f32))  # float32 orthonormal: accepted
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_eigh_logdet_of_singular_factor_raises_like_solve(seed):
+    X = np.random.default_rng(seed).standard_normal((6, 3))
+    A = X @ X.T  # rank 3: exactly singular, eigenvalues of ~1e-16 after rounding
+    K = kronlin.Kron(A, np.eye(2))
+    with pytest.raises(np.linalg.LinAlgError):
+        K.solve(np.ones((2, 6)))
+    with pytest.raises(np.linalg.LinAlgError):
+        K.eigh().logdet()
+
+
+def test_tridiag_smith_rejects_what_eig_rejects():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3, 3))
+    Ad = [np.diag([1.0, -1.0, 2.0]), X @ X.T + np.eye(3)]
+    Gd = [np.eye(2), np.eye(2)]
+    args = (Ad, Gd, [0.1 * np.ones((3, 3))], [0.1 * np.ones((2, 2))])
+    for method in ("eig", "smith"):
+        with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
+            kronlin.BlockTridiagInverse(*args, method=method)
+
+
+def test_overflow_raises_naming_the_argument():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3, 3))
+    A, G = X @ X.T + np.eye(3), np.eye(2) * 2.0
+    E = kronlin.Kron(A, G).eigh()
+    with pytest.raises(ValueError, match="power=1e"):
+        E.power(np.ones((2, 3)), 1e300)
+    with pytest.raises(ValueError, match="power=-1e"):
+        E.power(np.ones((2, 3)), -1e300)
+    with pytest.raises(ValueError, match="pi"):
+        kronlin.factored_damping(A, G, 1.0, pi=5e-324)
+    with pytest.raises(ValueError, match="pi"):
+        kronlin.BlockDiagInverse([A], [G], gamma=1.0, pi=5e-324)
+    with pytest.raises(ValueError, match=r"A_off\[0\]"):
+        kronlin.BlockTridiagInverse([A, A], [G, G], [1e300 * np.ones((3, 3))], [np.eye(2)])
+    for method in ("auto", "eig", "schur", "smith"):
+        with pytest.raises(ValueError, match=r"A ⊗ B .*overflows"):
+            KronSumInverse(1e300 * A, 1e300 * A, A, A, method=method)
+    # representable answers are still returned: damping 5e-324 and gamma 1e300 (an underflowing inverse)
+    assert np.isfinite(kronlin.DampedKron(A, G, 5e-324).solve(np.ones((2, 3)))).all()
+    assert np.isfinite(kronlin.factored_damping(A, G, 1e300).solve(np.ones((2, 3)))).all()
