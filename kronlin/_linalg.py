@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 
 from ._backend import ModuleRefs, dtype_eps, is_cupy, is_numpy, mT
-from ._validate import LinAlgError, _symmetric_within_tol, shape_str
+from ._validate import LinAlgError, _symmetric_within_tol, shape_str, singular_tol
 
 __all__ = ["Factor", "eigh", "generalized_eigh", "PSD_CLIP_FACTOR"]
 
@@ -74,7 +74,7 @@ class Factor(ModuleRefs):
                 L = None
             if L is not None and bool(xp.all(xp.isfinite(L))):
                 d = _diag(xp, L) ** 2  # the pivots of the Cholesky factorization
-                if bool(xp.any(xp.min(d, axis=-1) <= dtype_eps(xp, M.dtype) * xp.max(d, axis=-1))):
+                if bool(xp.any(xp.min(d, axis=-1) <= singular_tol(dtype_eps(xp, M.dtype)) * xp.max(d, axis=-1))):
                     raise LinAlgError(
                         f"{name} (shape {shape_str(M)}) is positive semi-definite but singular to working "
                         f"precision; add damping to make it invertible"
@@ -86,9 +86,9 @@ class Factor(ModuleRefs):
                 warnings.simplefilter("ignore")
                 lu, piv = self._sl.lu_factor(M, check_finite=False)
             u = xp.abs(_diag(xp, lu))
-            # a pivot below eps·max|pivot| means singular to working precision
+            # a pivot at or below eps·max|pivot| is singular to working precision (the one policy, _validate.singular_tol)
             if not bool(xp.all(xp.isfinite(lu))) or bool(
-                xp.any(xp.min(u, axis=-1) <= dtype_eps(xp, M.dtype) * xp.max(u, axis=-1))
+                xp.any(xp.min(u, axis=-1) <= singular_tol(dtype_eps(xp, M.dtype)) * xp.max(u, axis=-1))
             ):
                 raise LinAlgError(
                     f"{name} (shape {shape_str(M)}) is singular to working precision; "

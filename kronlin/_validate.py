@@ -27,6 +27,11 @@ __all__ = [
     "check_real_scalar",
     "check_positive_int",
     "shape_str",
+    "SINGULAR_RTOL_FACTOR",
+    "singular_tol",
+    "is_singular",
+    "check_nonsingular",
+    "check_overflow",
 ]
 
 #: Symmetry tolerance, in units of the dtype's machine epsilon:
@@ -167,3 +172,63 @@ def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
     return int(value)
+
+
+# -- the singularity policy (one rule for every solver) ---------------------------------------------------------
+
+#: The singularity policy, shared by every factorization and solver of kronlin
+#: (Cholesky/LU of a factor, the eigenbasis of ``KronEigh``, the "eig" and
+#: "schur" Stein methods): a problem is *singular to working precision* when its
+#: reciprocal-condition estimate ``rcond`` satisfies
+#:
+#:     rcond <= SINGULAR_RTOL_FACTOR · eps(dtype)
+#:
+#: with ``eps`` that of the *input* dtype (the data's precision, whatever
+#: precision a method computes in) — LAPACK's and MATLAB's "singular to working
+#: precision" (``rcond < eps``) with a margin of 10 for the rounding of the
+#: estimate itself: an exactly singular Stein problem comes out of QZ with
+#: relative pivots of a few eps, and was accepted with a factor 1.  A factor of
+#: the order ``n`` (the backward error of a factorization) was tried and
+#: refused well-conditioned float32 factors of order 1000.  Each
+#: method's ``rcond`` is the relative size of the pivots it divides by:
+#: ``min/max`` of the Cholesky or LU pivots; for the eigenbasis of ``A ⊗ G + δI``
+#: the smallest ``(lg_i·la_j + δ) / (|lg_i|·max|la| + |la_j|·max|lg| + δ)``
+#: (each product against its own rounding error, so ``A ⊗ G`` is singular
+#: exactly when ``Kron(A, G).solve`` says so: when a factor is); for a Kronecker sum ``B U Aᵀ + σ D U Cᵀ``, the smallest
+#: ``|1 + σ s2·s1| / (1 + |s2·s1|)`` ("eig": the cancellation between the two
+#: Kronecker terms at a pair of generalized eigenvalues) and the smallest
+#: relative pivot of the quasi-triangular back-substitution ("schur", the same
+#: quantity for 1×1 blocks, scaled by the largest entries).  "smith" refuses
+#: what it cannot iterate (ρ(B⁻¹D)·ρ(A⁻¹C) ≥ 1, which includes every singular
+#: problem of PSD factors).
+SINGULAR_RTOL_FACTOR = 10.0
+
+
+def singular_tol(eps: float) -> float:
+    """The ``rcond`` at or below which a problem is singular to working precision (``eps`` of the input dtype)."""
+    return SINGULAR_RTOL_FACTOR * float(eps)
+
+
+def is_singular(rcond: float, eps: float) -> bool:
+    """``rcond <= singular_tol(eps)`` (NaN counts as singular)."""
+    return not float(rcond) > singular_tol(eps)
+
+
+def check_nonsingular(rcond: float, eps: float, what: str, fix: str) -> None:
+    """Raise ``LinAlgError`` "``what`` is singular to working precision" under the policy above."""
+    if is_singular(rcond, eps):
+        raise LinAlgError(
+            f"{what} is singular to working precision (reciprocal condition estimate {float(rcond):.3g} <= "
+            f"{singular_tol(eps):.3g} = {SINGULAR_RTOL_FACTOR:g}·eps of the input dtype); {fix}"
+        )
+
+
+def check_overflow(value: float, dtype_max: float, what: str, fix: str) -> None:
+    """Raise ``ValueError`` when a magnitude the computation will form (``value``) is not representable.
+
+    ``value`` is computed by the caller in Python floats (which overflow to ``inf``
+    silently), e.g. ``max|A|·max|B|`` before forming ``A ⊗ B`` terms.
+    """
+    v = float(value)
+    if not (v == v) or v >= dtype_max:
+        raise ValueError(f"{what} overflows ({v:.3g} >= the dtype's largest value {dtype_max:.3g}); {fix}")

@@ -72,6 +72,19 @@ def pi_value(ctx, A, G, pi, nameA: str = "A", nameG: str = "G"):
     return ctx.xp.asarray(check_positive_scalar(pi, "pi"), dtype=ctx.dtype)
 
 
+def check_damping_terms(xp, gamma: float, pv, dtype, pi_name: str = "pi") -> None:
+    """``π·γ`` and ``γ/π`` must be representable in ``dtype`` (refuse ``pi=5e-324``, ``gamma=1e300/π``)."""
+    if gamma == 0.0:
+        return
+    big = float(xp.finfo(dtype).max)
+    lo, hi = float(xp.min(pv)), float(xp.max(pv))
+    if not (lo > 0 and gamma * hi < big and gamma / lo < big):
+        raise ValueError(
+            f"factored damping overflows {dtype}: π·γ = {gamma * hi:.3g} and γ/π = {(gamma / lo) if lo > 0 else float('inf'):.3g} "
+            f"(gamma={gamma:.3g}, {pi_name} from {lo:.3g} to {hi:.3g}); pass a moderate gamma and a pi near 1"
+        )
+
+
 def _prepare(A, G):
     ctx, (A, G) = context(("A", A), ("G", G))
     check_square(A, "A")
@@ -119,7 +132,9 @@ def factored_damping(A, G, gamma: float, pi="trace") -> Kron:
     gamma = check_nonneg_scalar(gamma, "gamma")
     ctx, A, G = _prepare(A, G)
     xp = ctx.xp
-    pv = xp.astype(pi_value(ctx, A, G, pi), ctx.dtype)[..., None, None]
+    pv = xp.astype(pi_value(ctx, A, G, pi), ctx.dtype)
+    check_damping_terms(xp, gamma, pv, ctx.dtype, "pi")
+    pv = pv[..., None, None]
     Ia = xp.eye(A.shape[-1], dtype=ctx.dtype)
     Ig = xp.eye(G.shape[-1], dtype=ctx.dtype)
     return Kron._trusted(ctx, A + (gamma * pv) * Ia, G + (gamma / pv) * Ig)

@@ -16,9 +16,33 @@ from __future__ import annotations
 from ._backend import context, dtype_eps, mT
 from ._kernels.eig_scale import eig_scale
 from ._operator import KronShaped, batch_shape_of
-from ._validate import LinAlgError, check_finite, check_nonempty, check_nonneg_scalar, check_real_scalar, shape_str
+from ._validate import (
+    LinAlgError,
+    check_finite,
+    check_nonempty,
+    check_nonneg_scalar,
+    check_real_scalar,
+    shape_str,
+    singular_tol,
+)
 
-__all__ = ["KronEigh"]
+__all__ = ["KronEigh", "ORTH_RTOL_FACTOR"]
+
+#: ``KronEigh(Qa, la, Qg, lg)`` checks ``max|QᵀQ - I| <= ORTH_RTOL_FACTOR · n · eps``:
+#: eigenvectors from ``eigh`` are orthonormal to a few ``n·eps``; anything
+#: larger is not an eigenbasis and every solve with it would be silently wrong.
+ORTH_RTOL_FACTOR = 100.0
+
+
+def _check_orthonormal(xp, Q, name):
+    n = Q.shape[-1]
+    tol = ORTH_RTOL_FACTOR * n * dtype_eps(xp, Q.dtype)
+    dev = float(xp.max(xp.abs(mT(Q) @ Q - xp.eye(n, dtype=Q.dtype))))
+    if not dev <= tol:
+        raise ValueError(
+            f"{name} (shape {shape_str(Q)}) must have orthonormal columns (eigenvectors from eigh): "
+            f"max|{name}ᵀ{name} - I| = {dev:.3g} exceeds {tol:.3g}; pass the Q of eigh, or build with Kron(A, G).eigh()"
+        )
 
 
 class KronEigh(KronShaped):
@@ -44,6 +68,7 @@ class KronEigh(KronShaped):
             check_nonempty(Q, nq)
             check_finite(ctx.xp, Q, nq)
             check_finite(ctx.xp, w, nw)
+            _check_orthonormal(ctx.xp, Q, nq)
         self._init(ctx, Qa, la, Qg, lg)
 
     def _init(self, ctx, Qa, la, Qg, lg):
@@ -94,28 +119,59 @@ class KronEigh(KronShaped):
         return None if len(cache) == 1 else cache
 
     def _check_denominators(self, power: float, damping: float) -> None:
-        """Raise when ``(lg laᵀ + damping) ** power`` is undefined or numerically infinite."""
+        """Raise when ``(lg laᵀ + damping) ** power`` is undefined, numerically infinite or overflows.
+
+        Singularity follows the one policy (:data:`kronlin._validate.SINGULAR_RTOL_FACTOR`) with the
+        reciprocal-condition estimate ``(lg_i la_j + δ) / (|lg_i| max|la| + |la_j| max|lg| + δ)``: each
+        eigenvalue product against its rounding error (eigh's eigenvalues are accurate to
+        ``eps·max|λ|``), so ``A ⊗ G`` is singular exactly when one of its factors is.
+        """
         xp = self._ctx.xp
         if float(power) == int(power) and power >= 0:
+            self._check_power_overflow(power, damping)
             return
-        eps = dtype_eps(xp, self.dtype)
+        tol = singular_tol(dtype_eps(xp, self.dtype))  # the one singularity policy
         ext = self._extremes()
-        if ext is not None:
-            if ext[0] + damping > eps * (ext[1] + damping):  # fast path: every batch item is fine
-                return
-            dmin, dmax = ext[2] + damping, ext[3] + damping
-        else:
-            d = self._products(damping)
-            if float(power) != int(power) and bool(xp.any(d < 0)):
-                raise LinAlgError(
-                    "a fractional power of an indefinite A ⊗ G is not real; use a PSD operator or an integer power"
-                )
-            dmin = xp.min(xp.abs(d), axis=(-2, -1))
-            dmax = xp.max(xp.abs(d), axis=(-2, -1))
-        if bool(xp.any(dmin <= eps * dmax)):
+        if ext is not None and ext[0] + damping > tol * (2.0 * ext[1] + damping):
+            self._check_power_overflow(power, damping)  # fast path: every batch item is fine
+            return
+        d = self._products(damping)
+        if float(power) != int(power) and bool(xp.any(d < 0)):
+            raise LinAlgError(
+                "a fractional power of an indefinite A ⊗ G is not real; use a PSD operator or an integer power"
+            )
+        alg, ala = xp.abs(self._lg), xp.abs(self._la)
+        La, Lg = xp.max(ala, axis=-1), xp.max(alg, axis=-1)
+        err = alg[..., :, None] * La[..., None, None] + ala[..., None, :] * Lg[..., None, None] + damping
+        bad = xp.abs(d) <= tol * err
+        if bool(xp.any(bad)):
             raise LinAlgError(
                 f"A ⊗ G + {damping:g}·I is singular to working precision (smallest eigenvalue "
-                f"{float(xp.min(dmin)):.3g}, largest {float(xp.max(dmax)):.3g}); pass damping > 0"
+                f"{float(xp.min(xp.abs(d))):.3g}, largest {float(xp.max(xp.abs(d))):.3g}; a factor's eigenvalue is "
+                f"zero to within rounding); pass damping > 0"
+            )
+        self._check_power_overflow(power, damping)
+
+    def _check_power_overflow(self, power: float, damping: float) -> None:
+        """``(lg laᵀ + damping) ** power`` must be representable: refuse a power that overflows it."""
+        if power == 0.0 or power == 1.0:
+            return
+        import math
+
+        xp = self._ctx.xp
+        ext = self._extremes()
+        if ext is not None:
+            lo, hi = ext[0] + damping, ext[1] + damping
+        else:
+            a = xp.abs(self._products(damping))
+            lo, hi = float(xp.min(a)), float(xp.max(a))
+        big = math.log(float(xp.finfo(self.dtype).max)) - 2.0  # room for the GEMMs around the scaling
+        logs = [math.log(v) for v in (lo, hi) if v > 0]
+        if any(abs(power) * abs(v) > big for v in logs) or (lo == 0 and power < 0):
+            raise ValueError(
+                f"power={power!r} overflows: (A ⊗ G + damping·I) ** power has eigenvalues from "
+                f"{lo:.3g} ** {power:.3g} to {hi:.3g} ** {power:.3g}, beyond {self.dtype}; use a moderate power "
+                f"(|power| <= {big / max(abs(v) for v in logs) if logs and max(abs(v) for v in logs) else float('inf'):.3g} here)"
             )
 
     def power(self, X, power: float, damping: float = 0.0):
@@ -188,6 +244,7 @@ class KronEigh(KronShaped):
         d = self._products(check_nonneg_scalar(damping, "damping"))
         if bool(xp.any(d <= 0)):
             raise LinAlgError("A ⊗ G + damping·I is not positive definite; pass damping > 0")
+        self._check_denominators(-1.0, damping)  # singular to working precision: as Kron.solve/logdet say
         return self._scalar(xp.sum(xp.log(d), axis=(-2, -1)))
 
     def aslinearoperator(self, power: float = 1.0, damping: float = 0.0):

@@ -34,6 +34,7 @@ from ._validate import (
     check_choice,
     check_finite,
     check_nonempty,
+    check_overflow,
     check_sign,
     check_square,
     check_symmetric,
@@ -97,6 +98,11 @@ class KronSumInverse(KronShaped):
         check_nonempty(B, "B")
         for M, name in ((A, "A"), (B, "B"), (C, "C"), (D, "D")):
             check_finite(xp, M, name)
+        big = float(xp.finfo(A.dtype).max)
+        for X, Y, nx, ny in ((A, B, "A", "B"), (C, D, "C", "D")):
+            mx, my = float(xp.max(xp.abs(X))), float(xp.max(xp.abs(Y)))
+            check_overflow(mx * my * max(p, q), big, f"{nx} ⊗ {ny} (max|{nx}|·max|{ny}|·max(p, q))",
+                           f"rescale {nx} and {ny} (divide V by the same factor and the solution is unchanged)")
         sign = check_sign(sign)
         check_choice(method, METHODS, "method")
         self._set_shape(ctx, p, q)

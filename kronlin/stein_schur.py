@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._backend import ModuleRefs, is_numpy, to_numpy
-from ._kernels.gsylv import gsylv_backsub, gsylv_backsub_raw, check_pivot
+from ._kernels.gsylv import gsylv_backsub_raw, check_pivot
 from ._validate import check_sign, shape_str
 
 __all__ = ["SchurStein"]
@@ -89,8 +89,10 @@ class SchurStein(ModuleRefs):
         When the equation is singular to working precision: a product ``λ·μ``
         of generalized eigenvalues of ``(B, D)`` and ``(A, C)`` equals
         ``-sign`` to within rounding.  The rule, shared with the kernel's NumPy
-        reference, is ``pivot_ratio <= 10·max(p, q)·eps(float64)`` (see
-        :mod:`kronlin._kernels.gsylv`).  It is checked here, once, and again by
+        reference, is kronlin's one singularity policy
+        ``pivot_ratio <= SINGULAR_RTOL_FACTOR·eps`` with the eps of
+        the input dtype (see :mod:`kronlin._kernels.gsylv` and
+        :data:`kronlin._validate.SINGULAR_RTOL_FACTOR`).  It is checked here, once, and again by
         every solve.
     ValueError
         When the factors are not square 2-D matrices of matching orders or
@@ -103,10 +105,9 @@ class SchurStein(ModuleRefs):
     rounded from the float64 solution.  Measured on 30×30 and 40×40 problems
     (random, shifted and non-normal pencils), float32 QZ plus float32 solves
     gave relative errors 1e-6 to 5e-5, float64 QZ plus float32 solves 2e-7 to
-    4e-6, all-float64 3e-8 to 5e-8 (the float32 rounding of the answer) — and
-    float32 back-substitution would need a singularity threshold near
-    ``n·eps(float32)``, rejecting problems whose condition number is only
-    ~1e4.  A float32 solve therefore costs what a float64 one does.
+    4e-6, all-float64 3e-8 to 5e-8 (the float32 rounding of the answer).  A
+    float32 solve therefore costs what a float64 one does.  The singularity
+    verdict uses float32's eps for float32 data, as every other method does.
 
     *Namespaces.*  LAPACK's QZ (``scipy.linalg.qz``) has no CuPy or array-API
     counterpart, so factors in another namespace (CuPy, array_api_strict, ...)
@@ -173,7 +174,10 @@ class SchurStein(ModuleRefs):
             np, self._S1, self._T1, self._S2, self._T2, np.zeros((1, self.q, self.p)), self.sign
         )
         self.pivot_ratio = rel
-        check_pivot(rel, float(np.finfo(np.float64).eps), self.p, self.q, self.sign)
+        # the one singularity policy, with the eps of the *input* dtype (the data's precision; the arithmetic
+        # here is float64 whatever the dtype), so every method gives the same verdict on the same problem
+        self._eps = float(np.finfo(_np_dtype(xp, A.dtype)).eps)
+        check_pivot(rel, self._eps, self.p, self.q, self.sign)
 
     def __repr__(self) -> str:
         return f"SchurStein(p={self.p}, q={self.q}, sign={self.sign:+d}, pivot_ratio={self.pivot_ratio:.3g})"
@@ -211,6 +215,7 @@ class SchurStein(ModuleRefs):
             U = np.zeros(Vn.shape, dtype=out_dtype)
         else:
             W = self._Q1.T @ Vn @ self._Q2  # a fresh C-contiguous array, overwritten by Y
-            Y = gsylv_backsub(np, self._S1, self._T1, self._S2, self._T2, W, self.sign)
+            Y, rel = gsylv_backsub_raw(np, self._S1, self._T1, self._S2, self._T2, W, self.sign)
+            check_pivot(rel, self._eps, self.p, self.q, self.sign)
             U = (self._Z1 @ Y @ self._Z2.T).astype(out_dtype, copy=False)
         return U if is_numpy(xp) else xp.asarray(U)

@@ -9,6 +9,12 @@ With ``M = B⁻¹ D``, ``N = A⁻¹ C`` and ``Q = B⁻¹ V A⁻ᵀ`` the equatio
   ``N_{j+1} = N_j²`` (``M_0 = −σM``, ``N_0 = N``, ``U_0 = Q``) sums ``2^j``
   terms after ``j`` steps, so about ``log₂`` of plain Smith's count.
 
+Balancing: only the product ``M U Nᵀ`` matters, so ``(M, N)`` and
+``(αM, N/α)`` define the same iteration; each pair of powers is rescaled to
+equal norms.  Without it a contractive problem with unbalanced radii
+(``ρ(M) = 4.5``, ``ρ(N) = 0.2``) overflows ``M^(2^j)`` before the product
+shrinks, and was refused as divergent.
+
 The squarings double as the spectral-radius estimate: ``(‖M^k‖ ‖N^k‖)^{1/k}``
 bounds ``ρ(M)ρ(N)`` from above and converges to it, and the set-up raises when
 the powers stop shrinking.  Set-up forms ``A⁻¹``, ``B⁻¹`` and the squares once;
@@ -41,6 +47,15 @@ def _maxabs(xp, X) -> float:
 
 def _norm(xp, M) -> float:
     return float(matrix_norm(xp, M, "fro"))
+
+
+def _balance(Mj, Nj, nM: float, nN: float):
+    """``(αMj, Nj/α)`` with equal Frobenius norms (the product ``Mj U Njᵀ`` is unchanged)."""
+    if nM > 0 and nN > 0:
+        alpha = math.sqrt(nN / nM)
+        if alpha != 1.0:
+            return Mj * alpha, Nj / alpha
+    return Mj, Nj
 
 
 class SmithStein(ModuleRefs):
@@ -83,7 +98,14 @@ class SmithStein(ModuleRefs):
         self._powers = []
         est, converged = math.inf, False
         for j in range(limit + 1):
-            prod = _norm(xp, Mj) * _norm(xp, Nj)
+            nM, nN = _norm(xp, Mj), _norm(xp, Nj)
+            if not (math.isfinite(nM) and math.isfinite(nN)):
+                raise ValueError(
+                    "the Smith iteration's matrices B⁻¹D and A⁻¹C overflow: D, C are too large relative to B, A "
+                    "(rescale the equation) — or use method='schur'"
+                )
+            Mj, Nj = _balance(Mj, Nj, nM, nN)
+            prod = nM * nN
             est = min(est, prod ** (1.0 / 2**j))
             if prod > _GROWTH_LIMIT:  # growing powers: ρ(M)ρ(N) ≥ 1; stop before overflow
                 break

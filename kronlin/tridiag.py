@@ -19,6 +19,8 @@ tridiagonal blocks.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._backend import context, mT
 from ._linalg import Factor
 from ._operator import Operator
@@ -31,7 +33,7 @@ from ._validate import (
     check_symmetric,
     shape_str,
 )
-from .damping import pi_value
+from .damping import check_damping_terms, pi_value
 from .stein import KronSumInverse
 
 __all__ = ["BlockDiagInverse", "BlockTridiagInverse"]
@@ -43,6 +45,7 @@ def _damped(ctx, A, G, gamma, pi, k):
     if gamma == 0.0:
         return A, G
     pv = float(pi_value(ctx, A, G, pi, f"A_diag[{k}]", f"G_diag[{k}]"))
+    check_damping_terms(xp, gamma, xp.asarray(pv), ctx.dtype, f"pi (layer {k})")
     return (A + (pv * gamma) * xp.eye(A.shape[-1], dtype=ctx.dtype),
             G + (gamma / pv) * xp.eye(G.shape[-1], dtype=ctx.dtype))
 
@@ -242,13 +245,29 @@ class BlockTridiagInverse(_LayerBlocks):
         self._Ao, self._Go = Ao, Go
         fA = [Factor(xp, a, f"A_diag[{k}] (damped)") for k, a in enumerate(self._Ad)]
         fG = [Factor(xp, g, f"G_diag[{k}] (damped)") for k, g in enumerate(self._Gd)]
+        # F̂ is a covariance: its damped diagonal factors must be positive definite, whichever Stein method
+        # inverts Σ (method="smith" would otherwise accept the indefinite statistics "eig" refuses)
+        for f in fA + fG:
+            if f.kind != "cholesky":
+                raise LinAlgError(
+                    f"{f.name} is not positive definite, so F̂ is not a covariance (inconsistent statistics); "
+                    f"increase the damping gamma (now {self.gamma:g})"
+                )
         self.psi_A, self.psi_G, self.sigma = [], [], []
         for k in range(n - 1):
             # Ψ^Ā = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ and Ψ^G = G_{k+1,k+2} G_{k+2,k+2}⁻¹, by solves (factors symmetric)
-            psiA = mT(fA[k + 1].solve(mT(Ao[k])))
-            psiG = mT(fG[k + 1].solve(mT(Go[k])))
-            C = psiA @ mT(Ao[k])  # Ψ^Ā Ā_{k+1,k+1} Ψ^Āᵀ = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ Ā_{k,k+1}ᵀ
-            D = psiG @ mT(Go[k])
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, naming the argument
+                psiA = mT(fA[k + 1].solve(mT(Ao[k])))
+                psiG = mT(fG[k + 1].solve(mT(Go[k])))
+                C = psiA @ mT(Ao[k])  # Ψ^Ā Ā_{k+1,k+1} Ψ^Āᵀ = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ Ā_{k,k+1}ᵀ
+                D = psiG @ mT(Go[k])
+            for M, name in ((C, f"A_off[{k}]"), (D, f"G_off[{k}]")):
+                if not bool(xp.all(xp.isfinite(M))):
+                    raise ValueError(
+                        f"{name} is too large for the diagonal factors: {name} · diag⁻¹ · {name}ᵀ overflows "
+                        f"{self._ctx.dtype}; rescale the statistics (cross-layer factors are at most as large as "
+                        f"the diagonal ones for consistent statistics)"
+                    )
             C, D = (C + mT(C)) / 2, (D + mT(D)) / 2  # exact in exact arithmetic; remove round-off asymmetry
             try:
                 sigma = KronSumInverse(self._Ad[k], self._Gd[k], C, D, sign=-1, method=self.method,

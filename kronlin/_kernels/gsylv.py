@@ -20,16 +20,18 @@ Both paths meet the same small diagonal systems — the diagonal blocks of
 ``S2 ⊗ S1 + sign·T2 ⊗ T1`` with the unknowns of a block ordered row-major over
 ``(i, j)`` — and factor them by Gaussian elimination with partial pivoting.
 With ``scale = max|S1|·max|S2| + max|T1|·max|T2|`` (a bound on every entry of
-that Kronecker matrix, up to a factor 2) the equation is declared singular to
-working precision when
+that Kronecker matrix, up to a factor 2) the relative pivot ``min |pivot| / scale``
+is the method's reciprocal-condition estimate, judged by kronlin's one
+singularity policy (:data:`kronlin._validate.SINGULAR_RTOL_FACTOR`): singular
+to working precision when
 
-    min |pivot| / scale  <=  PIVOT_RTOL_FACTOR · max(p, q) · eps(dtype).
+    min |pivot| / scale  <=  SINGULAR_RTOL_FACTOR · eps(input dtype).
 
 For 1×1 blocks the pivot is ``S1[i,i]·S2[j,j] + sign·T1[i,i]·T2[j,j]``, zero
 exactly when a product ``λ·μ`` of generalized eigenvalues of ``(B, D)`` and
 ``(A, C)`` equals ``-sign``.  The QZ reductions are backward stable with
 backward errors of order ``max(p, q)·eps`` times the factors' norms, so a pivot
-below the bound is indistinguishable from zero: the data lie within rounding
+at the bound is within rounding of zero: the data lie within rounding
 of an exactly singular equation, and the solution would carry no correct digit
 (LAPACK's xTRSYL/xTGSYL use the same kind of ``eps·max|entry|`` bound to
 perturb tiny pivots).  SciPy's ``solve_sylvester`` ignores LAPACK's warning in
@@ -43,7 +45,8 @@ import warnings
 import numpy as np
 
 from .._backend import dtype_eps, is_numpy, to_numpy
-from .._validate import LinAlgError
+from .._validate import SINGULAR_RTOL_FACTOR, LinAlgError, is_singular
+from .._validate import singular_tol as _policy_tol
 from ._dispatch import kernel
 
 __all__ = [
@@ -55,26 +58,27 @@ __all__ = [
     "check_pivot",
 ]
 
-#: Multiplier of ``max(p, q)·eps`` in the singularity test on the relative
-#: pivots of the Schur back-substitution (see the module docstring).
-PIVOT_RTOL_FACTOR = 10.0
+#: Multiplier of ``eps`` in the singularity test on the relative
+#: pivots of the Schur back-substitution: kronlin's one singularity policy
+#: (:data:`kronlin._validate.SINGULAR_RTOL_FACTOR`).
+PIVOT_RTOL_FACTOR = SINGULAR_RTOL_FACTOR
 
 
 def singular_tol(eps: float, p: int, q: int) -> float:
-    """The relative-pivot threshold at or below which the equation is singular (``eps`` of the dtype)."""
-    return PIVOT_RTOL_FACTOR * max(int(p), int(q), 1) * float(eps)
+    """The relative-pivot threshold at or below which the equation is singular (``eps`` of the input dtype)."""
+    return _policy_tol(eps)  # p, q: kept for callers; the policy does not scale with the order
 
 
 def check_pivot(rel_pivot: float, eps: float, p: int, q: int, sign: int) -> None:
     """Raise ``LinAlgError`` when the smallest relative pivot is at or below :func:`singular_tol`."""
     tol = singular_tol(eps, p, q)
-    if not rel_pivot > tol:  # also catches NaN
+    if is_singular(rel_pivot, eps):  # also catches NaN
         target = -1 if sign > 0 else 1
         raise LinAlgError(
             f"the generalized Sylvester equation B U Aᵀ {'+' if sign > 0 else '-'} D U Cᵀ = V is singular to "
             f"working precision: a product of generalized eigenvalues of (B, D) and (A, C) equals {target:+d} "
             f"(for sign={sign:+d}) to within rounding (smallest relative pivot {rel_pivot:.3g} <= tolerance "
-            f"{tol:.3g} = {PIVOT_RTOL_FACTOR:g}·max(p, q)·eps with p={p}, q={q}, eps={eps:.3g}); "
+            f"{tol:.3g} = {SINGULAR_RTOL_FACTOR:g}·eps of the input dtype, eps={eps:.3g}); "
             f"perturb or damp the factors so that no such product is {target:+d}"
         )
 
