@@ -101,16 +101,21 @@ def check_symmetric(xp, x, name: str) -> None:
         )
 
 
+def _as_float(value, name: str) -> float:
+    """``value`` as a Python float; strings, bools and non-numbers raise ``TypeError`` naming ``name``."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__}") from None
+
+
 def check_nonneg_scalar(value, name: str) -> float:
     """A finite, non-negative Python scalar (damping, gamma)."""
     if type(value) is float and value >= 0.0 and value - value == 0.0:  # the common case, fast (inf - inf is NaN)
         return value
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__} {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__}") from None
+    v = _as_float(value, name)
     if not np.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be finite and non-negative; got {value!r}")
     return v
@@ -141,12 +146,7 @@ def check_sign(sign, name: str = "sign") -> int:
 
 def check_positive_scalar(value, name: str) -> float:
     """A finite, strictly positive Python scalar (pi, scale)."""
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__} {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__}") from None
+    v = _as_float(value, name)
     if not np.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite positive number; got {value!r}")
     return v
@@ -156,12 +156,7 @@ def check_real_scalar(value, name: str) -> float:
     """A finite real Python scalar of any sign (a matrix power)."""
     if type(value) is float and value - value == 0.0:  # the common case, fast (inf - inf is NaN)
         return value
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__} {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__}") from None
+    v = _as_float(value, name)
     if not np.isfinite(v):
         raise ValueError(f"{name} must be finite; got {value!r}")
     return v

@@ -11,9 +11,6 @@ mpiexec is missing (``pip install '.[mpi]'``).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +19,8 @@ import numpy as np
 import pytest
 
 import kronlin.distributed as kd
+
+from mpi_helpers import MPIEXEC, mpi_env, needs_mpi, run_killable
 
 WORKER = Path(__file__).with_name("mpi_worker.py")
 TIMEOUT = 60  # seconds per mpiexec run; a run takes ~1-3 s here
@@ -35,43 +34,17 @@ STEP_RTOL = 1e-12
 FACTOR_RTOL_F32 = 200 * EPS32  # ~2.4e-5: the same few-ulp argument in float32
 
 
-def _mpiexec():
-    try:
-        import mpi4py  # noqa: F401
-        from mpi4py import MPI  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - the [test] extra installs it
-        return None, f"mpi4py not importable ({exc}); pip install '.[mpi]'"
-    here = Path(sys.executable).parent / "mpiexec"  # the mpich wheel's launcher, matching mpi4py's MPI
-    exe = str(here) if here.exists() else shutil.which("mpiexec")
-    if exe is None:  # pragma: no cover
-        return None, "no mpiexec on PATH; pip install '.[mpi]' (the mpich wheel provides it)"
-    return exe, None
-
-
-MPIEXEC, WHY = _mpiexec()
-needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason=WHY or "")
-
-
 def run_mpi(n: int, scenario: str, outdir, timeout: float = TIMEOUT):
     """``mpiexec -n n python mpi_worker.py scenario``: (returncode, per-rank results, output). Never hangs."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               KRONLIN_MPI_OUT=str(outdir))  # fmt: skip
-    proc = subprocess.Popen([MPIEXEC, "-n", str(n), sys.executable, str(WORKER), scenario],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n {n} {scenario} did not finish within {timeout} s (a hang); output:\n{out[-3000:]}")
+    rc, out = run_killable([MPIEXEC, "-n", n, sys.executable, WORKER, scenario], timeout,
+                           env=mpi_env(KRONLIN_MPI_OUT=str(outdir)))  # fmt: skip
     results = {}
     for f in sorted(outdir.glob("rank*.json")):
         r = json.loads(f.read_text())
         results[r["rank"]] = r
-    return proc.returncode, results, out
+    return rc, results, out
 
 
 # ----------------------------------------------------------------------------------- pure parts
@@ -186,7 +159,7 @@ def test_distributed_package_imports_mpi4py_lazily():
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"{n}rank")
 def check_run(request, tmp_path_factory):
     if MPIEXEC is None:
-        pytest.skip(WHY)
+        pytest.skip("mpi4py or mpiexec missing; pip install '.[mpi]'")
     n = request.param
     rc, results, out = run_mpi(n, "check", tmp_path_factory.mktemp(f"check{n}"))
     assert rc == 0, out[-4000:]

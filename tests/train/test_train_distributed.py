@@ -18,9 +18,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,43 +26,15 @@ import pytest
 
 from kronlin.train.distributed import launched_by_mpiexec, split_bounds
 
+from mpi_helpers import MPIEXEC, mpi_env, needs_mpi, run_killable
+
 HERE = Path(__file__).parent
 WORKER = HERE / "dp_worker.py"
 TIMEOUT = 90  # seconds per mpiexec run; each takes 1-5 s here
 
 
-def _mpiexec():
-    try:
-        from mpi4py import MPI  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - the [test] extra installs it
-        return None, f"mpi4py not importable ({exc}); pip install '.[mpi]'"
-    here = Path(sys.executable).parent / "mpiexec"
-    exe = str(here) if here.exists() else shutil.which("mpiexec")
-    return (exe, None) if exe else (None, "no mpiexec; pip install '.[mpi]'")  # pragma: no branch
-
-
-MPIEXEC, WHY = _mpiexec()
-needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason=WHY or "")
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
-                                                            "MPI_LOCALNRANKS", "SLURM_PROCID")}  # fmt: skip
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
-    return env
-
-
 def run_cmd(cmd, cwd, timeout=TIMEOUT, env=None):
-    """Run ``cmd`` in its own process group; kill the group and fail on timeout. ``(returncode, output)``."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env or _env(), start_new_session=True)  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, cmd))} did not finish within {timeout} s (a hang); output:\n{out[-3000:]}")
-    return proc.returncode, out
+    return run_killable(cmd, timeout, cwd=cwd, env=env)
 
 
 def mpi(n, *args, cwd, env=None):
@@ -112,7 +81,7 @@ def test_split_bounds_cover_the_batch_in_order(N, size):
 
 
 def test_no_launcher_variables_in_a_plain_process():
-    env = _env()
+    env = mpi_env()
     assert not any(k in env for k in ("PMI_RANK", "PMI_SIZE"))
     assert launched_by_mpiexec() == any(k in os.environ for k in ("PMI_RANK", "PMI_SIZE", "PMIX_RANK",
                                                                   "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
@@ -128,7 +97,7 @@ def test_distributed_without_mpiexec_is_a_usage_error(tmp_path):
 def test_distributed_without_mpi4py_is_a_usage_error(tmp_path):
     code = ("import sys; sys.modules['mpi4py'] = None; from kronlin.train.cli import main; "
             "sys.exit(main(['--task', 'digits-ae', '--opt', 'kfac', '--steps', '2', '--quiet', '--distributed']))")  # fmt: skip
-    rc, out = run_cmd([sys.executable, "-c", code], tmp_path, env=_env(PMI_RANK="0", PMI_SIZE="1"))
+    rc, out = run_cmd([sys.executable, "-c", code], tmp_path, env=mpi_env(PMI_RANK="0", PMI_SIZE="1"))
     assert rc == 2, out
     assert "--distributed: kronlin.distributed needs mpi4py" in out and "pip install 'kronlin[mpi]'" in out
 
@@ -144,7 +113,7 @@ CASES = [("kfac", 1), ("kfac", 2), ("kfac", 3), ("kfac-tridiag", 2), ("kfac-trid
 def test_steps_equal_the_single_process_run(opt, ranks, tmp_path):
     spec = {**SPEC, "opt": opt}
     ref_infos, ref_first, _, ref_rejected = reference(spec)
-    rc, out = mpi(ranks, WORKER, "steps", json.dumps(spec), cwd=tmp_path, env=_env(KRONLIN_MPI_OUT=str(tmp_path)))
+    rc, out = mpi(ranks, WORKER, "steps", json.dumps(spec), cwd=tmp_path, env=mpi_env(KRONLIN_MPI_OUT=str(tmp_path)))
     assert rc == 0, out
     res = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)}
     first = np.load(tmp_path / "first.npy")
