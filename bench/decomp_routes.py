@@ -125,14 +125,25 @@ def eigh_routes(stacked, n=0):
         r["loop scipy evd"] = lambda M: _loop(lambda m: scipy.linalg.eigh(m, driver="evd", check_finite=False), M)
         r["loop scipy evr"] = lambda M: _loop(lambda m: scipy.linalg.eigh(m, driver="evr", check_finite=False), M)
     else:
-        # ev (QR iteration) and evx (bisection + inverse iteration for all eigenvalues) are 2-5x
-        # slower than evd from n = 256 on (measured below); at 2048 they would cost minutes a case
-        for d in ("evd", "evr") + (("ev", "evx") if n <= 1024 else ()):
+        # ev (QR iteration) and evx (bisection + inverse iteration for all eigenvalues) are 4-11x
+        # slower than evd from n = 256 on (measured below); at 1024+ they would cost minutes a case
+        for d in ("evd", "evr") + (("ev", "evx") if n <= 785 else ()):
             r[f"scipy {d}"] = (lambda d: lambda M: scipy.linalg.eigh(M, driver=d, check_finite=False))(d)
         r["lapack ?syevd"] = _syevd
     if torch is not None:
         r["torch.linalg.eigh (ctx)"] = _torch(lambda T: torch.linalg.eigh(T))
+    r.update(kronlin_routes("eigh"))
     return r
+
+
+def kronlin_routes(family):
+    """kronlin's own route for the family (never a floor): ``_linalg.eigh`` (psd=True, float64 retry armed)
+    and ``Factor(M).inv()`` (symmetry check, Cholesky, pivot check, potri, mirror)."""
+    from kronlin import _linalg
+
+    if family == "eigh":
+        return {"kronlin _linalg.eigh": lambda M: _linalg.eigh(np, M, "A")}
+    return {"kronlin Factor(M).inv()": lambda M: _linalg.Factor(np, M, "A").inv()}
 
 
 def chol_routes(stacked):
@@ -162,6 +173,7 @@ def inv_routes(stacked):
             scipy.linalg.cho_factor(M, lower=True, check_finite=False), eye(M), check_finite=False)
     if torch is not None:
         r["torch cholesky+cholesky_inverse (ctx)"] = _torch(lambda T: torch.cholesky_inverse(torch.linalg.cholesky(T)))
+    r.update(kronlin_routes("inv"))
     return r
 
 
@@ -171,7 +183,7 @@ def _tri_inv(L):
     return np.swapaxes(Y, -1, -2) @ Y
 
 
-def geigh_routes(stacked):
+def geigh_routes(stacked, n=0):
     def reduce(C, A):
         L = _potrf(A)
         Y = scipy.linalg.solve_triangular(L, C, lower=True, check_finite=False)
@@ -179,12 +191,15 @@ def geigh_routes(stacked):
         s, E = _syevd(Ct)
         return s, scipy.linalg.solve_triangular(L, E, lower=True, trans="T", check_finite=False)
 
-    return {
+    r = {
         "scipy eigh(C, A) gvd": lambda C, A: scipy.linalg.eigh(C, A, driver="gvd", check_finite=False),
         "scipy eigh(C, A) gv": lambda C, A: scipy.linalg.eigh(C, A, driver="gv", check_finite=False),
         "cholesky reduction + syevd": reduce,
         "lapack ?sygvd": lambda C, A: lapack.get_lapack_funcs("sygvd", (A,))(C, A, itype=1, jobz="V", uplo="L")[:2],
     }
+    if n > 1024:  # gv (QR iteration) is 3-8x gvd from 256 on; at 2048 it would cost minutes a case
+        del r["scipy eigh(C, A) gv"]
+    return r
 
 
 # -- checks -------------------------------------------------------------------------
@@ -224,10 +239,17 @@ def check(family, M, out, C=None):
 
 # -- the paired timing ---------------------------------------------------------------
 def is_lapack(route):
-    return "(ctx)" not in route and not route.startswith("kron")
+    return "(ctx)" not in route and not route.startswith("kron") and "kronlin" not in route
+
+
+FOCUS = False
+_FOCUS_ROUTES = ("numpy.linalg", "lapack ?syevd", "scipy evd", "potrf+potri", "kronlin", "loop")
 
 
 def run_case(family, routes, args, rounds, warmup=None, floor_routes=None, checker=None):
+    if FOCUS:
+        routes = {k: v for k, v in routes.items() if k.startswith(_FOCUS_ROUTES) and "triu" not in k}
+        rounds = 2 * rounds + 1
     names = list(routes)
     for name in names:
         out = routes[name](*args)
@@ -316,6 +338,8 @@ def main():
     ap.add_argument("--families", default="eigh,chol,inv,geigh,kron")
     ap.add_argument("--dtypes", default="float32,float64")
     ap.add_argument("--no-stacks", action="store_true")
+    ap.add_argument("--focus", action="store_true",
+                    help="eigh and inv only, with the fastest LAPACK routes, numpy's and kronlin's (more rounds)")
     ap.add_argument("--out", default=str(BENCH / "results" / "decomp_routes.json"))
     ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
                     help="only rewrite --out's markdown from these JSON files (merged in order)")
@@ -335,6 +359,10 @@ def main():
     sizes = [64, 128] if a.quick else [int(s) for s in (a.sizes if a.sizes is not None else "256,512,785,1024,2048").split(",") if s.strip()]
     stacks = [] if a.no_stacks else ([(20, 32)] if a.quick else [(200, 64), (50, 256)])
     families = a.families.split(",")
+    if a.focus:
+        global FOCUS
+        FOCUS = True
+        families = [f for f in families if f in ("eigh", "inv")]
     old = load_before(a.before) if a.before and "kron" in families else None
     meta = {
         "loadavg_at_start": list(os.getloadavg()),
@@ -369,7 +397,7 @@ def main():
                     if stacked:
                         continue
                     C = kfac_like(rng, n, dtype)
-                    rec = run_case(fam, geigh_routes(False), (C, M), R,
+                    rec = run_case(fam, geigh_routes(False, n), (C, M), R,
                                    checker=lambda k, o: check("geigh", M, o, C=C))
                 elif fam == "kron":
                     if old is None:
@@ -379,11 +407,12 @@ def main():
                     both = lambda f: (lambda A, G_: (f(A), f(G_)))  # noqa: E731
                     eroutes = {"Kron.eigh() after": ea, "Kron.eigh() before": eb}
                     iroutes = {"Kron.inv() after": ia, "Kron.inv() before": ib}
+                    # the floors: the fastest routes of the eigh/inv families (the slow drivers are left out here)
                     for k, f in eigh_routes(stacked, n).items():
-                        if is_lapack(k):
+                        if is_lapack(k) and ("syevd" in k or "evd" in k or k.startswith("numpy")):
                             eroutes[f"2x {k}"] = both(f)
                     for k, f in inv_routes(stacked).items():
-                        if is_lapack(k):
+                        if is_lapack(k) and ("potri" in k or k.startswith("numpy.linalg")):
                             iroutes[f"2x {k}"] = both(f)
                     for sub, routes in (("kron_eigh", eroutes), ("kron_inv", iroutes)):
                         rec = run_case(sub, routes, (M, G), R, floor_routes=[k for k in routes if k.startswith("2x")])
@@ -391,17 +420,23 @@ def main():
                                    loadavg=list(os.getloadavg()))
                         results.append(rec)
                         _print(rec)
+                    save(a.out, meta, results)
                     continue
                 rec.update(family=fam, n=n, batch=list(batch), dtype=dtype, label=label,
                            loadavg=list(os.getloadavg()), wall_s=time.perf_counter() - t0)
                 results.append(rec)
                 _print(rec)
-    meta["loadavg_at_end"] = list(os.getloadavg())
+                save(a.out, meta, results)  # after every case: an interrupted run keeps what it measured
+    save(a.out, meta, results)
     limiter.restore_original_limits()
-    out = Path(a.out)
+    print(f"wrote {a.out} and {Path(a.out).with_suffix('.md')}")
+
+
+def save(out, meta, results):
+    meta["loadavg_at_end"] = list(os.getloadavg())
+    out = Path(out)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     out.with_suffix(".md").write_text(markdown([meta], results))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def _print(rec):
