@@ -54,16 +54,17 @@ def _diag(xp, M):
 # -- NumPy routes (issue 13, item 1) --------------------------------------------------------------------
 # NumPy float32/float64 matrices go straight to SciPy's LAPACK wrappers; the route per decomposition
 # was chosen from bench/results/decomp_routes.md (`python bench/decomp_routes.py`: paired, one BLAS
-# thread, SkylakeX OpenBLAS, numpy 2.4 / scipy 1.17), e.g. at 512 float32: numpy.linalg.eigh 1.95x
-# LAPACK ?syevd, numpy.linalg.cholesky 3.1x ?potrf, numpy.linalg.inv 3.2x ?potrf + ?potri, and
-# scipy's evr/ev/evx 1.7x/9x/8.7x ?syevd.  CuPy and other namespaces keep xp.linalg.
+# thread, SkylakeX OpenBLAS, numpy 2.4 / scipy 1.17), e.g. at 512 float32: numpy.linalg.eigh 1.87x
+# LAPACK ?syevd, numpy.linalg.cholesky 5.4x ?potrf, numpy.linalg.inv 5.3x ?potrf + ?potri, and
+# scipy's evr/ev/evx 2.0x/6.9x/6.9x ?syevd (float64: 1.05x, 1.8x, 3.3x; 1.2x/6.5x/6.3x).  CuPy and
+# other namespaces keep xp.linalg.
 _LAPACK_FUNCS: dict = {}
 
 #: Stacks of at least this order loop over the matrices with ?syevd / ?potrf (+ ?potri) in Python instead
 #: of NumPy's stacked call (bench/results/decomp_routes_stacks.md, paired, loop / NumPy): float32 eigh
-#: 200 x 64² 0.72, 50 x 256² 0.58; float64 eigh 1.04 and 0.78-1.28 (a tie: NumPy's stacked call is kept);
-#: Cholesky float32 0.68 and 0.41, float64 1.39 and 0.56; SPD inverse (?potri against NumPy's batched
-#: solves) 0.4-0.6 everywhere.
+#: 200 x 64² 0.79, 50 x 256² 0.64; float64 eigh 1.02 and 0.83-1.07 across runs (a tie: NumPy's stacked
+#: call is kept); Cholesky float32 0.58 and 0.42, float64 1.33 and 0.63; SPD inverse (?potrf + ?potri
+#: against the batched triangular solves used before) 0.45-0.61 everywhere.
 _STACK_LOOP_MIN_N = {
     ("eigh", "float32"): 0, ("eigh", "float64"): 2**62,
     ("cholesky", "float32"): 0, ("cholesky", "float64"): 256,
@@ -144,21 +145,31 @@ def _potri_sym(L):
 
 
 def _potri_stack(L):
-    """``_potri_sym`` of every matrix of a stack: ``?potri`` per matrix, then one vectorised mirror (at
-    200 x 64² float32 a per-matrix mirror took 0.7x the time of ``?potri`` itself, in Python overheads)."""
+    """``_potri_sym`` of every matrix of a stack: ``?potri`` per matrix, then the mirror: vectorised over
+    the stack up to one tile (at 200 x 64² a per-matrix mirror costs 1.2-1.4x the whole in Python
+    overheads), per matrix by tiles above (0.81-0.83x the vectorised one at 50 x 256², one thread)."""
     potri = _lapack("potri", L.dtype)
+    n = L.shape[-1]
+    tiled = n > _MIRROR_TILE
     T = np.empty_like(L)
     for l_, t_ in zip(_flat(L), _flat(T)):
         C, info = potri(l_.T, lower=0)
         if info != 0:
             return None
         t_[...] = C.T  # C-ordered: the inverse's lower triangle, above it whatever the factor held there
+        if tiled:
+            _mirror_lower(t_)
+    if tiled:
+        return T
     S = np.tril(T)
     S += np.swapaxes(np.tril(T, -1), -1, -2)
     return S
 
 
-def _mirror_lower(S, block: int = 128):
+_MIRROR_TILE = 128
+
+
+def _mirror_lower(S, block: int = _MIRROR_TILE):
     """Copy the lower triangle of the C-contiguous ``S`` onto its upper one, in place, tile by tile.
 
     ``np.triu(C) + np.triu(C, 1).T`` reads a whole matrix with a stride of one row per element (power-of-two

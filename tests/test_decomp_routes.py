@@ -20,7 +20,7 @@ from kronlin._linalg import Factor
 
 from helpers import DTYPES, rel_err, spd
 
-SHAPES = [(1,), (5,), (64,), (130,), (3, 40), (2, 2, 17)]  # (n,) one matrix, (*batch, n) a stack
+SHAPES = [(1,), (5,), (64,), (130,), (3, 40), (2, 2, 17), (2, 300)]  # 300 > one mirror tile  # (n,) one matrix, (*batch, n) a stack
 
 
 def _mat(shape, dtype, seed=0, cond=1e3):
