@@ -51,6 +51,143 @@ def _diag(xp, M):
     return xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M, axis1=-2, axis2=-1)
 
 
+# -- NumPy routes (issue 13, item 1) --------------------------------------------------------------------
+# NumPy float32/float64 matrices go straight to SciPy's LAPACK wrappers; the route per decomposition
+# was chosen from bench/results/decomp_routes.md (`python bench/decomp_routes.py`: paired, one BLAS
+# thread, SkylakeX OpenBLAS, numpy 2.4 / scipy 1.17), e.g. at 512 float32: numpy.linalg.eigh 1.87x
+# LAPACK ?syevd, numpy.linalg.cholesky 5.4x ?potrf, numpy.linalg.inv 5.3x ?potrf + ?potri, and
+# scipy's evr/ev/evx 2.0x/6.9x/6.9x ?syevd (float64: 1.05x, 1.8x, 3.3x; 1.2x/6.5x/6.3x).  CuPy and
+# other namespaces keep xp.linalg.
+_LAPACK_FUNCS: dict = {}
+
+#: Stacks of at least this order loop over the matrices with ?syevd / ?potrf (+ ?potri) in Python instead
+#: of NumPy's stacked call (bench/results/decomp_routes_stacks.md, paired, loop / NumPy): float32 eigh
+#: 200 x 64² 0.79, 50 x 256² 0.64; float64 eigh 1.02 and 0.83-1.07 across runs (a tie: NumPy's stacked
+#: call is kept); Cholesky float32 0.58 and 0.42, float64 1.33 and 0.63; SPD inverse (?potrf + ?potri
+#: against the batched triangular solves used before) 0.45-0.61 everywhere.
+_STACK_LOOP_MIN_N = {
+    ("eigh", "float32"): 0, ("eigh", "float64"): 2**62,
+    ("cholesky", "float32"): 0, ("cholesky", "float64"): 256,
+    ("inv", "float32"): 0, ("inv", "float64"): 0,
+}
+
+
+def _lapack(name: str, dtype):
+    """SciPy's ``?<name>`` for a float32/float64 dtype (cached; a racing first call stores the same function)."""
+    key = (name, np.dtype(dtype).char)
+    f = _LAPACK_FUNCS.get(key)
+    if f is None:
+        from scipy.linalg import lapack
+
+        f = _LAPACK_FUNCS[key] = lapack.get_lapack_funcs(name, dtype=np.dtype(dtype))
+    return f
+
+
+def _np_lapack(xp, M) -> bool:
+    """Whether ``M`` takes the NumPy LAPACK routes (a non-empty float32/float64 NumPy array)."""
+    return is_numpy(xp) and M.dtype in (np.float32, np.float64) and M.shape[-1] > 0
+
+
+def _stack_loop(kind: str, M) -> bool:
+    return M.ndim > 2 and M.shape[-1] >= _STACK_LOOP_MIN_N[kind, M.dtype.name]
+
+
+def _flat(M):
+    return np.reshape(M, (-1,) + tuple(M.shape[-2:]))
+
+
+def _syevd(M):
+    """``(w, Q)`` of a symmetric matrix (its lower triangle, like ``numpy.linalg.eigh``) by LAPACK ``?syevd``;
+    None when LAPACK reports a failure.  Stacks loop over the matrices.
+
+    One matrix: ``Q`` is LAPACK's Fortran-ordered array, not copied to C order (a transposing copy of
+    2048² float32 costs more than 2% of the decomposition; BLAS takes either layout)."""
+    syevd = _lapack("syevd", M.dtype)
+    if M.ndim == 2:
+        w, Q, info = syevd(M, compute_v=1, lower=1)
+        return None if info != 0 else (w, Q)
+    n = M.shape[-1]
+    W = np.empty(tuple(M.shape[:-1]), dtype=M.dtype)
+    Q = np.empty(tuple(M.shape), dtype=M.dtype)
+    for m, w_, q_ in zip(_flat(M), np.reshape(W, (-1, n)), _flat(Q)):
+        w, v, info = syevd(m, compute_v=1, lower=1)
+        if info != 0:
+            return None
+        w_[...], q_[...] = w, v
+    return W, Q
+
+
+def _potrf(M):
+    """The lower Cholesky factor (C-contiguous, upper triangle zero) of ``M``'s lower triangle by ``?potrf``;
+    None when ``M`` is not positive definite.  Stacks loop over the matrices."""
+    potrf = _lapack("potrf", M.dtype)
+    if M.ndim == 2:
+        # Mᵀ is Fortran-ordered: its upper triangle is M's lower one, and the upper factor U = Lᵀ comes back
+        # Fortran-ordered, so U.T is L in C order (no transposing copy)
+        U, info = potrf(M.T, lower=0, clean=1)
+        return None if info != 0 else U.T
+    L = np.empty(tuple(M.shape), dtype=M.dtype)
+    for m, l_ in zip(_flat(M), _flat(L)):
+        U, info = potrf(m.T, lower=0, clean=1)
+        if info != 0:
+            return None
+        l_[...] = U.T
+    return L
+
+
+def _potri_sym(L):
+    """``(L Lᵀ)⁻¹``, exactly symmetric, from the lower Cholesky factor by ``?potri``; None if LAPACK fails."""
+    potri = _lapack("potri", L.dtype)
+    C, info = potri(L.T, lower=0)  # the upper factor Lᵀ in Fortran order; the inverse's upper triangle comes back
+    if info != 0:
+        return None
+    return _mirror_lower(C.T)
+
+
+def _potri_stack(L):
+    """``_potri_sym`` of every matrix of a stack: ``?potri`` per matrix, then the mirror: vectorised over
+    the stack up to one tile (at 200 x 64² a per-matrix mirror costs 1.2-1.4x the whole in Python
+    overheads), per matrix by tiles above (0.81-0.83x the vectorised one at 50 x 256², one thread)."""
+    potri = _lapack("potri", L.dtype)
+    n = L.shape[-1]
+    tiled = n > _MIRROR_TILE
+    T = np.empty_like(L)
+    for l_, t_ in zip(_flat(L), _flat(T)):
+        C, info = potri(l_.T, lower=0)
+        if info != 0:
+            return None
+        t_[...] = C.T  # C-ordered: the inverse's lower triangle, above it whatever the factor held there
+        if tiled:
+            _mirror_lower(t_)
+    if tiled:
+        return T
+    S = np.tril(T)
+    S += np.swapaxes(np.tril(T, -1), -1, -2)
+    return S
+
+
+_MIRROR_TILE = 128
+
+
+def _mirror_lower(S, block: int = _MIRROR_TILE):
+    """Copy the lower triangle of the C-contiguous ``S`` onto its upper one, in place, tile by tile.
+
+    ``np.triu(C) + np.triu(C, 1).T`` reads a whole matrix with a stride of one row per element (power-of-two
+    orders also thrash the cache sets): 460 ms at 2048 float32, more than ``?potri`` itself, against about
+    14 ms for ``block``² tiles; at 1024 float32 row strips took 10.5 ms, 64² tiles 1.4 (float64: 9.6) and
+    128² tiles 1.5 (float64: 1.8), one thread.
+    """
+    n = S.shape[-1]
+    for i in range(0, n, block):
+        i2 = min(i + block, n)
+        D = S[i:i2, i:i2]
+        D[...] = np.tril(D) + np.tril(D, -1).T
+        for j in range(i2, n, block):
+            j2 = min(j + block, n)
+            S[i:i2, j:j2] = S[j:j2, i:i2].T
+    return S
+
+
 class Factor(ModuleRefs):
     """A cached factorization of a square matrix or a stack of them.
 
@@ -68,10 +205,13 @@ class Factor(ModuleRefs):
         self._sl = _scipy_linalg(xp)
         self.kind = "lu"
         if _symmetric_within_tol(xp, M):
-            try:
-                L = xp.linalg.cholesky(M)
-            except LinAlgError:
-                L = None
+            if _np_lapack(xp, M) and (M.ndim == 2 or _stack_loop("cholesky", M)):
+                L = _potrf(M)
+            else:
+                try:
+                    L = xp.linalg.cholesky(M)
+                except LinAlgError:
+                    L = None
             if L is not None and bool(xp.all(xp.isfinite(L))):
                 d = _diag(xp, L) ** 2  # the pivots of the Cholesky factorization
                 if bool(xp.any(xp.min(d, axis=-1) <= singular_tol(dtype_eps(xp, M.dtype)) * xp.max(d, axis=-1))):
@@ -150,18 +290,21 @@ class Factor(ModuleRefs):
     def inv(self):
         """``M⁻¹``; exactly symmetric when the factorization is Cholesky.
 
-        NumPy, one matrix: LAPACK ``potri`` on the Cholesky factor (``2n³/3``
-        flops, a third of the two triangular solves against ``I``); otherwise
-        solves against ``I`` (symmetrised for Cholesky).
+        NumPy: LAPACK ``potri`` on the Cholesky factor (``2n³/3`` flops, a third
+        of the two triangular solves against ``I``), per matrix for stacks of
+        orders where that beats the batched solves (bench/results/decomp_routes.md);
+        otherwise solves against ``I`` (symmetrised for Cholesky).
         """
         xp = self.xp
-        if self.kind == "cholesky" and is_numpy(xp) and not self.batched and self._sl is not None and self.n:
-            potri = self._sl.lapack.get_lapack_funcs("potri", (self._L,))
-            C, info = potri(self._L, lower=1)
-            if info == 0:
-                C = np.tril(C)
-                C += np.tril(C, -1).T
-                return C
+        if self.kind == "cholesky" and _np_lapack(xp, self._L) and (not self.batched or _stack_loop("inv", self._L)):
+            if not self.batched:
+                C = _potri_sym(self._L)
+                if C is not None:
+                    return C
+            else:
+                C = _potri_stack(self._L)
+                if C is not None:
+                    return C
         eye = xp.eye(self.n, dtype=self._M.dtype)
         if self.batched:
             eye = xp.broadcast_to(eye, self._M.shape)
@@ -186,10 +329,16 @@ class Factor(ModuleRefs):
 
 
 def _try_eigh(xp, M):
-    try:
-        w, Q = xp.linalg.eigh(M)
-    except LinAlgError:
-        return None, None
+    if _np_lapack(xp, M) and (M.ndim == 2 or _stack_loop("eigh", M)):
+        out = _syevd(M)
+        if out is None:
+            return None, None
+        w, Q = out
+    else:
+        try:
+            w, Q = xp.linalg.eigh(M)
+        except LinAlgError:
+            return None, None
     if not (bool(xp.all(xp.isfinite(w))) and bool(xp.all(xp.isfinite(Q)))):
         return None, None
     return w, Q
@@ -269,6 +418,13 @@ def generalized_eigh(xp, C, A, nameC: str, nameA: str, factor: "Factor | None" =
         import scipy.linalg
 
         def run(C_, A_):
+            if C_.ndim == A_.ndim == 2 and _np_lapack(xp, A_) and C_.dtype == A_.dtype:
+                # ?sygvd directly: what scipy.linalg.eigh(C, A) calls, without its wrapper's copies and checks
+                # (bench/results/decomp_routes.md); sygv and the Cholesky reduction + syevd were slower
+                s, K, info = _lapack("sygvd", A_.dtype)(C_, A_, itype=1, jobz="V", uplo="L")
+                if info != 0:
+                    raise LinAlgError(f"?sygvd failed (info = {info})")
+                return s, K
             return scipy.linalg.eigh(C_, A_, check_finite=False)
 
         out = _retry_float64(xp, run, C, A)
