@@ -184,7 +184,7 @@ def _general(rng: np.random.Generator, n: int, cond: float) -> np.ndarray:
 
 
 def _vec(X: np.ndarray) -> np.ndarray:
-    """Column-stacking ``vec`` (DESIGN §1)."""
+    """Column-stacking ``vec`` (docs/design.md §1)."""
     return np.asarray(X, dtype=np.float64).flatten(order="F")
 
 
@@ -326,7 +326,7 @@ def _chain_inverse(F: np.ndarray, off) -> np.ndarray:
 
 
 def _layers_vec(Us) -> np.ndarray:
-    """Concatenation of the column-stacked vecs of per-layer ``(d_out, d_in)`` arrays (DESIGN §1)."""
+    """Concatenation of the column-stacked vecs of per-layer ``(d_out, d_in)`` arrays (docs/design.md §1)."""
     return np.concatenate([_vec(u) for u in Us])
 
 

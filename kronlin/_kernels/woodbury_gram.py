@@ -1,6 +1,6 @@
 """Per-example Gram matrices of the Woodbury Fisher (Benzing 2022, app. I.3 eq. 22).
 
-Layout (DESIGN §1): activations ``A`` of shape ``(N, T, d_in)`` and errors
+Layout (docs/design.md §1): activations ``A`` of shape ``(N, T, d_in)`` and errors
 ``E`` of shape ``(N, S, T, d_out)``: ``N`` inputs, ``S`` labels per input
 (columns ``c = i*S + s``), ``T`` weight-sharing positions (``T = 1`` for a
 dense layer).  Column ``c`` has the gradient ``g_c = Σ_t e_{c,t} a_{i,t}ᵀ`` and
@@ -45,7 +45,7 @@ No fused ``Gᵀu`` kernel is provided: ``Gᵀu = Σ_k rowsum((A_k U_kᵀ) ⊙ E_
 one GEMM ``(N·T, d_in) × (d_in, d_out)`` plus an elementwise product and a row
 sum over an ``(N·T, d_out)`` array the size of ``E`` — a few percent of the
 GEMM for a 2000 × 2000 layer at N = 64 (``bench/test_bench_woodbury.py``, family
-``gtu``), so a fused kernel has nothing to save (DESIGN §4).  It never forms the
+``gtu``), so a fused kernel has nothing to save (docs/design.md §4).  It never forms the
 ``N × N`` product ``A Uᵀ Eᵀ`` whose diagonal it needs.
 """
 
