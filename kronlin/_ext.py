@@ -45,11 +45,18 @@ def cpu():
     return _cpu_module if _state["on"] else None
 
 
+def _cuda_devices() -> int:
+    """Visible CUDA devices, asked once (every kernel dispatch on CuPy arrays checks it)."""
+    if "cuda_devices" not in _state:
+        _state["cuda_devices"] = _cuda_module.device_count() if _cuda_module is not None else 0
+    return _state["cuda_devices"]
+
+
 def cuda():
     """The CUDA extension module, or None when absent, disabled or without a device."""
     if not _state["on"] or _cuda_module is None:
         return None
-    return _cuda_module if _cuda_module.device_count() > 0 else None
+    return _cuda_module if _cuda_devices() > 0 else None
 
 
 @contextlib.contextmanager
@@ -69,6 +76,6 @@ def info() -> dict:
         "cpu_extension": _cpu_module is not None,
         "cpu_openmp": bool(getattr(_cpu_module, "has_openmp", False)),
         "cuda_extension": _cuda_module is not None,
-        "cuda_devices": _cuda_module.device_count() if _cuda_module is not None else 0,
+        "cuda_devices": _cuda_devices(),
         "disabled": not _state["on"],
     }
