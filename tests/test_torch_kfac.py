@@ -39,6 +39,16 @@ SOLVE64 = 1e-10  # solves: the condition numbers here are ≲ 1e4
 # ---------------------------------------------------------------------------------------------
 # factors
 # ---------------------------------------------------------------------------------------------
+def _assert_factors(pre, model, ref, dtype=None):
+    """``pre.factors`` of every layer equal the dense ``(A, G)`` of ``ref`` (and have ``dtype``, if given)."""
+    for m, (A, G) in zip(layers_of(model), ref):
+        At, Gt = pre.factors(m)
+        if dtype is not None:
+            assert At.dtype == Gt.dtype == dtype
+        close(At.numpy(), A, RTOL64)
+        close(Gt.numpy(), G, RTOL64)
+
+
 @pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
 @pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -50,11 +60,7 @@ def test_empirical_factors_equal_dense_per_example(make, kind, reduction):
     ref = dense_factors(acts, errs, c=1.0 if reduction == "mean" else N)
     pre = kt.KFAC(model, damping=1e-3, reduction=reduction)
     run_step(model, pre, x, y, kind, reduction)
-    for m, (A, G) in zip(layers_of(model), ref):
-        At, Gt = pre.factors(m)
-        assert At.dtype == Gt.dtype == torch.float64
-        close(At.numpy(), A, RTOL64)
-        close(Gt.numpy(), G, RTOL64)
+    _assert_factors(pre, model, ref, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
@@ -74,10 +80,7 @@ def test_mc_factors_equal_dense_with_the_sampled_labels(make, kind, reduction):
     pre.remove_hooks()
     acts, errs, _ = per_example(model, x, yhat, kind, reduction)
     c = 1.0 if reduction == "mean" else x.shape[0]
-    for m, (A, G) in zip(layers_of(model), dense_factors(acts, errs, c)):
-        At, Gt = pre.factors(m)
-        close(At.numpy(), A, RTOL64)
-        close(Gt.numpy(), G, RTOL64)
+    _assert_factors(pre, model, dense_factors(acts, errs, c))
 
 
 def test_mc_ignores_forward_passes_that_are_not_back_propagated():
@@ -211,9 +214,7 @@ def test_running_average_update_and_refresh_periods():
     ref1 = dense_factors(*per_example(model, x1, y1)[:2])
     pre = kt.KFAC(model, damping=lam, refresh_period=2)
     run_step(model, pre, x1, y1)
-    for m, (A, G) in zip(layers_of(model), ref1):
-        close(pre.factors(m)[0].numpy(), A, RTOL64)
-        close(pre.factors(m)[1].numpy(), G, RTOL64)
+    _assert_factors(pre, model, ref1)
     # step 2 folds in batch 2 (ε = 1/2) but applies the inverse built at step 1
     w_before = [m.weight.detach().clone() for m in layers_of(model)]
     ref2 = dense_factors(*per_example(plain_copy(model, mlp), x2, y2)[:2])

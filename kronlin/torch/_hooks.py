@@ -45,7 +45,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ._convert import SUPPORTED_DTYPES, from_array, to_array
+from ._convert import SUPPORTED_DTYPES, to_array
 
 __all__ = ["CurvatureHooks"]
 
@@ -221,9 +221,15 @@ class CurvatureHooks:
         self._generator.manual_seed(int(seed))
         self.seed = int(seed)
         self.sampled_targets = None  # the labels of the last MC draw (for inspection and tests)
+        self._steps = 0
         self._handles = [ly.module.register_forward_hook(self._forward_hook(ly)) for ly in self.layers]
         if fisher == "mc":
             self._handles.append(model.register_forward_hook(self._model_hook))
+
+    @property
+    def steps(self) -> int:
+        """How many steps were taken."""
+        return self._steps
 
     # -- to be provided by subclasses -------------------------------------------------------
     def _collecting(self) -> bool:
@@ -366,7 +372,3 @@ class CurvatureHooks:
     @staticmethod
     def _np(ts):
         return [to_array(t) for t in ts]
-
-    @staticmethod
-    def _torch(xs, like):
-        return [from_array(x, like) for x in xs]

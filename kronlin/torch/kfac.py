@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 import kronlin
+from kronlin._validate import check_positive_int
 
 from ._convert import from_array, to_array
 from ._hooks import CurvatureHooks
@@ -18,12 +18,6 @@ DAMPING_MODES = ("exact", "factored")
 STRUCTURES = ("blockdiag", "tridiagonal")
 _STATE_FORMAT = "kronlin.torch.KFAC/1"
 _KEYS = ("A_diag", "G_diag", "A_off", "G_off")
-
-
-def _period(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return value
 
 
 class KFAC(CurvatureHooks):
@@ -97,8 +91,8 @@ class KFAC(CurvatureHooks):
         if structure == "tridiagonal" and damping_mode != "factored":
             raise ValueError("structure='tridiagonal' damps the diagonal factors (K-FAC §4.3, §6.3): "
                              "use damping_mode='factored'")
-        self.update_period = _period(update_period, "update_period")
-        self.refresh_period = _period(refresh_period, "refresh_period")
+        self.update_period = check_positive_int(update_period, "update_period")
+        self.refresh_period = check_positive_int(refresh_period, "refresh_period")
         if not 0.0 <= float(max_decay) < 1.0:
             raise ValueError(f"max_decay must be in [0, 1); got {max_decay!r}")
         self.damping_mode, self.structure, self.max_decay = damping_mode, structure, float(max_decay)
@@ -109,7 +103,6 @@ class KFAC(CurvatureHooks):
             except ValueError:
                 self.remove_hooks()  # leave the model as it was
                 raise
-        self._steps = 0
         self._estimator = kronlin.FactorEstimator(max_decay=self.max_decay, tridiagonal=structure == "tridiagonal",
                                                   append_one=False)
         self._scale = None         # c of the hooks' docstring at the last update
@@ -129,11 +122,6 @@ class KFAC(CurvatureHooks):
                 )
 
     # -- schedule ---------------------------------------------------------------------------
-    @property
-    def steps(self) -> int:
-        """How many steps were taken."""
-        return self._steps
-
     def _collecting(self) -> bool:
         return self._steps % self.update_period == 0
 
@@ -196,11 +184,11 @@ class KFAC(CurvatureHooks):
 
     def _refresh(self, factors=None):
         f = self._current_factors() if factors is None else factors
+        gamma = math.sqrt(self.damping)
         if self.structure == "tridiagonal":
             self._inv = kronlin.BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
-                                                    gamma=math.sqrt(self.damping), pi="trace")
+                                                    gamma=gamma, pi="trace")
         else:
-            gamma = math.sqrt(self.damping)
             inv = []
             for ly, A, G in zip(self.layers, f["A_diag"], f["G_diag"]):
                 try:
@@ -239,8 +227,7 @@ class KFAC(CurvatureHooks):
         k = self.layers.index(ly)
         A = self._estimator.A_diag[k] / ly.positions
         G = self._estimator.G_diag[k] * (self._scale * ly.positions)
-        like = ly.weight
-        return from_array(A, like).to(like.device), from_array(G, like).to(like.device)
+        return from_array(A, ly.weight), from_array(G, ly.weight)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _options(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import kronlin
 
+from ._convert import from_array
 from ._hooks import CurvatureHooks
 
 __all__ = ["NaturalGradient"]
@@ -51,12 +52,6 @@ class NaturalGradient(CurvatureHooks):
         if not float(damping) > 0:
             raise ValueError(f"NaturalGradient needs damping > 0 (the batch Fisher has rank at most N); got {damping!r}")
         super().__init__(model, damping, fisher, loss, reduction, seed)
-        self._steps = 0
-
-    @property
-    def steps(self) -> int:
-        """How many steps were taken."""
-        return self._steps
 
     def fisher_operator(self):
         """The :class:`kronlin.WoodburyFisher` ``λI + F`` of the data collected since the last step."""
@@ -72,7 +67,7 @@ class NaturalGradient(CurvatureHooks):
         blocks = self._grad_blocks()
         out = fisher.solve(self._np(blocks))
         for ly, x, b in zip(self.layers, out, blocks):
-            ly.set_grad(self._torch([x], b)[0])
+            ly.set_grad(from_array(x, b))
         self._steps += 1
         self._clear()
 
