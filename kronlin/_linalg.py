@@ -297,14 +297,9 @@ class Factor(ModuleRefs):
         """
         xp = self.xp
         if self.kind == "cholesky" and _np_lapack(xp, self._L) and (not self.batched or _stack_loop("inv", self._L)):
-            if not self.batched:
-                C = _potri_sym(self._L)
-                if C is not None:
-                    return C
-            else:
-                C = _potri_stack(self._L)
-                if C is not None:
-                    return C
+            C = (_potri_stack if self.batched else _potri_sym)(self._L)
+            if C is not None:
+                return C
         eye = xp.eye(self.n, dtype=self._M.dtype)
         if self.batched:
             eye = xp.broadcast_to(eye, self._M.shape)
@@ -328,20 +323,14 @@ class Factor(ModuleRefs):
         return res[0], res[1]
 
 
-def _try_eigh(xp, M):
+def _eigh_raw(xp, M):
+    """``(w, Q)`` by ``?syevd`` on the NumPy routes, else ``xp.linalg.eigh``; ``LinAlgError`` on failure."""
     if _np_lapack(xp, M) and (M.ndim == 2 or _stack_loop("eigh", M)):
         out = _syevd(M)
         if out is None:
-            return None, None
-        w, Q = out
-    else:
-        try:
-            w, Q = xp.linalg.eigh(M)
-        except LinAlgError:
-            return None, None
-    if not (bool(xp.all(xp.isfinite(w))) and bool(xp.all(xp.isfinite(Q)))):
-        return None, None
-    return w, Q
+            raise LinAlgError("?syevd did not converge")
+        return out
+    return xp.linalg.eigh(M)
 
 
 def eigh(xp, M, name: str, psd: bool = True):
@@ -358,16 +347,13 @@ def eigh(xp, M, name: str, psd: bool = True):
     w : (..., n) eigenvalues in ascending order
     Q : (..., n, n) orthonormal eigenvectors (columns)
     """
-    w, Q = _try_eigh(xp, M)
-    if w is None and M.dtype == xp.float32:
-        w, Q = _try_eigh(xp, xp.astype(M, xp.float64))
-        if w is not None:
-            w, Q = xp.astype(w, xp.float32), xp.astype(Q, xp.float32)
-    if w is None:
+    out = _retry_float64(xp, lambda M_: _eigh_raw(xp, M_), M)
+    if out is None:
         raise LinAlgError(
             f"the eigendecomposition of {name} (shape {shape_str(M)}) failed or returned non-finite values "
             f"even in float64; check {name} for extreme scaling"
         )
+    w, Q = out
     if psd and M.shape[-1] > 0:
         n = M.shape[-1]
         wmax = xp.max(xp.abs(w), axis=-1, keepdims=True)
@@ -381,10 +367,6 @@ def eigh(xp, M, name: str, psd: bool = True):
             )
         w = xp.where(w < 0, xp.zeros_like(w), w)
     return w, Q
-
-
-
-
 
 
 def _retry_float64(xp, fn, *mats):
@@ -415,17 +397,14 @@ def generalized_eigh(xp, C, A, nameC: str, nameA: str, factor: "Factor | None" =
     """
     n = int(A.shape[-1])
     if is_numpy(xp):
-        import scipy.linalg
-
         def run(C_, A_):
-            if C_.ndim == A_.ndim == 2 and _np_lapack(xp, A_) and C_.dtype == A_.dtype:
-                # ?sygvd directly: what scipy.linalg.eigh(C, A) calls, without its wrapper's copies and checks
-                # (bench/results/decomp_routes.md); sygv and the Cholesky reduction + syevd were slower
-                s, K, info = _lapack("sygvd", A_.dtype)(C_, A_, itype=1, jobz="V", uplo="L")
-                if info != 0:
-                    raise LinAlgError(f"?sygvd failed (info = {info})")
-                return s, K
-            return scipy.linalg.eigh(C_, A_, check_finite=False)
+            # ?sygvd directly (C, A: non-empty float32/float64 matrices of one dtype, as validated by the
+            # callers): what scipy.linalg.eigh(C, A) calls, without its wrapper's copies and checks
+            # (bench/results/decomp_routes.md); sygv and the Cholesky reduction + syevd were slower
+            s, K, info = _lapack("sygvd", A_.dtype)(C_, A_, itype=1, jobz="V", uplo="L")
+            if info != 0:
+                raise LinAlgError(f"?sygvd failed (info = {info})")
+            return s, K
 
         out = _retry_float64(xp, run, C, A)
         if out is None:
