@@ -13,6 +13,8 @@ scaling by ``(lg laᵀ + λ)^power`` runs in the fused kernel of
 
 from __future__ import annotations
 
+import math
+
 from ._backend import context, dtype_eps, mT
 from ._kernels.eig_scale import eig_scale
 from ._operator import KronShaped, batch_shape_of
@@ -126,15 +128,17 @@ class KronEigh(KronShaped):
         eigenvalue product against its rounding error (eigh's eigenvalues are accurate to
         ``eps·max|λ|``), so ``A ⊗ G`` is singular exactly when one of its factors is.
         """
+        if not (float(power) == int(power) and power >= 0):
+            self._check_singular(power, damping)
+        self._check_power_overflow(power, damping)
+
+    def _check_singular(self, power: float, damping: float) -> None:
+        """Raise when ``lg laᵀ + damping`` is singular to working precision (or indefinite for a fractional power)."""
         xp = self._ctx.xp
-        if float(power) == int(power) and power >= 0:
-            self._check_power_overflow(power, damping)
-            return
         tol = singular_tol(dtype_eps(xp, self.dtype))  # the one singularity policy
         ext = self._extremes()
         if ext is not None and ext[0] + damping > tol * (2.0 * ext[1] + damping):
-            self._check_power_overflow(power, damping)  # fast path: every batch item is fine
-            return
+            return  # fast path: every batch item is fine
         d = self._products(damping)
         if float(power) != int(power) and bool(xp.any(d < 0)):
             raise LinAlgError(
@@ -150,14 +154,11 @@ class KronEigh(KronShaped):
                 f"{float(xp.min(xp.abs(d))):.3g}, largest {float(xp.max(xp.abs(d))):.3g}; a factor's eigenvalue is "
                 f"zero to within rounding); pass damping > 0"
             )
-        self._check_power_overflow(power, damping)
 
     def _check_power_overflow(self, power: float, damping: float) -> None:
         """``(lg laᵀ + damping) ** power`` must be representable: refuse a power that overflows it."""
         if power == 0.0 or power == 1.0:
             return
-        import math
-
         xp = self._ctx.xp
         ext = self._extremes()
         if ext is not None:
@@ -184,8 +185,7 @@ class KronEigh(KronShaped):
         power = check_real_scalar(power, "power")
         (X,), fmt = self._rhs(X)
         self._check_denominators(power, damping)
-        Y = eig_scale(self._ctx.xp, self._to_eig(X), self._lg, self._la, damping, power)
-        return self._ret([self._from_eig(Y)], fmt)
+        return self._ret([self._scaled(X, power, damping)], fmt)
 
     def solve(self, X, damping: float = 0.0):
         """Exactly ``(A ⊗ G + damping·I)⁻¹ vec(X)`` (K-FAC eq. 6 with Tikhonov damping)."""
@@ -194,7 +194,11 @@ class KronEigh(KronShaped):
     def _damped_solve(self, X, damping: float):
         """``(A ⊗ G + damping·I)⁻¹`` on a validated block in the compute namespace."""
         self._check_denominators(-1.0, damping)
-        return self._from_eig(eig_scale(self._ctx.xp, self._to_eig(X), self._lg, self._la, damping, -1.0))
+        return self._scaled(X, -1.0, damping)
+
+    def _scaled(self, X, power: float, damping: float):
+        """``(A ⊗ G + damping·I) ** power`` on a validated block (denominators already checked)."""
+        return self._from_eig(eig_scale(self._ctx.xp, self._to_eig(X), self._lg, self._la, damping, power))
 
     def apply(self, X, fn):
         """``f(A ⊗ G)`` applied to ``X``.
@@ -258,6 +262,6 @@ class KronEigh(KronShaped):
         self._check_denominators(power, damping)
 
         def fn(Xs):
-            return [self._from_eig(eig_scale(self._ctx.xp, self._to_eig(Xs[0]), self._lg, self._la, damping, power))]
+            return [self._scaled(Xs[0], power, damping)]
 
         return make_linear_operator(self, fn, fn)

@@ -18,6 +18,17 @@ __all__ = ["make_linear_operator"]
 _CLASSES: dict = {}
 
 
+def _checked(method, what: str):
+    """``method`` of ``LinearOperator`` with the input validated first (``what``: "vector" or "matrix")."""
+
+    def checked(self, x):
+        self._kl[2](x, what)
+        return method(self, x)
+
+    checked.__name__, checked.__doc__ = method.__name__, method.__doc__
+    return checked
+
+
 def _linear_operator_class(xp):
     """A ``LinearOperator`` subclass (SciPy's, or cupyx's for CuPy) that checks vectors before SciPy does."""
     key = "cupy" if is_cupy(xp) else "scipy"
@@ -52,21 +63,10 @@ def _linear_operator_class(xp):
 
             _transpose = _adjoint  # real operators: .T is .H, validated the same way
 
-            def matvec(self, x):
-                self._kl[2](x, "vector")
-                return super().matvec(x)
-
-            def rmatvec(self, x):
-                self._kl[2](x, "vector")
-                return super().rmatvec(x)
-
-            def matmat(self, X):
-                self._kl[2](X, "matrix")
-                return super().matmat(X)
-
-            def rmatmat(self, X):
-                self._kl[2](X, "matrix")
-                return super().rmatmat(X)
+            matvec = _checked(LinearOperator.matvec, "vector")
+            rmatvec = _checked(LinearOperator.rmatvec, "vector")
+            matmat = _checked(LinearOperator.matmat, "matrix")
+            rmatmat = _checked(LinearOperator.rmatmat, "matrix")
 
         _CLASSES[key] = KronlinLinearOperator
     return _CLASSES[key]

@@ -49,22 +49,12 @@ class TestKron(OperatorConformance):
         return {"forward": K, "solve": np.linalg.inv(K), "logdet": _logdet(K), "to_dense": K, "matmat": K, "linop": K}
 
 
-class TestKronSPD(OperatorConformance):
-    """Symmetric positive definite factors: the Cholesky path."""
-
-    blocks = [(Q, P)]
-    accessors = ("A", "G")
+class TestKronSPD(TestKron):
+    """Symmetric positive definite factors: the Cholesky path (TestKron's build and references)."""
 
     def data(self):
         rng = np.random.default_rng(11)
         return {"A": _spd(rng, P), "G": _spd(rng, Q)}
-
-    def build(self, make):
-        return kronlin.Kron(make("A"), make("G"))
-
-    def refs(self, d):
-        K = np.kron(d["A"], d["G"])
-        return {"forward": K, "solve": np.linalg.inv(K), "logdet": _logdet(K), "to_dense": K, "matmat": K, "linop": K}
 
 
 class TestKronEigh(OperatorConformance):
