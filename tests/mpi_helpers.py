@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["MPIEXEC", "needs_mpi", "mpi_env", "run_killable"]
-
 # launcher variables of an enclosing MPI job must not leak into the ones the tests start
-_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "SLURM_PROCID")
+from kronlin.train.distributed import _LAUNCHER_VARS
+
+__all__ = ["MPIEXEC", "needs_mpi", "mpi_env", "run_killable"]
 
 
 def _mpiexec():

@@ -139,18 +139,21 @@ def test_layer_costs_model():
         kd.layer_costs([(2, 2)], "cholesky")
 
 
+def _mpi4py_loaded_after(modules: str):
+    """Run ``import sys, <modules>`` in a fresh interpreter; it prints whether mpi4py got imported."""
+    code = f"import sys, {modules}; print('mpi4py' in sys.modules)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=str(Path(__file__).parent))  # fmt: skip
+
+
 def test_import_kronlin_does_not_import_mpi4py():
-    code = "import sys, kronlin, kronlin.train; print('mpi4py' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=str(Path(__file__).parent))  # fmt: skip
+    out = _mpi4py_loaded_after("kronlin, kronlin.train")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
 
 def test_distributed_package_imports_mpi4py_lazily():
-    code = "import sys, kronlin.distributed; print('mpi4py' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=str(Path(__file__).parent))  # fmt: skip
+    out = _mpi4py_loaded_after("kronlin.distributed")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 

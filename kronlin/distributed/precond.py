@@ -37,7 +37,7 @@ import numpy as np
 from .. import Kron, KronEigh, factored_damping
 from .._backend import context, mT
 from .._validate import check_finite
-from ._comm import back, checkin, host, mpi, pack_symmetric, tri_size, unpack_symmetric
+from ._comm import back, checkin, host, pack_symmetric, tri_size, unpack_symmetric
 from .assign import assign, layer_costs
 
 __all__ = ["DistributedKFAC"]
@@ -99,7 +99,6 @@ class DistributedKFAC:
         self.worker_layers = a.layers_of_column(a.column(self.rank))  # layers whose inverse this rank holds
         self._held = {}  # layer -> decomposition held by this rank
         self.refresh_times = {}
-        self._ctx = None
 
     # ------------------------------------------------------------ payloads
     def _payload_size(self, k):
@@ -108,8 +107,7 @@ class DistributedKFAC:
             return tri_size(q) + tri_size(p)
         return q * q + q + p * p + p
 
-    def _compute(self, k, A, G, gamma, pi):
-        xp = context(("A", A))[0].xp
+    def _compute(self, xp, k, A, G, gamma, pi):
         check_finite(xp, A, f"A_diag[{k}]")  # name the layer; the operators below only know "A" and "G"
         check_finite(xp, G, f"G_diag[{k}]")
         if self.damping == "factored":
@@ -117,7 +115,7 @@ class DistributedKFAC:
             return (inv.G, inv.A)
         return tuple(Kron(A, G).eigh())  # (Qa, la, Qg, lg)
 
-    def _pack(self, xp, k, dec):
+    def _pack(self, xp, dec):
         if self.damping == "factored":
             Ginv, Ainv = dec
             return [pack_symmetric(xp, Ginv), pack_symmetric(xp, Ainv)]
@@ -140,8 +138,7 @@ class DistributedKFAC:
         :class:`~kronlin.distributed.DistributedFactorEstimator`).  ``gamma``
         and ``pi`` are the factored damping of K-FAC §6.3 (``damping="factored"``).
         """
-        MPI = mpi()
-        exc, dec, xp = None, {}, None
+        exc, dec, ctx, xp = None, {}, None, None
         self.refresh_times = {}
         try:
             A_diag, G_diag = list(A_diag), list(G_diag)
@@ -149,14 +146,14 @@ class DistributedKFAC:
                 raise ValueError(f"A_diag and G_diag must hold {len(self.shapes)} factors; "
                                  f"got {len(A_diag)} and {len(G_diag)}")  # fmt: skip
             ctx, _ = context(("A_diag[0]", A_diag[0]))
-            xp, self._ctx = ctx.xp, ctx
+            xp = ctx.xp
             for k in self.my_layers:
                 q, p = self.shapes[k]
                 if tuple(A_diag[k].shape) != (p, p) or tuple(G_diag[k].shape) != (q, q):
                     raise ValueError(f"layer {k}: A_diag[{k}] must be ({p}, {p}) and G_diag[{k}] ({q}, {q}); "
                                      f"got {tuple(A_diag[k].shape)} and {tuple(G_diag[k].shape)}")  # fmt: skip
                 t0 = time.perf_counter()
-                dec[k] = self._compute(k, A_diag[k], G_diag[k], gamma, pi)
+                dec[k] = self._compute(xp, k, A_diag[k], G_diag[k], gamma, pi)
                 self.refresh_times[k] = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - reported on every rank by the check-in
             exc = e
@@ -170,12 +167,12 @@ class DistributedKFAC:
                 continue
             if a.n_grad_workers == 1:  # memory-optimal: nothing leaves the owner
                 if owner == self.rank:
-                    held.update({k: self._unpack(xp, k, xp.concat(self._pack(xp, k, dec[k]))) for k in layers})
+                    held.update({k: self._unpack(xp, k, xp.concat(self._pack(xp, dec[k]))) for k in layers})
                 continue
             if owner == self.rank:
-                buf = host(xp.concat([v for k in layers for v in self._pack(xp, k, dec[k])]))
+                buf = host(xp.concat([v for k in layers for v in self._pack(xp, dec[k])]))
             else:
-                buf = np.empty(sum(self._payload_size(k) for k in layers), dtype=np.dtype(str(self._ctx.dtype)))
+                buf = np.empty(sum(self._payload_size(k) for k in layers), dtype=np.dtype(str(ctx.dtype)))
             self._col.Bcast(buf, root=a.column_ranks(a.column(self.rank)).index(owner))
             if self.log is not None:
                 self.log.add("inverse_bcast", buf.nbytes)
@@ -203,7 +200,6 @@ class DistributedKFAC:
         ``damping`` is the λ of ``(Ā⊗G + λI)⁻¹`` for ``damping="exact"`` (ignored
         for ``"factored"``, whose damping was fixed at :meth:`refresh`).
         """
-        MPI = mpi()
         if not self._held and self.worker_layers:
             raise RuntimeError("no inverses yet: call refresh(A_diag, G_diag, ...) first")
         a = self.assignment

@@ -101,8 +101,9 @@ class DataParallel:
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MIN)
         return bool(buf[0])
 
-    def _count(self, n_local, sums):
-        N = int(round(float(sums)))
+    def _count(self, total):
+        """The global batch size from the summed per-rank counts (checked against :meth:`shard`'s)."""
+        N = int(round(float(total)))
         if self.n is not None and N != self.n:  # pragma: no cover - a caller bypassed shard()
             raise RuntimeError(f"the ranks hold {N} examples, not the global batch of {self.n}")
         self.n = N
@@ -115,13 +116,13 @@ class DataParallel:
         g = net.backward(trace, loss.grad(trace.out, Y))
         trace.g = g
         out = self.sums([float(trace.N), np.sum(per)] + net.weight_grads(trace, g))
-        N = self._count(trace.N, out[0])
+        N = self._count(out[0])
         return float(out[1] / N), [G / N for G in out[2:]], trace
 
     def value(self, loss, out, Y) -> float:
         """``loss.value`` of the global batch from this rank's outputs."""
         s = self.sums([float(len(out)), np.sum(loss.per_example(out, Y))])
-        return float(s[1] / self._count(len(out), s[0]))
+        return float(s[1] / self._count(s[0]))
 
     def sample(self, loss, out, rng):
         """``loss.sample`` for the global batch (the single-process draws), this rank's rows."""
@@ -139,6 +140,21 @@ class DataParallel:
         if key not in self._reducers:
             self._reducers[key] = FactorReducer(self.comm, append_one=False, tridiagonal=key)
         return self._reducers[key].reduce(acts, errs)
+
+    def fold_factors(self, estimators, acts, errs, tridiagonal: bool) -> None:
+        """Fold the global batch's factors (:meth:`factors`) into the running averages, in place.
+
+        ``estimators``: one :class:`kronlin.FactorEstimator` for all layers
+        (``tridiagonal``) or one per layer, each then given its layer's factors.
+        """
+        from ..distributed.estimator import fold_batch
+
+        batch = self.factors(acts, errs, tridiagonal)
+        if tridiagonal:
+            fold_batch(estimators[0], batch)
+            return
+        for k, est in enumerate(estimators):
+            fold_batch(est, {"A_diag": [batch["A_diag"][k]], "G_diag": [batch["G_diag"][k]], "A_off": [], "G_off": []})
 
     def gather_rows(self, arrays, axis: int = 0) -> list:
         """Each array concatenated over the ranks, in rank order, along ``axis`` (the example axis)."""

@@ -119,12 +119,8 @@ class FOOF(Optimizer):
     # ---------------------------------------------------------------- pieces
     def _fold(self, trace) -> None:
         if self.dp is not None:  # the global batch's Σ (one packed all-reduce), folded into each average
-            from ...distributed.estimator import fold_batch
-
             zeros = [np.zeros(a.shape[:-1] + (1,)) for a in trace.a]
-            batch = self.dp.factors(list(trace.a), zeros, tridiagonal=False)
-            for k, est in enumerate(self._est):
-                fold_batch(est, {"A_diag": [batch["A_diag"][k]], "G_diag": [batch["G_diag"][k]], "A_off": [], "G_off": []})
+            self.dp.fold_factors(self._est, list(trace.a), zeros, tridiagonal=False)
             return
         for est, a in zip(self._est, trace.a):  # conv patches (N, T, d): the estimator sums over positions
             est.update([a], [np.zeros(a.shape[:-1] + (1,))])  # G is not used: a 1-column placeholder

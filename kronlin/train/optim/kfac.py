@@ -61,12 +61,7 @@ from ... import BlockDiagInverse, BlockTridiagInverse, FactorEstimator, Kron
 from . import register
 from .base import Optimizer, all_finite
 
-
-def fold_batch(estimator, batch):
-    from ...distributed.estimator import fold_batch as fold
-
-    return fold(estimator, batch)
-from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, boolean, choice, integer, real
+from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, POSITIVE, boolean, choice, integer, real
 
 __all__ = ["KFAC", "KFACTridiag", "KroneckerOptimizer", "levenberg_marquardt", "solve_alpha_mu"]
 
@@ -519,13 +514,7 @@ class KFAC(KroneckerOptimizer):
         if not self._all(all_finite(acts) and all_finite(errs)):
             return False
         if self.dp is not None:  # the global batch's factors (one packed all-reduce), folded into each average
-            batch = self.dp.factors(acts, errs, self.tridiagonal)
-            if self.tridiagonal:
-                fold_batch(self._est[0], batch)
-            else:
-                for k, est in enumerate(self._est):
-                    fold_batch(est, {"A_diag": [batch["A_diag"][k]], "G_diag": [batch["G_diag"][k]],
-                                     "A_off": [], "G_off": []})  # fmt: skip
+            self.dp.fold_factors(self._est, acts, errs, self.tridiagonal)
             return True
         if self.tridiagonal:
             self._est[0].update(acts, errs)
