@@ -43,7 +43,7 @@ or optimizer state that are not finite, or whose contents do not fit the run
 (see :mod:`kronlin.train.resume`) is refused with one line on stderr and exit
 status 2, like every other usage error.
 
-``--distributed`` (under ``mpiexec -n R``; kfac, kfac-tridiag, foof, ngd):
+``--distributed`` (under ``mpiexec -n R``; kfac, kfac-tridiag, kfra, kflr, foof, ngd):
 every rank draws the same global batch and steps on its rows, with every
 batch reduction all-reduced (:mod:`kronlin.train.distributed`), so the run
 equals the single-process one up to rounding; rank 0 reads ``--resume`` and

@@ -6,7 +6,7 @@ here can hang.  The runs are tiny (digits-ae, batch 50, 50 steps: ~1-3 s each)
 because the machine's two cores are shared.  Skipped, with the reason, when
 mpi4py or mpiexec is missing (``pip install '.[mpi]'``).
 
-What is asserted (issue 14, item 2), for kfac, kfac-tridiag, foof and ngd:
+What is asserted (issue 14, item 2), for kfac, kfac-tridiag, kfra, kflr, foof and ngd:
 the first update equal to the single-process one to 1e-12 relative; over 50
 steps the losses to 1e-8 relative and the adaptive decisions (λ, γ, accepted
 or rejected) identical; the final weights and optimizer state bit-identical on
@@ -105,7 +105,7 @@ def test_distributed_without_mpi4py_is_a_usage_error(tmp_path):
 # ------------------------------------------------------------------ equality of steps
 SPEC = {"task": "digits-ae", "batch": 50, "steps": 50, "seed": 0}
 CASES = [("kfac", 1), ("kfac", 2), ("kfac", 3), ("kfac-tridiag", 2), ("kfac-tridiag", 3), ("foof", 3), ("ngd", 2),
-         ("ngd", 3)]  # fmt: skip
+         ("ngd", 3), ("kfra", 1), ("kfra", 2), ("kfra", 3), ("kflr", 2), ("kflr", 3)]  # fmt: skip
 
 
 @needs_mpi
@@ -125,7 +125,7 @@ def test_steps_equal_the_single_process_run(opt, ranks, tmp_path):
         assert [i[key] for i in infos] == [i[key] for i in ref_infos], key
     assert res[0]["rejected"] == ref_rejected
     assert len({res[r]["digest"] for r in range(ranks)}) == 1  # weights and optimizer state the same on every rank
-    if opt.startswith("kfac") or opt == "ngd":  # the decisions being compared do change during these 50 steps
+    if opt.startswith(("kfac", "kfra", "kflr")) or opt == "ngd":  # the decisions being compared do change during these 50 steps
         assert len({i["lambda"] for i in ref_infos}) > 1
     if opt == "ngd":
         assert ref_rejected > 0  # rejections are exercised (ngd rejects steps that increase the objective)

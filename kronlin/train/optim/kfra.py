@@ -59,15 +59,25 @@ from .kfac import KroneckerOptimizer
 __all__ = ["KFLR", "KFRA", "input_factors", "kflr_factors", "kfra_factors", "mean_output_hessian"]
 
 
-def input_factors(trace) -> list:
-    """``Q̃_λ = (1/N) Σ_n ā ā ᵀ`` per layer (``Σ_t`` over positions for a convolution, K-BFGS §2.2)."""
-    out = []
-    N = trace.N
-    for a in trace.a:
-        a2 = a.reshape(-1, a.shape[-1])
-        Q = a2.T @ a2 / N
-        out.append((Q + Q.T) / 2)
-    return out
+def _local(values) -> list:
+    """The reduction over ranks of one process: the values themselves."""
+    return list(values)
+
+
+def input_factors(trace, reduce=_local) -> list:
+    """``Q̃_λ = (1/N) Σ_n ā ā ᵀ`` per layer (``Σ_t`` over positions for a convolution, K-BFGS §2.2).
+
+    ``reduce`` sums a list of arrays over the ranks of a data-parallel run
+    (:meth:`Optimizer._sums`); ``trace`` then holds this rank's examples and
+    ``N`` is the global batch size.  The default is one process.
+    """
+    sums = [a.reshape(-1, a.shape[-1]).T @ a.reshape(-1, a.shape[-1]) for a in trace.a]
+    *sums, N = reduce(sums + [float(trace.N)])
+    return [_sym(S / N) for S in sums]
+
+
+def _sym(M):
+    return (M + M.T) / 2
 
 
 def _transpose_jacobian(layer, W, U):
@@ -95,27 +105,35 @@ def _position_average(layer, G):
 CHUNK_ENTRIES = 1 << 22
 
 
-def mean_output_hessian(loss, out) -> np.ndarray:
-    """``(1/N) Σ_n H_L^{(n)}``, in chunks of examples so that no ``(N, k, k)`` array is formed at once."""
+def _output_hessian_sum(loss, out) -> np.ndarray:
+    """``Σ_n H_L^{(n)}``, in chunks of examples so that no ``(N, k, k)`` array is formed at once."""
     N, k = out.shape
     step = max(1, CHUNK_ENTRIES // (k * k))
     H = np.zeros((k, k))
     for n0 in range(0, N, step):
         H += loss.hessian(out[n0 : n0 + step]).sum(axis=0)
-    H /= N
-    return (H + H.T) / 2
+    return H
 
 
-def kfra_factors(net, loss, trace) -> list:
+def mean_output_hessian(loss, out) -> np.ndarray:
+    """``(1/N) Σ_n H_L^{(n)}``, in chunks of examples so that no ``(N, k, k)`` array is formed at once."""
+    return _sym(_output_hessian_sum(loss, out) / out.shape[0])
+
+
+def kfra_factors(net, loss, trace, reduce=_local) -> list:
     """KFRA's ``G̃_λ`` for every layer (Botev appendix G, algorithm 1), from ``E[H_L]`` back.
 
     ``G̃_L = (1/N) Σ_n H_L^{(n)}``; ``G̃_{λ-1} = (K_λᵀ G̃_λ K_λ) ⊙ (1/N) Σ_n b_n b_nᵀ`` in
     flattened coordinates (``K_λ = W̄_λ`` for a dense layer), then each layer's
-    factor is :func:`_position_average` of its matrix.
+    factor is :func:`_position_average` of its matrix.  The batch sums
+    (``Σ_n H_L^{(n)}`` and every ``Σ_n b_n b_nᵀ``) do not depend on the recursion,
+    so a data-parallel run reduces them in one collective first (``reduce``,
+    see :func:`input_factors`) and every rank runs the same recursion.
     """
     layers, params = net.layers, trace.params
-    N = trace.N
-    G = mean_output_hessian(loss, trace.out)
+    bb = [layers[i - 1].flatten_out(trace.dphi[i - 1]) for i in range(1, len(layers))]
+    H, *bb, N = reduce([_output_hessian_sum(loss, trace.out)] + [b.T @ b for b in bb] + [float(trace.N)])
+    G = _sym(H / N)
     out = [None] * len(layers)
     for i in range(len(layers) - 1, -1, -1):
         out[i] = _position_average(layers[i], G)
@@ -123,9 +141,7 @@ def kfra_factors(net, loss, trace) -> list:
             break
         GK = _transpose_jacobian(layers[i], params[i], G)  # G K   (G symmetric)
         KGK = _transpose_jacobian(layers[i], params[i], GK.T)  # Kᵀ G K
-        b = layers[i - 1].flatten_out(trace.dphi[i - 1])
-        G = KGK * (b.T @ b / N)
-        G = (G + G.T) / 2
+        G = _sym(KGK * (bb[i - 1] / N))
     return out
 
 
@@ -139,39 +155,39 @@ def _repeat_trace(trace, sl, r):
                                out=rep(trace.out), dphi=[rep(d) for d in trace.dphi], g=None)  # fmt: skip
 
 
-def kflr_factors(net, loss, trace) -> list:
+def kflr_factors(net, loss, trace, reduce=_local) -> list:
     """KFLR's ``G̃_λ = (1/N) Σ_n J_nᵀ H_L^{(n)} J_n`` per layer, through the columns of ``H_L = C Cᵀ``.
 
     Every column ``C_n[:, j]`` is back-propagated like an output gradient
     (``net.backward``), ``r`` per example, in chunks of examples whose ``n·r``
     rows go through one backward pass; ``G̃_λ = (1/N) Σ_{n,j} g_{nj} g_{nj}ᵀ``
-    (``1/(N·T)`` and ``Σ_t`` for a convolution).
+    (``1/(N·T)`` and ``Σ_t`` for a convolution).  The per-layer sums are
+    reduced over the ranks in one collective (``reduce``, see :func:`input_factors`).
     """
     N, k = trace.out.shape
-    last = mean_output_hessian(loss, trace.out)  # Σ_j C_j C_jᵀ = H_L: the output layer needs no rows
-    if len(net.layers) == 1:
-        return [last]
-    per_row = sum(int(np.prod(x.shape[1:])) for x in list(trace.a) + list(trace.s)) * 2
-    step = max(1, CHUNK_ENTRIES // (max(per_row, k * k) * k))
     acc = [np.zeros((L.d_out, L.d_out)) for L in net.layers[:-1]]
-    for n0 in range(0, N, step):
-        sl = slice(n0, min(n0 + step, N))
-        C = loss.hessian_factor(trace.out[sl])  # (n, k, r)
-        n, _, r = C.shape
-        sub = _repeat_trace(trace, sl, r)
-        g = net.backward(sub, C.transpose(0, 2, 1).reshape(n * r, k))
-        for i, gi in enumerate(g[:-1]):
-            g2 = gi.reshape(-1, gi.shape[-1])
-            acc[i] += g2.T @ g2
-    res = []
-    for L, G in zip(net.layers[:-1], acc):
-        G = G / (N * (getattr(L, "T", None) or 1))
-        res.append((G + G.T) / 2)
-    return res + [last]
+    if acc:
+        per_row = sum(int(np.prod(x.shape[1:])) for x in list(trace.a) + list(trace.s)) * 2
+        step = max(1, CHUNK_ENTRIES // (max(per_row, k * k) * k))
+        for n0 in range(0, N, step):
+            sl = slice(n0, min(n0 + step, N))
+            C = loss.hessian_factor(trace.out[sl])  # (n, k, r)
+            n, _, r = C.shape
+            sub = _repeat_trace(trace, sl, r)
+            g = net.backward(sub, C.transpose(0, 2, 1).reshape(n * r, k))
+            for i, gi in enumerate(g[:-1]):
+                g2 = gi.reshape(-1, gi.shape[-1])
+                acc[i] += g2.T @ g2
+    # Σ_j C_j C_jᵀ = H_L: the output layer needs no rows
+    last, *acc, N = reduce([_output_hessian_sum(loss, trace.out)] + acc + [float(N)])
+    res = [_sym(G / (N * (getattr(L, "T", None) or 1))) for L, G in zip(net.layers[:-1], acc)]
+    return res + [_sym(last / N)]
 
 
 class _BotevOptimizer(KroneckerOptimizer):
     """Botev et al.'s γ convention on :class:`KroneckerOptimizer`: ``C̃ = G̃ + (γ + η)I`` (appendix B)."""
+
+    supports_distributed = True  # the curvature's batch sums go through _sums (one collective each)
 
     defaults = {**KroneckerOptimizer.common_defaults, "momentum": False}
     spec = {**KroneckerOptimizer.common_spec, "momentum": boolean()}
@@ -195,7 +211,7 @@ class _BotevOptimizer(KroneckerOptimizer):
         return gamma + self.hparams["eta"]
 
     def _factors(self, trace) -> dict:
-        Q = input_factors(trace)
+        Q = input_factors(trace, self._sums)  # _sums: over the ranks' shards (one process: as is)
         if self.hparams["second_factor"]:
             G = self._pre_activation(trace)
         else:  # Benzing §4.2: the factor is replaced by I in _refresh; skip computing it
@@ -222,7 +238,7 @@ class KFRA(_BotevOptimizer):
     name = "kfra"
 
     def _pre_activation(self, trace) -> list:
-        return kfra_factors(self.net, self.loss, trace)
+        return kfra_factors(self.net, self.loss, trace, self._sums)
 
 
 class KFLR(_BotevOptimizer):
@@ -235,7 +251,7 @@ class KFLR(_BotevOptimizer):
     name = "kflr"
 
     def _pre_activation(self, trace) -> list:
-        return kflr_factors(self.net, self.loss, trace)
+        return kflr_factors(self.net, self.loss, trace, self._sums)
 
 
 register(KFRA.name, KFRA)
