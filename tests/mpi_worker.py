@@ -164,19 +164,29 @@ def check():
     step_ref = ref.block_diag_inverse(gamma=0.3).apply(g_ref)
     eighs = [kronlin.Kron(A, G).eigh() for A, G in zip(ref.A_diag, ref.G_diag)]
     step_ref_exact = [e.solve(V, damping=0.05) for e, V in zip(eighs, g_ref)]
+    # second_factor=False (FOOF): V (Ā + 0.3 I)⁻¹ as the single process's Kron(Ā + 0.3 I, I).solve
+    step_ref_input = [kronlin.Kron(A + 0.3 * np.eye(len(A)), np.eye(V.shape[0])).solve(V)
+                      for A, V in zip(ref.A_diag, g_ref)]  # fmt: skip
+    wants = {"factored": step_ref, "exact": step_ref_exact, "input": step_ref_input}
     res["steps"] = {}
     for frac in fracs:
-        for mode in ("factored", "exact"):
+        for mode in ("factored", "exact", "input"):
             clog = kd.CommLog()
-            kf = kd.DistributedKFAC(comm, shapes, damping=mode, grad_worker_fraction=frac, log=clog)
-            kf.refresh(est.A_diag, est.G_diag, gamma=0.3)
+            kf = kd.DistributedKFAC(comm, shapes, damping="factored" if mode == "input" else mode,
+                                    grad_worker_fraction=frac, log=clog, second_factor=mode != "input")  # fmt: skip
+            G_diag, pi = (None, 1.0) if mode == "input" else (est.G_diag, "trace")
+            kf.refresh(est.A_diag, G_diag, gamma=0.3, pi=pi)
             step = kf.precondition(g_glob, damping=0.05)
-            want = step_ref if mode == "factored" else step_ref_exact
+            frozen = kf.frozen(damping=0.05)
+            kf.refresh(est.A_diag, G_diag, gamma=0.7, pi=pi)
+            kept = frozen.apply(g_glob)  # the first refresh's preconditioner, after a second refresh
+            want = wants[mode]
             flat = np.concatenate([s.ravel() for s in step])
             same = comm.allgather(flat.tobytes())
             res["steps"][f"{mode}@{frac:.3f}"] = {
                 "err": max(rel(x, y) for x, y in zip(step, want)),
                 "identical_across_ranks": all(s == same[0] for s in same),
+                "frozen_kept": all(np.array_equal(x, y) for x, y in zip(kept, step)),
                 "held": sorted(kf._held), "owners": list(kf.assignment.owners),
                 "bytes": clog.per_kind(),
             }

@@ -206,13 +206,15 @@ def test_packed_reduction_equals_plain_allreduce_in_one_collective(check_run):
 @needs_mpi
 def test_kfac_step_equals_single_process_for_every_placement(check_run):
     n, results = check_run
-    want = {f"{m}@1.000" for m in ("factored", "exact")} | {f"{m}@{1 / n:.3f}" for m in ("factored", "exact")}
+    modes = ("factored", "exact", "input")  # input: second_factor=False (FOOF's V (Ā + λI)⁻¹)
+    want = {f"{m}@1.000" for m in modes} | {f"{m}@{1 / n:.3f}" for m in modes}
     owners = None
     for r in results.values():
         assert set(r["steps"]) == want
         for name, s in r["steps"].items():
             assert s["err"] <= STEP_RTOL, name
             assert s["identical_across_ranks"], name
+            assert s["frozen_kept"], name  # frozen(): a later refresh does not change an earlier preconditioner
             owners = owners or s["owners"]
             assert s["owners"] == owners  # the assignment is identical on every rank
             if name.endswith("@1.000"):  # communication-optimal: every rank holds every inverse
@@ -221,7 +223,7 @@ def test_kfac_step_equals_single_process_for_every_placement(check_run):
             else:  # memory-optimal: only the owner holds a layer's inverse, and the step is broadcast
                 assert s["held"] == [k for k, o in enumerate(owners) if o == r["rank"]]
                 assert "inverse_bcast" not in s["bytes"]
-                assert s["bytes"]["step_bcast"] == 8 * (7 * 6 + 4 * 8 + 3 * 5)
+                assert s["bytes"]["step_bcast"] == 2 * 8 * (7 * 6 + 4 * 8 + 3 * 5)  # two precondition() calls
     if n > 1:
         assert len(set(owners)) == n  # 3 layers spread over the ranks
 
@@ -259,3 +261,10 @@ def test_uncaught_exception_aborts_every_rank(tmp_path):
     assert rc != 0
     assert "boom outside any guarded region" in out and "aborting all ranks" in out
     assert not results  # rank 0 never got past its barrier
+
+
+def test_rank_error_only_names_the_failure_types():
+    # kronlin.train turns a RankError whose failures are all LinAlgErrors back into a LinAlgError (a skipped γ)
+    assert kd.RankError("refresh", 2, {1: "LinAlgError: not positive definite"}).only("LinAlgError")
+    mixed = kd.RankError("refresh", 3, {0: "ValueError: bad", 2: "LinAlgError: singular"})
+    assert not mixed.only("LinAlgError") and mixed.only("LinAlgError", "ValueError")

@@ -47,6 +47,10 @@ class RankError(RuntimeError):
             f"every rank raises this error instead of waiting in a collective"
         )
 
+    def only(self, *names) -> bool:
+        """Whether every failing rank raised an exception whose type is named in ``names`` (e.g. ``"LinAlgError"``)."""
+        return all(m.split(":", 1)[0] in names for m in self.failures.values())
+
 
 def _describe(exc) -> str:
     return f"{type(exc).__name__}: {exc}"

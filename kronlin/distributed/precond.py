@@ -40,7 +40,7 @@ from .._validate import check_finite
 from ._comm import back, checkin, host, pack_symmetric, tri_size, unpack_symmetric
 from .assign import assign, layer_costs
 
-__all__ = ["DistributedKFAC"]
+__all__ = ["DistributedKFAC", "FrozenInverse"]
 
 
 class DistributedKFAC:
@@ -64,6 +64,10 @@ class DistributedKFAC:
         :func:`~kronlin.distributed.assign.layer_costs`).  Must be the same on
         every rank (checked).
     log : CommLog, optional
+    second_factor : bool
+        ``False``: every layer's ``G`` is the identity and is neither inverted
+        nor sent (FOOF, Benzing 2022 §4.2): :meth:`refresh` takes
+        ``G_diag=None`` and the step is ``V (Ā + πγI)⁻¹`` (``damping="factored"`` only).
 
     Attributes
     ----------
@@ -74,19 +78,23 @@ class DistributedKFAC:
     """
 
     def __init__(self, comm, shapes, *, damping: str = "factored", grad_worker_fraction: float = 1.0,
-                 costs=None, log=None):  # fmt: skip
+                 costs=None, log=None, second_factor: bool = True):  # fmt: skip
         if damping not in ("factored", "exact"):
             raise ValueError(f"damping must be 'factored' or 'exact'; got {damping!r}")
-        self.comm, self.log, self.damping = comm, log, damping
+        if not second_factor and damping != "factored":
+            raise ValueError("second_factor=False needs damping='factored'")
+        self.comm, self.log, self.damping, self.second_factor = comm, log, damping, bool(second_factor)
         self.shapes = [(int(q), int(p)) for q, p in shapes]
         self.rank, self.world = comm.Get_rank(), comm.Get_size()
-        costs = layer_costs(self.shapes, damping) if costs is None else [float(c) for c in costs]
+        if costs is None:
+            costs = layer_costs(self.shapes if second_factor else [(0, p) for _, p in self.shapes], damping)
+        costs = [float(c) for c in costs]
         if len(costs) != len(self.shapes):
             raise ValueError(f"costs must have one entry per layer ({len(self.shapes)}); got {len(costs)}")
         self.assignment = assign(costs, self.world, grad_worker_fraction)
         a = self.assignment
         # the assignment must be the same everywhere: check once (also catches different shapes or costs)
-        mine = (tuple(self.shapes), a.owners, damping, a.n_grad_workers)
+        mine = (tuple(self.shapes), a.owners, damping, a.n_grad_workers, self.second_factor)
         everyone = comm.allgather(mine)
         if any(x != everyone[0] for x in everyone):
             bad = [r for r, x in enumerate(everyone) if x != everyone[0]]
@@ -103,12 +111,16 @@ class DistributedKFAC:
     # ------------------------------------------------------------ payloads
     def _payload_size(self, k):
         q, p = self.shapes[k]
+        if not self.second_factor:
+            return tri_size(p)
         if self.damping == "factored":
             return tri_size(q) + tri_size(p)
         return q * q + q + p * p + p
 
     def _compute(self, xp, k, A, G, gamma, pi):
         check_finite(xp, A, f"A_diag[{k}]")  # name the layer; the operators below only know "A" and "G"
+        if not self.second_factor:  # G = I: only (Ā + πγI)⁻¹ (π = 1 for a fixed damping of Ā alone)
+            return (None, factored_damping(A, xp.eye(1, dtype=A.dtype), gamma, pi=pi).inv().A)
         check_finite(xp, G, f"G_diag[{k}]")
         if self.damping == "factored":
             inv = factored_damping(A, G, gamma, pi=pi).inv()  # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹, K-FAC §6.3
@@ -117,12 +129,13 @@ class DistributedKFAC:
 
     def _pack(self, xp, dec):
         if self.damping == "factored":
-            Ginv, Ainv = dec
-            return [pack_symmetric(xp, Ginv), pack_symmetric(xp, Ainv)]
+            return [pack_symmetric(xp, M) for M in dec if M is not None]
         return [xp.reshape(M, (-1,)) for M in dec]
 
     def _unpack(self, xp, k, v):
         q, p = self.shapes[k]
+        if not self.second_factor:
+            return (None, unpack_symmetric(xp, v, p))
         if self.damping == "factored":
             return (unpack_symmetric(xp, v[:tri_size(q)], q), unpack_symmetric(xp, v[tri_size(q):], p))
         Qa, la = xp.reshape(v[:p * p], (p, p)), v[p * p:p * p + p]
@@ -131,7 +144,7 @@ class DistributedKFAC:
         return (Qa, la, Qg, lg)
 
     # ------------------------------------------------------------- refresh
-    def refresh(self, A_diag, G_diag, gamma: float = 0.0, pi="trace") -> "DistributedKFAC":
+    def refresh(self, A_diag, G_diag=None, gamma: float = 0.0, pi="trace") -> "DistributedKFAC":
         """Recompute the inverses from the (global, replicated) factors; each rank inverts its own layers.
 
         ``A_diag``/``G_diag`` must be the same on every rank (e.g. from
@@ -141,7 +154,8 @@ class DistributedKFAC:
         exc, dec, ctx, xp = None, {}, None, None
         self.refresh_times = {}
         try:
-            A_diag, G_diag = list(A_diag), list(G_diag)
+            A_diag = list(A_diag)
+            G_diag = [None] * len(A_diag) if not self.second_factor else list(G_diag)
             if len(A_diag) != len(self.shapes) or len(G_diag) != len(self.shapes):
                 raise ValueError(f"A_diag and G_diag must hold {len(self.shapes)} factors; "
                                  f"got {len(A_diag)} and {len(G_diag)}")  # fmt: skip
@@ -149,9 +163,10 @@ class DistributedKFAC:
             xp = ctx.xp
             for k in self.my_layers:
                 q, p = self.shapes[k]
-                if tuple(A_diag[k].shape) != (p, p) or tuple(G_diag[k].shape) != (q, q):
+                if tuple(A_diag[k].shape) != (p, p) or (self.second_factor and tuple(G_diag[k].shape) != (q, q)):
                     raise ValueError(f"layer {k}: A_diag[{k}] must be ({p}, {p}) and G_diag[{k}] ({q}, {q}); "
-                                     f"got {tuple(A_diag[k].shape)} and {tuple(G_diag[k].shape)}")  # fmt: skip
+                                     f"got {tuple(A_diag[k].shape)} and "
+                                     f"{None if G_diag[k] is None else tuple(G_diag[k].shape)}")  # fmt: skip
                 t0 = time.perf_counter()
                 dec[k] = self._compute(xp, k, A_diag[k], G_diag[k], gamma, pi)
                 self.refresh_times[k] = time.perf_counter() - t0
@@ -187,11 +202,11 @@ class DistributedKFAC:
         return self
 
     # ---------------------------------------------------------- precondition
-    def _apply(self, k, V, damping):
-        d = self._held[k]
+    def _apply(self, held, k, V, damping):
+        d = held[k]
         if self.damping == "factored":
             Ginv, Ainv = d
-            return Ginv @ V @ mT(Ainv)
+            return V @ mT(Ainv) if Ginv is None else Ginv @ V @ mT(Ainv)
         return d.solve(V, damping=damping)
 
     def precondition(self, V_list, damping: float = 0.0) -> list:
@@ -200,7 +215,19 @@ class DistributedKFAC:
         ``damping`` is the λ of ``(Ā⊗G + λI)⁻¹`` for ``damping="exact"`` (ignored
         for ``"factored"``, whose damping was fixed at :meth:`refresh`).
         """
-        if not self._held and self.worker_layers:
+        return self._precondition(self._held, V_list, damping)
+
+    def frozen(self, damping: float = 0.0) -> "FrozenInverse":
+        """The preconditioner of the last :meth:`refresh`, kept when ``refresh`` is called again.
+
+        ``apply(V_list)`` is :meth:`precondition` with these inverses (a
+        collective under memory-optimal placement, like ``precondition``);
+        ``damped(λ)`` the same inverses with another exact-damping λ.
+        """
+        return FrozenInverse(self, self._held, damping)
+
+    def _precondition(self, held, V_list, damping):
+        if not held and self.worker_layers:
             raise RuntimeError("no inverses yet: call refresh(A_diag, G_diag, ...) first")
         a = self.assignment
         exc, steps, xp = None, {}, None
@@ -213,7 +240,7 @@ class DistributedKFAC:
             for k in self.worker_layers:
                 if tuple(Vs[k].shape) != self.shapes[k]:
                     raise ValueError(f"V_list[{k}] must have shape {self.shapes[k]}; got {tuple(Vs[k].shape)}")
-                steps[k] = self._apply(k, Vs[k], damping)
+                steps[k] = self._apply(held, k, Vs[k], damping)
         except Exception as e:  # noqa: BLE001 - reported on every rank by the check-in
             exc = e
         checkin(self.comm, exc, "K-FAC preconditioning", self.log)
@@ -244,3 +271,22 @@ class DistributedKFAC:
         """Release the sub-communicators (collective over ``comm``)."""
         for c in (self._col, self._row):
             c.Free()
+
+
+class FrozenInverse:
+    """One refresh's inverses on a :class:`DistributedKFAC` (:meth:`DistributedKFAC.frozen`).
+
+    An optimizer that tries several damping values builds one per candidate
+    and keeps the one it chooses; each holds its own decompositions.
+    """
+
+    def __init__(self, kfac: DistributedKFAC, held: dict, damping: float = 0.0):
+        self.kfac, self._held, self.damping = kfac, held, float(damping)
+
+    def damped(self, damping: float) -> "FrozenInverse":
+        """The same decompositions with exact damping ``λ = damping`` (``damping="exact"``)."""
+        return FrozenInverse(self.kfac, self._held, damping)
+
+    def apply(self, V_list) -> list:
+        """``F̆⁻¹ V`` for every layer, on every rank (see :meth:`DistributedKFAC.precondition`)."""
+        return self.kfac._precondition(self._held, V_list, self.damping)

@@ -46,7 +46,10 @@ status 2, like every other usage error.
 ``--distributed`` (under ``mpiexec -n R``; kfac, kfac-tridiag, kfra, kflr, foof, ngd):
 every rank draws the same global batch and steps on its rows, with every
 batch reduction all-reduced (:mod:`kronlin.train.distributed`), so the run
-equals the single-process one up to rounding; rank 0 reads ``--resume`` and
+equals the single-process one up to rounding; each layer's inversion is done
+by one rank (the cost model's assignment) and shared per ``--placement``
+(``comm-opt``: inverses broadcast; ``mem-opt``: the owner preconditions and
+broadcasts the step; or a fraction ``k/R``); rank 0 reads ``--resume`` and
 writes ``--out`` and the checkpoints (resumable on any number of ranks); a
 failure on one rank aborts all of them.
 
@@ -71,6 +74,7 @@ import os
 import signal
 import sys
 import time
+from fractions import Fraction
 
 import numpy as np
 
@@ -279,6 +283,7 @@ def run_training(
     }
     if dp is not None:
         record["config"]["ranks"] = dp.size
+        record["config"]["grad_worker_fraction"] = dp.grad_worker_fraction
     start = len(record["loss"])
     offset = record["seconds"][-1] if start else 0.0
     bar = Progress(steps, label or f"{config['task']}/{config['opt']}", enabled=progress)
@@ -427,6 +432,11 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI: run under 'mpiexec -n R'; each global batch is split over the "
                    "ranks and the steps equal the single-process run's (rank 0 writes --out and --checkpoint)")  # fmt: skip
+    p.add_argument("--placement", default="comm-opt", metavar="comm-opt|mem-opt|F",
+                   help="with --distributed: where each layer's inverse lives (KAISA's placements; every layer is "
+                   "inverted by one rank chosen by the cost model): 'comm-opt' (default) broadcasts the inverses to "
+                   "every rank, 'mem-opt' keeps them on their owner, which preconditions its layers and broadcasts "
+                   "the step, or a gradient-worker fraction F = k/R with k dividing R")  # fmt: skip
     return p
 
 
@@ -465,6 +475,18 @@ def _run_main(argv) -> int:
         return _run_args(p, args)
 
 
+def _grad_worker_fraction(placement: str, size: int) -> float:
+    """``--placement``'s gradient-worker fraction: comm-opt 1, mem-opt 1/size, or the number given."""
+    if placement == "comm-opt":
+        return 1.0
+    if placement == "mem-opt":
+        return 1.0 / size
+    try:
+        return float(Fraction(placement))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"--placement must be 'comm-opt', 'mem-opt' or a fraction k/R; got {placement!r}") from None
+
+
 def _data_parallel():
     """The :class:`DataParallel` of ``MPI.COMM_WORLD``; ``ValueError``/``ImportError`` when not under ``mpiexec``."""
     from .distributed import DataParallel, launched_by_mpiexec
@@ -486,6 +508,12 @@ def _run_args(p, args) -> int:
     try:
         if args.distributed:
             dp = _data_parallel()
+            try:
+                dp.set_placement(_grad_worker_fraction(args.placement, dp.size))
+            except ValueError as exc:
+                raise ValueError(f"--placement {args.placement}: {exc}") from None
+        elif args.placement != "comm-opt":
+            raise ValueError("--placement needs --distributed")
         cfg = make_config(args.task, args.opt, seed=args.seed, data_seed=args.data_seed, batch=args.batch,
                           steps=args.steps, hp=parse_hp(args.hp), data=parse_hp(args.data))  # fmt: skip
         if args.checkpoint_every < 0:

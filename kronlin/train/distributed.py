@@ -18,6 +18,19 @@ Randomness: targets sampled from the model (K-FAC §5) are drawn for the whole
 global batch from the optimizer's generator (same on every rank) and each
 rank keeps its rows, so the draws are those of the single-process run.
 
+Inversions (K-FAC §8's refresh, KFRA/KFLR's, FOOF's ``(Σ + λI)⁻¹``) are not
+repeated on every rank: :meth:`DataParallel.kfac` gives the optimizers a
+:class:`kronlin.distributed.DistributedKFAC`, which assigns each layer's
+inversion (or eigendecomposition, for exact damping) to one rank by the cost
+model and shares the results per the placement ``grad_worker_fraction``
+(KAISA's: 1 = communication-optimal, every rank receives every layer's
+inverse; ``1/R`` = memory-optimal, the owner preconditions its layers and
+broadcasts the step; between: ``R·fraction`` ranks per layer).  The
+block-tridiagonal inverse of ``kfac-tridiag`` is still built on every rank
+(its Stein set-ups are independent per pair of layers, but
+:class:`kronlin.BlockTridiagInverse` has no way to be assembled from set-ups
+made elsewhere).
+
 NGD's Woodbury Gram couples every pair of examples of the batch; each rank
 all-gathers the per-example activations and errors (``(N, d)`` per layer) and
 builds the same global :class:`kronlin.WoodburyFisher` (the gradient is still
@@ -59,9 +72,13 @@ class DataParallel:
     Parameters
     ----------
     comm : mpi4py communicator (``MPI.COMM_WORLD``)
+    grad_worker_fraction : float
+        KAISA's placement of the sharded inversions (see the module docstring):
+        1 (communication-optimal), ``1/size`` (memory-optimal) or ``k/size``
+        with ``k`` dividing ``size``.
     """
 
-    def __init__(self, comm):
+    def __init__(self, comm, grad_worker_fraction: float = 1.0):
         from ..distributed._comm import mpi
 
         self.MPI = mpi()
@@ -70,6 +87,17 @@ class DataParallel:
         self.n = None  # the global batch size of the current step
         self.lo = self.hi = None
         self._reducers = {}
+        self._kfacs = {}  # the sharded preconditioners, by layer shapes and configuration (kfac())
+        self.set_placement(grad_worker_fraction)
+
+    def set_placement(self, grad_worker_fraction: float) -> None:
+        """Set the placement of the sharded inversions (before the first step; ``ValueError`` if invalid)."""
+        from ..distributed import grad_workers
+
+        if self._kfacs:
+            raise RuntimeError("set_placement must be called before the first refresh")
+        grad_workers(self.size, grad_worker_fraction)  # a usage error now, not at the first refresh
+        self.grad_worker_fraction = float(grad_worker_fraction)
 
     # ------------------------------------------------------------ batch split
     def shard(self, X, Y):
@@ -155,6 +183,20 @@ class DataParallel:
             return
         for k, est in enumerate(estimators):
             fold_batch(est, {"A_diag": [batch["A_diag"][k]], "G_diag": [batch["G_diag"][k]], "A_off": [], "G_off": []})
+
+    def kfac(self, shapes, damping: str = "factored", second_factor: bool = True):
+        """The :class:`kronlin.distributed.DistributedKFAC` for these layer shapes (one per configuration).
+
+        Created at the first call (a collective: every rank calls it at the
+        same point of the same step) with this run's ``grad_worker_fraction``.
+        """
+        from ..distributed import DistributedKFAC
+
+        key = (tuple(tuple(int(n) for n in s) for s in shapes), damping, bool(second_factor))
+        if key not in self._kfacs:
+            self._kfacs[key] = DistributedKFAC(self.comm, key[0], damping=damping, second_factor=second_factor,
+                                               grad_worker_fraction=self.grad_worker_fraction)  # fmt: skip
+        return self._kfacs[key]
 
     def gather_rows(self, arrays, axis: int = 0) -> list:
         """Each array concatenated over the ranks, in rank order, along ``axis`` (the example axis)."""

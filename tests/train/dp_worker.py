@@ -4,7 +4,8 @@
 with the optimizer on a :class:`kronlin.train.distributed.DataParallel` (the
 same global batches, this rank's shard); every rank writes its per-step
 decisions (loss, accepted, λ, γ), a digest of its final weights and optimizer
-state, and rank 0 the first update (``first.npy``).  :func:`trajectory` with
+state, the layers it inverted at the last refresh, and rank 0 the first update
+(``first.npy``).  ``SPEC["fraction"]`` is the placement (``grad_worker_fraction``).  :func:`trajectory` with
 ``dp=None`` is the single-process reference the test computes in-process.
 
 ``python dp_worker.py cli-fail ARGV_JSON``: ``kronlin.train``'s CLI with the
@@ -66,13 +67,17 @@ def main():
         sys.exit(cli.main(arg))
     from kronlin.train.distributed import DataParallel
 
-    infos, first, digest, rejected = trajectory(arg, DataParallel(comm))
+    dp = DataParallel(comm, grad_worker_fraction=arg.get("fraction", 1.0))
+    infos, first, digest, rejected = trajectory(arg, dp)
+    # which layers this rank inverted at its last refresh, per sharded preconditioner
+    inverted = {str(key[1:]): sorted(int(k) for k in kf.refresh_times) for key, kf in dp._kfacs.items()}
     out = os.environ["KRONLIN_MPI_OUT"]
     if rank == 0:
         np.save(os.path.join(out, "first.npy"), first)
     path = os.path.join(out, f"rank{rank}.json")
     with open(path + ".tmp", "w") as f:
-        json.dump({"rank": rank, "world": comm.Get_size(), "infos": infos, "digest": digest, "rejected": rejected}, f)
+        json.dump({"rank": rank, "world": comm.Get_size(), "infos": infos, "digest": digest, "rejected": rejected,
+                   "inverted": inverted}, f)  # fmt: skip
     os.replace(path + ".tmp", path)
 
 

@@ -56,6 +56,13 @@ def _load_worker():
     return mod
 
 
+def n_layers_of(spec):
+    from kronlin.train.cli import _setup, make_config
+
+    cfg = make_config(spec["task"], spec["opt"], seed=0, batch=spec["batch"], steps=1, hp=spec.get("hp", {}))
+    return len(_setup(cfg)[1].layers)
+
+
 _REFERENCE = {}
 
 
@@ -104,15 +111,24 @@ def test_distributed_without_mpi4py_is_a_usage_error(tmp_path):
 
 # ------------------------------------------------------------------ equality of steps
 SPEC = {"task": "digits-ae", "batch": 50, "steps": 50, "seed": 0}
-CASES = [("kfac", 1), ("kfac", 2), ("kfac", 3), ("kfac-tridiag", 2), ("kfac-tridiag", 3), ("foof", 3), ("ngd", 2),
-         ("ngd", 3), ("kfra", 1), ("kfra", 2), ("kfra", 3), ("kflr", 2), ("kflr", 3)]  # fmt: skip
+MEM = "mem-opt"  # grad_worker_fraction = 1/ranks: the owner of a layer preconditions it and broadcasts the step
+CASES = [("kfac", 1), ("kfac", 2), ("kfac", 3), ("kfac-tridiag", 2), ("kfac-tridiag", 3), ("foof", 2), ("foof", 3),
+         ("ngd", 2), ("ngd", 3), ("kfra", 1), ("kfra", 2), ("kfra", 3), ("kflr", 2), ("kflr", 3),
+         ("kfac", 2, MEM), ("kfac", 3, MEM), ("foof", 3, MEM), ("kfra", 2, MEM), ("kfac", 3, "exact"),
+         ("kfac", 2, MEM, "exact")]  # fmt: skip
+CASES = [(c[0], c[1], c[2:]) for c in CASES]
+SHARDED = ("kfac", "kfra", "kflr", "foof")  # the optimizers whose inversions are split over the ranks
 
 
 @needs_mpi
-@pytest.mark.parametrize("opt,ranks", CASES)
-def test_steps_equal_the_single_process_run(opt, ranks, tmp_path):
+@pytest.mark.parametrize("opt,ranks,extra", CASES, ids=["-".join(map(str, (o, r, *e))) for o, r, e in CASES])
+def test_steps_equal_the_single_process_run(opt, ranks, extra, tmp_path):
     spec = {**SPEC, "opt": opt}
+    if "exact" in extra:
+        spec["hp"] = {"damping": "exact"}
     ref_infos, ref_first, _, ref_rejected = reference(spec)
+    if MEM in extra:
+        spec["fraction"] = 1.0 / ranks
     rc, out = mpi(ranks, WORKER, "steps", json.dumps(spec), cwd=tmp_path, env=mpi_env(KRONLIN_MPI_OUT=str(tmp_path)))
     assert rc == 0, out
     res = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)}
@@ -125,6 +141,13 @@ def test_steps_equal_the_single_process_run(opt, ranks, tmp_path):
         assert [i[key] for i in infos] == [i[key] for i in ref_infos], key
     assert res[0]["rejected"] == ref_rejected
     assert len({res[r]["digest"] for r in range(ranks)}) == 1  # weights and optimizer state the same on every rank
+    if opt in SHARDED:  # each layer inverted by exactly one rank (the cost model's owner), not by all of them
+        (key,) = res[0]["inverted"]
+        mine = [set(res[r]["inverted"][key]) for r in range(ranks)]
+        n_layers = n_layers_of(spec)
+        assert sorted(k for m in mine for k in m) == list(range(n_layers)), mine
+        if ranks > 1:
+            assert all(mine), mine  # digits-ae's layers give every rank work at 2 and 3 ranks
     if opt.startswith(("kfac", "kfra", "kflr")) or opt == "ngd":  # the decisions being compared do change during these 50 steps
         assert len({i["lambda"] for i in ref_infos}) > 1
     if opt == "ngd":
@@ -141,7 +164,8 @@ def test_cli_resume_on_another_number_of_ranks(tmp_path):
                         tmp_path)  # fmt: skip
     assert rc == 0, out
     assert out.count("iterations, final loss") == 1  # rank 0 alone reports
-    rc, out = train_cli(3, [*common, "--steps", "20", "--resume", "ck.npz", "--out", "b.json", "--distributed"], tmp_path)
+    rc, out = train_cli(3, [*common, "--steps", "20", "--resume", "ck.npz", "--out", "b.json", "--distributed",
+                            "--placement", "mem-opt"], tmp_path)  # fmt: skip
     assert rc == 0, out
     rc, out = train_cli(0, [*common, "--steps", "20", "--resume", "ck.npz", "--out", "c.json"], tmp_path)
     assert rc == 0, out
@@ -152,6 +176,7 @@ def test_cli_resume_on_another_number_of_ranks(tmp_path):
         assert rel(rec["loss"], ref["loss"]) <= 1e-8, name
         assert rec["rejected"] == ref["rejected"]
         assert rec["config"].get("ranks") == ranks
+        assert rec["config"].get("grad_worker_fraction") == (None if ranks is None else 1 / 3)
         assert rec["config"]["hparams"] == ref["config"]["hparams"]
     a = json.loads((tmp_path / "a.json").read_text())
     assert a["config"]["ranks"] == 2 and rel(a["loss"], ref["loss"][:10]) <= 1e-8
@@ -169,6 +194,11 @@ def test_cli_usage_errors_under_mpiexec_exit_2_on_every_rank_and_say_it_once(tmp
     rc, out = train_cli(2, ["--opt", "kfac", "--steps", "2", "--resume", "missing.npz", "--distributed"], tmp_path)
     assert rc == 2, out
     assert out.count("--resume missing.npz") == 1, out
+    rc, out = train_cli(2, ["--opt", "kfac", "--steps", "2", "--distributed", "--placement", "3/4"], tmp_path)
+    assert rc == 2, out
+    assert out.count("--placement 3/4: grad_worker_fraction=0.75 gives 1.5 gradient workers for 2 ranks") == 1, out
+    rc, out = train_cli(0, ["--opt", "kfac", "--steps", "2", "--placement", "mem-opt"], tmp_path)
+    assert rc == 2 and "--placement needs --distributed" in out, out
 
 
 @needs_mpi

@@ -132,12 +132,18 @@ class FOOF(Optimizer):
 
     def _build(self) -> None:
         lam = float(self.hparams["damping"])
+        if self.dp is not None:  # --distributed: each layer's (Σ + λI)⁻¹ on one rank, shared per the placement
+            kf = self.dp.kfac([W.shape for W in self.net.params], second_factor=False)
+            self._inverse = kf.refresh(self._sigma, None, gamma=lam, pi=1.0).frozen()  # Σ + 1·λ·I, G = I
+            return
         self._inverse = [Kron(S + lam * np.eye(S.shape[0]), np.eye(L.d_out)) for S, L in zip(self._sigma, self.net.layers)]
 
     def precondition(self, grads) -> list:
         """``∇W P = ∇W (Σ + λI)⁻¹`` per layer with the current ``P``."""
         if self._inverse is None:
             raise RuntimeError("no statistics yet: call step() first")
+        if self.dp is not None:
+            return self._inverse.apply(grads)
         return [K.solve(G) for K, G in zip(self._inverse, grads)]
 
     @property

@@ -263,6 +263,8 @@ class KroneckerOptimizer(Optimizer):
     def _build(self, gamma: float):
         """The damped approximate inverse for ``gamma`` from the frozen factors."""
         f, h = self._frozen, self.hparams
+        if self.dp is not None and not self.tridiagonal:
+            return self._build_sharded(gamma)
         if h["damping"] == "exact":
             if self._eighs is None:
                 self._eighs = [Kron(A, G).eigh() for A, G in zip(f["A_diag"], f["G_diag"])]
@@ -271,6 +273,32 @@ class KroneckerOptimizer(Optimizer):
             return BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
                                        gamma=self._strength(gamma), pi=h["pi"])  # fmt: skip
         return BlockDiagInverse(f["A_diag"], f["G_diag"], gamma=self._strength(gamma), pi=h["pi"])
+
+    def _build_sharded(self, gamma: float):
+        """:meth:`_build` under ``--distributed``: each layer's inversion on one rank, shared per the placement.
+
+        :meth:`DataParallel.kfac <kronlin.train.distributed.DataParallel.kfac>`
+        assigns the layers by the cost model; the factored inverses (or the
+        eigenbases, for exact damping: one eigendecomposition per refresh,
+        every candidate γ reusing it) are those of the single-process
+        :class:`kronlin.BlockDiagInverse` / :meth:`kronlin.Kron.eigh`.  A
+        ``LinAlgError`` on the rank that owns a layer is a ``LinAlgError`` on
+        every rank, as in one process (the candidate γ is skipped).
+        """
+        from ...distributed import RankError
+
+        f, h = self._frozen, self.hparams
+        kf = self.dp.kfac([W.shape for W in self.net.params], h["damping"])
+        try:
+            if h["damping"] == "exact":
+                if self._eighs is None:
+                    self._eighs = kf.refresh(f["A_diag"], f["G_diag"]).frozen()
+                return self._eighs.damped(self._tikhonov(gamma))
+            return kf.refresh(f["A_diag"], f["G_diag"], gamma=self._strength(gamma), pi=h["pi"]).frozen()
+        except RankError as exc:
+            if exc.only("LinAlgError"):
+                raise np.linalg.LinAlgError(str(exc)) from exc
+            raise
 
     def _inverse_for(self, gamma: float):
         if self._inverse is not None and self._inverse_gamma == gamma:
