@@ -8,6 +8,7 @@ first call that needs a communicator imports it and says how to install it.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import traceback
 from contextlib import contextmanager
@@ -66,11 +67,31 @@ def checkin(comm, exc, where: str, log=None) -> None:
     """
     MPI = mpi()
     flag = np.array([0 if exc is None else 1], dtype=np.int64)
-    comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+    wait(comm.Iallreduce(MPI.IN_PLACE, flag, op=MPI.MAX))
     if log is not None:
         log.add("checkin", flag.nbytes)
     if flag[0]:
         raise_failures(comm, exc, where)
+
+
+#: whether a rank waiting in a collective yields its core (see :func:`wait`)
+YIELD = True
+
+
+def wait(request) -> None:
+    """Complete a non-blocking collective, yielding the core while waiting.
+
+    MPICH's blocking collectives busy-poll: a rank that arrives early spins at
+    full speed, which on a machine with fewer free cores than ranks takes
+    the core from the rank it is waiting for.  Polling ``Test`` with
+    ``sched_yield`` in between lets the late rank run; on an idle machine the
+    yield returns at once.
+    """
+    if not YIELD:
+        request.Wait()
+        return
+    while not request.Test():
+        os.sched_yield()
 
 
 def raise_failures(comm, exc, where: str):

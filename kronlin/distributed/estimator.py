@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import FactorEstimator, batch_factors
 from .._backend import context
-from ._comm import back, host, mpi, pack_symmetric, raise_failures, tri_size, unpack_symmetric
+from ._comm import back, host, mpi, pack_symmetric, raise_failures, tri_size, unpack_symmetric, wait
 
 __all__ = ["FactorReducer", "allreduce_factors", "allreduce_mean", "fold_batch", "DistributedFactorEstimator"]
 
@@ -124,7 +124,7 @@ class FactorReducer:
         else:
             buf = np.zeros(2 + sum(_size(kind, shape) for _, _, kind, shape in layout), dtype=np.dtype(dtype))
             buf[0] = 1.0 if exc is not None else 0.0
-        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
         if self.log is not None:
             self.log.add("factor_allreduce", buf.nbytes)
         if buf[0] != 0:
@@ -181,7 +181,7 @@ def allreduce_mean(comm, arrays, n_local: int, log=None, kind: str = "grad_allre
         raise ValueError(f"ranks disagree on the arrays' shapes/dtype: {infos}")
     head = xp.asarray([0.0, float(n_local)], dtype=ctx.dtype)
     buf = host(xp.concat([head] + [xp.reshape(X, (-1,)) * float(n_local) for X in xs]))
-    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    wait(comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
     if log is not None:
         log.add(kind, buf.nbytes)
     N = float(buf[1])

@@ -6,7 +6,7 @@ places the results as KAISA does (Pauloski et al., SC'21), with
 ``g = grad_worker_fraction · world`` gradient workers per layer:
 
 * ``grad_worker_fraction=1`` — **communication-optimal**: every rank receives
-  every layer's inverse (one broadcast per owner at each refresh) and
+  every layer's inverse (one Allgatherv of the owners' payloads at each refresh) and
   preconditions the gradient itself; no communication per step.
 * ``grad_worker_fraction=1/world`` — **memory-optimal**: only the owner keeps a
   layer's inverse; it preconditions the (all-reduced) gradient of its layers
@@ -36,8 +36,7 @@ import numpy as np
 
 from .. import Kron, KronEigh, factored_damping
 from .._backend import context, mT
-from .._validate import check_finite
-from ._comm import back, checkin, host, pack_symmetric, tri_size, unpack_symmetric
+from ._comm import back, checkin, host, wait, pack_symmetric, tri_size, unpack_symmetric
 from .assign import assign, layer_costs
 
 __all__ = ["DistributedKFAC", "FrozenInverse"]
@@ -118,10 +117,14 @@ class DistributedKFAC:
         return q * q + q + p * p + p
 
     def _compute(self, xp, k, A, G, gamma, pi):
-        check_finite(xp, A, f"A_diag[{k}]")  # name the layer; the operators below only know "A" and "G"
+        try:
+            return self._decompose(xp, A, G, gamma, pi)
+        except (ValueError, np.linalg.LinAlgError) as exc:  # name the layer; the operators only know "A" and "G"
+            raise type(exc)(f"A_diag[{k}] or G_diag[{k}] (layer {k}, named A and G below): {exc}") from None
+
+    def _decompose(self, xp, A, G, gamma, pi):
         if not self.second_factor:  # G = I: only (Ā + πγI)⁻¹ (π = 1 for a fixed damping of Ā alone)
             return (None, factored_damping(A, xp.eye(1, dtype=A.dtype), gamma, pi=pi).inv().A)
-        check_finite(xp, G, f"G_diag[{k}]")
         if self.damping == "factored":
             inv = factored_damping(A, G, gamma, pi=pi).inv()  # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹, K-FAC §6.3
             return (inv.G, inv.A)
@@ -174,28 +177,26 @@ class DistributedKFAC:
             exc = e
         checkin(self.comm, exc, "K-FAC refresh (layer inversions)", self.log)
         a = self.assignment
-        held = {}
-        # one broadcast per owner in this rank's column, owners in rank order (same order on every member)
-        for owner in a.column_ranks(a.column(self.rank)):
-            layers = a.layers_of(owner)
-            if not layers:
-                continue
-            if a.n_grad_workers == 1:  # memory-optimal: nothing leaves the owner
-                if owner == self.rank:
-                    held.update({k: self._unpack(xp, k, xp.concat(self._pack(xp, dec[k]))) for k in layers})
-                continue
-            if owner == self.rank:
-                buf = host(xp.concat([v for k in layers for v in self._pack(xp, dec[k])]))
-            else:
-                buf = np.empty(sum(self._payload_size(k) for k in layers), dtype=np.dtype(str(ctx.dtype)))
-            self._col.Bcast(buf, root=a.column_ranks(a.column(self.rank)).index(owner))
+        held = dict(dec)  # an owner keeps what it computed (Factor.inv's SPD inverses are exactly symmetric,
+        # so they equal the upper triangles the other ranks unpack, bit for bit)
+        members = a.column_ranks(a.column(self.rank))
+        if a.n_grad_workers > 1:  # the owners' payloads exchanged in one Allgatherv over the column
+            sizes = [sum(self._payload_size(k) for k in a.layers_of(o)) for o in members]
+            dtype = np.dtype(str(ctx.dtype))
+            packed = [v for k in self.my_layers for v in self._pack(xp, dec[k])]
+            send = host(xp.concat(packed)) if packed else np.empty(0, dtype=dtype)
+            recv = np.empty(sum(sizes), dtype=dtype)
+            wait(self._col.Iallgatherv(send, [recv, sizes]))
             if self.log is not None:
-                self.log.add("inverse_bcast", buf.nbytes)
-            flat, pos = back(xp, buf, None), 0
-            for k in layers:
-                n = self._payload_size(k)
-                held[k] = self._unpack(xp, k, flat[pos:pos + n])
-                pos += n
+                self.log.add("inverse_bcast", recv.nbytes)
+            flat, start = back(xp, recv, None), 0
+            for owner, size in zip(members, sizes):
+                pos = start
+                for k in a.layers_of(owner) if owner != self.rank else ():
+                    n = self._payload_size(k)
+                    held[k] = self._unpack(xp, k, flat[pos:pos + n])
+                    pos += n
+                start += size
         self._held = held
         if self.damping == "exact":
             self._held = {k: KronEigh(*d) for k, d in held.items()}
@@ -256,7 +257,7 @@ class DistributedKFAC:
                 else:
                     buf = np.empty(sum(q * p for q, p in (self.shapes[k] for k in layers)),
                                    dtype=np.dtype(str(ctx.dtype)))  # fmt: skip
-                self._row.Bcast(buf, root=row.index(src))
+                wait(self._row.Ibcast(buf, root=row.index(src)))
                 if self.log is not None:
                     self.log.add("step_bcast", buf.nbytes)
                 if src != self.rank:

@@ -48,6 +48,8 @@ import os
 
 import numpy as np
 
+from ..distributed._comm import wait
+
 __all__ = ["DataParallel", "launched_by_mpiexec"]
 
 #: environment variables set by MPI launchers (MPICH/Hydra, Open MPI, PMIx, Slurm)
@@ -116,7 +118,7 @@ class DataParallel:
         arrs = [np.asarray(v, dtype=np.float64) for v in values]
         buf = np.concatenate([a.reshape(-1) for a in arrs]) if arrs else np.zeros(0)
         buf = np.ascontiguousarray(buf)
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM))
         out, pos = [], 0
         for a in arrs:
             out.append(buf[pos : pos + a.size].reshape(a.shape) if a.ndim else buf[pos])
@@ -126,7 +128,7 @@ class DataParallel:
     def all(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (one 8-byte ``Allreduce``)."""
         buf = np.array([1 if flag else 0], dtype=np.int64)
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MIN)
+        wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MIN))
         return bool(buf[0])
 
     def _count(self, total):
