@@ -10,6 +10,14 @@ matrices of the right sizes (the same seed on every rank, as the all-reduced
 statistics would be); the global batch of N = 256 examples is split over the
 ranks.  Timings are the maximum over ranks of each repetition (the
 collective's wall time), reported as the median of the repetitions.
+
+The machine's cores are shared with other users, so 1 and 2 ranks are run
+alternately, ``ROUNDS`` times (default 3), and each figure is the median over
+the rounds; the load average is recorded before every run.  The refresh is
+split into its compute (the busiest rank's own inversions, ``refresh_times``)
+and the rest (waiting for the slower rank, the exchange, unpacking).  The
+whole training step is measured on curves-ae with ``python -m kronlin.train
+--distributed`` (kfac, batch 256, per-iteration seconds of the record).
 """
 
 from __future__ import annotations
@@ -84,7 +92,10 @@ def worker():
                 est.update(acts, grads)  # the first update agrees on the layout
                 log.clear()
                 cpu.clear()
-                t_ref = [timed(lambda: kf.refresh(A, G, gamma=1e-2)) for _ in range(reps)]
+                t_ref, t_compute = [], []
+                for _ in range(reps):
+                    t_ref.append(timed(lambda: kf.refresh(A, G, gamma=1e-2)))
+                    t_compute.append(max(comm.allgather(sum(kf.refresh_times.values()))))
                 cpu_ref = list(cpu)
                 per_layer = comm.allgather(kf.refresh_times)
                 refresh_bytes = {k: v / reps for k, v in log.per_kind().items()}
@@ -104,6 +115,7 @@ def worker():
                 res[tag] = {
                     "refresh_s": float(np.median(t_ref)), "refresh_min_s": float(min(t_ref)), "refresh_all_s": t_ref,
                     "refresh_cpu_s": float(np.median(cpu_ref)),
+                    "refresh_compute_s": float(np.median(t_compute)),
                     "step_s": float(np.median(t_step)),
                     "step_with_refresh_s": float(np.median(t_step)) + float(np.median(t_ref)) / T3,
                     "owners": list(kf.assignment.owners), "modelled_loads_s": list(kf.assignment.loads),
@@ -112,7 +124,7 @@ def worker():
                 }
                 kf.free()
             out["models"][name] = res
-        if world == 1:  # per-factor times for the cost model: Cholesky inverse and eigh
+        if world == 1 and os.environ.get("FIT", "1") == "1":  # per-factor times for the cost model
             fit = {"factored": {}, "exact": {}}
             for n in (16, 64, 128, 256, 512, 785, 1025):
                 M = _wishart(np.random.default_rng(n), n, 2 * n)
@@ -159,23 +171,91 @@ def driver():
         summary = json.loads((RESULTS / "distributed_scaling.json").read_text())
         runs = {int(k): v for k, v in summary["runs"].items()}
         return _report(summary, runs)
-    runs = {}
-    for n in (1, 2):
-        cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(n), sys.executable, __file__, "--worker"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
-        if p.returncode:
-            raise SystemExit(p.stdout[-3000:] + p.stderr[-3000:])
-        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][0]
-        runs[n] = json.loads(line[len("RESULT "):])
+    rounds = {1: [], 2: []}
+    loads = []
+    train = {}
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    for r in range(int(os.environ.get("ROUNDS", "3"))):
+        for n in (1, 2):  # alternated, so that a change of the machine's load hits both
+            loads.append((r, n, os.getloadavg()[0]))
+            cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(n), sys.executable, __file__, "--worker"]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=dict(env, FIT="1" if r == 0 else "0"))
+            if p.returncode:
+                raise SystemExit(p.stdout[-3000:] + p.stderr[-3000:])
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][0]
+            rounds[n].append(json.loads(line[len("RESULT "):]))
+        for n, placement in ((0, None), (1, "comm-opt"), (2, "comm-opt"), (2, "mem-opt")):
+            loads.append((r, f"train {n} {placement}", os.getloadavg()[0]))
+            train.setdefault(f"{n} {placement}", []).append(train_step(n, placement, env))
+    runs = {n: _median_rounds(rs) for n, rs in rounds.items()}
     fit = {mode: _fit({int(k): v for k, v in t.items()}) for mode, t in runs[1]["factor_times_s"].items()}
+    fit["per_layer"] = _fit_layers(runs[1])
     import platform
 
     import numpy
 
-    summary = {"loadavg_after": os.getloadavg(), "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "numpy": numpy.__version__, "N_global": N_GLOBAL, "T3": T3, "fit_c0_c3": fit, "runs": runs}  # fmt: skip
+    summary = {"loadavg_after": os.getloadavg(), "loadavg_before_each_run": loads,
+               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+               "numpy": numpy.__version__, "N_global": N_GLOBAL, "T3": T3, "fit_c0_c3": fit, "runs": runs,
+               "rounds": rounds, "train_step": {k: _median_train(v) for k, v in train.items()}}  # fmt: skip
     return _report(summary, runs)
+
+
+TRAIN_STEPS = 60
+
+
+def train_step(n, placement, env):
+    """Per-iteration seconds of ``kronlin.train`` on curves-ae (kfac, batch 256): n = 0 one plain process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rec.json")
+        cmd = [sys.executable, "-m", "kronlin.train", "--task", "curves-ae", "--opt", "kfac", "--batch", "256",
+               "--steps", str(TRAIN_STEPS), "--quiet", "--out", out]  # fmt: skip
+        if n:
+            cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(n)] + cmd
+            cmd += ["--distributed", "--placement", placement]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+        if p.returncode:
+            raise SystemExit(p.stdout[-3000:] + p.stderr[-3000:])
+        rec = json.loads(Path(out).read_text())
+    dt = np.diff([0.0] + rec["seconds"])[3:]  # iterations 4.. (1-3 refresh every time, K-FAC §8)
+    return {"median_s": float(np.median(dt)), "mean_s": float(np.mean(dt)), "final_loss": rec["loss"][-1]}
+
+
+def _median_train(rs):
+    return {"median_s": float(np.median([r["median_s"] for r in rs])), "mean_s": float(np.median([r["mean_s"] for r in rs])),
+            "rounds": rs, "final_loss": rs[0]["final_loss"]}  # fmt: skip
+
+
+def _median_rounds(rs):
+    """One run's structure with every timing replaced by its median over the rounds (``*_s`` scalars)."""
+    out = json.loads(json.dumps(rs[0]))
+    for name, res in out["models"].items():
+        for tag, d in res.items():
+            if not isinstance(d, dict):
+                if tag.endswith("_s"):
+                    res[tag] = float(np.median([r["models"][name][tag] for r in rs]))
+                continue
+            for key, v in d.items():
+                if key.endswith("_s") and isinstance(v, float):
+                    d[key] = float(np.median([r["models"][name][tag][key] for r in rs]))
+            d["per_layer_s"] = {k: float(np.median([r["models"][name][tag]["per_layer_s"][k] for r in rs]))
+                                for k in d["per_layer_s"]}  # fmt: skip
+    return out
+
+
+def _fit_layers(run1):
+    """``cost(layer) = 2·c0 + c3·(p³ + q³)`` fitted (relative least squares) to the 1-rank refresh's per-layer times."""
+    X, y = [], []
+    for name, res in run1["models"].items():
+        for k, t in res["single"]["per_layer_s"].items():
+            q, p = res["shapes"][int(k)]
+            X.append([2.0, float(p) ** 3 + float(q) ** 3])
+            y.append(t)
+    X, y = np.array(X), np.array(y)
+    c, *_ = np.linalg.lstsq(X / y[:, None], np.ones_like(y), rcond=None)
+    return float(c[0]), float(c[1])
 
 
 def _report(summary, runs):
@@ -189,7 +269,7 @@ def _report(summary, runs):
     (RESULTS / "distributed_scaling.json").write_text(json.dumps(summary, indent=1))
     lines = ["# kronlin.distributed: 1 vs 2 ranks (one BLAS thread per rank)", "",
              f"N = {N_GLOBAL} global batch, T3 = {T3}; medians of repetitions, max over ranks.", "",
-             f"Load average after the runs (other users of the 2 cores): {os.getloadavg()}", "",
+             f"Load average after the runs (other users of the 2 cores): {summary['loadavg_after']}", "",
              "| model | 1 rank refresh (min) | BlockDiagInverse | 2 ranks refresh comm-opt (min) | ratio (min) "
              "| busiest rank's CPU 1 → 2 ranks | mem-opt refresh (min) | step 1 rank | step 2 ranks comm-opt | mem-opt |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -204,6 +284,36 @@ def _report(summary, runs):
                      f"({c['refresh_cpu_s'] / s['refresh_cpu_s']:.2f}×) "
                      f"| {m['refresh_s'] * 1e3:.1f} ({m['refresh_min_s'] * 1e3:.1f}) ms | {s['step_s'] * 1e3:.2f} ms "
                      f"| {c['step_s'] * 1e3:.2f} ms | {m['step_s'] * 1e3:.2f} ms |")  # fmt: skip
+    lines += ["", "Where the 2-rank refresh goes (medians): the busiest rank's own inversions, and the rest "
+              "(waiting for the slower rank, the Allgatherv of the inverses, unpacking the other rank's triangles):", "",
+              "| model | 1 rank: inversions / refresh | 2 ranks comm-opt: busiest rank's inversions / refresh "
+              "(rest) | mem-opt: inversions / refresh (rest) |",
+              "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    for name in MODELS:
+        r1, r2 = runs[1]["models"][name], runs[2]["models"][name]
+        s, c, m = r1["single"], r2["comm-opt"], r2["mem-opt"]
+        if "refresh_compute_s" in s:
+            lines.append(f"| {name} | {s['refresh_compute_s'] * 1e3:.1f} / {s['refresh_s'] * 1e3:.1f} ms "
+                         f"| {c['refresh_compute_s'] * 1e3:.1f} / {c['refresh_s'] * 1e3:.1f} ms "
+                         f"({(c['refresh_s'] - c['refresh_compute_s']) * 1e3:.1f} ms) "
+                         f"| {m['refresh_compute_s'] * 1e3:.1f} / {m['refresh_s'] * 1e3:.1f} ms "
+                         f"({(m['refresh_s'] - m['refresh_compute_s']) * 1e3:.1f} ms) |")  # fmt: skip
+    tr = summary.get("train_step")
+    if tr:
+        base = tr["0 None"]
+        lines += ["", f"Whole training step, curves-ae, kfac, batch 256, {TRAIN_STEPS} iterations "
+                  "(`python -m kronlin.train`; seconds per iteration 4.., median over rounds):", "",
+                  "| run | median | ratio | mean (refreshes amortised) | ratio |", "| --- | ---: | ---: | ---: | ---: |"]
+        for key, label in (("0 None", "1 process"), ("1 comm-opt", "1 rank --distributed"),
+                           ("2 comm-opt", "2 ranks comm-opt"), ("2 mem-opt", "2 ranks mem-opt")):  # fmt: skip
+            t = tr[key]
+            lines.append(f"| {label} | {t['median_s'] * 1e3:.1f} ms | {t['median_s'] / base['median_s']:.2f}× "
+                         f"| {t['mean_s'] * 1e3:.1f} ms | {t['mean_s'] / base['mean_s']:.2f}× |")  # fmt: skip
+    loads = summary.get("loadavg_before_each_run")
+    if loads:
+        vals = [x[2] for x in loads]
+        lines += ["", f"1-minute load average before each run: {min(vals):.2f}–{max(vals):.2f} "
+                  f"(median {float(np.median(vals)):.2f}) on {summary.get('cpus')} CPUs."]
     lines += ["", "Bytes per step (payload per rank, 2 ranks), measured by CommLog vs KAISA's placement formulas:", "",
               "| model | placement | factor all-reduce | (full blocks) | gradient all-reduce | step broadcast "
               "| inverse broadcast per refresh | measured = formula |",
@@ -219,7 +329,8 @@ def _report(summary, runs):
             lines.append(f"| {name} | {tag} | {f['factor_allreduce'] / 1e6:.2f} MB | {f['factor_allreduce_full_blocks'] / 1e6:.2f} MB "
                          f"| {f['grad_allreduce'] / 1e6:.2f} MB | {f['step_bcast'] / 1e6:.2f} MB "
                          f"| {f['inverse_bcast_per_refresh'] / 1e6:.2f} MB | {ok} |")  # fmt: skip
-    lines += ["", f"Cost model fit t = c0 + c3·n³ per factor: factored {fit['factored']}, exact {fit['exact']}", ""]
+    lines += ["", f"Cost model fit t = c0 + c3·n³ per factor: factored {fit['factored']}, exact {fit['exact']}; "
+              f"per layer (2·c0 + c3·(p³ + q³), the 1-rank refresh's measured layer times): {fit.get('per_layer')}", ""]
     proj = project(json.loads(json.dumps(summary)))
     summary["projection"] = proj
     (RESULTS / "distributed_scaling.json").write_text(json.dumps(summary, indent=1))
@@ -261,7 +372,8 @@ def project(summary, n_local=128):
     """
     import kronlin.distributed as kd
 
-    c0, c3 = summary["fit_c0_c3"]["factored"]
+    fit = summary["fit_c0_c3"]
+    c0, c3 = fit.get("per_layer", fit["factored"])  # fitted to the refresh's measured per-layer times
     out = {}
     for name, widths in MODELS.items():
         shapes = [(widths[k + 1], widths[k] + 1) for k in range(len(widths) - 1)]

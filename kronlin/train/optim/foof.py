@@ -15,9 +15,9 @@ One iteration ``t = k − 1`` (``k = 1, 2, …``) follows algorithm 1 literally:
 2. ``v ← μ v + ∇W P`` and ``W ← W − η (v + wd·W)`` (heavy-ball momentum, §4.1
    "FOOF can be combined with momentum and decoupled weight decay"; μ = 0.9 as
    in appendix D.5; ``weight_decay`` is the decoupled decay, default 0);
-3. if ``t mod T = 0``: ``P ← (Σ + λI)⁻¹`` (line 8; the Cholesky factor of
-   ``Σ + λI`` inside :class:`kronlin.Kron` ``(Σ + λI, I)``, whose ``solve``
-   is then ``∇W P``);
+3. if ``t mod T = 0``: ``P ← (Σ + λI)⁻¹`` (line 8; the explicit inverse from
+   the Cholesky factor of ``Σ + λI``, :meth:`kronlin.Kron.inv`, so each step
+   is one GEMM ``∇W P``; the same call as the sharded refresh of ``--distributed``);
 4. if ``(t + S) mod T ∈ {0, …, S−1}``: fold this batch's ``E_n[ā āᵀ]`` into
    ``Σ`` (line 11): the ``S`` steps just before an inversion.
 
@@ -43,7 +43,7 @@ import math
 
 import numpy as np
 
-from ... import FactorEstimator, Kron
+from ... import FactorEstimator, factored_damping
 from . import register
 from .base import Optimizer, all_finite
 from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, integer
@@ -99,7 +99,7 @@ class FOOF(Optimizer):
         self.lr_scale = 1.0
         self._new_estimators()
         self._sigma = None  # the Σ each layer's P was built from (frozen at the last inversion)
-        self._inverse = None  # per layer Kron(Σ + λI, I): solve(∇W) = ∇W P
+        self._inverse = None  # per layer P = (Σ + λI)⁻¹ (under --distributed: a DistributedKFAC.frozen())
 
     # ----------------------------------------------------------- configuration
     def _validate(self):
@@ -126,7 +126,7 @@ class FOOF(Optimizer):
             est.update([a], [np.zeros(a.shape[:-1] + (1,))])  # G is not used: a 1-column placeholder
 
     def _invert(self) -> None:
-        """Line 8: ``P ← (Σ + λI)⁻¹`` (Cholesky of ``Σ + λI`` inside ``Kron(Σ + λI, I)``)."""
+        """Line 8: ``P ← (Σ + λI)⁻¹`` (from the Cholesky factor of ``Σ + λI``)."""
         self._sigma = [np.array(e.A_diag[0]) for e in self._est]
         self._build()
 
@@ -136,7 +136,8 @@ class FOOF(Optimizer):
             kf = self.dp.kfac([W.shape for W in self.net.params], second_factor=False)
             self._inverse = kf.refresh(self._sigma, None, gamma=lam, pi=1.0).frozen()  # Σ + 1·λ·I, G = I
             return
-        self._inverse = [Kron(S + lam * np.eye(S.shape[0]), np.eye(L.d_out)) for S, L in zip(self._sigma, self.net.layers)]
+        # (Σ + 1·λ·I)⁻¹ ⊗ 1 (factored_damping with π = 1 is Σ + λI): the call DistributedKFAC makes for G = I
+        self._inverse = [factored_damping(S, np.eye(1), lam, pi=1.0).inv().A for S in self._sigma]
 
     def precondition(self, grads) -> list:
         """``∇W P = ∇W (Σ + λI)⁻¹`` per layer with the current ``P``."""
@@ -144,7 +145,7 @@ class FOOF(Optimizer):
             raise RuntimeError("no statistics yet: call step() first")
         if self.dp is not None:
             return self._inverse.apply(grads)
-        return [K.solve(G) for K, G in zip(self._inverse, grads)]
+        return [G @ P.T for P, G in zip(self._inverse, grads)]
 
     @property
     def sigma(self) -> list | None:
