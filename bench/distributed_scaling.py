@@ -258,6 +258,11 @@ def _fit_layers(run1):
     return float(c[0]), float(c[1])
 
 
+def _placements(runs, name):
+    """The 1-rank run and the 2-rank comm-opt and mem-opt runs of one model."""
+    return runs[1]["models"][name]["single"], runs[2]["models"][name]["comm-opt"], runs[2]["models"][name]["mem-opt"]
+
+
 def _report(summary, runs):
     fit = summary["fit_c0_c3"]
     for name, widths in MODELS.items():
@@ -274,8 +279,7 @@ def _report(summary, runs):
              "| busiest rank's CPU 1 → 2 ranks | mem-opt refresh (min) | step 1 rank | step 2 ranks comm-opt | mem-opt |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for name in MODELS:
-        r1, r2 = runs[1]["models"][name], runs[2]["models"][name]
-        s, c, m = r1["single"], r2["comm-opt"], r2["mem-opt"]
+        r1, (s, c, m) = runs[1]["models"][name], _placements(runs, name)
         lines.append(f"| {name} | {s['refresh_s'] * 1e3:.1f} ({s['refresh_min_s'] * 1e3:.1f}) ms "
                      f"| {r1['blockdiag_refresh_s'] * 1e3:.1f} ms "
                      f"| {c['refresh_s'] * 1e3:.1f} ({c['refresh_min_s'] * 1e3:.1f}) ms "
@@ -290,8 +294,7 @@ def _report(summary, runs):
               "(rest) | mem-opt: inversions / refresh (rest) |",
               "| --- | ---: | ---: | ---: |"]  # fmt: skip
     for name in MODELS:
-        r1, r2 = runs[1]["models"][name], runs[2]["models"][name]
-        s, c, m = r1["single"], r2["comm-opt"], r2["mem-opt"]
+        s, c, m = _placements(runs, name)
         if "refresh_compute_s" in s:
             lines.append(f"| {name} | {s['refresh_compute_s'] * 1e3:.1f} / {s['refresh_s'] * 1e3:.1f} ms "
                          f"| {c['refresh_compute_s'] * 1e3:.1f} / {c['refresh_s'] * 1e3:.1f} ms "

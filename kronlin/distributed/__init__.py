@@ -20,9 +20,17 @@ Grosse 2015; the placements follow KAISA, Pauloski et al., SC'21):
 * :func:`guard`, :class:`RankError`, :func:`install_abort_hook` — a failure on
   one rank ends every rank with the failing rank's message, never a hang.
 
-The block-tridiagonal inverse (§4.3) is not sharded: its ``Ψ``/``Σ`` set-up
-couples neighbouring layers, so :meth:`DistributedFactorEstimator.block_tridiag_inverse`
-builds it on every rank from the reduced (identical) statistics.
+``kronlin.train --distributed`` uses :class:`DistributedKFAC` for every
+block-diagonal refresh (K-FAC, KFRA, KFLR, and FOOF with ``second_factor=False``).
+
+The block-tridiagonal inverse (§4.3) is not sharded:
+:meth:`DistributedFactorEstimator.block_tridiag_inverse` builds it on every
+rank from the reduced (identical) statistics.  Its ``ℓ − 1`` Stein set-ups
+(``Ψ`` and ``Σ_{i|i+1}`` from layers ``i`` and ``i + 1``) are independent of
+each other and could be given to ranks like the block-diagonal inversions, but
+:class:`kronlin.BlockTridiagInverse` offers no way to be assembled from
+set-ups made elsewhere (a constructor from parts would be needed in
+``kronlin/tridiag.py``).
 
 Example (``mpiexec -n 2 python example.py``)::
 
@@ -45,7 +53,7 @@ from __future__ import annotations
 from ._comm import CommLog, RankError, guard, install_abort_hook, pack_symmetric, unpack_symmetric
 from .assign import COST_MODELS, Assignment, assign, grad_workers, layer_costs
 from .estimator import DistributedFactorEstimator, FactorReducer, allreduce_factors, allreduce_mean, fold_batch
-from .precond import DistributedKFAC
+from .precond import DistributedKFAC, FrozenInverse
 
 __all__ = [
     "DistributedFactorEstimator",
@@ -54,6 +62,7 @@ __all__ = [
     "allreduce_mean",
     "fold_batch",
     "DistributedKFAC",
+    "FrozenInverse",
     "assign",
     "Assignment",
     "layer_costs",

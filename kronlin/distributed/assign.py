@@ -33,7 +33,7 @@ __all__ = ["COST_MODELS", "layer_costs", "grad_workers", "Assignment", "assign"]
 #: damping mode.  Fitted on the development machine (2 vCPU Xeon, OpenBLAS,
 #: one BLAS thread per rank): see docs/scaling.md.
 COST_MODELS = {
-    "factored": (3.4e-4, 1.65e-10),  # BlockDiagInverse's damped Cholesky inverse of one factor
+    "factored": (1.2e-4, 1.2e-10),  # one factor's damped Cholesky inverse, fitted to the refresh's layer times
     "exact": (2.2e-4, 5.4e-10),  # symmetric eigendecomposition (Kron.eigh)
 }
 
