@@ -156,8 +156,9 @@ def test_steps_equal_the_single_process_run(opt, ranks, extra, tmp_path):
 
 # ------------------------------------------------------------------ the command line
 @needs_mpi
-def test_cli_resume_on_another_number_of_ranks(tmp_path):
-    common = ["--opt", "kfac", "--batch", "50", "--seed", "1"]
+@pytest.mark.parametrize("opt", ["kfac", "kfra", "foof"])  # each rebuilds its sharded inverse when it resumes
+def test_cli_resume_on_another_number_of_ranks(opt, tmp_path):
+    common = ["--opt", opt, "--batch", "50", "--seed", "1"]
     rc, out = train_cli(0, [*common, "--steps", "20", "--out", "ref.json"], tmp_path)
     assert rc == 0, out
     rc, out = train_cli(2, [*common, "--steps", "10", "--checkpoint", "ck.npz", "--out", "a.json", "--distributed"],
