@@ -301,6 +301,20 @@ def _report(summary, runs):
                          f"({(c['refresh_s'] - c['refresh_compute_s']) * 1e3:.1f} ms) "
                          f"| {m['refresh_compute_s'] * 1e3:.1f} / {m['refresh_s'] * 1e3:.1f} ms "
                          f"({(m['refresh_s'] - m['refresh_compute_s']) * 1e3:.1f} ms) |")  # fmt: skip
+    rounds, loads = summary.get("rounds"), summary.get("loadavg_before_each_run")
+    if rounds and loads:  # paired: each round ran 1 rank, then 2 ranks, back to back
+        lines += ["", "Per round (1 rank, then 2 ranks, back to back; the load average before each):", "",
+                  "| round | load before 1 / 2 ranks | model | 1 rank refresh | comm-opt | mem-opt "
+                  "| 1 rank step | comm-opt | mem-opt |",
+                  "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for i, (r1, r2) in enumerate(zip(rounds.get("1", rounds.get(1)), rounds.get("2", rounds.get(2)))):  # JSON: str keys
+            la = [x[2] for x in loads if x[0] == i and x[1] in (1, 2)]
+            for name in MODELS:
+                s, c, m = (r1["models"][name]["single"], r2["models"][name]["comm-opt"], r2["models"][name]["mem-opt"])
+                lines.append(f"| {i} | {la[0]:.1f} / {la[1]:.1f} | {name} | {s['refresh_s'] * 1e3:.1f} ms "
+                             f"| {c['refresh_s'] / s['refresh_s']:.2f}× | {m['refresh_s'] / s['refresh_s']:.2f}× "
+                             f"| {s['step_s'] * 1e3:.1f} ms | {c['step_s'] / s['step_s']:.2f}× "
+                             f"| {m['step_s'] / s['step_s']:.2f}× |")  # fmt: skip
     tr = summary.get("train_step")
     if tr:
         base = tr["0 None"]
