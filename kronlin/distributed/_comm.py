@@ -74,10 +74,6 @@ def checkin(comm, exc, where: str, log=None) -> None:
         raise_failures(comm, exc, where)
 
 
-#: whether a rank waiting in a collective yields its core (see :func:`wait`)
-YIELD = True
-
-
 def wait(request) -> None:
     """Complete a non-blocking collective, yielding the core while waiting.
 
@@ -87,9 +83,6 @@ def wait(request) -> None:
     ``sched_yield`` in between lets the late rank run; on an idle machine the
     yield returns at once.
     """
-    if not YIELD:
-        request.Wait()
-        return
     while not request.Test():
         os.sched_yield()
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import Kron, KronEigh, factored_damping
 from .._backend import context, mT
-from ._comm import back, checkin, host, wait, pack_symmetric, tri_size, unpack_symmetric
+from ._comm import back, checkin, host, pack_symmetric, tri_size, unpack_symmetric, wait
 from .assign import assign, layer_costs
 
 __all__ = ["DistributedKFAC", "FrozenInverse"]
