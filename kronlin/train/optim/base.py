@@ -97,6 +97,15 @@ class Optimizer:
     def _validate(self) -> None:
         """Check conditions that tie several hyper-parameters together (override; ``spec`` checks each one)."""
 
+    def prepare(self, X_train) -> bool:
+        """Called once with the whole training inputs before the first step of a fresh run (not on resume).
+
+        Returns whether it did any work.  A no-op by default; an optimizer whose paper initialises its
+        curvature from the whole data set (K-BFGS's warm start) overrides it.  Its time is recorded apart
+        from the step times (``prepare_seconds``), as in the papers' figures.
+        """
+        return False
+
     def extra_state(self) -> dict:
         """The subclass's buffers for :meth:`state_dict` (override)."""
         return {}
