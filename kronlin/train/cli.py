@@ -211,6 +211,37 @@ def _setup(config):
     return task, net, data_rng, opt
 
 
+def evaluate(task, net) -> dict:
+    """The objective on the whole training set (and the test set, if the task holds one out).
+
+    This is what the papers report (K-FAC §13, Botev §6, Benzing §5, Ren et al. §5), rather than the
+    mini-batch loss a step sees: ``train_loss`` (the mean loss over all training examples, at the current
+    weights), and with a held-out set ``test_loss``; for classifiers also ``train_error`` and
+    ``test_error`` (the fraction of wrongly classified examples).
+    """
+    out = {}
+    for part, X, Y in (("train", task.X_train, task.Y_train), ("test", task.X_test, task.Y_test)):
+        if X is None:
+            continue
+        logits = net.forward(X).out
+        out[f"{part}_loss"] = task.loss.value(logits, Y)
+        if task.is_classifier:
+            out[f"{part}_error"] = float(np.mean(np.argmax(logits, axis=1) != Y))
+    return out
+
+
+def _evaluate_into(record, it, task, net) -> float:
+    """Append the evaluation at iteration ``it`` to ``record["eval"]``; return the seconds it took."""
+    t0 = time.perf_counter()
+    ev = record["eval"]
+    if ev["step"] and ev["step"][-1] == it:
+        return 0.0
+    ev["step"].append(it)
+    for key, value in evaluate(task, net).items():
+        ev.setdefault(key, []).append(value)
+    return time.perf_counter() - t0
+
+
 def run_training(
     config: dict,
     *,
@@ -222,8 +253,13 @@ def run_training(
     out=None,
     label: str | None = None,
     dp=None,
+    eval_every: int = 0,
 ) -> dict:
     """Train as ``config`` (from :func:`make_config`) says and return the record.
+
+    ``eval_every`` = K > 0 adds ``record["eval"]``: :func:`evaluate` (the whole training set's objective,
+    the held-out set's, classification errors) before the first step, after every K-th and after the
+    last; its time is left out of ``record["seconds"]``.
 
     ``resume``/``checkpoint`` are checkpoint paths; ``out`` a JSON path for the
     record.  With ``handle_sigint`` the first Ctrl-C stops at the end of an
@@ -282,6 +318,12 @@ def run_training(
     }
     if dp is not None:
         record["config"]["ranks"] = dp.size
+    if eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0; got {eval_every}")
+    if eval_every and (dp is None or dp.rank == 0):
+        record.setdefault("eval", {"every": eval_every, "step": []})["every"] = eval_every
+    else:
+        eval_every = 0
     start = len(record["loss"])
     offset = record["seconds"][-1] if start else 0.0
     bar = Progress(steps, label or f"{config['task']}/{config['opt']}", enabled=progress)
@@ -294,17 +336,19 @@ def run_training(
     if dp is not None:  # a failure on one rank must end every rank (the others wait in a collective)
         try:
             return _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, save, handle_sigint,
-                               checkpoint, checkpoint_every, out, dp)  # fmt: skip
+                               checkpoint, checkpoint_every, out, dp, eval_every)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - ends every rank
             bar.close()
             dp.abort(f"{PROG}: error: {type(exc).__name__}: {exc}")
     return _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, save, handle_sigint,
-                       checkpoint, checkpoint_every, out, dp)  # fmt: skip
+                       checkpoint, checkpoint_every, out, dp, eval_every)  # fmt: skip
 
 
 def _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, save, handle_sigint, checkpoint,
-                checkpoint_every, out, dp):  # fmt: skip
+                checkpoint_every, out, dp, eval_every):  # fmt: skip
     steps = config["steps"]
+    if eval_every:
+        _evaluate_into(record, start, task, net)
     t0 = time.perf_counter()
     with _StopFlag(handle_sigint) as stop:
         for it in range(start, steps):
@@ -315,6 +359,8 @@ def _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, sa
             record["loss"].append(float(info["loss"]))
             record["seconds"].append(offset + time.perf_counter() - t0)
             done = it + 1
+            if eval_every and (done % eval_every == 0 or done == steps):
+                t0 += _evaluate_into(record, done, task, net)  # not part of the training time
             bar.update(done, record["loss"][-1], record["seconds"][-1] - offset, start=start)
             if stop.requested and done < steps:
                 bar.close()
@@ -427,6 +473,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="also checkpoint every K iterations (default: only at the end and on Ctrl-C)")  # fmt: skip
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
+    p.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="evaluate the whole training set's objective (and the held-out set's, task option "
+                   "holdout=F; errors for classifiers) before the first step, every K iterations and at the end "
+                   "(record key 'eval'; not counted in the step times)")  # fmt: skip
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI: run under 'mpiexec -n R'; each global batch is split over the "
                    "ranks and the steps equal the single-process run's (rank 0 writes --out and --checkpoint)")  # fmt: skip
@@ -493,12 +543,15 @@ def _run_args(p, args) -> int:
                           steps=args.steps, hp=parse_hp(args.hp), data=parse_hp(args.data))  # fmt: skip
         if args.checkpoint_every < 0:
             raise ValueError("--checkpoint-every must be >= 0")
+        if args.eval_every < 0:
+            raise ValueError("--eval-every must be >= 0")
         for flag, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
             folder = os.path.dirname(os.path.abspath(path)) if path else None
             if folder and not os.path.isdir(folder):
                 raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
         rec = run_training(cfg, resume=args.resume, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                           progress=not args.quiet, handle_sigint=True, out=args.out, dp=dp)  # fmt: skip
+                           progress=not args.quiet, handle_sigint=True, out=args.out, dp=dp,
+                           eval_every=args.eval_every)  # fmt: skip
     except Interrupted as exc:
         where = f"; resume with --resume {exc.checkpoint}" if exc.checkpoint else " (no --checkpoint given)"
         print(f"interrupted after {exc.done} iterations{where}", file=sys.stderr)

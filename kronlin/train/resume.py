@@ -129,6 +129,9 @@ def _check_record(record, done: int) -> dict:
             raise CheckpointError(f"corrupt checkpoint: its record does not hold one {key} value per iteration ({done})")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise CheckpointError(f"corrupt checkpoint: its record's {key} values are not all numbers")
+    ev = record.get("eval")
+    if ev is not None and not (isinstance(ev, dict) and isinstance(ev.get("step"), list)):
+        raise CheckpointError("corrupt checkpoint: its record's eval entry is not a dict with a step list")
     return record
 
 
