@@ -344,6 +344,14 @@ def run_training(
                        checkpoint, checkpoint_every, out, dp, eval_every)  # fmt: skip
 
 
+def _draw(task, batch: int, rng, count: int):
+    """``count`` independent mini-batches of ``batch`` examples, concatenated (one draw when ``count`` is 1)."""
+    if count == 1:
+        return task.sample_batch(batch, rng)
+    parts = [task.sample_batch(batch, rng) for _ in range(count)]
+    return np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts])
+
+
 def _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, save, handle_sigint, checkpoint,
                 checkpoint_every, out, dp, eval_every):  # fmt: skip
     steps = config["steps"]
@@ -352,7 +360,7 @@ def _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, sa
     t0 = time.perf_counter()
     with _StopFlag(handle_sigint) as stop:
         for it in range(start, steps):
-            X, Y = task.sample_batch(config["batch"], data_rng)
+            X, Y = _draw(task, config["batch"], data_rng, opt.batches_per_step)
             if dp is not None:
                 X, Y = dp.shard(X, Y)
             info = opt.step(X, Y)

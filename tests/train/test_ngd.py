@@ -171,3 +171,22 @@ def test_cli(tmp_path):
     rc = cli_main(["--task", "digits-clf", "--opt", "ngd", "--steps", "5", "--batch", "64", "--out", str(out),
                    "--hp", "labels=full", "--quiet"])  # fmt: skip
     assert rc == 0 and out.exists()
+
+
+def test_independent_batch_draws_a_second_batch_in_the_training_loop():
+    """Benzing I.5: the Fisher and the gradient come from two independently drawn batches of --batch
+    examples each (not the two halves of one batch); the loop passes them concatenated."""
+    from kronlin.train.cli import _draw, _setup, make_config, run_training
+
+    cfg = make_config("digits-clf", "ngd", steps=1, batch=32, hp={"independent_batch": True})
+    task, net, data_rng, opt = _setup(cfg)
+    assert opt.batches_per_step == 2 and OPTIMIZERS["ngd"](net, opt.loss).batches_per_step == 1
+    rng = np.random.default_rng()
+    rng.bit_generator.state = data_rng.bit_generator.state
+    (X1, Y1), (X2, Y2) = task.sample_batch(32, rng), task.sample_batch(32, rng)  # two successive draws
+    X, Y = _draw(task, 32, data_rng, 2)
+    np.testing.assert_array_equal(X, np.vstack([X1, X2]))
+    np.testing.assert_array_equal(Y, np.concatenate([Y1, Y2]))
+    info = opt.step(X, Y)
+    assert opt.fisher.n_columns == 32  # the Fisher saw the first batch only (S = 1 label per input)
+    assert run_training(cfg)["loss"] == [info["loss"]]

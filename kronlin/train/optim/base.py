@@ -97,6 +97,12 @@ class Optimizer:
     def _validate(self) -> None:
         """Check conditions that tie several hyper-parameters together (override; ``spec`` checks each one)."""
 
+    @property
+    def batches_per_step(self) -> int:
+        """How many independent mini-batches the training loop draws per step (concatenated into one
+        ``step(X, Y)`` call); 1 for every optimizer except NGD with ``independent_batch=True`` (2)."""
+        return 1
+
     def prepare(self, X_train) -> bool:
         """Called once with the whole training inputs before the first step of a fresh run (not on resume).
 
