@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import signal
 import sys
@@ -182,13 +183,21 @@ class Interrupted(Exception):
 
 
 # -------------------------------------------------------------------- training
-def make_config(task, opt, *, seed=0, data_seed=0, batch=DEFAULT_BATCH, steps=DEFAULT_STEPS, hp=None, data=None) -> dict:
-    """The run configuration (what a checkpoint records and a resume checks)."""
+def make_config(task, opt, *, seed=0, data_seed=0, batch=DEFAULT_BATCH, steps=DEFAULT_STEPS, hp=None, data=None,
+                batch_full_at=None) -> dict:  # fmt: skip
+    """The run configuration (what a checkpoint records and a resume checks).
+
+    ``batch_full_at`` = K turns on K-FAC §13's exponentially growing mini-batch
+    (:func:`batch_size_at`), starting from ``batch``.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     get_optimizer(opt).check_hparams(dict(hp or {}))
     if int(steps) < 0 or int(batch) < 1:
         raise ValueError(f"need steps >= 0 and batch >= 1; got steps={steps}, batch={batch}")
+    if batch_full_at is not None and (isinstance(batch_full_at, bool) or not isinstance(batch_full_at, int)
+                                      or batch_full_at < 2):  # fmt: skip
+        raise ValueError(f"the batch schedule's full-batch iteration must be an integer >= 2; got {batch_full_at!r}")
     return {
         "task": task,
         "opt": opt,
@@ -198,7 +207,22 @@ def make_config(task, opt, *, seed=0, data_seed=0, batch=DEFAULT_BATCH, steps=DE
         "steps": int(steps),
         "hp": dict(hp or {}),
         "data": dict(data or {}),
+        "batch_full_at": batch_full_at,
     }
+
+
+def batch_size_at(k: int, batch: int, n_train: int, full_at=None) -> int:
+    """The mini-batch size of iteration ``k`` (1-based).
+
+    Fixed at ``batch`` unless ``full_at`` = K is given: then K-FAC §13's
+    schedule ``m_k = min(m₁ exp((k − 1)/b), n)`` with ``m₁ = batch`` and ``b``
+    chosen so that ``m_K = n`` (the paper: m₁ = 1000, K = 500), rounded to
+    the nearest integer.
+    """
+    if full_at is None or batch >= n_train:
+        return min(batch, n_train) if full_at is not None else batch
+    b = (full_at - 1) / math.log(n_train / batch)
+    return min(int(round(batch * math.exp((k - 1) / b))), n_train)
 
 
 def _setup(config):
@@ -211,34 +235,44 @@ def _setup(config):
     return task, net, data_rng, opt
 
 
-def evaluate(task, net) -> dict:
+def evaluate(task, net, params=None) -> dict:
     """The objective on the whole training set (and the test set, if the task holds one out).
 
     This is what the papers report (K-FAC §13, Botev §6, Benzing §5, Ren et al. §5), rather than the
     mini-batch loss a step sees: ``train_loss`` (the mean loss over all training examples, at the current
     weights), and with a held-out set ``test_loss``; for classifiers also ``train_error`` and
-    ``test_error`` (the fraction of wrongly classified examples).
+    ``test_error`` (the fraction of wrongly classified examples).  ``params`` evaluates other weights
+    than the network's (an averaged iterate).
     """
     out = {}
     for part, X, Y in (("train", task.X_train, task.Y_train), ("test", task.X_test, task.Y_test)):
         if X is None:
             continue
-        logits = net.forward(X).out
+        logits = net.forward(X, params).out
         out[f"{part}_loss"] = task.loss.value(logits, Y)
         if task.is_classifier:
             out[f"{part}_error"] = float(np.mean(np.argmax(logits, axis=1) != Y))
     return out
 
 
-def _evaluate_into(record, it, task, net) -> float:
-    """Append the evaluation at iteration ``it`` to ``record["eval"]``; return the seconds it took."""
+def _evaluate_into(record, it, task, net, opt) -> float:
+    """Append the evaluation at iteration ``it`` to ``record["eval"]``; return the seconds it took.
+
+    With Polyak averaging (K-FAC §13, ``polyak=ξ``) the averaged iterate is evaluated too (keys ending in
+    ``_averaged``; ``None`` before the first step); the paper reports the lower of the two training
+    objectives.
+    """
     t0 = time.perf_counter()
     ev = record["eval"]
     if ev["step"] and ev["step"][-1] == it:
         return 0.0
     ev["step"].append(it)
-    for key, value in evaluate(task, net).items():
-        ev.setdefault(key, []).append(value)
+    values = evaluate(task, net)
+    avg = getattr(opt, "averaged_params", None)
+    if avg is not None:
+        values.update({f"{k}_averaged": v for k, v in evaluate(task, net, avg).items()})
+    for key in set(values) | (set(ev) - {"every", "step"}):
+        ev.setdefault(key, [None] * (len(ev["step"]) - 1)).append(values.get(key))
     return time.perf_counter() - t0
 
 
@@ -318,6 +352,8 @@ def run_training(
     }
     if dp is not None:
         record["config"]["ranks"] = dp.size
+    if config.get("batch_full_at") is not None:
+        record["config"]["batch_full_at"] = config["batch_full_at"]
     if eval_every < 0:
         raise ValueError(f"eval_every must be >= 0; got {eval_every}")
     if eval_every and (dp is None or dp.rank == 0):
@@ -356,11 +392,14 @@ def _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, sa
                 checkpoint_every, out, dp, eval_every):  # fmt: skip
     steps = config["steps"]
     if eval_every:
-        _evaluate_into(record, start, task, net)
+        _evaluate_into(record, start, task, net, opt)
     t0 = time.perf_counter()
     with _StopFlag(handle_sigint) as stop:
         for it in range(start, steps):
-            X, Y = _draw(task, config["batch"], data_rng, opt.batches_per_step)
+            m = batch_size_at(it + 1, config["batch"], task.n_train, config.get("batch_full_at"))
+            X, Y = _draw(task, m, data_rng, opt.batches_per_step)
+            if config.get("batch_full_at") is not None:
+                record.setdefault("batch_sizes", []).append(m)
             if dp is not None:
                 X, Y = dp.shard(X, Y)
             info = opt.step(X, Y)
@@ -368,7 +407,7 @@ def _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, sa
             record["seconds"].append(offset + time.perf_counter() - t0)
             done = it + 1
             if eval_every and (done % eval_every == 0 or done == steps):
-                t0 += _evaluate_into(record, done, task, net)  # not part of the training time
+                t0 += _evaluate_into(record, done, task, net, opt)  # not part of the training time
             bar.update(done, record["loss"][-1], record["seconds"][-1] - offset, start=start)
             if stop.requested and done < steps:
                 bar.close()
@@ -481,6 +520,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="also checkpoint every K iterations (default: only at the end and on Ctrl-C)")  # fmt: skip
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
+    p.add_argument("--batch-full-at", type=int, default=None, metavar="K",
+                   help="K-FAC §13's exponentially growing mini-batch: m_k = min(m_1·exp((k-1)/b), n) from "
+                   "m_1 = --batch, reaching the whole training set at iteration K (record key 'batch_sizes')")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=0, metavar="K",
                    help="evaluate the whole training set's objective (and the held-out set's, task option "
                    "holdout=F; errors for classifiers) before the first step, every K iterations and at the end "
@@ -548,7 +590,8 @@ def _run_args(p, args) -> int:
         if args.distributed:
             dp = _data_parallel()
         cfg = make_config(args.task, args.opt, seed=args.seed, data_seed=args.data_seed, batch=args.batch,
-                          steps=args.steps, hp=parse_hp(args.hp), data=parse_hp(args.data))  # fmt: skip
+                          steps=args.steps, hp=parse_hp(args.hp), data=parse_hp(args.data),
+                          batch_full_at=args.batch_full_at)  # fmt: skip
         if args.checkpoint_every < 0:
             raise ValueError("--checkpoint-every must be >= 0")
         if args.eval_every < 0:

@@ -33,7 +33,7 @@ __all__ = ["CHECKPOINT_FORMAT", "RESUME_KEYS", "checkpoint_tree", "restore", "js
 
 CHECKPOINT_FORMAT = "kronlin.train-checkpoint/1"
 #: Settings that must agree between a checkpoint and the command line resuming it.
-RESUME_KEYS = ("task", "opt", "seed", "data_seed", "batch", "data", "hp")
+RESUME_KEYS = ("task", "opt", "seed", "data_seed", "batch", "data", "hp", "batch_full_at")
 _TOP_KEYS = {"format", "config", "iteration", "params", "optimizer", "data_rng", "record"}
 
 

@@ -79,3 +79,55 @@ def test_cli_eval_every(tmp_path):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--task", "digits-ae", "--opt", "sgd", "--steps", "4", "--eval-every", "-1", "--quiet"])
     assert exc.value.code == 2
+
+
+def test_exponential_batch_schedule():
+    """K-FAC §13: m_k = min(m₁ exp((k−1)/b), n) with m_K = n; the loop draws m_k examples at iteration k."""
+    from kronlin.train.cli import batch_size_at
+
+    n, m1, K = 5000, 100, 50
+    sizes = [batch_size_at(k, m1, n, K) for k in range(1, 60)]
+    assert sizes[0] == m1 and sizes[K - 1] == n and sizes[-1] == n
+    b = (K - 1) / np.log(n / m1)
+    assert sizes[9] == round(m1 * np.exp(9 / b))  # k = 10
+    assert all(x <= y for x, y in zip(sizes, sizes[1:]))
+    assert batch_size_at(7, 64, 1797) == 64  # no schedule: fixed
+    cfg = make_config("digits-clf", "sgd", steps=6, batch=50, batch_full_at=5)
+    rec = run_training(cfg)
+    assert rec["batch_sizes"] == [batch_size_at(k, 50, 1797, 5) for k in range(1, 7)]
+    assert rec["batch_sizes"][4:] == [1797, 1797] and rec["config"]["batch_full_at"] == 5
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match="full-batch iteration"):
+            make_config("digits-clf", "sgd", batch_full_at=bad)
+
+
+def test_batch_schedule_resumes_and_must_match(tmp_path):
+    from kronlin.train.resume import CheckpointError
+
+    ck = tmp_path / "ck.npz"
+    cfg = make_config("digits-clf", "kfac", steps=5, batch=40, batch_full_at=4)
+    full = run_training(cfg)
+    run_training(make_config("digits-clf", "kfac", steps=2, batch=40, batch_full_at=4), checkpoint=str(ck))
+    resumed = run_training(cfg, resume=str(ck))
+    assert resumed["loss"] == full["loss"] and resumed["batch_sizes"] == full["batch_sizes"]
+    with pytest.raises(CheckpointError, match="batch_full_at"):
+        run_training(make_config("digits-clf", "kfac", steps=5, batch=40), resume=str(ck))
+
+
+def test_averaged_iterate_is_evaluated():
+    """K-FAC §13 reports the lower of the current and the Polyak-averaged iterate's training objective."""
+    cfg = make_config("digits-ae", "kfac", steps=4, batch=64, hp={"polyak": 0.9})
+    ev = run_training(cfg, eval_every=2)["eval"]
+    assert ev["step"] == [0, 2, 4]
+    assert ev["train_loss_averaged"][0] is None and all(v is not None for v in ev["train_loss_averaged"][1:])
+    # the reference: the same run by hand, its average evaluated with the whole-set objective
+    from kronlin.train.cli import _draw, _setup
+
+    task, net, rng, opt = _setup(cfg)
+    for _ in range(4):
+        opt.step(*_draw(task, 64, rng, 1))
+    assert ev["train_loss_averaged"][-1] == task.loss.value(net.forward(task.X_train, opt.averaged_params).out,
+                                                            task.Y_train)  # fmt: skip
+    assert ev["train_loss"][-1] == task.loss.value(net.forward(task.X_train).out, task.Y_train)
+    plain = run_training(make_config("digits-ae", "kfac", steps=2, batch=64), eval_every=1)["eval"]
+    assert not any(k.endswith("_averaged") for k in plain)
