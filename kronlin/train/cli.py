@@ -338,7 +338,7 @@ def run_training(
         record = {"task": config["task"], "opt": config["opt"], "seed": config["seed"], "config": None,
                   "loss": [], "seconds": []}  # fmt: skip
         t0 = time.perf_counter()
-        if opt.prepare(task.X_train):  # e.g. K-BFGS's warm start; kept out of the step times, as in the papers
+        if opt.prepare(task.X_train, config["batch"]):  # e.g. K-BFGS's warm start; kept out of the step times, as in the papers
             record["prepare_seconds"] = time.perf_counter() - t0
     record["config"] = {
         "batch": config["batch"],

@@ -155,7 +155,7 @@ def test_warm_start_builds_H_A_from_the_whole_training_set(cls, make):
     net, loss = make(), get_loss("softmax_ce")
     X_train, _ = batch(net, 50, seed=3)
     opt = cls(net, loss, damping=0.4, T=1000, warm_start=True)
-    assert opt.prepare(X_train, chunk=7)
+    assert opt.prepare(X_train, 32, chunk=7)
     tr = net.forward(X_train)  # one pass over the whole set: the reference A, per example and position
     for i, a in enumerate(tr.a):
         a = a if a.ndim == 3 else a[:, None, :]
@@ -168,7 +168,7 @@ def test_warm_start_builds_H_A_from_the_whole_training_set(cls, make):
     for H, W in zip(opt.H_A, warm):
         np.testing.assert_array_equal(H, W)
     cold = cls(make(), loss, damping=0.4, T=1000)
-    assert not cold.prepare(X_train)  # warm_start=False: a no-op, the first batch builds H_A
+    assert not cold.prepare(X_train, 32)  # warm_start=False: a no-op, the first batch builds H_A
     assert cold.H_A is None
 
 

@@ -103,8 +103,9 @@ class Optimizer:
         ``step(X, Y)`` call); 1 for every optimizer except NGD with ``independent_batch=True`` (2)."""
         return 1
 
-    def prepare(self, X_train) -> bool:
-        """Called once with the whole training inputs before the first step of a fresh run (not on resume).
+    def prepare(self, X_train, batch: int) -> bool:
+        """Called once with the whole training inputs and the mini-batch size before the first step of a
+        fresh run (not on resume).
 
         Returns whether it did any work.  A no-op by default; an optimizer whose paper initialises its
         curvature from the whole data set (K-BFGS's warm start) overrides it.  Its time is recorded apart

@@ -234,11 +234,12 @@ class KBFGS(Optimizer):
         """``Σ_n Σ_t ā ā ᵀ`` per layer of one forward pass."""
         return [r.T @ r for r in map(_flat_rows, trace.a)]
 
-    def prepare(self, X_train, chunk: int = 1024) -> bool:
+    def prepare(self, X_train, batch: int = 0, chunk: int = 1024) -> bool:
         """The paper's warm start (§4, algorithm 2 line 3 over the whole data set), when ``warm_start=True``.
 
         ``A`` is accumulated over ``X_train`` in chunks of ``chunk`` examples (one forward pass each, at the
-        initial weights), so it equals the single-pass ``E_n[Σ_t ā ā ᵀ]`` of the whole set.
+        initial weights), so it equals the single-pass ``E_n[Σ_t ā ā ᵀ]`` of the whole set.  ``batch``
+        (the training loop's mini-batch size) is not needed here.
         """
         if not self.hparams["warm_start"] or self.H_A is not None:
             return False
