@@ -84,7 +84,8 @@ from .progress import Progress
 from .resume import checkpoint_tree, restore
 from .resume import jsonable as _jsonable
 
-__all__ = ["main", "run_training", "run_compare", "parse_hp", "Progress"]
+__all__ = ["main", "run_training", "run_compare", "parse_hp", "Progress", "make_config", "setup", "draw_batches",
+           "evaluate", "batch_size_at"]
 
 PROG = "python -m kronlin.train"
 
@@ -225,7 +226,13 @@ def batch_size_at(k: int, batch: int, n_train: int, full_at=None) -> int:
     return min(int(round(batch * math.exp((k - 1) / b))), n_train)
 
 
-def _setup(config):
+def setup(config):
+    """``(task, net, data_rng, opt)`` of a run configuration (:func:`make_config`), as training starts.
+
+    The seed is split into three independent streams (initial weights, mini-batches, the optimizer's
+    own randomness), so a run is determined by ``config`` alone; experiments that follow a training
+    trajectory step by step (bench/'s reproduction) start from here.
+    """
     task = load_task(config["task"], config["data_seed"], **config["data"])
     init_ss, data_ss, opt_ss = np.random.SeedSequence(config["seed"]).spawn(3)
     net = task.net_factory(np.random.default_rng(init_ss))
@@ -304,7 +311,7 @@ def run_training(
     shard; rank 0 alone reads the checkpoint to resume from (and broadcasts
     it), writes checkpoints and ``out`` and shows progress.
     """
-    task, net, data_rng, opt = _setup(config)
+    task, net, data_rng, opt = setup(config)
     steps = config["steps"]
     if dp is not None:
         opt.check_distributed()
@@ -380,7 +387,7 @@ def run_training(
                        checkpoint, checkpoint_every, out, dp, eval_every)  # fmt: skip
 
 
-def _draw(task, batch: int, rng, count: int):
+def draw_batches(task, batch: int, rng, count: int = 1):
     """``count`` independent mini-batches of ``batch`` examples, concatenated (one draw when ``count`` is 1)."""
     if count == 1:
         return task.sample_batch(batch, rng)
@@ -397,7 +404,7 @@ def _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, sa
     with _StopFlag(handle_sigint) as stop:
         for it in range(start, steps):
             m = batch_size_at(it + 1, config["batch"], task.n_train, config.get("batch_full_at"))
-            X, Y = _draw(task, m, data_rng, opt.batches_per_step)
+            X, Y = draw_batches(task, m, data_rng, opt.batches_per_step)
             if config.get("batch_full_at") is not None:
                 record.setdefault("batch_sizes", []).append(m)
             if dp is not None:
@@ -467,7 +474,7 @@ def run_compare(task, opts, *, steps, batch, seed=0, data_seed=0, hp=None, data=
     configs = {name: make_config(task, name, seed=seed, data_seed=data_seed, batch=batch, steps=steps, hp=per[name],
                                  data=data) for name in opts}  # fmt: skip
     for cfg in configs.values():  # every optimizer accepts the task's network (before any output exists)
-        _setup(cfg)
+        setup(cfg)
     import_matplotlib()
     os.makedirs(out_dir, exist_ok=True)
     records = {}

@@ -121,11 +121,11 @@ def test_averaged_iterate_is_evaluated():
     assert ev["step"] == [0, 2, 4]
     assert ev["train_loss_averaged"][0] is None and all(v is not None for v in ev["train_loss_averaged"][1:])
     # the reference: the same run by hand, its average evaluated with the whole-set objective
-    from kronlin.train.cli import _draw, _setup
+    from kronlin.train.cli import draw_batches, setup
 
-    task, net, rng, opt = _setup(cfg)
+    task, net, rng, opt = setup(cfg)
     for _ in range(4):
-        opt.step(*_draw(task, 64, rng, 1))
+        opt.step(*draw_batches(task, 64, rng, 1))
     assert ev["train_loss_averaged"][-1] == task.loss.value(net.forward(task.X_train, opt.averaged_params).out,
                                                             task.Y_train)  # fmt: skip
     assert ev["train_loss"][-1] == task.loss.value(net.forward(task.X_train).out, task.Y_train)
