@@ -113,7 +113,7 @@ def test_whitening_by_the_better_conditioned_pair():
     assert rel_err(inv2.solve(V), ref) < 1e-12
     # what the choice avoids: whitening by the ill-conditioned pair (as GPyTorch always does), without the
     # refinement that KronSumInverse adds when the whitening pair is this ill-conditioned
-    from kronlin.stein_eig import EigStein, _spd_factor
+    from kronlin.stein.eig import EigStein, _spd_factor
 
     bad = EigStein.__new__(EigStein)
     bad.xp, bad.sign = np, 1

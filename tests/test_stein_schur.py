@@ -21,7 +21,7 @@ from kronlin._kernels.gsylv import (
     gsylv_backsub_reference,
     singular_tol,
 )
-from kronlin.stein_schur import SchurStein
+from kronlin.stein.schur import SchurStein
 
 from helpers import on, rand_orth, rel_err, to_np, unvec, vec
 
