@@ -123,7 +123,7 @@ def test_private_use_detection(source, n):
 def _cited_modules():
     cited = set()
     for path in (ROOT / "kronlin").rglob("*.py"):
-        cited |= {(path.name, m) for m in re.findall(r":(?:mod|class|func|data):`(kronlin(?:\.\w+)+)`", path.read_text())}
+        cited |= {(path.name, m) for m in re.findall(r":(?:mod|class|func|data):`~?(kronlin(?:\.\w+)+)`", path.read_text())}
     return sorted(cited)
 
 
