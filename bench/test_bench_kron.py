@@ -38,6 +38,7 @@ import kronlin
 from _harness import cached_case, case_funcs, time_paired
 from kronlin import kernels
 from kronlin.kernels import eig_scale, eig_scale_reference
+from kronlin.testing import wishart
 
 DAMPING = 1e-3
 POWER = -1.0
@@ -88,22 +89,14 @@ class Problem:
         rng = np.random.default_rng([SEED, q, p])
         self.q, self.p, self.dtype = q, p, np.dtype(dtype)
         self.eps = float(np.finfo(self.dtype).eps)
-        self.A64 = self._spd(rng, p)
-        self.G64 = self._spd(rng, q)
+        self.A64 = wishart(rng, p)
+        self.G64 = wishart(rng, q)
         self.X64 = rng.standard_normal((q, p))
         self.A = self.A64.astype(self.dtype)  # symmetric exactly: the float64 matrix is, casting is elementwise
         self.G = self.G64.astype(self.dtype)
         self.X = self.X64.astype(self.dtype)
         self.v = rng.standard_normal(p)  # Freivalds probe vector
         self.cases = {}  # op -> (target, setup), filled by the tests
-
-    @staticmethod
-    def _spd(rng, n):
-        W = rng.standard_normal((n, n))
-        M = W @ W.T / n
-        M = (M + M.T) / 2
-        M[np.diag_indices(n)] += 0.1
-        return M
 
     @functools.cached_property
     def kron(self):
