@@ -100,22 +100,20 @@ def _check_transpose(kl, P: Problem) -> Outcome:
     return Outcome("rows", relerr(got[P.rows], ref), 1.0, call)
 
 
-def _check_solve_spd(kl, P: Problem) -> Outcome:
-    call = lambda: kl.Kron(P.A, P.G).solve(P.X)  # noqa: E731
-    Y = call()
-    if P.dense:
-        ref = scipy.linalg.cho_solve(P.K_cho, P.x64)
-        return Outcome("dense", relerr(vec(Y), ref), P.kappa, call)
-    return Outcome("resid", relerr(P.kmul(P.A64, P.G64, Y), P.X64), P.kappa, call)
+def _make_solve_check(general: bool):
+    """``Kron.solve`` with the SPD factors (Cholesky; reference from the dense Cholesky factor) or the
+    non-symmetric ones (LU; reference ``scipy.linalg.solve``)."""
+    def check(kl, P: Problem) -> Outcome:
+        A, G, A64, G64 = (P.An, P.Gn, P.An64, P.Gn64) if general else (P.A, P.G, P.A64, P.G64)
+        call = lambda: kl.Kron(A, G).solve(P.X)  # noqa: E731
+        Y = call()
+        if P.dense:
+            ref = scipy.linalg.solve(P.Kn, P.x64) if general else scipy.linalg.cho_solve(P.K_cho, P.x64)
+            return Outcome("dense", relerr(vec(Y), ref), P.kappa, call)
+        return Outcome("resid", relerr(P.kmul(A64, G64, Y), P.X64), P.kappa, call)
 
-
-def _check_solve_general(kl, P: Problem) -> Outcome:
-    call = lambda: kl.Kron(P.An, P.Gn).solve(P.X)  # noqa: E731
-    Y = call()
-    if P.dense:
-        ref = scipy.linalg.solve(P.Kn, P.x64)
-        return Outcome("dense", relerr(vec(Y), ref), P.kappa, call)
-    return Outcome("resid", relerr(P.kmul(P.An64, P.Gn64, Y), P.X64), P.kappa, call)
+    check.__name__ = f"_check_solve_{'general' if general else 'spd'}"
+    return check
 
 
 def _check_inv(kl, P: Problem) -> Outcome:
@@ -154,13 +152,17 @@ def _check_trace(kl, P: Problem) -> Outcome:
     return Outcome("diag", relerr(got, ref), 1.0, call)
 
 
-def _check_eigh_solve(kl, P: Problem) -> Outcome:
-    call = lambda: kl.Kron(P.A, P.G).eigh().solve(P.X, DAMPING)  # noqa: E731
+def _exact_damped_outcome(P: Problem, call) -> Outcome:
+    """``call()`` checked as the exact damped solve ``(A ⊗ G + DAMPING·I)⁻¹ vec(X)``."""
     Y = call()
     if P.dense:
         return Outcome("dense", relerr(vec(Y), P.damped_solution), P.kappa_damped, call)
     resid = P.kmul(P.A64, P.G64, Y) + DAMPING * f64(Y)
     return Outcome("resid", relerr(resid, P.X64), P.kappa_damped, call)
+
+
+def _check_eigh_solve(kl, P: Problem) -> Outcome:
+    return _exact_damped_outcome(P, lambda: kl.Kron(P.A, P.G).eigh().solve(P.X, DAMPING))
 
 
 def _check_power(kl, P: Problem) -> Outcome:
@@ -268,12 +270,7 @@ def _make_kron_sum_check(method: str, sign: int, general: bool = False):
 
 
 def _check_damped_exact(kl, P: Problem) -> Outcome:
-    call = lambda: kl.DampedKron(P.A, P.G, DAMPING, "exact").solve(P.X)  # noqa: E731
-    Y = call()
-    if P.dense:
-        return Outcome("dense", relerr(vec(Y), P.damped_solution), P.kappa_damped, call)
-    resid = P.kmul(P.A64, P.G64, Y) + DAMPING * f64(Y)
-    return Outcome("resid", relerr(resid, P.X64), P.kappa_damped, call)
+    return _exact_damped_outcome(P, lambda: kl.DampedKron(P.A, P.G, DAMPING, "exact").solve(P.X))
 
 
 def _check_damped_factored(kl, P: Problem) -> Outcome:
@@ -381,8 +378,8 @@ CHECKS = (
     ("Kron @ X", _check_matmul),
     ("Kron.matmat(V)", _check_matmat),
     ("Kron.T @ X", _check_transpose),
-    ("Kron.solve (SPD)", _check_solve_spd),
-    ("Kron.solve (general)", _check_solve_general),
+    ("Kron.solve (SPD)", _make_solve_check(general=False)),
+    ("Kron.solve (general)", _make_solve_check(general=True)),
     ("Kron.inv()", _check_inv),
     ("Kron.logdet()", _check_logdet),
     ("Kron.trace()", _check_trace),
