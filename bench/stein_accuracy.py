@@ -10,11 +10,12 @@ import numpy as np
 import scipy.linalg as sl
 
 import kronlin
+from kronlin.testing import symmetric
 
 
 def spd(rng, n, cond):
-    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    return (Q * np.geomspace(1.0, 1.0 / cond, n)) @ Q.T
+    """Eigenvalues log-spaced from 1 down to 1/cond in a random basis."""
+    return symmetric(rng, np.geomspace(1.0, 1.0 / cond, n))
 
 
 def main(trials=150, out="bench/results/stein_accuracy.md"):
