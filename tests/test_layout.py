@@ -85,10 +85,8 @@ def private_uses(source: str, filename: str = "<bench>") -> list:
 #: with that work.  The core (everything outside kronlin.train) has none left; an entry that is no
 #: longer used fails the test, so this list only shrinks.
 TRAIN_PENDING = {
-    ("_repro_align.py", "from kronlin.train.cli import _setup"),
     ("_repro_align.py", "from kronlin.train.optim.kfra import _repeat_trace"),
     ("_repro_align.py", "call of private method ._tikhonov()"),
-    ("reproduce.py", "from kronlin.train.cli import _setup"),
 }
 
 
