@@ -16,7 +16,7 @@ import numpy as np
 from ._backend import ModuleRefs, dtype_eps, is_cupy, is_numpy, mT
 from ._validate import LinAlgError, _symmetric_within_tol, shape_str, singular_tol
 
-__all__ = ["Factor", "eigh", "generalized_eigh", "PSD_CLIP_FACTOR"]
+__all__ = ["Factor", "eigh", "generalized_eigh", "ritz", "PSD_CLIP_FACTOR"]
 
 #: Eigenvalues of a matrix that must be positive semi-definite may come out of
 #: ``eigh`` slightly negative through round-off (backward error ~ n·eps·‖M‖).
@@ -355,18 +355,45 @@ def eigh(xp, M, name: str, psd: bool = True):
         )
     w, Q = out
     if psd and M.shape[-1] > 0:
-        n = M.shape[-1]
-        wmax = xp.max(xp.abs(w), axis=-1, keepdims=True)
-        tol = PSD_CLIP_FACTOR * n * dtype_eps(xp, w.dtype) * wmax
-        if bool(xp.any(w < -tol)):
+        clipped = _clip_psd(xp, w)
+        if clipped is None:
+            n = M.shape[-1]
+            wmax = xp.max(xp.abs(w), axis=-1, keepdims=True)
             worst = float(xp.min(w / xp.where(wmax > 0, wmax, xp.ones_like(wmax))))
             raise LinAlgError(
                 f"{name} (shape {shape_str(M)}) is not positive semi-definite: its smallest eigenvalue is "
                 f"{worst:.3g} times its largest (tolerance {PSD_CLIP_FACTOR * n * dtype_eps(xp, w.dtype):.2g}); "
                 f"pass a PSD curvature factor, add damping, or use psd=False"
             )
-        w = xp.where(w < 0, xp.zeros_like(w), w)
+        w = clipped
     return w, Q
+
+
+def _clip_psd(xp, w):
+    """``w`` (..., n) with round-off negative values (see :data:`PSD_CLIP_FACTOR`) set to zero; None when
+    a value is more negative than that (the matrix is not PSD)."""
+    tol = PSD_CLIP_FACTOR * w.shape[-1] * dtype_eps(xp, w.dtype) * xp.max(xp.abs(w), axis=-1, keepdims=True)
+    if bool(xp.any(w < -tol)):
+        return None
+    return xp.where(w < 0, xp.zeros_like(w), w)
+
+
+def ritz(xp, M, Q):
+    """Rayleigh quotients ``d_j = q_jᵀ M q_j`` and squared residual norms ``r_j = ‖M q_j − d_j q_j‖²``.
+
+    For an orthonormal ``Q`` (..., n, n), ``d`` is the diagonal of ``QᵀMQ`` and ``r_j`` the squared norm
+    of the off-diagonal part of its column ``j`` (``‖Qᵀy‖ = ‖y‖``), so the staleness of ``Q`` as an
+    eigenbasis of ``M`` costs one GEMM and a few passes over ``n²`` entries, not the two GEMMs of
+    ``QᵀMQ``.  The residual is formed explicitly (not as ``‖Mq_j‖² − d_j²``, which cancels to
+    ``sqrt(eps)`` relative accuracy).  ``d`` is clipped like :func:`eigh`'s eigenvalues for a PSD ``M``;
+    returns None when a quotient is clearly negative (``M`` is not PSD).
+    """
+    Y = M @ Q
+    d = xp.sum(Q * Y, axis=-2)
+    R = Y - Q * d[..., None, :]
+    r = xp.sum(R * R, axis=-2)
+    d = _clip_psd(xp, d)
+    return None if d is None else (d, r)
 
 
 def _retry_float64(xp, fn, *mats):
