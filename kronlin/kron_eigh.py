@@ -30,6 +30,7 @@ from ._validate import (
     check_nonneg_scalar,
     check_positive_scalar,
     check_real_scalar,
+    check_square,
     check_symmetric,
     shape_str,
     singular_tol,
@@ -319,20 +320,22 @@ class KronEigh(KronShaped):
         3-8x the GEMMs at 256-1024 on one core (bench/results/refresh.md).  A stack decides for the
         whole stack (the worst ``η`` of its items).
         """
-        from .kron import Kron  # kron imports this module
-
         damping = check_nonneg_scalar(damping, "damping")
         # math.inf keeps every basis (eigenvalue correction only, as SOAP does); refresh_info still has η
         rtol = math.inf if rtol == math.inf else check_positive_scalar(rtol, "rtol")
-        K = Kron(A, G)
-        if (K.p, K.q, tuple(K.batch_shape), K.dtype) != (self.p, self.q, tuple(self.batch_shape), self.dtype):
+        ctx, (A, G) = context(("A", A), ("G", G), snapshot=True)
+        p, q = check_square(A, "A"), check_square(G, "G")
+        got = (p, q, tuple(batch_shape_of(A, G)), ctx.dtype, ctx.name)
+        if got != (self.p, self.q, tuple(self.batch_shape), self.dtype, self._ctx.name):
             raise ValueError(
-                f"refresh needs factors of this eigenbasis' shapes and dtype (p={self.p}, q={self.q}, batch "
-                f"{tuple(self.batch_shape)}, {self.dtype}); got p={K.p}, q={K.q}, batch {tuple(K.batch_shape)}, "
-                f"{K.dtype}; use Kron(A, G).eigh() for a new shape"
+                f"refresh needs factors of this eigenbasis' shapes, dtype and library (p={self.p}, q={self.q}, batch "
+                f"{tuple(self.batch_shape)}, {self.dtype}, {self._ctx.name}); got p={got[0]}, q={got[1]}, batch "
+                f"{got[2]}, {got[3]}, {got[4]}; use Kron(A, G).eigh() for a new shape"
             )
         xp = self._ctx.xp
-        M = {"A": K._A, "G": K._G}
+        M = {"A": A, "G": G}
+        for n in M:
+            check_finite(xp, M[n], n)
         check_symmetric(xp, M["A"], "A")
         check_symmetric(xp, M["G"], "G")
         fails, skip = self._backoff if rtol < math.inf else (0, 0)

@@ -174,9 +174,9 @@ def test_refresh_validates():
     rng = np.random.default_rng(6)
     A, G = _psd(rng, 4), _psd(rng, 3)
     E = Kron(A, G).eigh()
-    with pytest.raises(ValueError, match="shapes and dtype"):
+    with pytest.raises(ValueError, match="shapes, dtype and library"):
         E.refresh(_psd(rng, 5), G, damping=0.1)
-    with pytest.raises(ValueError, match="shapes and dtype"):
+    with pytest.raises(ValueError, match="shapes, dtype and library"):
         E.refresh(A.astype(np.float32), G.astype(np.float32), damping=0.1)
     with pytest.raises(ValueError, match="damping"):
         E.refresh(A, G, damping=-1.0)
