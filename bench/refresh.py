@@ -373,15 +373,15 @@ def write_md(res, path, rtols):
         for e in res["sweep"]:
             L.append(f"| {e['n']} | {e['cold_ms']:.2f} | " + " | ".join(f"{e['ratio_to_cold'][k]:.2f}" for k in keys)
                      + f" | {e['inv_ratio_ns_to_potri']:.2f} | {e['ns_rel_residual_after_1_step']:.1e} |")  # fmt: skip
-        L += ["", "![refresh cost against width](refresh_width.png)"]
+        L += ["", f"![refresh cost against width]({Path(path).stem}_width.png)"]
     Path(path).write_text("\n".join(L) + "\n")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes and few steps (smoke run)")
-    ap.add_argument("--curves-steps", type=int, default=60)
-    ap.add_argument("--mlp-steps", type=int, default=16)
+    ap.add_argument("--curves-steps", type=int, default=60, help="0: no curves-ae trajectories")
+    ap.add_argument("--mlp-steps", type=int, default=16, help="0: no MLP trajectory")
     ap.add_argument("--T3", type=int, nargs="+", default=[1, 5], help="refresh periods to record (curves-ae)")
     ap.add_argument("--mlp-T3", type=int, default=1)
     ap.add_argument("--rtol", type=float, nargs="+", default=[1e-3, 1e-1])
@@ -400,7 +400,7 @@ def main(argv=None):
     if args.quick:
         args.curves_steps, args.mlp_steps, args.T3, args.widths, args.rounds = 8, 0, [1], [64, 128], 3
     res = {"argv": list(argv if argv is not None else sys.argv[1:]), "machine_start": machine(), "runs": [], "rows": []}
-    jobs = [(f"curves-ae T3={t}", load_task("curves-ae", 0), args.curves_steps, t) for t in args.T3]
+    jobs = [(f"curves-ae T3={t}", load_task("curves-ae", 0), args.curves_steps, t) for t in args.T3 if args.curves_steps]
     if args.mlp_steps:
         jobs.append((f"mlp6x1024 T3={args.mlp_T3}", mlp_task(), args.mlp_steps, args.mlp_T3))
     for name, task, steps, T3 in jobs:
@@ -415,7 +415,7 @@ def main(argv=None):
         Path(args.out + ".json").write_text(json.dumps(res, indent=1))
     print("width sweep", flush=True)
     res["sweep"] = width_sweep(args.widths, args.rounds)
-    res["summary"] = summarize(res["rows"], args.rtol)
+    res["summary"] = summarize(res["rows"], args.rtol)  # empty with --curves-steps 0 --mlp-steps 0 (sweep only)
     res["machine"] = machine()
     Path(args.out + ".json").write_text(json.dumps(res, indent=1))
     write_md(res, args.out + ".md", args.rtol)

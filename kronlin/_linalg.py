@@ -402,8 +402,8 @@ def ritz(xp, M, Q):
     """
     Y = M @ Q
     d = xp.sum(Q * Y, axis=-2)
-    R = Y - Q * d[..., None, :]
-    r = xp.sum(R * R, axis=-2)
+    Y -= Q * d[..., None, :]  # the residuals, in place (Y is ours)
+    r = xp.sum(Y * Y, axis=-2)
     d = _clip_psd(xp, d)
     return None if d is None else (d, r)
 

@@ -397,17 +397,23 @@ class KronEigh(KronShaped):
 def _warm_bound(xp, a, g, damping: float) -> float:
     """``η = min(η_A, η_G)`` of :meth:`KronEigh.refresh` from ``a = (da, ra²)`` and ``g = (dg, rg²)``
     (Rayleigh quotients and squared residual norms); the worst item of a stack; inf where
-    ``da_i dg_k + damping`` vanishes."""
+    ``da_i dg_k + damping`` vanishes.
+
+    ``max_k w_ik dg_k`` is at ``dg_max`` (``x/(x·da_i + λ)`` grows with ``x ≥ 0``) and ``c`` is a product of
+    ``W²`` with a vector, so the cost is one ``(q, p)`` array and two matrix-vector products.
+    """
     (da, ra2), (dg, rg2) = a, g
     den = dg[..., :, None] * da[..., None, :] + damping  # (..., q, p), rows k over G, columns i over A
     if not bool(xp.all(den > 0)):
         return math.inf
-    W = 1.0 / den
+    W2 = 1.0 / (den * den)
 
-    def one(W, dx, rx2, dy, ry2):  # x indexes W's columns (the outer factor), y its rows
-        c = xp.sqrt(xp.sum(W * W * ry2[..., :, None], axis=-2))
-        m = xp.max(W * dy[..., :, None], axis=-2)
-        return xp.sqrt(xp.sum(rx2 * (m + c) ** 2, axis=-1)) + xp.max(dx * c, axis=-1)
+    def one(dx, rx2, dy, cx):  # x the outer factor, cx_i = (Σ_k w_ik² ry_k²)^½
+        dmax = xp.max(dy, axis=-1, keepdims=True)
+        m = dmax / (dmax * dx + damping)
+        return xp.sqrt(xp.sum(rx2 * (m + cx) ** 2, axis=-1)) + xp.max(dx * cx, axis=-1)
 
-    eta = xp.minimum(one(W, da, ra2, dg, rg2), one(mT(W), dg, rg2, da, ra2))
+    ca = xp.sqrt((rg2[..., None, :] @ W2)[..., 0, :])  # (..., p)
+    cg = xp.sqrt((W2 @ ra2[..., :, None])[..., 0])  # (..., q)
+    eta = xp.minimum(one(da, ra2, dg, ca), one(dg, rg2, da, cg))
     return float(xp.max(eta))
