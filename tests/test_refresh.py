@@ -80,7 +80,7 @@ def test_bound_is_an_upper_bound_of_the_true_worst_case(seed):
         assert E.refresh_info["A"] == E.refresh_info["G"] == "kept"
         worst = _worst_rel(E, A1, G1, lam)
         assert worst <= E.refresh_info["bound"] * (1 + 1e-10) + 1e-12
-        assert E.refresh_info["bound"] <= 50 * worst + 1e-12  # and not vacuous (measured: within ~2-3x)
+        assert E.refresh_info["bound"] <= 50 * worst + 1e-12  # and not vacuous (measured 1.0-2.5x over 90 cases)
 
 
 def test_one_factor_cold_when_only_it_moved():
