@@ -278,7 +278,8 @@ class KronEigh(KronShaped):
 
         Guarantee: for every ``X``, ``‖x̃ − x‖ ≤ η ‖x‖ ≤ rtol ‖x‖`` with ``x = (A⊗G + damping·I)⁻¹ vec(X)``
         and ``x̃ = result.solve(X, damping)`` (exact arithmetic; rounding adds the ``O(n·eps·‖A‖)`` the cold
-        ``eigh`` also carries).  Other dampings and powers are not covered by ``η``.
+        ``eigh`` also carries).  A larger damping is covered too (``η`` decreases with ``λ``); smaller dampings
+        and other powers are not.
 
         Derivation (a Bauer–Fike/Weyl-type perturbation bound in the old basis; Shampoo's criterion made
         specific to the damped solve).  Write ``K = A⊗G + λI`` and ``K̃ = Ã⊗G̃ + λI``; both are
@@ -316,9 +317,11 @@ class KronEigh(KronShaped):
 
         Notes
         -----
-        Cost: two GEMMs (one per factor) plus ``O(p·q)``; a cold refresh is two ``?syevd`` calls,
-        3-8x the GEMMs at 256-1024 on one core (bench/results/refresh.md).  A stack decides for the
-        whole stack (the worst ``η`` of its items).
+        Cost: two GEMMs (one per factor) plus ``O(p·q)``: a kept refresh measured 0.26-0.30x a cold one
+        (two ``?syevd``) at 256-1024 on one core (bench/results/refresh_sweep.md).  On factors recorded from
+        kronlin.train's K-FAC (curves-ae, a 6 x 1024 MLP) no basis could be kept at ``rtol <= 0.1``: even one
+        step apart, the step from the previous basis (eigenvalues corrected) differs from the cold one by
+        9-20% (bench/results/refresh.md).  A stack decides for the whole stack (the worst ``η`` of its items).
         """
         damping = check_nonneg_scalar(damping, "damping")
         # math.inf keeps every basis (eigenvalue correction only, as SOAP does); refresh_info still has η
