@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -187,20 +188,25 @@ class KFAC(CurvatureHooks):
         if self.structure == "tridiagonal":
             self._inv = kronlin.BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
                                                     gamma=gamma, pi="trace")
-        else:
+        elif self.damping_mode == "exact":
             inv = []
             for ly, A, G in zip(self.layers, f["A_diag"], f["G_diag"]):
                 try:
-                    if self.damping_mode == "exact":
-                        # (A⊗G + λI)⁻¹ through the eigenbases: four GEMMs and a divide per application
-                        inv.append(kronlin.Kron(A, G).eigh())
-                    else:
-                        # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ formed once per refresh (potri), so that each
-                        # step applies it with two GEMMs instead of four triangular solves
-                        inv.append(kronlin.factored_damping(A, G, gamma, pi="trace").inv())
+                    # (A⊗G + λI)⁻¹ through the eigenbases: four GEMMs and a divide per application
+                    inv.append(kronlin.Kron(A, G).eigh())
                 except (ValueError, np.linalg.LinAlgError) as exc:
                     raise type(exc)(f"layer {ly.name!r}: {exc}") from exc
             self._inv = inv
+        else:
+            # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ formed once per refresh (potri), so that each step applies it with
+            # two GEMMs; BlockDiagInverse factorizes layers of one shape as one stack (issue 13 item 3)
+            try:
+                self._inv = kronlin.BlockDiagInverse(f["A_diag"], f["G_diag"], gamma=gamma, pi="trace")
+            except (ValueError, np.linalg.LinAlgError) as exc:
+                # the core names the block (A_diag[k] / G_diag[k]): say which layer that is
+                m = re.search(r"[AG]_diag\[(\d+)\]", str(exc))
+                where = f"layer {self.layers[int(m.group(1))].name!r}" if m else "a layer"
+                raise type(exc)(f"{where}: {exc}") from exc
         self._inv_factors = f
 
     def _apply(self, blocks):
@@ -210,7 +216,7 @@ class KFAC(CurvatureHooks):
         elif self.damping_mode == "exact":
             out = [inv.solve(v, damping=self.damping) for inv, v in zip(self._inv, V)]
         else:
-            out = [inv @ v for inv, v in zip(self._inv, V)]
+            out = self._inv.apply(V)
         return [from_array(x) for x, b in zip(out, blocks)]
 
     # -- inspection -------------------------------------------------------------------------
