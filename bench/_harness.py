@@ -51,3 +51,30 @@ def cached_case(P, op, check: bool, funcs: dict):
     if check or op not in P.cases:
         P.cases[op] = funcs[op](P)
     return P.cases[op]
+
+
+def load_package(pkg_dir, name: str):
+    """Import the ``kronlin/`` folder ``pkg_dir`` of another checkout as the package ``name``, beside the installed kronlin.
+
+    Its compiled module is the installed kronlin's ``_C`` (``kronlin.kernels.load_info()["cpu_file"]``),
+    copied in when the folder has none: the before/after comparisons run on checkouts whose ``csrc/`` is
+    unchanged.  Everything else of the old package is its own, used through its public names.
+    """
+    import glob
+    import importlib.util
+    import os
+    import shutil
+    import sys
+
+    from kronlin import kernels
+
+    pkg = os.fspath(pkg_dir)
+    if not glob.glob(os.path.join(pkg, "_C*.so")):
+        shutil.copy(kernels.load_info()["cpu_file"], pkg)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(pkg, "__init__.py"),
+                                                  submodule_search_locations=[pkg])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    assert mod.extension_info()["cpu_extension"], f"{pkg}: the compiled module did not load"
+    return mod

@@ -189,13 +189,13 @@ def run_alignment(task_name: str, seed: int = 0, *, steps: int, batch: int = 256
     """
     from threadpoolctl import threadpool_limits
 
-    from kronlin.train.cli import _setup, make_config, write_json
+    from kronlin.train.cli import setup, make_config, write_json
 
     at = sorted({int(it) for it in at})
     if at and not 0 <= at[0] <= at[-1] <= steps:
         raise ValueError(f"checkpoints must lie in [0, steps={steps}]; got {at}")
     with threadpool_limits(1):
-        task, net, data_rng, opt = _setup(make_config(task_name, "kfra", seed=seed, batch=batch, steps=steps))
+        task, net, data_rng, opt = setup(make_config(task_name, "kfra", seed=seed, batch=batch, steps=steps))
         dense = [i for i, L in enumerate(net.layers) if isinstance(L, Dense)]
         layers = [i for i in dense if net.params[i].size <= max_params]
         if not layers:

@@ -49,7 +49,7 @@ def _is_repo_root(entry: str) -> bool:
 
 sys.path[:] = [p for p in sys.path if not _is_repo_root(p)]
 _pre = sys.modules.get("kronlin")
-if _pre is not None and getattr(sys.modules.get("kronlin._ext"), "_cpu_module", None) is None and Path(
+if _pre is not None and not _pre.extension_info()["cpu_extension"] and Path(
     getattr(_pre, "__file__", "") or "/"
 ).resolve().is_relative_to(REPO_ROOT / "kronlin"):
     # The source tree (no compiled module) was imported before this conftest ran: forget it.
@@ -62,21 +62,22 @@ import scipy.linalg  # noqa: E402,F401  (loads SciPy's OpenBLAS before the limit
 import threadpoolctl  # noqa: E402
 
 import kronlin  # noqa: E402
-import kronlin._ext  # noqa: E402
+from kronlin import kernels  # noqa: E402
 
 KRONLIN_FILE = Path(kronlin.__file__).resolve()
-EXT_DISABLED_BY_ENV = kronlin._ext.ext_disabled_by_env
+EXT_DISABLED_BY_ENV = kernels.DISABLED_BY_ENV
+_LOADED = kernels.load_info()
 
 # An editable install (scikit-build-core's redirecting finder) serves the Python
 # files from the source tree and the compiled modules from site-packages: that
 # is fine as long as the compiled module is there, which the check below asserts.
-KRONLIN_C_FILE = getattr(getattr(kronlin._ext, "_cpu_module", None), "__file__", None)
+KRONLIN_C_FILE = _LOADED["cpu_file"]
 KRONLIN_EDITABLE = KRONLIN_FILE.is_relative_to(REPO_ROOT / "kronlin")
 
-if kronlin._ext.cpu() is None and not EXT_DISABLED_BY_ENV:
+if kernels.compiled(np) is None and not EXT_DISABLED_BY_ENV:
     raise RuntimeError(
         f"bench/conftest.py: kronlin's CPU extension kronlin._C is not available "
-        f"(import error: {kronlin._ext.cpu_import_error!r}; kronlin from {KRONLIN_FILE}). "
+        f"(import error: {_LOADED['cpu_import_error']!r}; kronlin from {KRONLIN_FILE}). "
         f"Run pytest from the repository root as `python -m pytest bench ...` after "
         f"`pip install --no-build-isolation .`, or set KRONLIN_DISABLE_EXT=1 "
         f"to benchmark the NumPy reference on purpose."
@@ -105,19 +106,13 @@ def _loadavg():
         return None
 
 
-def _openmp_threads():
-    mod = getattr(kronlin._ext, "_cpu_module", None)
-    fn = getattr(mod, "openmp_max_threads", None)
-    return int(fn()) if fn is not None else None
-
-
 def pytest_configure(config):
     _state["loadavg_at_start"] = _loadavg()
     limiter = threadpoolctl.threadpool_limits(limits=THREADS)
     _state["limiter"] = limiter
     info = threadpoolctl.threadpool_info()
     _state["threadpool_info"] = info
-    _state["openmp_max_threads"] = _openmp_threads()
+    _state["openmp_max_threads"] = kernels.openmp_max_threads()
     bad = [(d.get("internal_api"), d.get("filepath"), d.get("num_threads")) for d in info
            if d.get("num_threads") != THREADS]
     if bad:

@@ -16,32 +16,18 @@ when the checkout has none.
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import os
 import platform
-import shutil
 import statistics
-import sys
 import time
 
 import numpy as np
 
+from _harness import load_package
+
 
 def load_old(path: str):
-    import kronlin
-
-    pkg = os.path.join(path, "kronlin")
-    if not glob.glob(os.path.join(pkg, "_C*.so")):
-        so = glob.glob(os.path.join(os.path.dirname(kronlin._ext._cpu_module.__file__), "_C*.so"))[0]
-        shutil.copy(so, pkg)
-    spec = importlib.util.spec_from_file_location("kronlin_old", os.path.join(pkg, "__init__.py"),
-                                                  submodule_search_locations=[pkg])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kronlin_old"] = mod
-    spec.loader.exec_module(mod)
-    assert mod.extension_info()["cpu_extension"], "the old checkout's compiled module did not load"
-    return mod
+    return load_package(os.path.join(path, "kronlin"), "kronlin_old")
 
 
 def best_of(fn, reps: int) -> float:

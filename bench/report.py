@@ -48,7 +48,7 @@ OP_DOC = {
     "kron_matvec": "`Kron(A, G) @ X` (operator built once)",
     "kron_eigh_setup": "`Kron(A, G).eigh()` on a fresh operator",
     "kroneigh_solve": "`KronEigh.solve(X, damping=1e-3)`",
-    "kroneigh_solve_noext": "`KronEigh.solve` inside `kronlin._ext.disabled()`",
+    "kroneigh_solve_noext": "`KronEigh.solve` inside `kronlin.kernels.disabled()`",
     "eig_scale": "`_kernels.eig_scale.eig_scale` (compiled, in place)",
     "eig_scale_C": "`kronlin._C.eig_scale` called directly (no Python wrapper)",
 }

@@ -112,13 +112,13 @@ def _one_run(job):
     prefix, label, opt, hp, seed, steps, task, batch, out_dir = job
     from threadpoolctl import threadpool_limits
 
-    from kronlin.train.cli import _setup, make_config, run_training, write_json
+    from kronlin.train.cli import setup, make_config, run_training, write_json
 
     config = make_config(task, opt, seed=seed, batch=batch, steps=steps, hp=hp)
     path = os.path.join(out_dir, f"{prefix}__{label}__s{seed}.json")
     if prefix == "check":
         try:
-            _setup(config)
+            setup(config)
         except ValueError as e:
             write_json(path, {"task": task, "opt": opt, "label": label, "skipped": str(e)})
             return path, []

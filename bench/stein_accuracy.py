@@ -4,17 +4,18 @@ python bench/stein_accuracy.py  ->  bench/results/stein_accuracy.md
 SPD pairs with condition numbers 1 to 1e4 per factor, sign=+1, orders 2-12; references by dense SciPy in float64.
 "smith" gets contractive problems (C, D scaled to ρ(B⁻¹D)·ρ(A⁻¹C) ≈ 0.5); refusals are counted.
 """
-import sys
+import argparse
 
 import numpy as np
 import scipy.linalg as sl
 
 import kronlin
+from kronlin.testing import symmetric
 
 
 def spd(rng, n, cond):
-    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    return (Q * np.geomspace(1.0, 1.0 / cond, n)) @ Q.T
+    """Eigenvalues log-spaced from 1 down to 1/cond in a random basis."""
+    return symmetric(rng, np.geomspace(1.0, 1.0 / cond, n))
 
 
 def main(trials=150, out="bench/results/stein_accuracy.md"):
@@ -56,4 +57,8 @@ def main(trials=150, out="bench/results/stein_accuracy.md"):
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:2]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("trials", nargs="?", type=int, default=150, help="random problems per method and dtype")
+    ap.add_argument("--out", default="bench/results/stein_accuracy.md")
+    a = ap.parse_args()
+    main(a.trials, a.out)

@@ -21,7 +21,7 @@ Cases (``family: op -> floor``)::
     eigh:   eigh (floor), kron_eigh_setup -> eigh             Kron(A, G).eigh() on a fresh operator each round
     solve:  gemm (unit), 4gemm (floor),
             kroneigh_solve -> 4gemm                           KronEigh.solve(X, damping=1e-3)
-            kroneigh_solve_noext -> 4gemm                     the same inside kronlin._ext.disabled()
+            kroneigh_solve_noext -> 4gemm                     the same inside kronlin.kernels.disabled()
     scale:  eig_scale_numpy (floor), eig_scale -> eig_scale_numpy,
             eig_scale_C -> eig_scale_numpy                    the scaling step alone (in place on a fresh copy)
 """
@@ -35,9 +35,10 @@ import pytest
 import scipy.linalg
 
 import kronlin
-import kronlin._ext
 from _harness import cached_case, case_funcs, time_paired
-from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
+from kronlin import kernels
+from kronlin.kernels import eig_scale, eig_scale_reference
+from kronlin.testing import wishart
 
 DAMPING = 1e-3
 POWER = -1.0
@@ -88,22 +89,14 @@ class Problem:
         rng = np.random.default_rng([SEED, q, p])
         self.q, self.p, self.dtype = q, p, np.dtype(dtype)
         self.eps = float(np.finfo(self.dtype).eps)
-        self.A64 = self._spd(rng, p)
-        self.G64 = self._spd(rng, q)
+        self.A64 = wishart(rng, p)
+        self.G64 = wishart(rng, q)
         self.X64 = rng.standard_normal((q, p))
         self.A = self.A64.astype(self.dtype)  # symmetric exactly: the float64 matrix is, casting is elementwise
         self.G = self.G64.astype(self.dtype)
         self.X = self.X64.astype(self.dtype)
         self.v = rng.standard_normal(p)  # Freivalds probe vector
         self.cases = {}  # op -> (target, setup), filled by the tests
-
-    @staticmethod
-    def _spd(rng, n):
-        W = rng.standard_normal((n, n))
-        M = W @ W.T / n
-        M = (M + M.T) / 2
-        M[np.diag_indices(n)] += 0.1
-        return M
 
     @functools.cached_property
     def kron(self):
@@ -250,11 +243,11 @@ def case_kroneigh_solve_noext(P):
     ke, X = P.ke, P.X
 
     def solve_noext():
-        with kronlin._ext.disabled():
+        with kernels.disabled():
             return ke.solve(X, damping=DAMPING)
 
-    with kronlin._ext.disabled():
-        assert kronlin._ext.cpu() is None, "kronlin._ext.disabled() did not disable the CPU extension"
+    with kernels.disabled():
+        assert kernels.compiled(np) is None, "kronlin.kernels.disabled() did not disable the CPU extension"
     U = solve_noext()
     check_solve(U, P, "KronEigh.solve (extension disabled)")
     U_ext = ke.solve(X, damping=DAMPING)
@@ -302,13 +295,13 @@ def case_eig_scale(P):
     (Y,), _ = fresh()
     out = target(Y)
     _check_scaled(out, ref, P, "eig_scale")
-    if kronlin._ext.cpu() is not None:
+    if kernels.compiled(np) is not None:
         assert out is Y, "eig_scale did not take the compiled in-place path (it returned a new array)"
     return target, fresh
 
 
 def case_eig_scale_C(P):
-    mod = kronlin._ext.cpu()
+    mod = kernels.compiled(np)
     if mod is None:
         pytest.skip("kronlin._C is absent or disabled")
     Y0, lg, la, fresh, ref = _scale_inputs(P)
@@ -321,7 +314,7 @@ def case_eig_scale_C(P):
         return Y
 
     out = target(*fresh()[0])
-    _check_scaled(out, ref, P, "kronlin._C.eig_scale")
+    _check_scaled(out, ref, P, "the compiled eig_scale, called directly")
     return target, fresh
 
 

@@ -26,7 +26,9 @@ Families (``op -> floor``)::
             N = 16, d_in = d_out = 64, T in (16, 64, 256, 1024).  extra_info["peak_bytes"]:
             NumPy's peak allocation of one call (tracemalloc), plus for the kernel its C++
             workspace (the packed copy of the inputs), which tracemalloc cannot see.
-    gtu     gemm (floor): A @ Uᵀ;  woodbury_gtu -> gemm: Gᵀu (the GEMM plus the row sums)
+    gtu     gemm (floor): A @ Uᵀ;  woodbury_gtu -> gemm: Gᵀu (the GEMM plus the row sums), timed through the
+            public F.quad(U) = scale·|Gᵀu|², which adds U's validation and an M-term sum (before the layout
+            change of issue 11 item 5 it called the private Gᵀu helper, without the validation)
 
 The solve memory of the issue (two 2000 x 2000 layers, N = 64) is recorded as
 ``extra_info["solve_peak_bytes"]`` of the ``P64_2x2000`` solve cases.
@@ -40,11 +42,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-import kronlin
 from _harness import time_paired
-import kronlin._ext
-from kronlin import WoodburyFisher
-from kronlin._kernels.woodbury_gram import gram_shared, gram_shared_grad, gram_shared_reference
+from kronlin import WoodburyFisher, kernels
+from kronlin.kernels import gram_shared, gram_shared_grad, gram_shared_reference
 
 SEED = 20240611
 DTYPES = ["float32", "float64"]
@@ -112,7 +112,7 @@ class SolveProblem:
     @functools.cached_property
     def F(self):
         F = WoodburyFisher(self.acts, self.errs, self.lam)
-        F.gram(), F._factorized()  # the cached set-up
+        F.logdet()  # the cached set-up: logdet() builds the Gram and its Cholesky, which solve() reuses
         return F
 
     @property
@@ -252,7 +252,7 @@ def gram_case_gram_reference(G):
 
 
 def gram_case_gram_kernel(G):
-    if kronlin._ext.cpu() is None:
+    if kernels.compiled(np) is None:
         pytest.skip("kronlin._C is absent or disabled")
     A, E = G.A, G.E
     G.check(gram_shared(np, A, E, "kernel"), "gram kernel")
@@ -289,7 +289,7 @@ def test_woodbury_gram(benchmark, T, dtype, case):
     benchmark.extra_info.update(
         family=family, op=op, floor=floor, n=T, T=T, N=GRAM_N, d_in=GRAM_DA, d_out=GRAM_DE,
         shape=f"N{GRAM_N}_T{T}_{GRAM_DE}x{GRAM_DA}", dtype=dtype, rounds=rounds, peak_bytes=peak,
-        isa=getattr(kronlin._ext.cpu(), "woodbury_gram_isa", lambda: None)(),
+        isa=getattr(kernels.compiled(np), "woodbury_gram_isa", lambda: None)(),
     )
     _run_paired(benchmark, target, None, _floor(G, floor, GRAM_FUNCS), rounds, warmup)
 
@@ -307,10 +307,10 @@ def gtu_case_gemm(P):
 def gtu_case_woodbury_gtu(P):
     F1 = WoodburyFisher(P.acts[:1], P.errs[:1], P.lam)
     u = P.U[0]
-    v = F1._gt([u])
+    v = F1.quad([u])  # scale·|Gᵀu|²: Gᵀu plus a sum over its M entries
     ref = np.sum((P.acts64[0] @ P.U64[0].T) * P.errs64[0], axis=1)
-    assert rel(v, ref) <= 64 * 2000 * P.eps, "Gᵀu differs from the direct float64 evaluation"
-    return lambda: F1._gt([u])
+    assert rel(v, F1.scale * np.sum(ref * ref)) <= 64 * 2000 * P.eps, "uᵀFu = scale·|Gᵀu|² differs from the direct float64 evaluation"
+    return lambda: F1.quad([u])
 
 
 GTU_FUNCS = {"gemm": gtu_case_gemm, "woodbury_gtu": gtu_case_woodbury_gtu}

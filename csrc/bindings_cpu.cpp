@@ -53,7 +53,7 @@ void eig_scale(py::array Y, py::array lg, py::array la, double shift, double pow
 }
 
 // gsylv_backsub: the quasi-triangular back-substitution of the generalized
-// Sylvester solver (kronlin/_kernels/gsylv.py, kronlin/stein_schur.py).
+// Sylvester solver (kronlin/_kernels/gsylv.py, kronlin/stein/schur.py).
 bool quasi_triangular_ok(const py::array& S) {
   // no two consecutive nonzero subdiagonal entries (2x2 blocks at most)
   const auto n = S.shape(0);

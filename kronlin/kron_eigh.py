@@ -9,6 +9,10 @@ GEMMs and one elementwise scaling (K-FAC §6.3 eq. 6 and appendix B with the
 ``ξ I ⊗ I`` term; Botev et al. appendix B.1, the "exact calculation").  The
 scaling by ``(lg laᵀ + λ)^power`` runs in the fused kernel of
 :mod:`kronlin._kernels.eig_scale`.
+
+:meth:`KronEigh.refresh` re-uses an eigenbasis for new factors when a
+certified bound on the damped solve allows it (issue 13, item 2; see its
+docstring for the derivation).
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ import math
 
 from ._backend import context, dtype_eps, mT
 from ._kernels.eig_scale import eig_scale
+from ._linalg import eigh, ritz
 from ._operator import KronShaped, batch_shape_of
 from ._validate import (
     LinAlgError,
     check_finite,
     check_nonempty,
     check_nonneg_scalar,
+    check_positive_scalar,
     check_real_scalar,
+    check_square,
+    check_symmetric,
     shape_str,
     singular_tol,
 )
@@ -251,6 +259,128 @@ class KronEigh(KronShaped):
         self._check_denominators(-1.0, damping)  # singular to working precision: as Kron.solve/logdet say
         return self._scalar(xp.sum(xp.log(d), axis=(-2, -1)))
 
+    #: How :meth:`refresh` built this eigenbasis: ``{"A": "kept" | "cold", "G": ..., "bound": η, "checked": bool}``
+    #: (``η`` the certified relative error of the damped solve, 0 when both are cold) and ``"checked"``
+    #: (whether the staleness was measured); None for a cold ``Kron.eigh()``.
+    refresh_info = None
+    _backoff = (0, 0)  # (failed checks in a row, refreshes left to go cold unchecked); see refresh()
+
+    def refresh(self, A, G, damping: float, rtol: float = 1e-3) -> "KronEigh":
+        """The eigenbasis of new factors ``A``, ``G``, re-using this one where a certified bound allows.
+
+        Per factor, with this (old) basis ``Q``: one GEMM ``Y = A_new Q`` gives the Rayleigh quotients
+        ``d_j = q_jᵀ A_new q_j`` (the diagonal of ``M = QᵀA_new Q``) and the residuals ``r_j = ‖Y_j − d_j q_j‖``
+        (the norms of ``M``'s off-diagonal columns), from which Distributed Shampoo's staleness
+        ``‖M − diag M‖_F / ‖M‖_F`` follows.  Kept, the basis gets the corrected eigenvalues ``d``
+        (eigenvalue correction, as in EKFAC and SOAP), so the result represents ``Ã ⊗ G̃`` with
+        ``Ã = Q diag(d) Qᵀ``.  A factor whose basis is too stale is decomposed cold (``Kron.eigh``);
+        both are when one alone does not meet ``rtol``.  ``refresh_info`` on the result says which.
+
+        Guarantee: for every ``X``, ``‖x̃ − x‖ ≤ η ‖x‖ ≤ rtol ‖x‖`` with ``x = (A⊗G + damping·I)⁻¹ vec(X)``
+        and ``x̃ = result.solve(X, damping)`` (exact arithmetic; rounding adds the ``O(n·eps·‖A‖)`` the cold
+        ``eigh`` also carries).  A larger damping is covered too (``η`` decreases with ``λ``); smaller dampings
+        and other powers are not.
+
+        Derivation (a Bauer–Fike/Weyl-type perturbation bound in the old basis; Shampoo's criterion made
+        specific to the damped solve).  Write ``K = A⊗G + λI`` and ``K̃ = Ã⊗G̃ + λI``; both are
+        ``≥ λI`` because ``d ≥ 0`` for PSD factors.  Then ``x̃ − x = K̃⁻¹(K − K̃)x``, so
+        ``‖x̃ − x‖ ≤ ‖K̃⁻¹Δ‖₂ ‖x‖`` with ``Δ = K − K̃``.  In the basis ``Qa ⊗ Qg``,
+        ``Ma = Da + Ea`` (diagonal plus off-diagonal), likewise ``Mg``, and
+        ``Δ = Ma⊗Mg − Da⊗Dg = Ea⊗Mg + Da⊗Eg``, while ``K̃⁻¹ = W = diag(w_ik)``,
+        ``w_ik = 1/(da_i dg_k + λ)``.  Block row ``i`` of ``W(Ea⊗Mg)`` is ``Ea[i,:] ⊗ W_i Mg`` with
+        ``‖W_i Mg‖₂ ≤ max_k w_ik dg_k + c_i``, ``c_i = ‖W_i Eg‖_F = (Σ_k w_ik² rg_k²)^½``, and stacked
+        rows add in squares; ``W(Da⊗Eg)`` is block diagonal with blocks ``da_i W_i Eg``.  Hence
+
+            ‖K̃⁻¹Δ‖₂ ≤ η_A = (Σ_i ra_i² (max_k w_ik dg_k + c_i)²)^½ + max_i da_i c_i,
+
+        and the same with the roles of ``A`` and ``G`` exchanged (``Δ = Ma⊗Eg + Ea⊗Dg``, ``A⊗G`` and
+        ``G⊗A`` are permutation-similar) gives ``η_G``; ``η = min(η_A, η_G)``.  A cold factor has
+        ``r = 0``.  With a small relative staleness ``s`` per factor this is about
+        ``s·‖A‖‖G‖/λ`` in the worst direction but much less where ``Ea``'s large entries meet large
+        ``da_i dg_k`` (for a PSD factor ``|M_ij|² ≤ M_ii M_jj``).
+
+        Parameters
+        ----------
+        A, G : (..., p, p), (..., q, q) symmetric PSD factors of this operator's shapes and dtype
+        damping : float
+            The ``λ ≥ 0`` of the solves the result will serve (the bound is for this ``λ``; a larger
+            ``λ`` only tightens it).  With ``λ = 0`` both factors must be positive definite.
+        rtol : float
+            The largest relative error of the damped solve to accept instead of a cold decomposition;
+            ``math.inf`` always keeps both bases (``refresh_info["bound"]`` still reports ``η``).
+
+        Returns
+        -------
+        KronEigh
+            A new operator (this one is unchanged); ``refresh_info`` records the route and ``η``.
+            Kept eigenvalues are in the order of the kept basis, not sorted.
+
+        Notes
+        -----
+        Cost: two GEMMs (one per factor) plus ``O(p·q)``: a kept refresh measured 0.26-0.30x a cold one
+        (two ``?syevd``) at 256-1024 on one core (bench/results/refresh_sweep.md).  On factors recorded from
+        kronlin.train's K-FAC (curves-ae, a 6 x 1024 MLP) no basis could be kept at ``rtol <= 0.1``: even one
+        step apart, the step from the previous basis (eigenvalues corrected) differs from the cold one by
+        9-20% (bench/results/refresh.md).  A stack decides for the whole stack (the worst ``η`` of its items).
+        """
+        damping = check_nonneg_scalar(damping, "damping")
+        # math.inf keeps every basis (eigenvalue correction only, as SOAP does); refresh_info still has η
+        rtol = math.inf if rtol == math.inf else check_positive_scalar(rtol, "rtol")
+        ctx, (A, G) = context(("A", A), ("G", G), snapshot=True)
+        p, q = check_square(A, "A"), check_square(G, "G")
+        got = (p, q, tuple(batch_shape_of(A, G)), ctx.dtype, ctx.name)
+        if got != (self.p, self.q, tuple(self.batch_shape), self.dtype, self._ctx.name):
+            raise ValueError(
+                f"refresh needs factors of this eigenbasis' shapes, dtype and library (p={self.p}, q={self.q}, batch "
+                f"{tuple(self.batch_shape)}, {self.dtype}, {self._ctx.name}); got p={got[0]}, q={got[1]}, batch "
+                f"{got[2]}, {got[3]}, {got[4]}; use Kron(A, G).eigh() for a new shape"
+            )
+        xp = self._ctx.xp
+        M = {"A": A, "G": G}
+        for n in M:
+            check_finite(xp, M[n], n)
+        check_symmetric(xp, M["A"], "A")
+        check_symmetric(xp, M["G"], "G")
+        fails, skip = self._backoff if rtol < math.inf else (0, 0)
+        st = {}  # factor -> (eigenvalues or Rayleigh quotients, squared residuals, basis, "kept" | "cold")
+        if skip == 0:
+            for n, Q in (("A", self._Qa), ("G", self._Qg)):
+                dr = ritz(xp, M[n], Q)
+                if dr is not None:
+                    st[n] = (dr[0], dr[1], Q, "kept")
+
+        def cold(n):
+            w, Q = eigh(xp, M[n], n)
+            st[n] = (w, xp.zeros_like(w), Q, "cold")
+
+        def bound(a=None, g=None):
+            return _warm_bound(xp, a or st["A"][:2], g or st["G"][:2], damping)
+
+        eta = bound() if len(st) == 2 else math.inf
+        if len(st) == 2 and eta > rtol:
+            # one factor cold may do (cheapest first), judged with its Rayleigh quotients for its eigenvalues
+            cands = sorted([(self.q, "G", bound(g=(st["G"][0], xp.zeros_like(st["G"][0])))),
+                            (self.p, "A", bound(a=(st["A"][0], xp.zeros_like(st["A"][0]))))])
+            pick = next((n for _, n, b in cands if b <= rtol), None)
+            if pick is not None:
+                cold(pick)
+                eta = bound()  # with its actual eigenvalues
+        if eta > rtol or len(st) < 2:  # everything cold: exact
+            for n in ("A", "G"):
+                if n not in st or st[n][3] == "kept":
+                    cold(n)
+            eta = 0.0
+        kept = [n for n in ("A", "G") if st[n][3] == "kept"]
+        E = KronEigh._trusted(self._ctx, st["A"][2], st["A"][0], st["G"][2], st["G"][0])
+        E.refresh_info = {"A": st["A"][3], "G": st["G"][3], "bound": float(eta), "checked": skip == 0}
+        # a failed check costs ~0.2-0.3x a cold refresh (one GEMM per factor against ?syevd): after f failures
+        # in a row the next 2^f - 1 (at most 7) refreshes go cold unchecked, which keeps the guarantee
+        if skip:
+            E._backoff = (fails, skip - 1)
+        elif not kept:
+            E._backoff = (fails + 1, min(2 ** (fails + 1) - 1, 7))
+        return E
+
     def aslinearoperator(self, power: float = 1.0, damping: float = 0.0):
         """``(A ⊗ G + damping·I) ** power`` as a ``scipy.sparse.linalg.LinearOperator`` (symmetric)."""
         from .linop import make_linear_operator
@@ -265,3 +395,28 @@ class KronEigh(KronShaped):
             return [self._scaled(Xs[0], power, damping)]
 
         return make_linear_operator(self, fn, fn)
+
+
+def _warm_bound(xp, a, g, damping: float) -> float:
+    """``η = min(η_A, η_G)`` of :meth:`KronEigh.refresh` from ``a = (da, ra²)`` and ``g = (dg, rg²)``
+    (Rayleigh quotients and squared residual norms); the worst item of a stack; inf where
+    ``da_i dg_k + damping`` vanishes.
+
+    ``max_k w_ik dg_k`` is at ``dg_max`` (``x/(x·da_i + λ)`` grows with ``x ≥ 0``) and ``c`` is a product of
+    ``W²`` with a vector, so the cost is one ``(q, p)`` array and two matrix-vector products.
+    """
+    (da, ra2), (dg, rg2) = a, g
+    den = dg[..., :, None] * da[..., None, :] + damping  # (..., q, p), rows k over G, columns i over A
+    if not bool(xp.all(den > 0)):
+        return math.inf
+    W2 = 1.0 / (den * den)
+
+    def one(dx, rx2, dy, cx):  # x the outer factor, cx_i = (Σ_k w_ik² ry_k²)^½
+        dmax = xp.max(dy, axis=-1, keepdims=True)
+        m = dmax / (dmax * dx + damping)
+        return xp.sqrt(xp.sum(rx2 * (m + cx) ** 2, axis=-1)) + xp.max(dx * cx, axis=-1)
+
+    ca = xp.sqrt((rg2[..., None, :] @ W2)[..., 0, :])  # (..., p)
+    cg = xp.sqrt((W2 @ ra2[..., :, None])[..., 0])  # (..., q)
+    eta = xp.minimum(one(da, ra2, dg, ca), one(dg, rg2, da, cg))
+    return float(xp.max(eta))

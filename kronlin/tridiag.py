@@ -50,6 +50,30 @@ def _damped(ctx, A, G, gamma, pi, k):
             G + (gamma / pv) * xp.eye(G.shape[-1], dtype=ctx.dtype))
 
 
+def _damped_stack(ctx, SA, SG, gamma, pi, ks):
+    """:func:`_damped` of the layers ``ks`` at once (stacks ``SA`` (m, p, p), ``SG`` (m, q, q)); None when a
+    layer fails, so that :func:`_damped` names it."""
+    xp = ctx.xp
+    if gamma == 0.0:
+        return SA, SG
+    try:
+        pv = pi_value(ctx, SA, SG, pi, f"A_diag[{ks[0]}]", f"G_diag[{ks[0]}]")
+        check_damping_terms(xp, gamma, pv, ctx.dtype)
+    except ValueError:
+        return None
+    pv = xp.reshape(xp.astype(pv, xp.float64) if hasattr(pv, "shape") else xp.asarray(float(pv)), (-1, 1, 1))
+    ia, ig = xp.eye(SA.shape[-1], dtype=ctx.dtype), xp.eye(SG.shape[-1], dtype=ctx.dtype)
+    return SA + xp.astype(pv * gamma, ctx.dtype) * ia, SG + xp.astype(gamma / pv, ctx.dtype) * ig
+
+
+def _by_shape(shapes) -> list:
+    """Indices with equal shapes, grouped in order of first appearance (issue 13 item 3: one stacked call each)."""
+    groups: dict = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault(s, []).append(i)
+    return list(groups.values())
+
+
 def _as_list(x, name: str) -> list:
     if not isinstance(x, (list, tuple)):
         raise TypeError(f"{name} must be a list with one array per layer; got {type(x).__name__}")
@@ -80,27 +104,54 @@ class _LayerBlocks(Operator):
         gamma = check_nonneg_scalar(gamma, "gamma")
         ctx, arrays = context(*named, snapshot=True)
         xp = ctx.xp
-        for (name, _), M in zip(named, arrays):
+        names = [name for name, _ in named]
+        for name, M in zip(names, arrays):
             if M.ndim != 2:
                 raise ValueError(f"{name} must be a matrix; got shape {shape_str(M)}")
             check_nonempty(M, name)
-            check_finite(xp, M, name)
         Ad, Gd = arrays[:n], arrays[n:2 * n]
         Ao, Go = arrays[2 * n:2 * n + len(A_off)], arrays[2 * n + len(A_off):]
-        for k in range(n):
-            for M, name in ((Ad[k], f"A_diag[{k}]"), (Gd[k], f"G_diag[{k}]")):
-                if M.shape[0] != M.shape[1]:
-                    raise ValueError(f"{name} must be square; got shape {shape_str(M)}")
-                check_symmetric(xp, M, name)
+        for M, name in zip(Ad + Gd, names[:2 * n]):
+            if M.shape[0] != M.shape[1]:
+                raise ValueError(f"{name} must be square; got shape {shape_str(M)}")
         self._ctx, self.n_layers = ctx, n
         self.gamma = gamma
         self.pi = pi
-        # damp the diagonal factors first (K-FAC §6.3); they are used everywhere below
-        damped = [_damped(ctx, Ad[k], Gd[k], self.gamma, pi, k) for k in range(n)]
-        self._Ad = [a for a, _ in damped]
-        self._Gd = [g for _, g in damped]
         self.shapes = [(int(Gd[k].shape[0]), int(Ad[k].shape[0])) for k in range(n)]
         self._blocks = tuple(self.shapes)
+        # layers of one shape are stacked once, checked and damped as one stack (issue 13 item 3; kept in
+        # self._stacks for the stacked factorizations of BlockDiagInverse); a stack that fails a check is
+        # checked matrix by matrix so that the error names the argument
+        groups = []
+        for ks in _by_shape(self.shapes):
+            SA = SG = None
+            if len(ks) > 1:
+                SA, SG = xp.stack([Ad[k] for k in ks]), xp.stack([Gd[k] for k in ks])
+                try:
+                    for S in (SA, SG):
+                        check_finite(xp, S, "a stack")
+                        check_symmetric(xp, S, "a stack")
+                except ValueError:
+                    SA = SG = None
+            if SA is None:
+                for k in ks:
+                    for M, name in ((Ad[k], names[k]), (Gd[k], names[n + k])):
+                        check_finite(xp, M, name)
+                        check_symmetric(xp, M, name)
+            groups.append((ks, SA, SG))
+        for name, M in zip(names[2 * n:], Ao + Go):
+            check_finite(xp, M, name)
+        # damp the diagonal factors first (K-FAC §6.3); they are used everywhere below
+        self._Ad, self._Gd, self._stacks = [None] * n, [None] * n, []
+        for ks, SA, SG in groups:
+            st = None if SA is None else _damped_stack(ctx, SA, SG, gamma, pi, ks)
+            if st is None:
+                for k in ks:
+                    self._Ad[k], self._Gd[k] = _damped(ctx, Ad[k], Gd[k], gamma, pi, k)
+                continue
+            self._stacks.append((ks, st[0], st[1]))
+            for j, k in enumerate(ks):
+                self._Ad[k], self._Gd[k] = st[0][j, ...], st[1][j, ...]
         return Ao, Go
 
     def _forward(self, Xs):
@@ -141,11 +192,30 @@ class BlockDiagInverse(_LayerBlocks):
         self._build()
 
     def _build(self):
+        """The layers' inverses; layers of one shape are factorized and inverted as one stack (issue 13 item 3;
+        LAPACK per matrix inside, the checks and mirrors vectorized), a stack that is not all positive
+        definite layer by layer (LU, and errors that name the layer)."""
         xp = self._ctx.xp
-        self.blocks = [
-            _KronInverse(xp, Factor(xp, a, f"A_diag[{k}] (damped)"), Factor(xp, g, f"G_diag[{k}] (damped)"))
-            for k, (a, g) in enumerate(zip(self._Ad, self._Gd))
-        ]
+        self.blocks = [None] * self.n_layers
+        for ks, SA, SG in self._stacks:
+            try:
+                # symmetric: checked in _setup (damping adds to the diagonal only)
+                fa = Factor(xp, SA, "A_diag (damped)", symmetric=True)
+                fg = Factor(xp, SG, "G_diag (damped)", symmetric=True)
+            except LinAlgError:
+                continue
+            if fa.kind != "cholesky" or fg.kind != "cholesky":
+                continue
+            IA, IG = mT(fa.inv()), fg.inv()
+            (_, la), (_, lg) = fa.slogdet(), fg.slogdet()  # Cholesky: positive determinants
+            p, q = SA.shape[-1], SG.shape[-1]
+            logdet = q * la + p * lg
+            for j, k in enumerate(ks):
+                self.blocks[k] = _KronInverse(IA[j, ...], IG[j, ...], float(logdet[j]))
+        for k, (a, g) in enumerate(zip(self._Ad, self._Gd)):
+            if self.blocks[k] is None:
+                self.blocks[k] = _KronInverse.of(Factor(xp, a, f"A_diag[{k}] (damped)"),
+                                                 Factor(xp, g, f"G_diag[{k}] (damped)"))  # fmt: skip
 
     def update(self, A_diag, G_diag, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (e.g. every T₃ iterations)."""
@@ -181,13 +251,17 @@ class _KronInverse:
     are exactly symmetric (:meth:`Factor.inv`).
     """
 
-    def __init__(self, xp, fa: Factor, fg: Factor):
-        self.Ainv_T, self.Ginv = mT(fa.inv()), fg.inv()
+    def __init__(self, Ainv_T, Ginv, logdet):
+        self.Ainv_T, self.Ginv, self.logdet = Ainv_T, Ginv, logdet
+
+    @classmethod
+    def of(cls, fa: Factor, fg: Factor) -> "_KronInverse":
+        """From the two factorizations."""
         p, q = fa.n, fg.n
         (sa, la), (sg, lg) = fa.slogdet(), fg.slogdet()
         # det(A ⊗ G) = det(A)^q det(G)^p; None when it is not positive (log det undefined)
         positive = float(sa) ** q * float(sg) ** p > 0
-        self.logdet = q * float(la) + p * float(lg) if positive else None
+        return cls(mT(fa.inv()), fg.inv(), q * float(la) + p * float(lg) if positive else None)
 
     def apply(self, V):
         return self.Ginv @ V @ self.Ainv_T
@@ -281,7 +355,7 @@ class BlockTridiagInverse(_LayerBlocks):
             self.psi_A.append(psiA)
             self.psi_G.append(psiG)
             self.sigma.append(sigma)
-        self.last = _KronInverse(xp, fA[-1], fG[-1])
+        self.last = _KronInverse.of(fA[-1], fG[-1])
 
     def update(self, A_diag, G_diag, A_off, G_off, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (optimizers refresh every T₃ iterations)."""

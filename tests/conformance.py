@@ -24,6 +24,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from kronlin.testing import layers_vec
+
 
 # -- backends --------------------------------------------------------------------------
 @dataclass
@@ -178,11 +180,6 @@ def rel_err(got, ref) -> float:
     return float(np.linalg.norm(got - ref) / scale)
 
 
-def vec(blocks) -> np.ndarray:
-    """Column-stacked vec of a list of (..., q, p) blocks, concatenated: (..., P)."""
-    return np.concatenate([np.swapaxes(b, -1, -2).reshape(b.shape[:-2] + (-1,)) for b in blocks], axis=-1)
-
-
 # -- the contract ----------------------------------------------------------------------------
 class OperatorConformance:
     """Inherit, then define ``blocks``, ``layered``, ``build`` and ``refs`` (see the module docstring).
@@ -252,20 +249,20 @@ class OperatorConformance:
         # matrix (or list) right-hand side
         X = self._rhs_np()
         got = self._check_result(be, fn(self._as_rhs(be, X, dtype), **kw), dtype, [] if self.layered else None)
-        assert rel_err(vec(got), ref @ vec(X)) < TOL[dtype]
+        assert rel_err(layers_vec(got), ref @ layers_vec(X)) < TOL[dtype]
         # a flat column-stacked vector
-        v = vec(X)
+        v = layers_vec(X)
         (g,) = self._check_result(be, fn(be.make(v, dtype), **kw), dtype, None)
         assert g.shape == v.shape and rel_err(g, ref @ v) < TOL[dtype]
         if not self.batched_rhs:
             return
         # leading batch dimensions: blocks (2, 3, q, p) and flat (2, 3, P)
         Xb = self._rhs_np((2, 3), seed=1)
-        want = vec(Xb) @ ref.T
+        want = layers_vec(Xb) @ ref.T
         got = self._check_result(be, fn(self._as_rhs(be, Xb, dtype), **kw), dtype, [] if self.layered else None)
         assert all(g.shape == x.shape for g, x in zip(got, Xb))
-        assert rel_err(vec(got), want) < TOL[dtype]
-        (g,) = self._check_result(be, fn(be.make(vec(Xb), dtype), **kw), dtype, None)
+        assert rel_err(layers_vec(got), want) < TOL[dtype]
+        (g,) = self._check_result(be, fn(be.make(layers_vec(Xb), dtype), **kw), dtype, None)
         assert g.shape == (2, 3, v.shape[0]) and rel_err(g, want) < TOL[dtype]
 
     def _need(self, key, dtype):
@@ -372,7 +369,7 @@ class OperatorConformance:
             for key, method in (("forward", self.forward), ("solve", "solve")):
                 if key in refs:
                     got = self._check_result(be, getattr(op, method)(rhs), dtype, [] if self.layered else None)
-                    assert rel_err(vec(got), refs[key] @ vec(X)) < TOL[dtype], (key, warm)
+                    assert rel_err(layers_vec(got), refs[key] @ layers_vec(X)) < TOL[dtype], (key, warm)
 
     def test_accessors_are_copies(self, be, dtype):
         if not self.accessors:
@@ -391,7 +388,7 @@ class OperatorConformance:
                 be.mutate(arr)
             got = self._check_result(be, getattr(op, method)(self._as_rhs(be, X, dtype)), dtype,
                                      [] if self.layered else None)
-            assert rel_err(vec(got), refs[key] @ vec(X)) < TOL[dtype], name
+            assert rel_err(layers_vec(got), refs[key] @ layers_vec(X)) < TOL[dtype], name
 
     def test_bad_right_hand_sides(self, be, dtype):
         op, _ = self._op(be, dtype)

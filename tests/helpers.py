@@ -1,4 +1,8 @@
-"""Shared helpers of the test suite: random matrices, conversions and tolerances."""
+"""Shared helpers of the test suite: conversions between libraries, errors and tolerances.
+
+Random problems and their dense references come from :mod:`kronlin.testing`
+(shared with the self-check and the benchmarks).
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,9 @@ import numpy as np
 
 from kronlin._backend import is_cupy, to_numpy
 
-__all__ = ["spd", "rand_orth", "to_np", "on", "vec", "unvec", "rel_err", "tol", "DTYPES", "native", "krylov", "linear_operator"]
+__all__ = ["to_np", "on", "rel_err", "tol", "DTYPES", "native", "krylov", "linear_operator"]
 
 DTYPES = ("float64", "float32")
-
-
-def rand_orth(rng, n):
-    Q, R = np.linalg.qr(rng.standard_normal((n, n)))
-    return Q * np.sign(np.diag(R))
-
-
-def spd(rng, n, cond=10.0, batch=()):
-    """Symmetric positive definite (n, n) with the given condition number (exactly symmetric)."""
-    if batch:
-        return np.stack([spd(rng, n, cond) for _ in range(int(np.prod(batch)))]).reshape(batch + (n, n))
-    Q = rand_orth(rng, n)
-    w = np.geomspace(1.0, cond, n) if n > 1 else np.ones(1)
-    M = (Q * w) @ Q.T
-    return (M + M.T) / 2
 
 
 def to_np(x):
@@ -34,17 +23,6 @@ def on(xp, *arrays, dtype="float64"):
     """Move NumPy arrays into namespace ``xp`` with the given dtype."""
     out = [xp.asarray(np.asarray(a, dtype=dtype)) for a in arrays]
     return out[0] if len(out) == 1 else out
-
-
-def vec(X):
-    """Column-stacking vec of the last two axes."""
-    X = np.asarray(X)
-    return np.swapaxes(X, -1, -2).reshape(X.shape[:-2] + (-1,))
-
-
-def unvec(v, q, p):
-    v = np.asarray(v)
-    return np.swapaxes(v.reshape(v.shape[:-1] + (p, q)), -1, -2)
 
 
 def rel_err(got, ref):

@@ -9,8 +9,9 @@ import pytest
 
 from kronlin import Kron, factored_damping
 from kronlin._backend import context
+from kronlin.testing import spd
 
-from helpers import rel_err, spd
+from helpers import rel_err
 
 
 def test_integer_and_bool_promote_to_float64():

@@ -1,21 +1,18 @@
 """Every public operator against the one contract of tests/conformance.py, on every backend present.
 
 Each class supplies the inputs, how to build the operator and independent
-dense references (``np.kron``, ``scipy.linalg``); the tests are inherited.
+dense references (``np.kron``, ``np.linalg`` and the NumPy references of
+``kronlin.testing``); the tests are inherited.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg as sl
 
 import kronlin
+from kronlin.testing import chain_inverse, damped_tridiag, kfac_factors, spd
+
 from conformance import OperatorConformance
-
-
-def _spd(rng, n, cond=10.0):
-    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    return (Q * np.geomspace(1.0, cond, n)) @ Q.T
 
 
 def _sym(M):
@@ -54,7 +51,7 @@ class TestKronSPD(TestKron):
 
     def data(self):
         rng = np.random.default_rng(11)
-        return {"A": _spd(rng, P), "G": _spd(rng, Q)}
+        return {"A": spd(rng, P), "G": spd(rng, Q)}
 
 
 class TestKronEigh(OperatorConformance):
@@ -63,7 +60,7 @@ class TestKronEigh(OperatorConformance):
 
     def data(self):
         rng = np.random.default_rng(12)
-        return {"A": _spd(rng, P), "G": _spd(rng, Q)}
+        return {"A": spd(rng, P), "G": spd(rng, Q)}
 
     def build(self, make):
         return kronlin.Kron(make("A"), make("G")).eigh()
@@ -79,7 +76,7 @@ class TestDampedKronExact(OperatorConformance):
 
     def data(self):
         rng = np.random.default_rng(13)
-        return {"A": _spd(rng, P), "G": _spd(rng, Q)}
+        return {"A": spd(rng, P), "G": spd(rng, Q)}
 
     def build(self, make):
         return kronlin.DampedKron(make("A"), make("G"), self.lam, mode="exact")
@@ -96,7 +93,7 @@ class TestDampedKronFactored(OperatorConformance):
 
     def data(self):
         rng = np.random.default_rng(14)
-        return {"A": _spd(rng, P), "G": _spd(rng, Q)}
+        return {"A": spd(rng, P), "G": spd(rng, Q)}
 
     def build(self, make):
         return kronlin.DampedKron(make("A"), make("G"), self.lam, mode="factored")
@@ -117,8 +114,8 @@ class TestKronSumInverseEig(OperatorConformance):
 
     def data(self):
         rng = np.random.default_rng(15)
-        return {"A": _spd(rng, P), "B": _spd(rng, Q), "C": 0.2 * _sym(rng.standard_normal((P, P))),
-                "D": 0.3 * _spd(rng, Q, 3.0)}
+        return {"A": spd(rng, P), "B": spd(rng, Q), "C": 0.2 * _sym(rng.standard_normal((P, P))),
+                "D": 0.3 * spd(rng, Q, 3.0)}
 
     def build(self, make):
         return kronlin.KronSumInverse(make("A"), make("B"), make("C"), make("D"), method="eig")
@@ -148,25 +145,20 @@ class TestKronSumInverseSchur(OperatorConformance):
 
 
 def _layer_stats(rng, widths=(3, 4, 2), N=40):
-    """Consistent K-FAC statistics of a random batch (homogeneous coordinate appended)."""
-    acts = [np.concatenate([rng.standard_normal((N, d)), np.ones((N, 1))], axis=1) for d in widths[:-1]]
+    """Consistent K-FAC statistics of a random batch (homogeneous coordinate appended), keyed ``A_diag0``, ..."""
+    acts = [rng.standard_normal((N, d)) for d in widths[:-1]]
     grads = [rng.standard_normal((N, d)) for d in widths[1:]]
-    n = len(acts)
-    return {
-        **{f"A_diag{k}": acts[k].T @ acts[k] / N for k in range(n)},
-        **{f"G_diag{k}": grads[k].T @ grads[k] / N for k in range(n)},
-        **{f"A_off{k}": acts[k].T @ acts[k + 1] / N for k in range(n - 1)},
-        **{f"G_off{k}": grads[k].T @ grads[k + 1] / N for k in range(n - 1)},
-    }
+    return {f"{key}{k}": M for key, Ms in kfac_factors(acts, grads).items() for k, M in enumerate(Ms)}
 
 
-def _damped_blocks(d, n, gamma):
-    out = []
-    for k in range(n):
-        A, G = _sym(d[f"A_diag{k}"]), _sym(d[f"G_diag{k}"])
-        pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
-        out.append(np.kron(A + pi * gamma * np.eye(len(A)), G + gamma / pi * np.eye(len(G))))
-    return out
+def _damped(d, n, gamma, tridiagonal):
+    """``(F̃, layer offsets)``: the damped dense matrix of ``n`` layers' statistics ``d`` (diagonal factors
+    symmetrized first), on its diagonal blocks or its tridiagonal ones."""
+    m = n - 1 if tridiagonal else 0
+    f = {"A_diag": [_sym(d[f"A_diag{k}"]) for k in range(n)], "G_diag": [_sym(d[f"G_diag{k}"]) for k in range(n)],
+         "A_off": [d[f"A_off{k}"] for k in range(m)], "G_off": [d[f"G_off{k}"] for k in range(m)]}
+    F, off, _ = damped_tridiag(f, gamma)
+    return F, off
 
 
 class TestBlockDiagInverse(OperatorConformance):
@@ -182,13 +174,13 @@ class TestBlockDiagInverse(OperatorConformance):
                                         gamma=self.gamma)
 
     def refs(self, d):
-        F = sl.block_diag(*_damped_blocks(d, 2, self.gamma))
+        F, _ = _damped(d, 2, self.gamma, tridiagonal=False)
         Finv = np.linalg.inv(F)
         return {"forward": Finv, "to_dense": Finv, "logdet": _logdet(F), "matmat": Finv, "linop": Finv}
 
 
 class TestBlockTridiagInverse(OperatorConformance):
-    """F̂⁻¹ by the chain's clique formula: Σ_cliques [Σ_CC⁻¹] − Σ_separators [Σ_SS⁻¹] (padded)."""
+    """F̂⁻¹ by the chain's clique formula: Σ_cliques [Σ_CC⁻¹] − Σ_separators [Σ_SS⁻¹] (padded; kronlin.testing.chain_inverse)."""
 
     layered = True
     gamma = 0.1
@@ -204,21 +196,7 @@ class TestBlockTridiagInverse(OperatorConformance):
             [make(f"A_off{k}") for k in range(n - 1)], [make(f"G_off{k}") for k in range(n - 1)], gamma=self.gamma)
 
     def refs(self, d):
-        n = 3
-        D = _damped_blocks(d, n, self.gamma)
-        sizes = [len(b) for b in D]
-        offs = np.concatenate([[0], np.cumsum(sizes)])
-        Pn = int(offs[-1])
-        Finv = np.zeros((Pn, Pn))
-        for k in range(n - 1):  # cliques {k, k+1}
-            O = np.kron(d[f"A_off{k}"], d[f"G_off{k}"])
-            S = np.block([[D[k], O], [O.T, D[k + 1]]])
-            sl_ = slice(offs[k], offs[k + 2])
-            Finv[sl_, sl_] += np.linalg.inv(S)
-        for k in range(1, n - 1):  # separators {k}
-            sl_ = slice(offs[k], offs[k + 1])
-            Finv[sl_, sl_] -= np.linalg.inv(D[k])
-        Finv = _sym(Finv)
+        Finv = chain_inverse(*_damped(d, 3, self.gamma, tridiagonal=True))
         return {"forward": Finv, "to_dense": Finv, "logdet": -_logdet(Finv), "matmat": Finv, "linop": Finv}
 
 

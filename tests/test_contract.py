@@ -356,7 +356,7 @@ def test_readme_torch_and_jax_examples_run():
 
 
 def test_schur_set_up_agrees_on_signs():
-    from kronlin.stein_schur import SchurStein
+    from kronlin.stein.schur import SchurStein
 
     with pytest.raises(ValueError, match=r"^sign must be \+1 or -1; got True"):
         SchurStein(np, EYE3, EYE2, EYE3, EYE2, True)

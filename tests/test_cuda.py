@@ -11,8 +11,9 @@ import pytest
 
 from kronlin import Kron, _ext
 from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
+from kronlin.testing import spd
 
-from helpers import rel_err, spd
+from helpers import rel_err
 
 cp = pytest.importorskip("cupy")
 pytestmark = [

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from kronlin import factored_damping, pi_factor
+from kronlin.testing import spd
 
-from helpers import DTYPES, on, rel_err, spd, to_np, tol
+from helpers import DTYPES, on, rel_err, to_np, tol
 
 NORM_ORD = {"trace": "nuc", "fro": "fro", "spectral": 2}
 

@@ -17,8 +17,9 @@ import pytest
 import kronlin
 from kronlin import _linalg
 from kronlin._linalg import Factor
+from kronlin.testing import spd
 
-from helpers import DTYPES, rel_err, spd
+from helpers import DTYPES, rel_err
 
 SHAPES = [(1,), (5,), (64,), (130,), (3, 40), (2, 2, 17), (2, 300)]  # 300 > one mirror tile  # (n,) one matrix, (*batch, n) a stack
 

@@ -76,3 +76,21 @@ def test_gram_tile_rule_follows_the_h100_measurements():
     for dbl in (False, True):
         assert [cuda.gram_tile_for(T, dbl) for T in (1, 16, 32, 33, 64, 127, 128, 256, 1024)] == [
             32, 32, 32, 64, 64, 64, 128, 128, 128]
+
+
+def test_kernels_module_is_the_public_face_of_the_extension():
+    """kronlin.kernels (what bench/ uses) reports and switches what kronlin._ext does."""
+    from kronlin import kernels
+
+    info = kernels.load_info()
+    assert set(info) == {"cpu_file", "cpu_import_error", "cuda_file", "cuda_import_error", "disabled_by_env"}
+    assert kernels.DISABLED_BY_ENV == info["disabled_by_env"] == _ext.ext_disabled_by_env
+    assert (info["cpu_file"] is None) == (info["cpu_import_error"] is not None) == (not kronlin.extension_info()["cpu_extension"])
+    if info["cpu_file"] is not None:
+        assert os.path.exists(info["cpu_file"]) and kernels.openmp_max_threads() >= 1
+    assert kernels.compiled(np) is _ext.cpu() and kernels.enabled() == (not kernels.DISABLED_BY_ENV)
+    if kernels.compiled(np) is not None:
+        assert kernels.kernel(np, "eig_scale").fn is kernels.compiled(np).eig_scale
+    with kernels.disabled():
+        assert not kernels.enabled() and kernels.compiled(np) is None and kernels.kernel(np, "eig_scale") is None
+    assert kernels.compiled(np) is _ext.cpu()  # restored

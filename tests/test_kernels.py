@@ -9,8 +9,9 @@ from kronlin import Kron, _ext
 from kronlin._kernels import _dispatch
 from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
 from kronlin._kernels.woodbury_gram import gram_shared, gram_shared_reference
+from kronlin.testing import spd
 
-from helpers import rel_err, spd
+from helpers import rel_err
 
 POWERS = [-1.0, -0.5, 0.5, 1.0, -0.25, 2.0, 0.0]
 

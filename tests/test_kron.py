@@ -8,8 +8,9 @@ import scipy.linalg as sl
 
 import kronlin
 from kronlin import Kron
+from kronlin.testing import orthonormal, spd, unvec, vec
 
-from helpers import DTYPES, krylov, native, on, rand_orth, rel_err, spd, to_np, tol, unvec, vec
+from helpers import DTYPES, krylov, native, on, rel_err, to_np, tol
 
 # (p, q): 1x1 factors, primes, rectangular p != q in both directions.
 SHAPES = [(1, 1), (1, 5), (4, 1), (2, 3), (7, 5), (11, 13), (17, 6), (23, 29)]
@@ -21,8 +22,8 @@ def _problem(seed, p, q, cond, batch=(), symmetric=True):
     if symmetric:
         A, G = spd(rng, p, cond), spd(rng, q, cond)
     else:  # well-conditioned non-symmetric factors: LU path
-        A = rand_orth(rng, p) @ np.diag(np.geomspace(1, cond, p)) @ rand_orth(rng, p)
-        G = rand_orth(rng, q) @ np.diag(np.geomspace(1, cond, q)) @ rand_orth(rng, q)
+        A = orthonormal(rng, p) @ np.diag(np.geomspace(1, cond, p)) @ orthonormal(rng, p)
+        G = orthonormal(rng, q) @ np.diag(np.geomspace(1, cond, q)) @ orthonormal(rng, q)
     X = rng.standard_normal(batch + (q, p))
     return A, G, X
 

@@ -8,8 +8,9 @@ import scipy.linalg as sl
 
 from kronlin import Kron, KronEigh
 from kronlin import _linalg
+from kronlin.testing import spd, unvec, vec
 
-from helpers import DTYPES, on, rel_err, spd, to_np, tol, unvec, vec
+from helpers import DTYPES, on, rel_err, to_np, tol
 
 SHAPES = [(1, 1), (3, 1), (1, 4), (5, 7), (13, 11), (19, 8)]
 

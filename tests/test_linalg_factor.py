@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from kronlin._linalg import Factor
+from kronlin.testing import spd
 
-from helpers import on, rel_err, spd, to_np
+from helpers import on, rel_err, to_np
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

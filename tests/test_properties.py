@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kronlin import Kron
+from kronlin.testing import spd
 
-from helpers import rel_err, spd
+from helpers import rel_err
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from kronlin import _selfcheck
+from kronlin._selfcheck import timing
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
@@ -39,13 +40,13 @@ def test_run_pins_blas_threads_while_checking(monkeypatch, threads, expected):
 def test_median_of_repeats_after_a_warm_up(monkeypatch):
     clock = [0.0]
     durations = iter([0.050, 0.002, 0.010, 0.001, 0.002, 0.003])  # warm-up first, then 5 timed runs
-    monkeypatch.setattr(_selfcheck.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
 
     def fn():
         clock[0] += next(durations)
 
     # warm-up of 50 ms is neither the answer nor (as with a best-of) the 1 ms outlier: the median of the 5 runs
-    assert _selfcheck._median_time(fn, repeats=5, min_repeats=3, budget=1.0) == pytest.approx(0.002)
+    assert timing.median_time(fn, repeats=5, min_repeats=3, budget=1.0) == pytest.approx(0.002)
 
 
 def test_cli_threads_option(tmp_path):

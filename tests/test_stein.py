@@ -7,8 +7,9 @@ import pytest
 import scipy.linalg as sl
 
 from kronlin import DampedKron, KronSumInverse, factored_damping, solve_kron_sum
+from kronlin.testing import orthonormal, spd, unvec, vec
 
-from helpers import DTYPES, on, rand_orth, rel_err, spd, to_np, unvec, vec
+from helpers import DTYPES, on, rel_err, to_np
 
 SHAPES = [(1, 1), (1, 4), (3, 1), (5, 7), (11, 13), (17, 6), (31, 29), (60, 41)]
 
@@ -113,7 +114,7 @@ def test_whitening_by_the_better_conditioned_pair():
     assert rel_err(inv2.solve(V), ref) < 1e-12
     # what the choice avoids: whitening by the ill-conditioned pair (as GPyTorch always does), without the
     # refinement that KronSumInverse adds when the whitening pair is this ill-conditioned
-    from kronlin.stein_eig import EigStein, _spd_factor
+    from kronlin.stein.eig import EigStein, _spd_factor
 
     bad = EigStein.__new__(EigStein)
     bad.xp, bad.sign = np, 1
@@ -161,7 +162,7 @@ def test_exact_damping_routes():
 def test_smith_iteration_counts():
     """Squared Smith needs ~log2 of plain Smith's iterations (ρ(M)ρ(N) = 0.999)."""
     rng = np.random.default_rng(5)
-    Q = rand_orth(rng, 4)
+    Q = orthonormal(rng, 4)
     M = (Q * np.array([0.999, 0.5, -0.3, 0.1])) @ Q.T
     A, B, C, V = np.eye(4), np.eye(4), np.eye(4), rng.standard_normal((4, 4))
     sq = KronSumInverse(A, B, C, M, sign=1, method="smith")

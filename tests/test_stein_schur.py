@@ -21,9 +21,10 @@ from kronlin._kernels.gsylv import (
     gsylv_backsub_reference,
     singular_tol,
 )
-from kronlin.stein_schur import SchurStein
+from kronlin.stein.schur import SchurStein
+from kronlin.testing import orthonormal, unvec, vec
 
-from helpers import on, rand_orth, rel_err, to_np, unvec, vec
+from helpers import on, rel_err, to_np
 
 SIGNS = [1, -1]
 # (p, q): 1x1, p != q both ways, primes, up to 40
@@ -41,7 +42,7 @@ def general_pencil(rng, n):
     have moduli near 2, so ``λ·μ`` stays far from ∓1 and the Kronecker sum is
     well conditioned.
     """
-    Q = rand_orth(rng, n)
+    Q = orthonormal(rng, n)
     M = Q @ (np.diag(rng.choice([-2.0, 2.0], n)) + 0.6 * rng.standard_normal((n, n)) / np.sqrt(n)) @ Q.T
     N = np.eye(n) + 0.3 * rng.standard_normal((n, n)) / np.sqrt(n)
     return M, N
@@ -179,7 +180,7 @@ def test_defective_factors(sign):
     """
     rng = np.random.default_rng(3)
     n = 12
-    Qa, Qb = rand_orth(rng, n), rand_orth(rng, n)
+    Qa, Qb = orthonormal(rng, n), orthonormal(rng, n)
     A = Qa @ (1.0 * np.eye(n) + 0.5 * np.eye(n, k=1)) @ Qa.T
     B = Qb @ (2.0 * np.eye(n) + 0.5 * np.eye(n, k=1)) @ Qb.T
     C = Qa @ (np.eye(n) + 0.1 * np.triu(rng.standard_normal((n, n)), 1)) @ Qa.T  # C⁻¹A stays defective
@@ -219,7 +220,7 @@ def schur_pencil(rng, n, eigs, pairs=(), similarity="orthogonal"):
     S[np.arange(i, n), np.arange(i, n)] = eigs
     assert i + len(eigs) == n
     if similarity == "orthogonal":
-        Q, Z = rand_orth(rng, n), rand_orth(rng, n)
+        Q, Z = orthonormal(rng, n), orthonormal(rng, n)
         return Q @ S @ Z.T, Q @ T @ Z.T
     P = rng.permutation(n)
     return S[P][:, P], T[P][:, P]

@@ -377,6 +377,9 @@ def test_model_without_supported_layer():
     (dict(structure="tridiagonal"), "damping_mode='factored'"),
     (dict(update_period=0), "update_period"),
     (dict(damping=-1.0), "damping"),
+    (dict(damping=float("nan")), "damping must be finite"),
+    (dict(max_decay=1.0), "max_decay"),
+    (dict(max_decay=float("nan")), "max_decay must be finite"),
 ])
 def test_bad_options(kwargs, match):
     if match is None:
@@ -384,6 +387,19 @@ def test_bad_options(kwargs, match):
         return
     with pytest.raises(ValueError, match=match):
         kt.KFAC(mlp(), **kwargs)
+
+
+@pytest.mark.parametrize("cls", [kt.KFAC, kt.NaturalGradient])
+@pytest.mark.parametrize("key, value", [("damping", "1e-3"), ("damping", True), ("damping", None)])
+def test_option_types_checked_like_the_core(cls, key, value):
+    """The binding validates through the core's helpers: a string damping used to be converted by float()."""
+    with pytest.raises(TypeError, match=f"{key} must be a real scalar"):
+        cls(mlp(), **{key: value})
+
+
+def test_max_decay_type_checked():
+    with pytest.raises(TypeError, match="max_decay must be a real scalar"):
+        kt.KFAC(mlp(), max_decay="0.9")
 
 
 def test_tridiagonal_needs_a_linear_chain():

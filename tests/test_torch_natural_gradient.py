@@ -89,7 +89,7 @@ def test_fisher_operator_is_the_woodbury_fisher_of_the_batch():
 
 
 def test_natural_gradient_errors_and_state():
-    with pytest.raises(ValueError, match="damping > 0"):
+    with pytest.raises(ValueError, match="damping must be a finite positive number"):
         kt.NaturalGradient(mlp(), damping=0.0)
     with pytest.raises(ValueError, match="no supported layer"):
         kt.NaturalGradient(nn.Sequential(nn.Tanh()))

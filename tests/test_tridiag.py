@@ -6,54 +6,15 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 
-from kronlin import BlockDiagInverse, BlockTridiagInverse, FactorEstimator, Kron, batch_factors, pi_factor
+from kronlin import BlockDiagInverse, BlockTridiagInverse, FactorEstimator, Kron, batch_factors
+from kronlin.testing import damped_tridiag, tanh_mlp, vec
 
-from helpers import on, rel_err, to_np, vec
+from helpers import on, rel_err, to_np
 
 
 def mlp_statistics(widths, N=200, seed=0):
-    """Activations and sampled back-propagated vectors of a tanh MLP (K-FAC §2, §5).
-
-    Layer k maps d_k -> d_{k+1} with homogeneous weights W_k (d_{k+1}, d_k + 1).
-    The output's back-propagated vectors are standard normal: the Fisher of a
-    squared-error model with targets sampled from its predictive distribution.
-    """
-    rng = np.random.default_rng(seed)
-    Ws = [rng.standard_normal((widths[k + 1], widths[k] + 1)) / np.sqrt(widths[k] + 1) for k in range(len(widths) - 1)]
-    a = rng.standard_normal((N, widths[0]))
-    acts, pre = [], []
-    for k, W in enumerate(Ws):
-        acts.append(a)
-        s = np.concatenate([a, np.ones((N, 1))], axis=1) @ W.T
-        pre.append(s)
-        a = np.tanh(s) if k < len(Ws) - 1 else s
-    g = rng.standard_normal((N, widths[-1]))
-    grads = [None] * len(Ws)
-    for k in range(len(Ws) - 1, -1, -1):
-        grads[k] = g
-        if k > 0:
-            g = (g @ Ws[k][:, :-1]) * (1 - np.tanh(pre[k - 1]) ** 2)
-    return acts, grads
-
-
-def damped_dense_blocks(f, gamma):
-    """Damped F̃'s tridiagonal blocks as a dict {(k, j): dense block}."""
-    n = len(f["A_diag"])
-    Ad, Gd = [], []
-    for A, G in zip(f["A_diag"], f["G_diag"]):
-        pi = pi_factor(A, G) if gamma > 0 else 1.0
-        Ad.append(A + pi * gamma * np.eye(A.shape[0]))
-        Gd.append(G + gamma / pi * np.eye(G.shape[0]))
-    blocks = {(k, k): np.kron(Ad[k], Gd[k]) for k in range(n)}
-    for k in range(len(f["A_off"])):
-        blocks[(k, k + 1)] = np.kron(f["A_off"][k], f["G_off"][k])
-        blocks[(k + 1, k)] = blocks[(k, k + 1)].T
-    return blocks
-
-
-def offsets(f):
-    sizes = [A.shape[0] * G.shape[0] for A, G in zip(f["A_diag"], f["G_diag"])]
-    return np.concatenate([[0], np.cumsum(sizes)])
+    """Activations and sampled back-propagated vectors of a tanh MLP (K-FAC §2, §5; kronlin.testing.tanh_mlp)."""
+    return tanh_mlp(np.random.default_rng(seed), widths, N)
 
 
 NETS = [(4, 3), (3, 5, 2), (6, 4, 5, 3), (2, 7, 3, 4, 2)]
@@ -67,15 +28,14 @@ def test_tridiag_inverse_agrees_with_damped_fisher_on_tridiagonal_blocks(widths,
     inv = BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"], gamma=gamma)
     Finv = inv.to_dense()
     Fhat = np.linalg.inv(Finv)
-    off = offsets(f)
-    blocks = damped_dense_blocks(f, gamma)
+    F, off, _ = damped_tridiag(f, gamma)
     n = len(f["A_diag"])
     for k in range(n):
         for j in range(n):
             sk, sj = slice(off[k], off[k + 1]), slice(off[j], off[j + 1])
             if abs(k - j) <= 1:
                 # F̂ agrees with the damped F̃ on every tridiagonal block
-                assert rel_err(Fhat[sk, sj], blocks[(k, j)]) < 1e-8, (k, j)
+                assert rel_err(Fhat[sk, sj], F[sk, sj]) < 1e-8, (k, j)
             else:
                 # F̂⁻¹ is block-tridiagonal: exactly zero outside
                 assert np.abs(Finv[sk, sj]).max() < 1e-12 * np.abs(Finv).max(), (k, j)
@@ -95,17 +55,18 @@ def test_block_diag_against_dense(widths, gamma):
     acts, grads = mlp_statistics(widths, seed=3)
     f = batch_factors(acts, grads, tridiagonal=False)
     inv = BlockDiagInverse(f["A_diag"], f["G_diag"], gamma=gamma)
-    blocks = damped_dense_blocks({**f, "A_off": [], "G_off": []}, gamma)
-    dense = sl.block_diag(*[np.linalg.inv(blocks[(k, k)]) for k in range(len(f["A_diag"]))])
+    F, off, _ = damped_tridiag({**f, "A_off": [], "G_off": []}, gamma)
+    blocks = [F[off[k]:off[k + 1], off[k]:off[k + 1]] for k in range(len(f["A_diag"]))]
+    dense = sl.block_diag(*[np.linalg.inv(B) for B in blocks])
     assert rel_err(inv.to_dense(), dense) < 1e-9
     rng = np.random.default_rng(2)
     V = [rng.standard_normal((3,) + s) for s in inv.shapes]  # batched right-hand sides
     U = inv.apply(V)
     for k, (u, v) in enumerate(zip(U, V)):
-        ref = np.stack([np.linalg.solve(blocks[(k, k)], vec(x)) for x in v])
+        ref = np.stack([np.linalg.solve(blocks[k], vec(x)) for x in v])
         assert rel_err(np.stack([vec(x) for x in u]), ref) < 1e-9
         assert Kron(f["A_diag"][k], f["G_diag"][k]).p == inv.shapes[k][1]
-    assert abs(inv.logdet() - sum(np.linalg.slogdet(blocks[(k, k)])[1] for k in range(len(U)))) < 1e-8
+    assert abs(inv.logdet() - sum(np.linalg.slogdet(B)[1] for B in blocks)) < 1e-8
 
 
 def test_one_layer_reduces_to_block_diagonal():

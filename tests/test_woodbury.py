@@ -35,6 +35,7 @@ from kronlin._kernels.woodbury_gram import (
     shared_costs,
     use_kernel,
 )
+from kronlin.testing import gradient_matrix, layers_vec, per_example_data, per_example_grads
 
 from helpers import krylov, linear_operator, native, on, rel_err, to_np
 
@@ -50,57 +51,17 @@ NETS = {
 }
 
 
-# -- the dense reference ----------------------------------------------------------------
-def make_net(rng, spec, N, S=1):
-    """acts/errs (NumPy float64) for a spec; S > 1 adds the label axis after the batch axis."""
-    acts, errs = [], []
-    for layer in spec:
-        if layer[0] == "dense":
-            _, da, de = layer
-            acts.append(rng.standard_normal((N, da)))
-            errs.append(rng.standard_normal((N, de) if S == 1 else (N, S, de)))
-        else:
-            _, T, da, de = layer
-            acts.append(rng.standard_normal((N, T, da)))
-            errs.append(rng.standard_normal((N, T, de) if S == 1 else (N, S, T, de)))
-    return acts, errs
-
-
+# -- the dense reference: kronlin.testing's per-example gradients (P x M), F = scale·G Gᵀ ----------
 def layer_shapes(spec):
     return [(ly[-1], ly[-2]) for ly in spec]
 
 
-def per_example_grads(a, e):
-    """(M, d_out, d_in) per-example gradients g_c = Σ_t e_{c,t} a_{i,t}ᵀ, c = i*S + s."""
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    N = a.shape[0]
-    if a.ndim == 2:
-        e4 = e.reshape(N, -1, 1, e.shape[-1])
-        a3 = a[:, None, :]
-    else:
-        e4 = e.reshape(N, -1, a.shape[1], e.shape[-1])
-        a3 = a
-    g = np.einsum("nsto,nti->nsoi", e4, a3)
-    return g.reshape((g.shape[0] * g.shape[1],) + g.shape[2:])
-
-
-def vec(X):
-    """Column-stacking vec of the last two axes."""
-    X = np.asarray(X, np.float64)
-    return np.swapaxes(X, -1, -2).reshape(X.shape[:-2] + (-1,))
-
-
 def flat(Us):
-    return np.concatenate([vec(to_np(u)) for u in Us], axis=-1)
-
-
-def dense_G(acts, errs):
-    """The P × M matrix of column-stacked per-example gradients (tests only)."""
-    return np.concatenate([vec(per_example_grads(a, e)) for a, e in zip(acts, errs)], axis=1).T
+    return layers_vec([to_np(u) for u in Us])
 
 
 def dense_F(acts, errs, scale=None):
-    G = dense_G(acts, errs)
+    G = gradient_matrix(acts, errs)
     N = np.asarray(acts[0]).shape[0]
     s = 1.0 / N if scale is None else scale
     return s * G @ G.T, G, s
@@ -122,7 +83,7 @@ def test_all_operations_match_dense_float64(xp, net, S):
     rng = np.random.default_rng([len(net), S])
     spec = NETS[net]
     N = 5
-    acts, errs = make_net(rng, spec, N, S)
+    acts, errs = per_example_data(rng, spec, N, S)
     Fd, G, s = dense_F(acts, errs)
     lam = damping_for(Fd, 1e3)
     F = WoodburyFisher([on(xp, a) for a in acts], [on(xp, e) for e in errs], lam)
@@ -150,7 +111,7 @@ def test_all_operations_match_dense_float64(xp, net, S):
 def test_float32_with_looser_tolerances(xp, net):
     rng = np.random.default_rng(7)
     spec = NETS[net]
-    acts, errs = make_net(rng, spec, 6, 2)
+    acts, errs = per_example_data(rng, spec, 6, 2)
     Fd, G, s = dense_F(acts, errs)
     lam = damping_for(Fd, 1e2)
     F = WoodburyFisher([on(xp, a, dtype="float32") for a in acts], [on(xp, e, dtype="float32") for e in errs], lam)
@@ -171,7 +132,7 @@ def test_float32_with_looser_tolerances(xp, net):
 def test_solve_residual_equation_and_flat_and_batched_rhs():
     rng = np.random.default_rng(3)
     spec = NETS["mixed"]
-    acts, errs = make_net(rng, spec, 4, 2)
+    acts, errs = per_example_data(rng, spec, 4, 2)
     Fd, _, _ = dense_F(acts, errs)
     F = WoodburyFisher(acts, errs, 0.05)
     shapes = layer_shapes(spec)
@@ -197,7 +158,7 @@ def test_solve_residual_equation_and_flat_and_batched_rhs():
 def test_aslinearoperator_matches_and_feeds_scipy_cg(xp):
     rng = np.random.default_rng(11)
     spec = NETS["mixed"]
-    acts, errs = make_net(rng, spec, 5)
+    acts, errs = per_example_data(rng, spec, 5)
     Fd, _, _ = dense_F(acts, errs)
     lam = damping_for(Fd, 50.0)
     F = WoodburyFisher(list(on(xp, *acts)), list(on(xp, *errs)), lam)
@@ -221,7 +182,7 @@ def test_aslinearoperator_matches_and_feeds_scipy_cg(xp):
 def test_zero_damping_products_work_and_solves_explain():
     rng = np.random.default_rng(5)
     spec = NETS["mixed"]
-    acts, errs = make_net(rng, spec, 4)
+    acts, errs = per_example_data(rng, spec, 4)
     Fd, G, s = dense_F(acts, errs)
     F = WoodburyFisher(acts, errs, 0.0)
     U, V = rand_U(rng, layer_shapes(spec)), rand_U(rng, layer_shapes(spec))
@@ -259,9 +220,9 @@ def test_zero_damping_with_more_columns_than_parameters_points_to_dense():
 def test_scale_default_is_one_over_inputs_and_explicit_scale():
     rng = np.random.default_rng(8)
     spec = NETS["mixed"]
-    acts, errs = make_net(rng, spec, 6, 2)
+    acts, errs = per_example_data(rng, spec, 6, 2)
     U = rand_U(rng, layer_shapes(spec))
-    G = dense_G(acts, errs)
+    G = gradient_matrix(acts, errs)
     F = WoodburyFisher(acts, errs, 0.1)
     assert F.scale == pytest.approx(1 / 6)  # 1/N with N inputs, not 1/(N*S)
     assert rel_err(flat(F.matvec(U)), G @ (G.T @ flat(U)) / 6) < F64_TOL
@@ -276,7 +237,7 @@ def test_labels_per_input_are_more_columns(kind):
     rng = np.random.default_rng(4)
     N, S = 5, 3
     layer = ("dense", 6, 4) if kind == "dense" else ("shared", 7, 6, 4)
-    acts, errs = make_net(rng, [layer], N, S)
+    acts, errs = per_example_data(rng, [layer], N, S)
     a, e = acts[0], errs[0]
     a_rep = np.repeat(a, S, axis=0)  # row i*S + s is input i
     e_rows = e.reshape((N * S,) + e.shape[2:])
@@ -290,18 +251,18 @@ def test_labels_per_input_are_more_columns(kind):
     g = per_example_grads(a, e)
     g12 = np.outer(e[1, 2], a[1]) if kind == "dense" else e[1, 2].T @ a[1]
     assert rel_err(g[1 * S + 2], g12) < 1e-14
-    G = dense_G([a], [e])
+    G = gradient_matrix([a], [e])
     assert rel_err(Fm.gram()[1 * S + 2, 0], G[:, 1 * S + 2] @ G[:, 0] / N) < 1e-13
 
 
 def test_independent_batch_gradient_benzing_i5(xp):
     rng = np.random.default_rng(21)
     spec = NETS["mixed"]
-    acts1, errs1 = make_net(rng, spec, 6)
-    acts2, errs2 = make_net(rng, spec, 4)  # another batch, another size
+    acts1, errs1 = per_example_data(rng, spec, 6)
+    acts2, errs2 = per_example_data(rng, spec, 4)  # another batch, another size
     Fd, _, _ = dense_F(acts1, errs1)
     F = WoodburyFisher(list(on(xp, *acts1)), list(on(xp, *errs1)), 0.3)
-    g2 = dense_G(acts2, errs2).sum(axis=1) / 4  # the mean gradient of batch 2
+    g2 = gradient_matrix(acts2, errs2).sum(axis=1) / 4  # the mean gradient of batch 2
     bg = WoodburyFisher.batch_gradient(list(on(xp, *acts2)), list(on(xp, *errs2)))
     assert [tuple(x.shape) for x in bg] == layer_shapes(spec) and rel_err(flat(bg), g2) < F64_TOL
     batch = (list(on(xp, *acts2)), list(on(xp, *errs2)))
@@ -309,7 +270,7 @@ def test_independent_batch_gradient_benzing_i5(xp):
     assert rel_err(flat(F.solve(batch=batch)), ref) < F64_TOL
     assert rel_err(flat(F.matvec(batch=batch)), Fd @ g2) < F64_TOL
     # the same-batch direction (biased, I.5) differs from the independent one
-    g1 = dense_G(acts1, errs1).sum(axis=1) / 6
+    g1 = gradient_matrix(acts1, errs1).sum(axis=1) / 6
     same = flat(F.solve(batch=(list(on(xp, *acts1)), list(on(xp, *errs1)))))
     assert rel_err(same, np.linalg.solve(Fd + 0.3 * np.eye(Fd.shape[0]), g1)) < F64_TOL
     bg3 = WoodburyFisher.batch_gradient(acts2, errs2, scale=1.0)
@@ -320,7 +281,7 @@ def test_independent_batch_gradient_benzing_i5(xp):
 def test_sample_covariance_matches_inverse_damped_fisher():
     rng = np.random.default_rng(31)
     spec = [("shared", 3, 3, 2), ("dense", 2, 3)]  # P = 12, M = 4
-    acts, errs = make_net(rng, spec, 4)
+    acts, errs = per_example_data(rng, spec, 4)
     Fd, _, _ = dense_F(acts, errs)
     lam = 0.5
     F = WoodburyFisher(acts, errs, lam)
@@ -344,7 +305,7 @@ def test_sample_covariance_matches_inverse_damped_fisher():
 
 def test_sample_reproducible_dtype_and_namespace(xp):
     rng = np.random.default_rng(9)
-    acts, errs = make_net(rng, NETS["mixed"], 3)
+    acts, errs = per_example_data(rng, NETS["mixed"], 3)
     F = WoodburyFisher([on(xp, a, dtype="float32") for a in acts], [on(xp, e, dtype="float32") for e in errs], 0.1)
     d1 = F.sample(np.random.default_rng(5), 4)
     d2 = F.sample(np.random.default_rng(5), 4)
@@ -372,7 +333,7 @@ def test_gram_kernel_matches_reference_and_grad(cpu_ext, shape, dtype):
     rng = np.random.default_rng(list(shape))
     A = rng.standard_normal((N, T, da)).astype(dtype)
     E = rng.standard_normal((N, S, T, de)).astype(dtype)
-    g = per_example_grads(A, E).reshape(N * S, -1)
+    g = per_example_grads(A.astype(np.float64), E.astype(np.float64)).reshape(N * S, -1)
     ref64 = g @ g.T
     tol = 1e-13 if dtype == "float64" else 1e-5
     for prepack in (-1, 0):  # shared packed copy, and per-thread repacking
@@ -448,7 +409,7 @@ def test_gram_binding_rejects_bad_input(cpu_ext):
 @pytest.mark.parametrize("method", ["auto", "pairs", "kernel", "grad", "reference"])
 def test_operator_same_with_every_gram_method_and_extension_disabled(method):
     rng = np.random.default_rng(17)
-    acts, errs = make_net(rng, NETS["mixed"], 5, 2)
+    acts, errs = per_example_data(rng, NETS["mixed"], 5, 2)
     U = rand_U(rng, layer_shapes(NETS["mixed"]))
     F = WoodburyFisher(acts, errs, 0.2, gram_method=method)
     with _ext.disabled():

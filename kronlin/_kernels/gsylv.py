@@ -1,7 +1,7 @@
 """Generalized-Sylvester back-substitution: ``S1 Y S2ᵀ + sign·T1 Y T2ᵀ = W`` in real generalized Schur form.
 
 Step 3 of the Schur method of Gardiner, Laub, Amato & Moler (1992) used by
-:class:`kronlin.stein_schur.SchurStein`: after the QZ reductions
+:class:`kronlin.stein.schur.SchurStein`: after the QZ reductions
 ``(B, D) = Q1 (S1, T1) Z1ᵀ`` and ``(A, C) = Q2 (S2, T2) Z2ᵀ`` the equation
 ``B U Aᵀ + sign·D U Cᵀ = V`` becomes ``S1 Y S2ᵀ + sign·T1 Y T2ᵀ = W`` with
 ``S1, S2`` quasi-upper-triangular (1×1 and 2×2 diagonal blocks), ``T1, T2``

@@ -1,46 +1,37 @@
-"""Moving tensors between torch and kronlin's core (NumPy on the CPU, CuPy on the GPU).
+"""Moving tensors between torch and kronlin's core, through the core's own conversion path.
 
-CPU tensors go to NumPy without a copy (``Tensor.numpy()`` shares memory) and
-results come back with ``torch.from_numpy`` (no copy either).  CUDA tensors go
-through DLPack to CuPy, the GPU library kronlin's core computes with, and back
-to torch through DLPack; without CuPy a CUDA tensor raises a clear error.
+There is one conversion path in kronlin (``kronlin/_backend.py``, docs/design.md
+"data path of a call"): CPU tensors are taken zero-copy by DLPack into NumPy,
+CUDA tensors into CuPy (a clear error names the fix when CuPy is missing), and
+results go back through torch's ``from_dlpack``.  This module only names the
+two directions for the binding; it adds no conversion rules of its own.
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
+
+from .._backend import Ctx, context
 
 __all__ = ["to_array", "from_array", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-def _cupy():
-    try:
-        import cupy
-    except ImportError:  # pragma: no cover - exercised only on GPU machines without CuPy
-        raise RuntimeError(
-            "kronlin.torch got CUDA tensors, but kronlin computes on the GPU through CuPy, which is not "
-            "installed; install it (pip install 'kronlin[cuda]') or move the model to the CPU"
-        ) from None
-    return cupy
-
-
-def to_array(t: torch.Tensor):
+def to_array(t: torch.Tensor, name: str = "tensor"):
     """The data of ``t`` as a NumPy (CPU) or CuPy (CUDA) array sharing its memory."""
-    t = t.detach()
-    if t.device.type == "cpu":
-        return t.numpy()
-    if t.device.type == "cuda":  # pragma: no cover - needs a GPU
-        return _cupy().from_dlpack(t)
-    raise RuntimeError(f"kronlin.torch supports CPU and CUDA tensors; got a tensor on {t.device}")
+    _, (arr,) = context((name, t.detach()))
+    return arr
 
 
-def from_array(x, like: torch.Tensor) -> torch.Tensor:
-    """A torch tensor on ``like``'s device holding the NumPy/CuPy array ``x`` (shared memory when possible)."""
-    if isinstance(x, np.ndarray):
-        if not x.flags.writeable:  # torch.from_numpy warns on read-only memory; copy instead
-            x = x.copy()
-        return torch.from_numpy(x)
-    return torch.from_dlpack(x)  # pragma: no cover - CuPy arrays, needs a GPU
+def from_array(x) -> torch.Tensor:
+    """``x`` (a NumPy/CuPy array computed by the core) as a torch tensor, sharing memory where possible.
+
+    The device follows ``x``: NumPy ↦ CPU, CuPy ↦ the CUDA device the array
+    lives on, which is where the tensors the core was given live.
+    """
+    xp = np if isinstance(x, np.ndarray) else sys.modules["cupy"]
+    return Ctx(xp, x.dtype, torch).out(x)

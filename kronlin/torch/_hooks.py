@@ -45,6 +45,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .._validate import check_choice, check_nonneg_scalar
 from ._convert import SUPPORTED_DTYPES, to_array
 
 __all__ = ["CurvatureHooks"]
@@ -199,11 +200,8 @@ class CurvatureHooks:
     def __init__(self, model, damping, fisher, loss, reduction, seed):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        damping = float(damping)
-        if not math.isfinite(damping) or damping < 0:
-            raise ValueError(f"damping must be a finite number >= 0; got {damping!r}")
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}; got {fisher!r}")
+        damping = check_nonneg_scalar(damping, "damping")
+        check_choice(fisher, FISHERS, "fisher")
         self.loss, self.reduction = _parse_loss(loss, reduction)
         if fisher == "mc" and self.loss is None:
             raise ValueError("fisher='mc' samples labels from the model's predictive distribution and needs "

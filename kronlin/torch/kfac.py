@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
 import kronlin
-from kronlin._validate import check_positive_int
+from kronlin._validate import check_choice, check_positive_int, check_real_scalar
 
 from ._convert import from_array, to_array
 from ._hooks import CurvatureHooks
@@ -84,18 +85,17 @@ class KFAC(CurvatureHooks):
     def __init__(self, model, damping: float = 1e-3, *, damping_mode: str = "exact", fisher: str = "empirical",
                  loss=None, reduction: str = "mean", update_period: int = 1, refresh_period: int = 1,
                  max_decay: float = 0.95, structure: str = "blockdiag", seed: int = 0):
-        if damping_mode not in DAMPING_MODES:
-            raise ValueError(f"damping_mode must be one of {DAMPING_MODES}; got {damping_mode!r}")
-        if structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {STRUCTURES}; got {structure!r}")
+        check_choice(damping_mode, DAMPING_MODES, "damping_mode")
+        check_choice(structure, STRUCTURES, "structure")
         if structure == "tridiagonal" and damping_mode != "factored":
             raise ValueError("structure='tridiagonal' damps the diagonal factors (K-FAC §4.3, §6.3): "
                              "use damping_mode='factored'")
         self.update_period = check_positive_int(update_period, "update_period")
         self.refresh_period = check_positive_int(refresh_period, "refresh_period")
-        if not 0.0 <= float(max_decay) < 1.0:
+        max_decay = check_real_scalar(max_decay, "max_decay")
+        if not 0.0 <= max_decay < 1.0:
             raise ValueError(f"max_decay must be in [0, 1); got {max_decay!r}")
-        self.damping_mode, self.structure, self.max_decay = damping_mode, structure, float(max_decay)
+        self.damping_mode, self.structure, self.max_decay = damping_mode, structure, max_decay
         super().__init__(model, damping, fisher, loss, reduction, seed)
         if structure == "tridiagonal":
             try:
@@ -188,20 +188,25 @@ class KFAC(CurvatureHooks):
         if self.structure == "tridiagonal":
             self._inv = kronlin.BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
                                                     gamma=gamma, pi="trace")
-        else:
+        elif self.damping_mode == "exact":
             inv = []
             for ly, A, G in zip(self.layers, f["A_diag"], f["G_diag"]):
                 try:
-                    if self.damping_mode == "exact":
-                        # (A⊗G + λI)⁻¹ through the eigenbases: four GEMMs and a divide per application
-                        inv.append(kronlin.Kron(A, G).eigh())
-                    else:
-                        # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ formed once per refresh (potri), so that each
-                        # step applies it with two GEMMs instead of four triangular solves
-                        inv.append(kronlin.factored_damping(A, G, gamma, pi="trace").inv())
+                    # (A⊗G + λI)⁻¹ through the eigenbases: four GEMMs and a divide per application
+                    inv.append(kronlin.Kron(A, G).eigh())
                 except (ValueError, np.linalg.LinAlgError) as exc:
                     raise type(exc)(f"layer {ly.name!r}: {exc}") from exc
             self._inv = inv
+        else:
+            # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ formed once per refresh (potri), so that each step applies it with
+            # two GEMMs; BlockDiagInverse factorizes layers of one shape as one stack (issue 13 item 3)
+            try:
+                self._inv = kronlin.BlockDiagInverse(f["A_diag"], f["G_diag"], gamma=gamma, pi="trace")
+            except (ValueError, np.linalg.LinAlgError) as exc:
+                # the core names the block (A_diag[k] / G_diag[k]): say which layer that is
+                m = re.search(r"[AG]_diag\[(\d+)\]", str(exc))
+                where = f"layer {self.layers[int(m.group(1))].name!r}" if m else "a layer"
+                raise type(exc)(f"{where}: {exc}") from exc
         self._inv_factors = f
 
     def _apply(self, blocks):
@@ -211,8 +216,8 @@ class KFAC(CurvatureHooks):
         elif self.damping_mode == "exact":
             out = [inv.solve(v, damping=self.damping) for inv, v in zip(self._inv, V)]
         else:
-            out = [inv @ v for inv, v in zip(self._inv, V)]
-        return [from_array(x, b) for x, b in zip(out, blocks)]
+            out = self._inv.apply(V)
+        return [from_array(x) for x, b in zip(out, blocks)]
 
     # -- inspection -------------------------------------------------------------------------
     def factors(self, module):
@@ -227,7 +232,7 @@ class KFAC(CurvatureHooks):
         k = self.layers.index(ly)
         A = self._estimator.A_diag[k] / ly.positions
         G = self._estimator.G_diag[k] * (self._scale * ly.positions)
-        return from_array(A, ly.weight), from_array(G, ly.weight)
+        return from_array(A), from_array(G)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _options(self) -> dict:
@@ -238,10 +243,8 @@ class KFAC(CurvatureHooks):
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-exactly (tensors, numbers and strings: ``torch.save`` works)."""
-        like = self.layers[0].weight
-
         def tens(xs):
-            return [from_array(x.copy(), like) for x in xs]  # copies: the state must not alias live statistics
+            return [from_array(x.copy()) for x in xs]  # copies: the state must not alias live statistics
 
         est = self._estimator.state_dict()
         stats = None if est["stats"] is None else {k: tens(v) for k, v in est["stats"].items()}

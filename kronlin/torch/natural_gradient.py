@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import kronlin
 
+from kronlin._validate import check_positive_scalar
+
 from ._convert import from_array
 from ._hooks import CurvatureHooks
 
@@ -49,8 +51,8 @@ class NaturalGradient(CurvatureHooks):
 
     def __init__(self, model, damping: float = 1e-3, *, fisher: str = "empirical", loss=None,
                  reduction: str = "mean", seed: int = 0):
-        if not float(damping) > 0:
-            raise ValueError(f"NaturalGradient needs damping > 0 (the batch Fisher has rank at most N); got {damping!r}")
+        # λ > 0: the batch Fisher has rank at most N, so λI + F is singular without it
+        damping = check_positive_scalar(damping, "damping")
         super().__init__(model, damping, fisher, loss, reduction, seed)
 
     def fisher_operator(self):
@@ -67,7 +69,7 @@ class NaturalGradient(CurvatureHooks):
         blocks = self._grad_blocks()
         out = fisher.solve(self._np(blocks))
         for ly, x, b in zip(self.layers, out, blocks):
-            ly.set_grad(from_array(x, b))
+            ly.set_grad(from_array(x))
         self._steps += 1
         self._clear()
 

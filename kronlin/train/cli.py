@@ -70,6 +70,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import signal
 import sys
@@ -87,7 +88,8 @@ from .progress import Progress
 from .resume import checkpoint_tree, restore
 from .resume import jsonable as _jsonable
 
-__all__ = ["main", "run_training", "run_compare", "parse_hp", "Progress"]
+__all__ = ["main", "run_training", "run_compare", "parse_hp", "Progress", "make_config", "setup", "draw_batches",
+           "evaluate", "batch_size_at"]
 
 PROG = "python -m kronlin.train"
 
@@ -186,13 +188,21 @@ class Interrupted(Exception):
 
 
 # -------------------------------------------------------------------- training
-def make_config(task, opt, *, seed=0, data_seed=0, batch=DEFAULT_BATCH, steps=DEFAULT_STEPS, hp=None, data=None) -> dict:
-    """The run configuration (what a checkpoint records and a resume checks)."""
+def make_config(task, opt, *, seed=0, data_seed=0, batch=DEFAULT_BATCH, steps=DEFAULT_STEPS, hp=None, data=None,
+                batch_full_at=None) -> dict:  # fmt: skip
+    """The run configuration (what a checkpoint records and a resume checks).
+
+    ``batch_full_at`` = K turns on K-FAC §13's exponentially growing mini-batch
+    (:func:`batch_size_at`), starting from ``batch``.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     get_optimizer(opt).check_hparams(dict(hp or {}))
     if int(steps) < 0 or int(batch) < 1:
         raise ValueError(f"need steps >= 0 and batch >= 1; got steps={steps}, batch={batch}")
+    if batch_full_at is not None and (isinstance(batch_full_at, bool) or not isinstance(batch_full_at, int)
+                                      or batch_full_at < 2):  # fmt: skip
+        raise ValueError(f"the batch schedule's full-batch iteration must be an integer >= 2; got {batch_full_at!r}")
     return {
         "task": task,
         "opt": opt,
@@ -202,10 +212,31 @@ def make_config(task, opt, *, seed=0, data_seed=0, batch=DEFAULT_BATCH, steps=DE
         "steps": int(steps),
         "hp": dict(hp or {}),
         "data": dict(data or {}),
+        "batch_full_at": batch_full_at,
     }
 
 
-def _setup(config):
+def batch_size_at(k: int, batch: int, n_train: int, full_at=None) -> int:
+    """The mini-batch size of iteration ``k`` (1-based).
+
+    Fixed at ``batch`` unless ``full_at`` = K is given: then K-FAC §13's
+    schedule ``m_k = min(m₁ exp((k − 1)/b), n)`` with ``m₁ = batch`` and ``b``
+    chosen so that ``m_K = n`` (the paper: m₁ = 1000, K = 500), rounded to
+    the nearest integer.
+    """
+    if full_at is None or batch >= n_train:
+        return min(batch, n_train) if full_at is not None else batch
+    b = (full_at - 1) / math.log(n_train / batch)
+    return min(int(round(batch * math.exp((k - 1) / b))), n_train)
+
+
+def setup(config):
+    """``(task, net, data_rng, opt)`` of a run configuration (:func:`make_config`), as training starts.
+
+    The seed is split into three independent streams (initial weights, mini-batches, the optimizer's
+    own randomness), so a run is determined by ``config`` alone; experiments that follow a training
+    trajectory step by step (bench/'s reproduction) start from here.
+    """
     task = load_task(config["task"], config["data_seed"], **config["data"])
     init_ss, data_ss, opt_ss = np.random.SeedSequence(config["seed"]).spawn(3)
     net = task.net_factory(np.random.default_rng(init_ss))
@@ -213,6 +244,47 @@ def _setup(config):
     opt_seed = int(opt_ss.generate_state(1, np.uint32)[0])
     opt = get_optimizer(config["opt"])(net, task.loss, seed=opt_seed, **config["hp"])
     return task, net, data_rng, opt
+
+
+def evaluate(task, net, params=None) -> dict:
+    """The objective on the whole training set (and the test set, if the task holds one out).
+
+    This is what the papers report (K-FAC §13, Botev §6, Benzing §5, Ren et al. §5), rather than the
+    mini-batch loss a step sees: ``train_loss`` (the mean loss over all training examples, at the current
+    weights), and with a held-out set ``test_loss``; for classifiers also ``train_error`` and
+    ``test_error`` (the fraction of wrongly classified examples).  ``params`` evaluates other weights
+    than the network's (an averaged iterate).
+    """
+    out = {}
+    for part, X, Y in (("train", task.X_train, task.Y_train), ("test", task.X_test, task.Y_test)):
+        if X is None:
+            continue
+        logits = net.forward(X, params).out
+        out[f"{part}_loss"] = task.loss.value(logits, Y)
+        if task.is_classifier:
+            out[f"{part}_error"] = float(np.mean(np.argmax(logits, axis=1) != Y))
+    return out
+
+
+def _evaluate_into(record, it, task, net, opt) -> float:
+    """Append the evaluation at iteration ``it`` to ``record["eval"]``; return the seconds it took.
+
+    With Polyak averaging (K-FAC §13, ``polyak=ξ``) the averaged iterate is evaluated too (keys ending in
+    ``_averaged``; ``None`` before the first step); the paper reports the lower of the two training
+    objectives.
+    """
+    t0 = time.perf_counter()
+    ev = record["eval"]
+    if ev["step"] and ev["step"][-1] == it:
+        return 0.0
+    ev["step"].append(it)
+    values = evaluate(task, net)
+    avg = getattr(opt, "averaged_params", None)
+    if avg is not None:
+        values.update({f"{k}_averaged": v for k, v in evaluate(task, net, avg).items()})
+    for key in set(values) | (set(ev) - {"every", "step"}):
+        ev.setdefault(key, [None] * (len(ev["step"]) - 1)).append(values.get(key))
+    return time.perf_counter() - t0
 
 
 def run_training(
@@ -226,8 +298,13 @@ def run_training(
     out=None,
     label: str | None = None,
     dp=None,
+    eval_every: int = 0,
 ) -> dict:
     """Train as ``config`` (from :func:`make_config`) says and return the record.
+
+    ``eval_every`` = K > 0 adds ``record["eval"]``: :func:`evaluate` (the whole training set's objective,
+    the held-out set's, classification errors) before the first step, after every K-th and after the
+    last; its time is left out of ``record["seconds"]``.
 
     ``resume``/``checkpoint`` are checkpoint paths; ``out`` a JSON path for the
     record.  With ``handle_sigint`` the first Ctrl-C stops at the end of an
@@ -238,7 +315,7 @@ def run_training(
     shard; rank 0 alone reads the checkpoint to resume from (and broadcasts
     it), writes checkpoints and ``out`` and shows progress.
     """
-    task, net, data_rng, opt = _setup(config)
+    task, net, data_rng, opt = setup(config)
     steps = config["steps"]
     if dp is not None:
         opt.check_distributed()
@@ -271,6 +348,9 @@ def run_training(
     else:
         record = {"task": config["task"], "opt": config["opt"], "seed": config["seed"], "config": None,
                   "loss": [], "seconds": []}  # fmt: skip
+        t0 = time.perf_counter()
+        if opt.prepare(task.X_train, config["batch"]):  # e.g. K-BFGS's warm start; kept out of the step times, as in the papers
+            record["prepare_seconds"] = time.perf_counter() - t0
     record["config"] = {
         "batch": config["batch"],
         "steps": steps,
@@ -284,6 +364,14 @@ def run_training(
     if dp is not None:
         record["config"]["ranks"] = dp.size
         record["config"]["grad_worker_fraction"] = dp.grad_worker_fraction
+    if config.get("batch_full_at") is not None:
+        record["config"]["batch_full_at"] = config["batch_full_at"]
+    if eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0; got {eval_every}")
+    if eval_every and (dp is None or dp.rank == 0):
+        record.setdefault("eval", {"every": eval_every, "step": []})["every"] = eval_every
+    else:
+        eval_every = 0
     start = len(record["loss"])
     offset = record["seconds"][-1] if start else 0.0
     bar = Progress(steps, label or f"{config['task']}/{config['opt']}", enabled=progress)
@@ -296,27 +384,42 @@ def run_training(
     if dp is not None:  # a failure on one rank must end every rank (the others wait in a collective)
         try:
             return _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, save, handle_sigint,
-                               checkpoint, checkpoint_every, out, dp)  # fmt: skip
+                               checkpoint, checkpoint_every, out, dp, eval_every)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - ends every rank
             bar.close()
             dp.abort(f"{PROG}: error: {type(exc).__name__}: {exc}")
     return _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, save, handle_sigint,
-                       checkpoint, checkpoint_every, out, dp)  # fmt: skip
+                       checkpoint, checkpoint_every, out, dp, eval_every)  # fmt: skip
+
+
+def draw_batches(task, batch: int, rng, count: int = 1):
+    """``count`` independent mini-batches of ``batch`` examples, concatenated (one draw when ``count`` is 1)."""
+    if count == 1:
+        return task.sample_batch(batch, rng)
+    parts = [task.sample_batch(batch, rng) for _ in range(count)]
+    return np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts])
 
 
 def _train_loop(config, task, net, data_rng, opt, record, start, offset, bar, save, handle_sigint, checkpoint,
-                checkpoint_every, out, dp):  # fmt: skip
+                checkpoint_every, out, dp, eval_every):  # fmt: skip
     steps = config["steps"]
+    if eval_every:
+        _evaluate_into(record, start, task, net, opt)
     t0 = time.perf_counter()
     with _StopFlag(handle_sigint) as stop:
         for it in range(start, steps):
-            X, Y = task.sample_batch(config["batch"], data_rng)
+            m = batch_size_at(it + 1, config["batch"], task.n_train, config.get("batch_full_at"))
+            X, Y = draw_batches(task, m, data_rng, opt.batches_per_step)
+            if config.get("batch_full_at") is not None:
+                record.setdefault("batch_sizes", []).append(m)
             if dp is not None:
                 X, Y = dp.shard(X, Y)
             info = opt.step(X, Y)
             record["loss"].append(float(info["loss"]))
             record["seconds"].append(offset + time.perf_counter() - t0)
             done = it + 1
+            if eval_every and (done % eval_every == 0 or done == steps):
+                t0 += _evaluate_into(record, done, task, net, opt)  # not part of the training time
             bar.update(done, record["loss"][-1], record["seconds"][-1] - offset, start=start)
             if stop.requested and done < steps:
                 bar.close()
@@ -376,7 +479,7 @@ def run_compare(task, opts, *, steps, batch, seed=0, data_seed=0, hp=None, data=
     configs = {name: make_config(task, name, seed=seed, data_seed=data_seed, batch=batch, steps=steps, hp=per[name],
                                  data=data) for name in opts}  # fmt: skip
     for cfg in configs.values():  # every optimizer accepts the task's network (before any output exists)
-        _setup(cfg)
+        setup(cfg)
     import_matplotlib()
     os.makedirs(out_dir, exist_ok=True)
     records = {}
@@ -429,6 +532,13 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="also checkpoint every K iterations (default: only at the end and on Ctrl-C)")  # fmt: skip
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
+    p.add_argument("--batch-full-at", type=int, default=None, metavar="K",
+                   help="K-FAC §13's exponentially growing mini-batch: m_k = min(m_1·exp((k-1)/b), n) from "
+                   "m_1 = --batch, reaching the whole training set at iteration K (record key 'batch_sizes')")  # fmt: skip
+    p.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="evaluate the whole training set's objective (and the held-out set's, task option "
+                   "holdout=F; errors for classifiers) before the first step, every K iterations and at the end "
+                   "(record key 'eval'; not counted in the step times)")  # fmt: skip
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI: run under 'mpiexec -n R'; each global batch is split over the "
                    "ranks and the steps equal the single-process run's (rank 0 writes --out and --checkpoint)")  # fmt: skip
@@ -515,15 +625,19 @@ def _run_args(p, args) -> int:
         elif args.placement != "comm-opt":
             raise ValueError("--placement needs --distributed")
         cfg = make_config(args.task, args.opt, seed=args.seed, data_seed=args.data_seed, batch=args.batch,
-                          steps=args.steps, hp=parse_hp(args.hp), data=parse_hp(args.data))  # fmt: skip
+                          steps=args.steps, hp=parse_hp(args.hp), data=parse_hp(args.data),
+                          batch_full_at=args.batch_full_at)  # fmt: skip
         if args.checkpoint_every < 0:
             raise ValueError("--checkpoint-every must be >= 0")
+        if args.eval_every < 0:
+            raise ValueError("--eval-every must be >= 0")
         for flag, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
             folder = os.path.dirname(os.path.abspath(path)) if path else None
             if folder and not os.path.isdir(folder):
                 raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
         rec = run_training(cfg, resume=args.resume, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                           progress=not args.quiet, handle_sigint=True, out=args.out, dp=dp)  # fmt: skip
+                           progress=not args.quiet, handle_sigint=True, out=args.out, dp=dp,
+                           eval_every=args.eval_every)  # fmt: skip
     except Interrupted as exc:
         where = f"; resume with --resume {exc.checkpoint}" if exc.checkpoint else " (no --checkpoint given)"
         print(f"interrupted after {exc.done} iterations{where}", file=sys.stderr)

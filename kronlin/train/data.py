@@ -58,6 +58,8 @@ class Task:
     loss : Loss
     net_factory : callable ``rng -> Net`` building the default architecture
     description : str
+    X_test, Y_test : ndarray or None
+        The held-out examples (task option ``holdout``); ``None`` without a split.
     """
 
     name: str
@@ -67,10 +69,34 @@ class Task:
     net_factory: Callable[[np.random.Generator], Net]
     description: str = ""
     options: dict = field(default_factory=dict)
+    X_test: np.ndarray | None = None
+    Y_test: np.ndarray | None = None
 
     @property
     def n_train(self) -> int:
         return int(self.X_train.shape[0])
+
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the targets are class labels (softmax cross-entropy): a classification error is defined."""
+        return self.loss.name == "softmax_ce"
+
+    def split(self, holdout: float, seed: int) -> "Task":
+        """This task with a fraction ``holdout`` of its examples held out as a test set.
+
+        The test examples are the last ``round(holdout·n)`` of a permutation drawn from
+        ``default_rng(seed)`` (the data seed), so the split depends only on the data and the seed.
+        """
+        n = self.n_train
+        n_test = int(round(holdout * n))
+        if not 0 <= n_test < n:
+            raise ValueError(f"holdout={holdout!r} must leave at least one training example (0 <= holdout < 1)")
+        if n_test == 0:
+            return self
+        perm = np.random.default_rng(seed).permutation(n)
+        tr, te = np.sort(perm[: n - n_test]), np.sort(perm[n - n_test:])
+        return Task(self.name, self.X_train[tr], self.Y_train[tr], self.loss, self.net_factory, self.description,
+                    dict(self.options), self.X_train[te], self.Y_train[te])  # fmt: skip
 
     def sample_batch(self, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """A mini-batch of ``batch`` distinct examples drawn uniformly by ``rng``.
@@ -148,17 +174,28 @@ def make_curves(n: int = 5000, seed: int = 0, size: int = 28, width: float = 0.8
     return np.clip(img, 0.0, 1.0).reshape(n, size * size)
 
 
+TASK_OPTIONS = ("n", "activation", "init", "init_scale", "holdout")
+
+
 def load_task(name: str, seed: int = 0, **options) -> Task:
-    """The task ``name`` (one of :data:`TASKS`); ``seed`` fixes generated data (``curves-ae``).
+    """The task ``name`` (one of :data:`TASKS`); ``seed`` fixes generated data (``curves-ae``) and the split.
 
     Options: ``n`` (number of ``curves-ae`` images, default 5000);
     ``activation`` (hidden units, default ``"tanh"``); ``init``
     (``"gaussian"``, the default, or ``"sparse"``) and ``init_scale`` (default 1)
-    for :class:`~kronlin.train.net.Net`.
+    for :class:`~kronlin.train.net.Net`; ``holdout`` (default 0): the fraction
+    of the examples held out as a test set (:meth:`Task.split`).
     """
-    unknown = sorted(set(options) - {"n", "activation", "init", "init_scale"})
+    unknown = sorted(set(options) - set(TASK_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown task option(s) {unknown}; known: n, activation, init, init_scale")
+        raise ValueError(f"unknown task option(s) {unknown}; known: {', '.join(TASK_OPTIONS)}")
+    holdout = options.get("holdout", 0.0)
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise ValueError(f"task option holdout must be a number in [0, 1); got {holdout!r}")
+    return _load(name, seed, options).split(float(holdout), seed)
+
+
+def _load(name: str, seed: int, options: dict) -> Task:
     act = options.get("activation", "tanh")
     init, scale = options.get("init", "gaussian"), float(options.get("init_scale", 1.0))
     if name == "digits-clf":

@@ -33,7 +33,7 @@ __all__ = ["CHECKPOINT_FORMAT", "RESUME_KEYS", "checkpoint_tree", "restore", "js
 
 CHECKPOINT_FORMAT = "kronlin.train-checkpoint/1"
 #: Settings that must agree between a checkpoint and the command line resuming it.
-RESUME_KEYS = ("task", "opt", "seed", "data_seed", "batch", "data", "hp")
+RESUME_KEYS = ("task", "opt", "seed", "data_seed", "batch", "data", "hp", "batch_full_at")
 _TOP_KEYS = {"format", "config", "iteration", "params", "optimizer", "data_rng", "record"}
 
 
@@ -129,6 +129,9 @@ def _check_record(record, done: int) -> dict:
             raise CheckpointError(f"corrupt checkpoint: its record does not hold one {key} value per iteration ({done})")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise CheckpointError(f"corrupt checkpoint: its record's {key} values are not all numbers")
+    ev = record.get("eval")
+    if ev is not None and not (isinstance(ev, dict) and isinstance(ev.get("step"), list)):
+        raise CheckpointError("corrupt checkpoint: its record's eval entry is not a dict with a step list")
     return record
 
 

@@ -25,11 +25,11 @@ import numpy as np
 
 def trajectory(spec: dict, dp=None):
     """``(infos, first_update, digest)`` of ``spec["steps"]`` iterations (one process when ``dp`` is None)."""
-    from kronlin.train.cli import _setup, make_config
+    from kronlin.train.cli import setup, make_config
 
     cfg = make_config(spec["task"], spec["opt"], seed=spec.get("seed", 0), batch=spec["batch"], steps=spec["steps"],
                       hp=spec.get("hp", {}))  # fmt: skip
-    task, net, data_rng, opt = _setup(cfg)
+    task, net, data_rng, opt = setup(cfg)
     opt.dp = dp
     infos, first = [], None
     for it in range(cfg["steps"]):

@@ -127,3 +127,46 @@ def test_cli(tmp_path):
     rc = cli_main(["--task", "digits-clf", "--opt", "foof", "--steps", "5", "--batch", "64", "--out", str(out),
                    "--hp", "T=2"])  # fmt: skip
     assert rc == 0 and out.exists()
+
+
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_conv])
+def test_sum_convention_is_the_papers_sigma(make):
+    """stats="sum": Σ = N·E_n[Σ_t ā āᵀ], eq. (6)'s A Aᵀ summed over the batch; with a fixed batch size it is
+    the mean convention with (λ/N, η/N): the same trajectory to rounding."""
+    loss = get_loss("softmax_ce")
+    N, lam, lr = 12, 30.0, 1.2
+    net0 = make()
+    batches = [batch(net0, N, seed=s) for s in range(5)]
+    a, b = make(), make()
+    opt_s = FOOF(a, loss, stats="sum", damping=lam, lr=lr)
+    opt_m = FOOF(b, loss, stats="mean", damping=lam / N, lr=lr / N)
+    X0, Y0 = batches[0]
+    tr = a.forward(X0)
+    opt_s.step(X0, Y0)
+    for S, ref in zip(opt_s.sigma, sigma_of(tr)):
+        np.testing.assert_allclose(S, N * ref, rtol=1e-12)
+    opt_m.step(X0, Y0)
+    for X, Y in batches[1:]:
+        opt_s.step(X, Y)
+        opt_m.step(X, Y)
+    for Wa, Wb in zip(a.params, b.params):
+        np.testing.assert_allclose(Wa, Wb, rtol=1e-9, atol=1e-12)
+
+
+def test_init_batches_fold_before_training():
+    """Appendix K: line 11 on init_batches mini-batches before training, then line 8; with the normalised
+    average (decay min(1 − 1/j, m)) three folds give the plain mean of the three batches' Σ."""
+    loss = get_loss("softmax_ce")
+    net = tiny_mlp()
+    X_train, _ = batch(net, 40, seed=7)
+    opt = FOOF(net, loss, init_batches=3, seed=5)
+    assert opt.prepare(X_train, 16)
+    rng = np.random.default_rng(5)  # the optimizer's generator, replayed
+    draws = [X_train[rng.choice(40, size=16, replace=False)] for _ in range(3)]
+    ref = [sum(S) / 3 for S in zip(*(sigma_of(net.forward(X)) for X in draws))]
+    for S, R in zip(opt.sigma, ref):
+        np.testing.assert_allclose(S, R, rtol=1e-12)
+    X, Y = batch(net, 16)
+    info = opt.step(X, Y)
+    assert info["accepted"]
+    assert not FOOF(tiny_mlp(), loss).prepare(X_train, 16)  # init_batches=1: the first step does it

@@ -45,9 +45,10 @@ def is_spd(H):
 def test_registered_and_validated():
     assert OPTIMIZERS["kbfgs"] is KBFGS and OPTIMIZERS["kbfgs-l"] is KBFGSL
     net, loss = tiny_mlp(), get_loss("softmax_ce")
-    assert KBFGS(net, loss).hparams == {"lr": 0.03, "damping": 0.3, "T": 1, "beta": 0.9, "mu1": 0.2}
+    assert KBFGS(net, loss).hparams == {"lr": 0.03, "damping": 0.3, "T": 1, "beta": 0.9, "mu1": 0.2,
+                                        "warm_start": False}
     assert KBFGSL(net, loss).hparams["memory"] == 100
-    for bad in ({"T": 0}, {"lr": -1.0}, {"damping": 0.0}, {"mu1": 1.0}, {"beta": 1.0}):
+    for bad in ({"T": 0}, {"lr": -1.0}, {"damping": 0.0}, {"mu1": 1.0}, {"beta": 1.0}, {"warm_start": "yes"}):
         with pytest.raises(ValueError):
             KBFGS(net, loss, **bad)
     with pytest.raises(ValueError):
@@ -143,6 +144,43 @@ def test_initial_factors_and_damping_split():
         lam_A, lam_G = opt.lambdas(i)
         np.testing.assert_allclose(opt.H_A[i], np.linalg.inv(A + lam_A * np.eye(len(A))), rtol=1e-10)
         np.testing.assert_allclose(opt.H_G[i], np.eye(net.layers[i].d_out) / lam_G)
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_conv])
+def test_warm_start_builds_H_A_from_the_whole_training_set(cls, make):
+    """§4's warm start: ``H_A = (A + λ_A I)⁻¹`` with ``A = E_n[Σ_t ā āᵀ]`` over the whole training set,
+    accumulated in chunks (7 examples here, so 50 examples take 8 forward passes), before step 1; the first
+    step then uses it instead of the first mini-batch's."""
+    net, loss = make(), get_loss("softmax_ce")
+    X_train, _ = batch(net, 50, seed=3)
+    opt = cls(net, loss, damping=0.4, T=1000, warm_start=True)
+    assert opt.prepare(X_train, 32, chunk=7)
+    tr = net.forward(X_train)  # one pass over the whole set: the reference A, per example and position
+    for i, a in enumerate(tr.a):
+        a = a if a.ndim == 3 else a[:, None, :]
+        A = np.einsum("nti,ntj->ij", a, a) / 50
+        lam_A = opt.lambdas(i)[0]
+        np.testing.assert_allclose(opt.H_A[i], np.linalg.inv(A + lam_A * np.eye(len(A))), rtol=1e-10)
+    warm = [H.copy() for H in opt.H_A]
+    X, Y = batch(net, 6)
+    opt.step(X, Y)  # T = 1000: no curvature update, the warm factors stay
+    for H, W in zip(opt.H_A, warm):
+        np.testing.assert_array_equal(H, W)
+    cold = cls(make(), loss, damping=0.4, T=1000)
+    assert not cold.prepare(X_train, 32)  # warm_start=False: a no-op, the first batch builds H_A
+    assert cold.H_A is None
+
+
+def test_warm_start_in_the_training_loop(tmp_path):
+    """The CLI's fresh run calls prepare(); its time is recorded apart from the step times."""
+    out_w, out_c = tmp_path / "w.json", tmp_path / "c.json"
+    base = ["--task", "digits-clf", "--opt", "kbfgs", "--steps", "3", "--batch", "32", "--quiet"]
+    assert cli.main(base + ["--hp", "warm_start=true", "--out", str(out_w)]) == 0
+    assert cli.main(base + ["--out", str(out_c)]) == 0
+    w, c = json.loads(out_w.read_text()), json.loads(out_c.read_text())
+    assert w["config"]["hparams"]["warm_start"] is True and w["prepare_seconds"] > 0 and "prepare_seconds" not in c
+    assert w["loss"][0] != c["loss"][0]  # the first step used the whole-set H_A
 
 
 @pytest.mark.parametrize("cls", [KBFGS, KBFGSL])

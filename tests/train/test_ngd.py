@@ -148,9 +148,9 @@ def test_step_that_raises_the_objective_is_rejected():
 
 def test_no_late_blow_up_on_the_classifier_at_defaults():
     """digits-clf, defaults, batch 256: without the increase test the weight norm went 20 -> 1100 at iteration ~185."""
-    from kronlin.train.cli import _setup, make_config
+    from kronlin.train.cli import setup, make_config
 
-    task, net, data_rng, opt = _setup(make_config("digits-clf", "ngd", seed=0, batch=256, steps=260))
+    task, net, data_rng, opt = setup(make_config("digits-clf", "ngd", seed=0, batch=256, steps=260))
     for _ in range(260):
         opt.step(*task.sample_batch(256, data_rng))
     assert net.loss(task.X_train, task.Y_train, task.loss) < 0.05
@@ -171,3 +171,22 @@ def test_cli(tmp_path):
     rc = cli_main(["--task", "digits-clf", "--opt", "ngd", "--steps", "5", "--batch", "64", "--out", str(out),
                    "--hp", "labels=full", "--quiet"])  # fmt: skip
     assert rc == 0 and out.exists()
+
+
+def test_independent_batch_draws_a_second_batch_in_the_training_loop():
+    """Benzing I.5: the Fisher and the gradient come from two independently drawn batches of --batch
+    examples each (not the two halves of one batch); the loop passes them concatenated."""
+    from kronlin.train.cli import draw_batches, setup, make_config, run_training
+
+    cfg = make_config("digits-clf", "ngd", steps=1, batch=32, hp={"independent_batch": True})
+    task, net, data_rng, opt = setup(cfg)
+    assert opt.batches_per_step == 2 and OPTIMIZERS["ngd"](net, opt.loss).batches_per_step == 1
+    rng = np.random.default_rng()
+    rng.bit_generator.state = data_rng.bit_generator.state
+    (X1, Y1), (X2, Y2) = task.sample_batch(32, rng), task.sample_batch(32, rng)  # two successive draws
+    X, Y = draw_batches(task, 32, data_rng, 2)
+    np.testing.assert_array_equal(X, np.vstack([X1, X2]))
+    np.testing.assert_array_equal(Y, np.concatenate([Y1, Y2]))
+    info = opt.step(X, Y)
+    assert opt.fisher.n_columns == 32  # the Fisher saw the first batch only (S = 1 label per input)
+    assert run_training(cfg)["loss"] == [info["loss"]]

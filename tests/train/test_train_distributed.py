@@ -57,10 +57,10 @@ def _load_worker():
 
 
 def n_layers_of(spec):
-    from kronlin.train.cli import _setup, make_config
+    from kronlin.train.cli import make_config, setup
 
     cfg = make_config(spec["task"], spec["opt"], seed=0, batch=spec["batch"], steps=1, hp=spec.get("hp", {}))
-    return len(_setup(cfg)[1].layers)
+    return len(setup(cfg)[1].layers)
 
 
 _REFERENCE = {}

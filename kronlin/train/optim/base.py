@@ -97,6 +97,22 @@ class Optimizer:
     def _validate(self) -> None:
         """Check conditions that tie several hyper-parameters together (override; ``spec`` checks each one)."""
 
+    @property
+    def batches_per_step(self) -> int:
+        """How many independent mini-batches the training loop draws per step (concatenated into one
+        ``step(X, Y)`` call); 1 for every optimizer except NGD with ``independent_batch=True`` (2)."""
+        return 1
+
+    def prepare(self, X_train, batch: int) -> bool:
+        """Called once with the whole training inputs and the mini-batch size before the first step of a
+        fresh run (not on resume).
+
+        Returns whether it did any work.  A no-op by default; an optimizer whose paper initialises its
+        curvature from the whole data set (K-BFGS's warm start) overrides it.  Its time is recorded apart
+        from the step times (``prepare_seconds``), as in the papers' figures.
+        """
+        return False
+
     def extra_state(self) -> dict:
         """The subclass's buffers for :meth:`state_dict` (override)."""
         return {}

@@ -23,13 +23,21 @@ One iteration ``t = k − 1`` (``k = 1, 2, …``) follows algorithm 1 literally:
 
 ``Σ`` is a :class:`kronlin.FactorEstimator` with ``max_decay = m``: its decay
 ``min(1 − 1/j, m)`` at its ``j``-th update is the "normalised" moving average of
-appendix K.  Initialisation (appendix K): the paper folds in 50 batches before
-training; here the first mini-batch's statistics are folded in and inverted
-before the first update (that fold counts as step 0's line 11).
+appendix K.  Scaling (``stats``): by default ``Σ`` is a mean over the batch, so λ does not
+depend on the batch size; with the inputs of the kronlin.train tasks (O(1)
+activations) ``λ`` of about 1 plays the role of the paper's λ = 100.
+``stats="sum"`` is the paper's convention, eq. (6)'s ``A Aᵀ`` summed over the
+batch: the activations are folded in scaled by ``√N`` (``N`` the batch size),
+so ``Σ`` is exactly ``N·E[ā āᵀ]`` for every batch, fixed or growing, and the
+paper's λ values apply.  With a fixed batch size the two conventions are one
+method: ``(λ, η)`` with sums is ``(λ/N, η/N)`` with means.
 
-Scaling: ``Σ`` is a mean over the batch (not a sum as in eq. 6's ``A Aᵀ``), so λ
-does not depend on the batch size; with the inputs of the kronlin.train tasks
-(O(1) activations) ``λ`` of about 1 plays the role of the paper's λ = 100.
+Start (``init_batches``): with the default 1, the first mini-batch's
+statistics are folded in and inverted before the first update (that fold
+counts as step 0's line 11); ``init_batches=50`` is appendix K's start: line 11
+on 50 mini-batches drawn from the training set before training (at the
+initial weights, by the optimizer's generator; :meth:`Optimizer.prepare`),
+then line 8 once.
 
 Rejection: a step whose update or new loss is not finite never reaches the
 weights (:meth:`Optimizer.apply_update`); momentum, ``Σ`` and ``P`` stay as
@@ -46,7 +54,7 @@ import numpy as np
 from ... import FactorEstimator, factored_damping
 from . import register
 from .base import Optimizer, all_finite
-from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, integer
+from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, choice, integer
 
 __all__ = ["FOOF"]
 
@@ -64,6 +72,8 @@ class FOOF(Optimizer):
     ``S=None``          steps folded into Σ before each inversion (line 10); ``None`` → ``S = T``
     ``weight_decay=0``  decoupled weight decay
     ``reject_factor=0.5``  step-size factor after a rejected step
+    ``stats="mean"``    ``Σ`` of batch means, or ``"sum"``: the paper's batch sums (module docstring)
+    ``init_batches=1``  mini-batches folded into ``Σ`` before the first update (appendix K: 50)
 
     The defaults train digits-clf, digits-ae, digits-conv and curves-ae at
     batch 128–256 without a rejected step.
@@ -80,6 +90,8 @@ class FOOF(Optimizer):
         "S": None,
         "weight_decay": 0.0,
         "reject_factor": 0.5,
+        "stats": "mean",
+        "init_batches": 1,
     }
     spec = {
         "lr": POSITIVE,
@@ -90,6 +102,8 @@ class FOOF(Optimizer):
         "S": integer(1, optional=True),
         "weight_decay": NONNEGATIVE,
         "reject_factor": OPEN_UNIT,
+        "stats": choice("mean", "sum"),
+        "init_batches": integer(1),
     }
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
@@ -117,13 +131,39 @@ class FOOF(Optimizer):
         self._est = [FactorEstimator(max_decay=m, tridiagonal=False, append_one=False) for _ in self.net.layers]
 
     # ---------------------------------------------------------------- pieces
-    def _fold(self, trace) -> None:
-        if self.dp is not None:  # the global batch's Σ (one packed all-reduce), folded into each average
-            zeros = [np.zeros(a.shape[:-1] + (1,)) for a in trace.a]
-            self.dp.fold_factors(self._est, list(trace.a), zeros, tridiagonal=False)
+    def _fold(self, trace, local: bool = False) -> None:
+        """Line 11 for this batch (``local``: this process's rows only, also under ``--distributed``)."""
+        acts = list(trace.a)
+        if self.hparams["stats"] == "sum":  # E[(√N ā)(√N ā)ᵀ] = N·E[ā āᵀ]: the batch sum of eq. (6)
+            root = math.sqrt(trace.N if local else self._batch_size(trace))
+            acts = [a * root for a in acts]
+        zeros = [np.zeros(a.shape[:-1] + (1,)) for a in acts]  # G is not used: a 1-column placeholder
+        if self.dp is not None and not local:  # the global batch's Σ (one packed all-reduce), folded into each
+            self.dp.fold_factors(self._est, acts, zeros, tridiagonal=False)
             return
-        for est, a in zip(self._est, trace.a):  # conv patches (N, T, d): the estimator sums over positions
-            est.update([a], [np.zeros(a.shape[:-1] + (1,))])  # G is not used: a 1-column placeholder
+        for est, a, z in zip(self._est, acts, zeros):  # conv patches (N, T, d): the estimator sums over positions
+            est.update([a], [z])
+
+    def prepare(self, X_train, batch: int) -> bool:
+        """Appendix K's start when ``init_batches`` > 1: line 11 on that many mini-batches of ``batch``
+        examples drawn from ``X_train`` by the optimizer's generator, at the initial weights, then line 8.
+
+        Every rank of a ``--distributed`` run draws the same batches and folds them locally (identical
+        results, no communication).
+        """
+        k = int(self.hparams["init_batches"])
+        if k == 1 or self._inverse is not None:
+            return False
+        X_train = np.asarray(X_train, dtype=np.float64)
+        n = X_train.shape[0]
+        for _ in range(k):
+            rows = X_train if batch >= n else X_train[self.rng.choice(n, size=batch, replace=False)]
+            trace = self.net.forward(rows)
+            if not all_finite(trace.a):
+                raise FloatingPointError("init_batches: the activations are not finite at the initial weights")
+            self._fold(trace, local=True)
+        self._invert()
+        return True
 
     def _invert(self) -> None:
         """Line 8: ``P ← (Σ + λI)⁻¹`` (from the Cholesky factor of ``Σ + λI``)."""

@@ -28,10 +28,12 @@ The errors (``labels``):
   classifiers, prohibitive for the autoencoders (``k = 64``: a 16384² Cholesky
   per step at batch 256) — use ``"mc"`` there.
 
-Independent batches (Benzing I.5, ``independent_batch=True``): ``step(X, Y)``
-splits the mini-batch in two halves; the Fisher is estimated on the first
-``⌈N/2⌉`` examples and the gradient it preconditions on the remaining ones,
-so the two are independent.  The reported losses are on the whole batch.
+Independent batches (Benzing I.5, ``independent_batch=True``): the Fisher is
+estimated on one mini-batch and the gradient it preconditions on another,
+drawn independently.  The training loop draws two batches of ``--batch``
+examples per step (:attr:`batches_per_step` = 2) and passes them concatenated;
+``step(X, Y)`` estimates the Fisher on the first ``⌈N/2⌉`` rows and the
+gradient on the rest.  The reported losses are on both batches together.
 
 Damping: λ is fixed (``adapt=False``) or follows K-FAC §6.5's
 Levenberg–Marquardt rule (:func:`.kfac.levenberg_marquardt`) every ``T1``
@@ -116,6 +118,10 @@ class NGD(Optimizer):
     }
 
     supports_distributed = True
+
+    @property
+    def batches_per_step(self) -> int:
+        return 2 if self.hparams["independent_batch"] else 1
 
     def check_distributed(self) -> None:
         if self.hparams["independent_batch"]:

@@ -38,10 +38,10 @@ eigenvalues (the same quantity as the Schur method's 1×1 pivots).
 
 from __future__ import annotations
 
-from ._backend import ModuleRefs, dtype_eps, mT
-from ._kernels.eig_scale import eig_scale
-from ._linalg import Factor, eigh, generalized_eigh
-from ._validate import LinAlgError, check_nonsingular
+from .._backend import ModuleRefs, dtype_eps, mT
+from .._kernels.eig_scale import eig_scale
+from .._linalg import Factor, eigh, generalized_eigh
+from .._validate import LinAlgError, check_nonsingular
 
 #: Iterative refinement is added to each solve when ``cond(A)·cond(B)·eps``
 #: of the whitening pair (in the compute precision) exceeds this: below it the

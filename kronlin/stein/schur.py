@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import ModuleRefs, is_numpy, to_numpy
-from ._kernels.gsylv import gsylv_backsub_raw, check_pivot
-from ._validate import check_sign, shape_str
+from .._backend import ModuleRefs, is_numpy, to_numpy
+from .._kernels.gsylv import gsylv_backsub_raw, check_pivot
+from .._validate import check_sign, shape_str
 
 __all__ = ["SchurStein"]
 

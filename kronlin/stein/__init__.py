@@ -11,15 +11,15 @@ Methods
 ``"eig"``
     Symmetric positive definite ``A``, ``B``; symmetric ``C``, ``D``.  Appendix
     B's formula from two generalized eigendecompositions; each solve is four
-    GEMMs and a fused divide (:mod:`kronlin.stein_eig`).
+    GEMMs and a fused divide (:mod:`kronlin.stein.eig`).
 ``"schur"``
     Any real square factors: QZ reductions and a quasi-triangular
     back-substitution (Gardiner, Laub, Amato & Moler 1992;
-    :mod:`kronlin.stein_schur`).  The method for non-normal factors.
+    :mod:`kronlin.stein.schur`).  The method for non-normal factors.
 ``"smith"``
     Smith's fixed-point iteration, squared (doubling) by default, for
     contractive problems ``ρ(B⁻¹D)·ρ(A⁻¹C) < 1``; GEMMs only
-    (:mod:`kronlin.stein_smith`).
+    (:mod:`kronlin.stein.smith`).
 ``"auto"``
     ``"eig"`` when all four factors are symmetric and ``A``, ``B`` positive
     definite, otherwise ``"schur"``.
@@ -27,9 +27,9 @@ Methods
 
 from __future__ import annotations
 
-from ._backend import context, mT
-from ._operator import KronShaped
-from ._validate import (
+from .._backend import context, mT
+from .._operator import KronShaped
+from .._validate import (
     _symmetric_within_tol,
     check_choice,
     check_finite,
@@ -40,9 +40,9 @@ from ._validate import (
     check_symmetric,
     shape_str,
 )
-from .stein_eig import EigStein, NotPositiveDefinite
-from .stein_schur import SchurStein
-from .stein_smith import SmithStein
+from .eig import EigStein, NotPositiveDefinite
+from .schur import SchurStein
+from .smith import SmithStein
 
 __all__ = ["KronSumInverse", "solve_kron_sum", "METHODS"]
 
@@ -63,7 +63,7 @@ class KronSumInverse(KronShaped):
     method : {"auto", "eig", "schur", "smith"}
         See the module docstring.
     tol, max_iter, squared :
-        Options of ``method="smith"`` (see :class:`kronlin.stein_smith.SmithStein`).
+        Options of ``method="smith"`` (see :class:`kronlin.stein.smith.SmithStein`).
 
     Attributes
     ----------

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import math
 
-from ._backend import ModuleRefs, dtype_eps, matrix_norm, mT
-from ._linalg import Factor
-from ._validate import LinAlgError, check_positive_int, check_positive_scalar
+from .._backend import ModuleRefs, dtype_eps, matrix_norm, mT
+from .._linalg import Factor
+from .._validate import LinAlgError, check_positive_int, check_positive_scalar
 
 __all__ = ["SmithStein"]
 
