@@ -211,7 +211,11 @@ class DataParallel:
 
     def abort(self, message: str, code: int = 1):  # pragma: no cover - ends the process
         import sys
+        import time
 
         sys.stderr.write(f"[rank {self.rank} of {self.size}] {message}; aborting all ranks\n")
         sys.stderr.flush()
+        # the launcher forwards this rank's stderr through a pipe; Abort kills every rank at once, and on a
+        # loaded machine the message was once lost with it (1 run in ~20): give the forwarder a moment
+        time.sleep(0.2)
         self.comm.Abort(code)
