@@ -12,7 +12,8 @@ import scipy.linalg as sl
 
 from kronlin import BlockDiagInverse, pi_factor
 
-from helpers import DTYPES, on, rel_err, spd, to_np, tol, unvec, vec
+from helpers import DTYPES, on, rel_err, to_np, tol
+from kronlin.testing import spd, unvec, vec
 
 # three layers of one shape (a stack), one pair of another, one alone
 SHAPES = [(6, 8), (6, 8), (4, 5), (6, 8), (4, 5), (3, 3)]  # (q, p)

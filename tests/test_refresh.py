@@ -19,7 +19,8 @@ import scipy.linalg as sl
 from kronlin import Kron, KronEigh
 from kronlin._validate import LinAlgError
 
-from helpers import DTYPES, on, rel_err, spd, to_np, tol, unvec, vec
+from helpers import DTYPES, on, rel_err, to_np, tol
+from kronlin.testing import spd, unvec, vec
 
 DATA = Path(__file__).parent / "data" / "kfac_trajectory.npz"
 
