@@ -420,4 +420,9 @@ def project(summary, n_local=128):
 
 
 if __name__ == "__main__":
-    worker() if "--worker" in sys.argv else driver()
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__.strip() + "\n\n    --report-only   re-project from the committed measurements (no MPI runs)")
+    elif set(sys.argv[1:]) - {"--worker", "--report-only"}:
+        sys.exit(f"{sys.argv[0]}: unknown arguments {sys.argv[1:]}; see --help")
+    else:
+        worker() if "--worker" in sys.argv else driver()
