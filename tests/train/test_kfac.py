@@ -125,16 +125,37 @@ def test_exact_damping_switch():
 
 
 def test_dropping_the_second_factor():
+    """Benzing §4.2 with D.8's damping: (Ā + πγI)⁻¹ ⊗ I, π from K-FAC's real Ā and G (trace norm), so λ_A is
+    exactly K-FAC's; the sampled backward pass runs for G."""
     net, loss = tiny_mlp(), get_loss("softmax_ce")
     X, Y = batch(net, 9)
     opt = KFAC(net, loss, second_factor=False)
+    ref = KFAC(tiny_mlp(), loss)  # K-FAC itself on the same batch: the same statistics and the same π
+    opt.step(X, Y)
+    ref.step(X, Y)
+    V = random_like(net)
+    for U, Vi, Ai, Gi, Gr in zip(opt.precondition(V), V, opt.factors["A_diag"], opt.factors["G_diag"],
+                                 ref.factors["G_diag"]):  # fmt: skip
+        np.testing.assert_array_equal(Gi, Gr)  # the real G is estimated and kept
+        p, q = Ai.shape[0], Gi.shape[0]
+        pi = math.sqrt((np.trace(Ai) / p) / (np.trace(Gi) / q))
+        M = np.kron(Ai + pi * opt.gamma * np.eye(p), np.eye(q))
+        np.testing.assert_allclose(vec(U), -np.linalg.solve(M, vec(Vi)), rtol=1e-9)
+
+
+def test_dropping_the_second_factor_with_exact_damping():
+    """Exact damping without G: the block Ā ⊗ I + γ²I, and no sampled backward pass (G is not needed)."""
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 9)
+    opt = KFAC(net, loss, second_factor=False, damping="exact")
     state = dict(opt.rng.bit_generator.state)
     opt.step(X, Y)
-    assert opt.rng.bit_generator.state == state  # no sampled backward pass (Benzing §4.2)
+    assert opt.rng.bit_generator.state == state
     V = random_like(net)
-    for U, Vi, Ai, Gi in zip(opt.precondition(V), V, opt.factors["A_diag"], opt.factors["G_diag"]):
-        np.testing.assert_array_equal(Gi, np.eye(Gi.shape[0]))
-        np.testing.assert_allclose(vec(U), -np.linalg.solve(damped_kron(Ai, Gi, opt.gamma), vec(Vi)), rtol=1e-9)
+    for U, Vi, Ai in zip(opt.precondition(V), V, opt.factors["A_diag"]):
+        q = Vi.shape[0]
+        M = np.kron(Ai, np.eye(q)) + opt.gamma**2 * np.eye(Ai.shape[0] * q)
+        np.testing.assert_allclose(vec(U), -np.linalg.solve(M, vec(Vi)), rtol=1e-9)
 
 
 def test_tridiagonal_inverse_matches_dense():

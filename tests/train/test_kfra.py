@@ -191,9 +191,16 @@ def test_exact_damping_and_dropped_second_factor():
     for U, Vi, A, G in zip(opt.precondition(V), V, f["A_diag"], f["G_diag"]):
         M = np.kron(A, G) + (opt.gamma + opt.hparams["eta"]) * np.eye(A.shape[0] * G.shape[0])  # Botev eq. 35
         np.testing.assert_allclose(U.reshape(-1, order="F"), -np.linalg.solve(M, Vi.reshape(-1, order="F")), rtol=1e-9)
-    opt = KFLR(mlp(), loss, second_factor=False)
+    opt = KFLR(mlp(), loss, second_factor=False)  # Benzing D.8: (Q̃ + πs I)⁻¹ ⊗ I, π from the real G̃
     opt.step(X, Y)
-    assert all(np.array_equal(G, np.eye(G.shape[0])) for G in opt.factors["G_diag"])
+    s = opt._strength(opt.gamma)
+    for U, Vi, A, G in zip(opt.precondition(V), V, opt.factors["A_diag"], opt.factors["G_diag"]):
+        assert not np.array_equal(G, np.eye(G.shape[0]))  # the real G̃ is computed (for π)
+        p, q = A.shape[0], G.shape[0]
+        pi = np.sqrt((np.trace(A) / p) / (np.trace(G) / q))
+        M = np.kron(A + pi * s * np.eye(p), np.eye(q))
+        np.testing.assert_allclose(U.reshape(-1, order="F"), -np.linalg.solve(M, Vi.reshape(-1, order="F")),
+                                   rtol=1e-9)  # fmt: skip
 
 
 def test_tau_and_gamma_adaptation():

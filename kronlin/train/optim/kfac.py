@@ -35,9 +35,14 @@ Ablation switches (no new code needed for Benzing et al. 2022's experiments):
   ``√(λ+η)`` as in §6.6), solved exactly in the factors' eigenbases
   (:meth:`kronlin.KronEigh.solve`) instead of the factored
   ``(Ā + πγI) ⊗ (G + (γ/π)I)`` of eq. (7) (Benzing §3, "correct" damping);
-* ``second_factor=False`` — ``G := I`` in every block, the preconditioner
-  ``(Ā + damping) ⊗ I`` of "dropping the second Kronecker factor" (Benzing
-  §4.2, FOOF); the sampled backward pass is then skipped.
+* ``second_factor=False`` — "dropping the second Kronecker factor" (Benzing
+  §4.2): the preconditioner ``(Ā + λ_A I)⁻¹ ⊗ I``.  With factored damping
+  ``λ_A = πγ`` is K-FAC's own damping of the first factor, π computed from the
+  real ``Ā`` and ``G`` (Benzing app. D.8: "computing E_F E_Fᵀ and λ_A, λ_E as
+  in KFAC and then computing the parameter update only using the first
+  Kronecker factor"), so the sampled backward pass still runs; with exact
+  damping the block is ``Ā ⊗ I + γ²I`` and ``G`` is not needed (the sampled
+  pass is skipped).  :attr:`KroneckerOptimizer.factors` keeps the real ``G``.
 
 Convolutions (``Conv2D`` layers, block-diagonal only): the factors are those of
 K-BFGS §2.2 / KFC, ``Ā = E_n[Σ_t ā_t ā_tᵀ]`` (summed over the ``T`` positions)
@@ -57,7 +62,7 @@ import math
 
 import numpy as np
 
-from ... import BlockDiagInverse, BlockTridiagInverse, FactorEstimator, Kron
+from ... import BlockDiagInverse, BlockTridiagInverse, FactorEstimator, Kron, pi_factor
 from . import register
 from .base import Optimizer, all_finite
 
@@ -157,7 +162,7 @@ class KroneckerOptimizer(Optimizer):
     ``T3``        inverse refresh period
     ``momentum``  re-scale with ``δ = αΔ + μδ₀`` (§7) instead of ``δ = αΔ`` (§6.4, Botev B.2)
     ``damping``   ``"factored"`` (eq. 7) or ``"exact"`` (eq. 6 / Benzing §3)
-    ``second_factor``  ``False`` replaces every ``G`` by ``I`` (Benzing §4.2)
+    ``second_factor``  ``False`` drops every ``G`` from the preconditioner (Benzing §4.2, D.8)
     ``pi``        the π of factored damping: ``"trace"``, ``"fro"``, ``"spectral"`` or a number
     ``polyak``    ``None`` or the iterate-averaging constant ξ ∈ [0, 1) (§13)
     """
@@ -250,15 +255,34 @@ class KroneckerOptimizer(Optimizer):
         raise NotImplementedError
 
     # ---------------------------------------------------------------- inverses
+    def _needs_G(self) -> bool:
+        """Whether the second factor is estimated: always with it, and without it for D.8's π."""
+        return self.hparams["second_factor"] or self.hparams["damping"] == "factored"
+
     def _refresh(self, trace) -> None:
         f = self._factors(trace)
         f = {key: [np.array(M) for M in f.get(key, [])] for key in ("A_diag", "G_diag", "A_off", "G_off")}
-        if not self.hparams["second_factor"]:
-            f["G_diag"] = [np.eye(L.d_out) for L in self.net.layers]
+        if not self.hparams["second_factor"] and self.hparams["damping"] == "factored":
+            # Benzing D.8: λ_A = π·γ with K-FAC's π of the real Ā and G (a number given as pi is used as is)
+            pi = self.hparams["pi"]
+            f["pi"] = [float(pi_factor(A, G, norm=pi)) if isinstance(pi, str) else float(pi)
+                       for A, G in zip(f["A_diag"], f["G_diag"])]  # fmt: skip
         self._frozen = f
         self._eighs = None
         self._inverse = self._inverse_gamma = None
         self._stale = False
+
+    def _first_factor_only(self, gamma: float) -> list:
+        """Benzing D.8's damped first factors ``Ā + π γ I`` (``second_factor=False``, factored damping)."""
+        f, s = self._frozen, self._strength(gamma)
+        return [A + (p * s) * np.eye(A.shape[0]) for A, p in zip(f["A_diag"], f["pi"])]
+
+    def _G_used(self) -> list:
+        """The second factors the preconditioner uses: ``G``, or ``I`` when it is dropped."""
+        f = self._frozen
+        if self.hparams["second_factor"]:
+            return f["G_diag"]
+        return [np.eye(L.d_out) for L in self.net.layers]
 
     def _build(self, gamma: float):
         """The damped approximate inverse for ``gamma`` from the frozen factors."""
@@ -267,8 +291,10 @@ class KroneckerOptimizer(Optimizer):
             return self._build_sharded(gamma)
         if h["damping"] == "exact":
             if self._eighs is None:
-                self._eighs = [Kron(A, G).eigh() for A, G in zip(f["A_diag"], f["G_diag"])]
+                self._eighs = [Kron(A, G).eigh() for A, G in zip(f["A_diag"], self._G_used())]
             return _ExactInverse(self._eighs, self._tikhonov(gamma))
+        if not h["second_factor"]:  # (Ā + πγI)⁻¹ ⊗ I, damped here (gamma=0 below adds nothing)
+            return BlockDiagInverse(self._first_factor_only(gamma), self._G_used(), gamma=0.0)
         if self.tridiagonal:
             return BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
                                        gamma=self._strength(gamma), pi=h["pi"])  # fmt: skip
@@ -288,12 +314,17 @@ class KroneckerOptimizer(Optimizer):
         from ...distributed import RankError
 
         f, h = self._frozen, self.hparams
-        kf = self.dp.kfac([W.shape for W in self.net.params], h["damping"])
+        shapes = [W.shape for W in self.net.params]
         try:
             if h["damping"] == "exact":
                 if self._eighs is None:
-                    self._eighs = kf.refresh(f["A_diag"], f["G_diag"]).frozen()
+                    kf = self.dp.kfac(shapes, "exact")
+                    self._eighs = kf.refresh(f["A_diag"], self._G_used()).frozen()
                 return self._eighs.damped(self._tikhonov(gamma))
+            if not h["second_factor"]:  # D.8: only (Ā + πγI)⁻¹ is computed and shared
+                kf = self.dp.kfac(shapes, "factored", second_factor=False)
+                return kf.refresh(self._first_factor_only(gamma), None, gamma=0.0, pi=1.0).frozen()
+            kf = self.dp.kfac(shapes, "factored")
             return kf.refresh(f["A_diag"], f["G_diag"], gamma=self._strength(gamma), pi=h["pi"]).frozen()
         except RankError as exc:
             if exc.only("LinAlgError"):
@@ -533,10 +564,10 @@ class KFAC(KroneckerOptimizer):
 
     def _observe(self, trace) -> bool:
         """K-FAC §5: one backward pass with targets sampled from the model; fold into the averages."""
-        if self.hparams["second_factor"]:
+        if self._needs_G():
             Ys = self._sample(trace.out)
             g = self.net.backward(trace, self.loss.grad(trace.out, Ys))
-        else:  # Benzing §4.2: G is not used, so the sampled pass is skipped (a 1-column placeholder)
+        else:  # second_factor=False with exact damping: G is not used, the sampled pass is skipped
             g = [np.zeros(s.shape[:-1] + (1,)) for s in trace.s]
         acts, errs = list(trace.a), list(g)  # conv layers stay (N, T, d): the estimator forms KFC's factors
         if not self._all(all_finite(acts) and all_finite(errs)):

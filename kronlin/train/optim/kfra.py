@@ -212,9 +212,9 @@ class _BotevOptimizer(KroneckerOptimizer):
 
     def _factors(self, trace) -> dict:
         Q = input_factors(trace, self._sums)  # _sums: over the ranks' shards (one process: as is)
-        if self.hparams["second_factor"]:
+        if self._needs_G():  # with the second factor, or without it for Benzing D.8's π (factored damping)
             G = self._pre_activation(trace)
-        else:  # Benzing §4.2: the factor is replaced by I in _refresh; skip computing it
+        else:  # second_factor=False with exact damping: G is not used, skip computing it
             G = [np.eye(L.d_out) for L in self.net.layers]
         return {"A_diag": Q, "G_diag": G}
 
