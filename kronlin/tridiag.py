@@ -64,6 +64,7 @@ class _LayerBlocks(Operator):
     """
 
     _layered = True
+    _operands = "the factors (A_diag, G_diag, A_off, G_off)"
 
     def _setup(self, A_diag, G_diag, A_off, G_off, gamma, pi):
         A_diag, G_diag = _as_list(A_diag, "A_diag"), _as_list(G_diag, "G_diag")
@@ -121,7 +122,7 @@ class _LayerBlocks(Operator):
         if P * P > DENSE_LIMIT and not allow_large:
             raise ValueError(f"to_dense() would build a {P}x{P} matrix; pass allow_large=True if you really want it")
         # row j of the identity is the flat unit vector e_j; row j of the result is F e_j, column j of F
-        return self._ctx.out(mT(self._flatten(self._apply(self._unflatten(xp.eye(P, dtype=self._ctx.dtype))))))
+        return self._out(mT(self._flatten(self._apply(self._unflatten(xp.eye(P, dtype=self._ctx.dtype))))))
 
 
 class BlockDiagInverse(_LayerBlocks):
