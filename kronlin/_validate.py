@@ -35,6 +35,7 @@ __all__ = [
     "is_singular",
     "check_nonsingular",
     "check_overflow",
+    "check_not_subnormal",
     "all_finite",
     "check_result",
     "nonfinite_result",
@@ -251,6 +252,27 @@ def check_overflow(value: float, dtype_max: float, what: str, fix: str) -> None:
     v = float(value)
     if not (v == v) or v >= dtype_max:
         raise ValueError(f"{what} overflows ({v:.3g} >= the dtype's largest value {dtype_max:.3g}); {fix}")
+
+
+def check_not_subnormal(xp, x, name: str) -> None:
+    """A matrix to be factored must not be subnormal as a whole: ``max|x| >= tiny`` (per stacked matrix).
+
+    Below the smallest normal number even the largest entries carry fewer
+    than the dtype's digits (their spacing is ``tiny·eps`` absolute), and a
+    factorization (its log-determinant, its solves) loses accuracy that the
+    relative singularity policy cannot see.  Above it the subnormal rounding
+    is at most ``tiny·eps/max|x| <= eps`` relative to the matrix.  A zero
+    matrix passes (it is singular, and the policy says so).
+    """
+    big = xp.max(xp.abs(x), axis=(-2, -1))
+    floor = float(xp.finfo(x.dtype).smallest_normal)
+    if bool(xp.any((big > 0) & (big < floor))):
+        raise ValueError(
+            f"{name} (shape {shape_str(x)}) is too small in magnitude to factor in {x.dtype}: max|{name}| = "
+            f"{float(xp.min(xp.where(big > 0, big, floor))):.3g} < {floor:.3g}, the smallest normal number (its "
+            f"entries are subnormal and carry fewer digits); rescale {name} (the solution of a problem scaled by c "
+            f"is the solution divided by c)"
+        )
 
 
 # -- results: finite inputs must give finite results ------------------------------------------------------------

@@ -19,6 +19,7 @@ from ._validate import (
     check_finite,
     check_flag,
     check_nonempty,
+    check_not_subnormal,
     check_result,
     check_square,
     check_symmetric,
@@ -116,7 +117,10 @@ class Kron(KronShaped):
     def _factors(self):
         fac = self._fac
         if fac is None:  # built into locals, published as one tuple: other threads see both or neither
-            fac = (Factor(self._ctx.xp, self._A, "A"), Factor(self._ctx.xp, self._G, "G"))
+            xp = self._ctx.xp
+            check_not_subnormal(xp, self._A, "A")
+            check_not_subnormal(xp, self._G, "G")
+            fac = (Factor(xp, self._A, "A"), Factor(xp, self._G, "G"))
             self._fac = fac
         return fac
 
@@ -194,6 +198,8 @@ class Kron(KronShaped):
             xp = self._ctx.xp
             check_symmetric(xp, self._A, "A")
             check_symmetric(xp, self._G, "G")
+            check_not_subnormal(xp, self._A, "A")
+            check_not_subnormal(xp, self._G, "G")
             la, Qa = eigh(xp, self._A, "A", psd=psd)
             lg, Qg = eigh(xp, self._G, "G", psd=psd)
             E = KronEigh._trusted(self._ctx, Qa, la, Qg, lg)

@@ -279,6 +279,12 @@ class BlockTridiagInverse(_LayerBlocks):
                     f"statistics are inconsistent with the diagonal ones (stale or badly estimated running "
                     f"averages); increase the damping gamma (now {self.gamma:g}). Details: {exc}"
                 ) from None
+            except ValueError as exc:  # the Stein set-up's overflow refusal, in terms of this operator's arguments
+                raise ValueError(
+                    f"Σ_{{{k + 1}|{k + 2}}} (layers {k} and {k + 1}) overflows: the damped A_diag[{k}] and G_diag[{k}] "
+                    f"(gamma = {self.gamma:g}) are too large for {self._ctx.dtype}; pass a smaller gamma or rescale "
+                    f"the statistics. Details: {exc}"
+                ) from None
             self.psi_A.append(psiA)
             self.psi_G.append(psiG)
             self.sigma.append(sigma)
