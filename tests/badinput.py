@@ -445,6 +445,14 @@ def rhs(X, name, q, p):
     raise IllPosed(name)
 
 
+def linop_rhs(x, q, p):
+    """A vector handed to a LinearOperator as a ``(1, q, p)`` block, and the function back to a flat vector."""
+    x = num(x, "x")
+    if x.shape != (p * q,) or not np.all(np.isfinite(x)):
+        raise IllPosed("x")
+    return unvecF(x[None], q, p), lambda Y: vecF(Y)[0]
+
+
 def eps_of(dtype):
     return float(np.finfo(dtype).eps)
 
@@ -680,10 +688,7 @@ def kron_eigh_calls(draw):
             l = np.sum(np.log(wK + LD(d)))
             return l, 10 * n * eps * (cond(Kd) + abs(float(l)))
         if method == "linop":
-            x = num(a["x"], "x")
-            if x.shape != (n,) or not np.all(np.isfinite(x)):
-                raise IllPosed("x")
-            X, back = unvecF(x[None], q, p), lambda Y: vecF(Y)[0]
+            X, back = linop_rhs(a["x"], q, p)
         else:
             X, back = rhs(a["X"], "X", q, p)
         x = vecF(X)
@@ -832,10 +837,7 @@ def damping_calls(draw):
         if method.endswith("to_dense"):
             return K, 10 * eps * Kabs
         if method.endswith("linop"):
-            x = num(a["x"], "x")
-            if x.shape != (p * q,) or not np.all(np.isfinite(x)):
-                raise IllPosed("x")
-            X, back = unvecF(x[None], q, p), lambda Y: vecF(Y)[0]
+            X, back = linop_rhs(a["x"], q, p)
         else:
             X, back = rhs(a["X"], "X", q, p)
         x = vecF(X)
@@ -952,10 +954,7 @@ def stein_calls(draw):
                 raise IllPosed(*names)
             return l, 10 * n * eps * (cond(K) + abs(float(l)))
         if call.endswith("linop"):
-            x = num(a["x"], "x")
-            if x.shape != (n,) or not np.all(np.isfinite(x)):
-                raise IllPosed("x")
-            X, back = unvecF(x[None], q, p), lambda Y: vecF(Y)[0]
+            X, back = linop_rhs(a["x"], q, p)
         else:
             X, back = rhs(a["V"], rhs_name, q, p)
         x = vecF(X)
