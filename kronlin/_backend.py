@@ -117,7 +117,7 @@ class Ctx:
                 f"{name} is a {_ns_name(ns)} array but the operator computes on {self.name}; "
                 f"pass arrays of one library"
             )
-        arr = self.xp.asarray(x) if plain else _convert(x, self.xp, fr, name)
+        arr = _plain_array(self.xp, x, name) if plain else _convert(x, self.xp, fr, name)
         _check_dtype(arr, name, self.xp)
         dtype = self.xp.result_type(self.dtype, _float_dtype(self.xp, arr.dtype))
         return arr if arr.dtype == dtype else self.xp.astype(arr, dtype)
@@ -287,6 +287,14 @@ def _namespace_of(x, name: str):
     )
 
 
+def _plain_array(xp, x, name: str):
+    """A Python scalar or (nested) list as an array; a ragged list is an error naming the argument."""
+    try:
+        return xp.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} is not a rectangular array ({exc}); pass an array or a nested list of equal-length rows") from None
+
+
 def _convert(x, xp, foreign, name: str):
     if foreign is not None:
         _reject_traced_or_half(x, name)
@@ -375,7 +383,7 @@ def context(*named, snapshot: bool = False):
         xp = np
     arrays = []
     for name, x, fr, plain in infos:
-        arr = xp.asarray(x) if plain else _convert(x, xp, fr, name)
+        arr = _plain_array(xp, x, name) if plain else _convert(x, xp, fr, name)
         _check_dtype(arr, name, xp)
         arrays.append(arr)
     if not arrays:

@@ -34,11 +34,16 @@ SHAPE_PRESERVING = ("solve", "__matmul__", "matvec", "power")
 
 def _numpy_view(op):
     """A shallow copy of ``op`` that takes and returns NumPy arrays (the host side of the callback)."""
+    from ._operator import Operator
+
+    if not isinstance(op, Operator):
+        raise TypeError(f"op must be a kronlin operator (Kron, KronEigh, WoodburyFisher, ...); got {type(op).__name__}")
     ctx = op._ctx
-    if ctx.xp is not np:
+    if ctx.xp is not np or ctx.foreign is None or ctx.foreign.__name__.split(".")[0] != "jax":
+        built = ctx.name if ctx.foreign is None else ctx.foreign.__name__.split(".")[0]
         raise TypeError(
-            f"jax_callback needs an operator built from JAX CPU arrays (it computes on {ctx.name}); "
-            f"build it from jax arrays on the CPU"
+            f"op must be an operator built from JAX CPU arrays for jax_callback (this one was built from {built} "
+            f"arrays); build it from jax arrays on the CPU"
         )
     view = copy.copy(op)
     view._ctx = Ctx(np, ctx.dtype, None)

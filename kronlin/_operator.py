@@ -14,6 +14,10 @@ holds everything about a call that is not the operator's algebra:
   (:meth:`Operator._ret`);
 * results in the caller's library, dtype and device; scalar results as 0-d
   arrays of that library (a NumPy scalar for NumPy) (:meth:`Operator._scalar`);
+* finite results: the inputs were checked finite, so a result holding NaN or
+  infinity overflowed, and raises ``FloatingPointError`` naming the call and
+  what to rescale instead of coming back with a ``RuntimeWarning``
+  (:meth:`Operator._out`, one ``isfinite`` pass over each result);
 * ``matmat``/``rmatmat`` on ``(P, k)`` columns and ``aslinearoperator()``;
 * pickling and deep copies (modules travel as names, see
   :class:`kronlin._backend.ModuleRefs`).
@@ -27,10 +31,12 @@ all.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from ._backend import Ctx, ModuleRefs, mT
-from ._validate import check_finite, shape_str
+from ._validate import all_finite, check_finite, nonfinite_result, shape_str
 
 __all__ = ["Operator", "KronShaped", "batch_shape_of"]
 
@@ -59,6 +65,8 @@ class Operator(ModuleRefs):
     _blocks: tuple = ()
     _layered: bool = False
     batch_shape: tuple = ()
+    #: what a caller rescales when a result overflows (named in the FloatingPointError)
+    _operands: str = "the operator's inputs"
 
     # -- description --------------------------------------------------------------
     @property
@@ -168,16 +176,53 @@ class Operator(ModuleRefs):
 
     def _ret(self, Ys, fmt: str):
         """Hand blocks back in the format the right-hand side came in, in the caller's library."""
-        out = self._ctx.out
+        out = self._out
         if fmt == "matrix":
             return out(Ys[0])
         if fmt == "flat":
             return out(self._flatten(Ys))
         return [out(y) for y in Ys]
 
+    def _out(self, y):
+        """A result array, checked finite, in the caller's library (every array result goes through here).
+
+        The inputs were validated finite, so NaN or infinity in ``y`` means the
+        computation overflowed the dtype: raise ``FloatingPointError`` naming
+        the call and what to rescale (:func:`kronlin._validate.check_result`).
+        """
+        if not all_finite(self._ctx.xp, y):
+            raise self._nonfinite(y)
+        return self._ctx.out(y)
+
     def _scalar(self, value):
-        """A scalar result (logdet, trace, quad, ...): a 0-d array of the caller's library."""
+        """A scalar result (logdet, trace, quad, ...): a 0-d array of the caller's library, checked finite."""
+        if not all_finite(self._ctx.xp, value):
+            raise self._nonfinite(value)
         return self._ctx.scalar(value)
+
+    def _nonfinite(self, y, method: str | None = None) -> FloatingPointError:
+        """The error for a non-finite result: the call is the outermost public method of ``self`` on the stack.
+
+        Found from the frames (on this error path only), so that every
+        method returning through :meth:`_ret`/:meth:`_scalar` is named without
+        passing its name along: ``KronEigh.solve`` (which returns through
+        ``power``), ``Kron @ X``.  ``method`` names it instead (a product of
+        ``aslinearoperator()``, which runs outside the operator's methods).
+        """
+        frame = None if method else sys._getframe(1)
+        while frame is not None:
+            if frame.f_locals.get("self") is self:
+                name = frame.f_code.co_name
+                if not name.startswith("_") or name == "__matmul__":
+                    method = name
+            frame = frame.f_back
+        cls = type(self).__name__
+        what = f"{cls} @ X" if method == "__matmul__" else f"{cls}.{method}()" if method else f"a {cls} result"
+        return nonfinite_result(
+            y, f"the result of {what}",
+            f"its magnitude exceeds the dtype's range: rescale {self._operands} (or the right-hand side) and undo "
+            f"the scale on the result",
+        )
 
     # -- columns, SciPy -----------------------------------------------------------
     def _forward(self, Xs):  # pragma: no cover - every operator with matmat implements it
@@ -191,7 +236,8 @@ class Operator(ModuleRefs):
         if self.batch_shape:
             raise ValueError(
                 f"{name}: a batched operator (batch shape {self.batch_shape}) is a stack of operators, not one "
-                f"matrix; apply it with @ / solve to (..., q, p) arrays, or build one operator per item"
+                f"matrix (its batch dimensions come from {self._operands}); apply it with @ / solve to (..., q, p) "
+                f"arrays, or build one operator per item"
             )
         V = self._ctx.asarray(V, "V")
         n = self.n_params
@@ -199,7 +245,7 @@ class Operator(ModuleRefs):
             raise ValueError(f"V must have shape (p*q, k) = ({n}, k); got {shape_str(V)}")
         check_finite(xp, V, "V")
         Ys = fn(self._unflatten(mT(V)))
-        return self._ctx.out(mT(self._flatten(Ys)))
+        return self._out(mT(self._flatten(Ys)))
 
     def matmat(self, V):
         """Apply the operator to the columns of ``V`` (P, k), each a flat column-stacked vector."""

@@ -8,6 +8,8 @@ symmetrised behind the caller's back.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.linalg import LinAlgError
 
@@ -26,12 +28,17 @@ __all__ = [
     "check_positive_scalar",
     "check_real_scalar",
     "check_positive_int",
+    "check_flag",
     "shape_str",
     "SINGULAR_RTOL_FACTOR",
     "singular_tol",
     "is_singular",
     "check_nonsingular",
     "check_overflow",
+    "check_not_subnormal",
+    "all_finite",
+    "check_result",
+    "nonfinite_result",
 ]
 
 #: Symmetry tolerance, in units of the dtype's machine epsilon:
@@ -53,7 +60,18 @@ def check_square(x, name: str, *, batch: bool = True) -> int:
     return int(x.shape[-1])
 
 
-def _all_finite(xp, x) -> bool:
+def all_finite(xp, x) -> bool:
+    """Whether ``x`` (an array of namespace ``xp``, or a Python number) holds no NaN or infinity.
+
+    ``isfinite(x).all()``: one pass, no false alarm and no warning.  A sum
+    first would be one pass too, but a sum of large finite entries overflows
+    (a false alarm, and NumPy warns "overflow encountered in reduce"), and
+    measured it saves nothing: 2.8 µs against 3.4 µs at 64², 0.39 ms against
+    0.44 ms at 1024² (float64, one thread).  On CuPy the ``bool`` is one
+    device-to-host synchronisation.
+    """
+    if isinstance(x, (int, float)):
+        return math.isfinite(x)
     if is_numpy(xp):
         return bool(np.isfinite(x).all())
     return bool(xp.all(xp.isfinite(x)))
@@ -61,7 +79,7 @@ def _all_finite(xp, x) -> bool:
 
 def check_finite(xp, x, name: str) -> None:
     """``x`` must hold no NaN or infinity."""
-    if not _all_finite(xp, x):
+    if not all_finite(xp, x):
         raise ValueError(f"{name} (shape {shape_str(x)}) contains NaN or infinity; kronlin needs finite input")
 
 
@@ -169,6 +187,13 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+def check_flag(value, name: str) -> bool:
+    """A switch: ``True`` or ``False`` (NumPy bools too); a string such as ``"no"`` is not silently true."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+
+
 # -- the singularity policy (one rule for every solver) ---------------------------------------------------------
 
 #: The singularity policy, shared by every factorization and solver of kronlin
@@ -227,3 +252,49 @@ def check_overflow(value: float, dtype_max: float, what: str, fix: str) -> None:
     v = float(value)
     if not (v == v) or v >= dtype_max:
         raise ValueError(f"{what} overflows ({v:.3g} >= the dtype's largest value {dtype_max:.3g}); {fix}")
+
+
+def check_not_subnormal(xp, x, name: str) -> None:
+    """A matrix to be factored must not be subnormal as a whole: ``max|x| >= tiny`` (per stacked matrix).
+
+    Below the smallest normal number even the largest entries carry fewer
+    than the dtype's digits (their spacing is ``tiny·eps`` absolute), and a
+    factorization (its log-determinant, its solves) loses accuracy that the
+    relative singularity policy cannot see.  Above it the subnormal rounding
+    is at most ``tiny·eps/max|x| <= eps`` relative to the matrix.  A zero
+    matrix passes (it is singular, and the policy says so).
+    """
+    big = xp.max(xp.abs(x), axis=(-2, -1))
+    floor = float(xp.finfo(x.dtype).smallest_normal)
+    if bool(xp.any((big > 0) & (big < floor))):
+        raise ValueError(
+            f"{name} (shape {shape_str(x)}) is too small in magnitude to factor in {x.dtype}: max|{name}| = "
+            f"{float(xp.min(xp.where(big > 0, big, floor))):.3g} < {floor:.3g}, the smallest normal number (its "
+            f"entries are subnormal and carry fewer digits); rescale {name} (the solution of a problem scaled by c "
+            f"is the solution divided by c)"
+        )
+
+
+# -- results: finite inputs must give finite results ------------------------------------------------------------
+def nonfinite_result(x, what: str, fix: str) -> FloatingPointError:
+    """The error for a result that is not finite although every input of the call was (see :func:`check_result`)."""
+    dtype = getattr(x, "dtype", "float64")
+    shape = f" (an array of shape {shape_str(x)})" if getattr(x, "ndim", 0) else ""
+    return FloatingPointError(
+        f"{what} is not finite although every input was{shape}: the computation overflowed "
+        f"{str(dtype).split('.')[-1]}; {fix}"
+    )
+
+
+def check_result(xp, x, what: str, fix: str) -> None:
+    """Raise ``FloatingPointError`` when a result computed from finite, validated inputs holds NaN or infinity.
+
+    Every public call checks its inputs finite first (:func:`check_finite`),
+    so a non-finite result means the computation left the dtype's range: an
+    overflow (or an ``inf - inf`` after one) that NumPy reports only as a
+    ``RuntimeWarning``.  ``what`` names the result (``"Kron.solve"``,
+    ``"A_diag[0] (from acts[0])"``), ``fix`` says which input to rescale.
+    Cost: one :func:`all_finite` pass over the result.
+    """
+    if not all_finite(xp, x):
+        raise nonfinite_result(x, what, fix)

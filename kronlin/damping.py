@@ -27,6 +27,7 @@ from ._validate import (
     check_nonempty,
     check_nonneg_scalar,
     check_positive_scalar,
+    check_result,
     check_square,
     shape_str,
 )
@@ -61,7 +62,10 @@ def _pi(ctx, A, G, norm, nameA: str = "A", nameG: str = "G"):
                 f"{name} (shape {shape_str(M)}) has {what} {float(xp.min(val)):.3g} <= 0, so π is undefined; "
                 f"a curvature factor must be positive semi-definite and nonzero"
             )
-    return xp.sqrt(nA / nG)
+    pv = xp.sqrt(nA) / xp.sqrt(nG)  # not sqrt(nA / nG): the ratio of two representable norms may overflow
+    check_result(xp, pv, f"π = sqrt({what} of {nameA} ⊗ I / {what} of I ⊗ {nameG})",
+                 f"the norms of {nameA} and {nameG} are too large or too far apart for the dtype: rescale them (or pass pi)")
+    return pv
 
 
 def pi_value(ctx, A, G, pi, nameA: str = "A", nameG: str = "G"):
@@ -133,6 +137,8 @@ def factored_damping(A, G, gamma: float, pi="trace") -> Kron:
     ctx, A, G = _prepare(A, G)
     xp = ctx.xp
     pv = xp.astype(pi_value(ctx, A, G, pi), ctx.dtype)
+    if gamma == 0.0:  # no damping: π plays no part (γ/π would be 0/0 for a π that underflows the dtype)
+        pv = xp.ones_like(pv)
     check_damping_terms(xp, gamma, pv, ctx.dtype, "pi")
     pv = pv[..., None, None]
     Ia = xp.eye(A.shape[-1], dtype=ctx.dtype)
@@ -161,6 +167,7 @@ class DampedKron(KronShaped):
     """
 
     MODES = ("exact", "factored")
+    _operands = "the factors A and G (or damping)"
 
     def __init__(self, A, G, damping: float, mode: str = "exact", pi="trace"):
         self.damping = check_nonneg_scalar(damping, "damping")
@@ -208,7 +215,7 @@ class DampedKron(KronShaped):
         if self.mode == "exact":
             xp = self._ctx.xp
             D = D + self.damping * xp.eye(self.p * self.q, dtype=self.dtype)
-        return self._ctx.out(D)
+        return self._out(D)
 
     def aslinearoperator(self):
         """The damped *inverse* as a ``LinearOperator`` on flat column-stacked vectors."""

@@ -28,7 +28,7 @@ such layers: use ``tridiagonal=False``.
 from __future__ import annotations
 
 from ._backend import context, is_numpy, mT
-from ._validate import check_finite, check_nonneg_scalar, shape_str
+from ._validate import check_finite, check_flag, check_nonneg_scalar, check_result, shape_str
 from .tridiag import BlockDiagInverse, BlockTridiagInverse
 
 __all__ = ["batch_factors", "FactorEstimator"]
@@ -37,6 +37,7 @@ _KEYS = ("A_diag", "G_diag", "A_off", "G_off")
 
 
 def _prepare(acts, grads, append_one, tridiagonal=False):
+    append_one, tridiagonal = check_flag(append_one, "append_one"), check_flag(tridiagonal, "tridiagonal")
     for name, x in (("acts", acts), ("grads", grads)):
         if not isinstance(x, (list, tuple)):
             raise TypeError(
@@ -115,12 +116,18 @@ def _estimates(xp, A, G, N, tridiagonal):
     n = len(A)
     A = [_rows(xp, a)[0] for a in A]  # Σ_t on the activation side
     G = [(g2, T) for g2, T in (_rows(xp, g) for g in G)]  # (1/T) Σ_t on the gradient side
-    return {
+    est = {
         "A_diag": [_second_moment(xp, a, N) for a in A],
         "G_diag": [_second_moment(xp, g, N * T) for g, T in G],
         "A_off": [mT(A[k]) @ A[k + 1] / N for k in range(n - 1)] if tridiagonal else [],
         "G_off": [mT(G[k][0]) @ G[k + 1][0] / N for k in range(n - 1)] if tridiagonal else [],
     }
+    for key, src in (("A_diag", "acts"), ("G_diag", "grads"), ("A_off", "acts"), ("G_off", "grads")):
+        for k, M in enumerate(est[key]):
+            names = f"{src}[{k}]" if key.endswith("diag") else f"{src}[{k}] and {src}[{k + 1}]"
+            check_result(xp, M, f"{key}[{k}] (the second moment of {names})",
+                         f"the statistics exceed the dtype's range: rescale {names} (the factor scales with their square)")
+    return est
 
 
 def _blend(old, new, eps):
@@ -156,7 +163,8 @@ class FactorEstimator:
     def __init__(self, max_decay: float = 0.95, tridiagonal: bool = True, append_one: bool = True):
         if not check_nonneg_scalar(max_decay, "max_decay") < 1.0:
             raise ValueError(f"max_decay must be in [0, 1); got {max_decay!r}")
-        self.max_decay, self.tridiagonal, self.append_one = float(max_decay), bool(tridiagonal), bool(append_one)
+        self.max_decay = float(max_decay)
+        self.tridiagonal, self.append_one = check_flag(tridiagonal, "tridiagonal"), check_flag(append_one, "append_one")
         self.step = 0
         self._stats = None
         self._ctx = None
@@ -166,13 +174,21 @@ class FactorEstimator:
         return min(1.0 - 1.0 / (self.step + 1), self.max_decay)
 
     def update(self, acts, grads) -> "FactorEstimator":
-        """Fold in one mini-batch: ``new = ε·old + (1 − ε)·batch``."""
+        """Fold in one mini-batch: ``new = ε·old + (1 − ε)·batch``.
+
+        A batch whose statistics overflow raises ``FloatingPointError`` naming
+        the layer, and leaves the averages as they were.
+        """
         ctx, A, G, N = _prepare(acts, grads, self.append_one, self.tridiagonal)
         batch = _estimates(ctx.xp, A, G, N, self.tridiagonal)
         if self._stats is not None:
             for key in _KEYS:
-                if [tuple(M.shape) for M in batch[key]] != [tuple(M.shape) for M in self._stats[key]]:
-                    raise ValueError(f"the layer shapes changed since the last update ({key})")
+                new, old = ([tuple(M.shape) for M in s[key]] for s in (batch, self._stats))
+                if new != old:
+                    raise ValueError(
+                        f"acts and grads give {key} of shapes {new} but the running averages have {old}: the layer "
+                        f"shapes changed since the last update; pass the same layers, or start a new FactorEstimator"
+                    )
         eps = self.decay()
         if self._stats is None:
             self._stats = batch

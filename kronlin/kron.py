@@ -14,7 +14,16 @@ from __future__ import annotations
 from ._backend import context, mT, trace
 from ._linalg import Factor, eigh
 from ._operator import KronShaped, batch_shape_of
-from ._validate import LinAlgError, check_finite, check_nonempty, check_square, check_symmetric
+from ._validate import (
+    LinAlgError,
+    check_finite,
+    check_flag,
+    check_nonempty,
+    check_not_subnormal,
+    check_result,
+    check_square,
+    check_symmetric,
+)
 from .kron_eigh import KronEigh
 
 __all__ = ["Kron", "DENSE_LIMIT"]
@@ -49,6 +58,8 @@ class Kron(KronShaped):
     >>> np.allclose(kronlin.Kron(A, G) @ X, G @ X @ A.T)
     True
     """
+
+    _operands = "the factors A and G"
 
     def __init__(self, A, G):
         ctx, (A, G) = context(("A", A), ("G", G), snapshot=True)
@@ -106,7 +117,10 @@ class Kron(KronShaped):
     def _factors(self):
         fac = self._fac
         if fac is None:  # built into locals, published as one tuple: other threads see both or neither
-            fac = (Factor(self._ctx.xp, self._A, "A"), Factor(self._ctx.xp, self._G, "G"))
+            xp = self._ctx.xp
+            check_not_subnormal(xp, self._A, "A")
+            check_not_subnormal(xp, self._G, "G")
+            fac = (Factor(xp, self._A, "A"), Factor(xp, self._G, "G"))
             self._fac = fac
         return fac
 
@@ -123,7 +137,10 @@ class Kron(KronShaped):
     def inv(self) -> "Kron":
         """``(A ⊗ G)⁻¹ = A⁻¹ ⊗ G⁻¹`` as a new operator."""
         fa, fg = self._factors()
-        return Kron._trusted(self._ctx, fa.inv(), fg.inv())
+        Ai, Gi = fa.inv(), fg.inv()
+        for M, name in ((Ai, "A"), (Gi, "G")):  # a tiny factor's inverse overflows
+            check_result(self._ctx.xp, M, f"Kron.inv(): {name}⁻¹", f"{name} is too small in magnitude for its inverse: rescale {name}")
+        return Kron._trusted(self._ctx, Ai, Gi)
 
     def slogdet(self):
         """``(sign, log|det(A ⊗ G)|)`` with ``det(A ⊗ G) = det(A)^q det(G)^p``."""
@@ -154,9 +171,10 @@ class Kron(KronShaped):
 
         Refuses more than :data:`DENSE_LIMIT` entries unless ``allow_large=True``.
         """
-        return self._ctx.out(self._dense(allow_large))
+        return self._out(self._dense(allow_large))
 
     def _dense(self, allow_large: bool):
+        allow_large = check_flag(allow_large, "allow_large")
         n = self.p * self.q
         if n * n > DENSE_LIMIT and not allow_large:
             raise ValueError(
@@ -174,12 +192,14 @@ class Kron(KronShaped):
         round-off negative eigenvalues are clipped to zero and clearly negative
         ones raise; float32 failures are retried in float64.
         """
-        psd = bool(psd)
+        psd = check_flag(psd, "psd")
         E = self._eigh.get(psd)
         if E is None:  # built whole, then published (one dict item)
             xp = self._ctx.xp
             check_symmetric(xp, self._A, "A")
             check_symmetric(xp, self._G, "G")
+            check_not_subnormal(xp, self._A, "A")
+            check_not_subnormal(xp, self._G, "G")
             la, Qa = eigh(xp, self._A, "A", psd=psd)
             lg, Qg = eigh(xp, self._G, "G", psd=psd)
             E = KronEigh._trusted(self._ctx, Qa, la, Qg, lg)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ._backend import context, dtype_eps, mT
 from ._kernels.eig_scale import eig_scale
 from ._linalg import eigh, ritz
@@ -44,14 +46,36 @@ __all__ = ["KronEigh", "ORTH_RTOL_FACTOR"]
 ORTH_RTOL_FACTOR = 100.0
 
 
-def _check_orthonormal(xp, Q, name):
+def _input_eps(x) -> float:
+    """eps of an argument's own float dtype (float32 eigenvectors stay float32-accurate after promotion)."""
+    name = str(getattr(x, "dtype", "float64")).split(".")[-1]
+    return float(np.finfo(np.float32).eps) if name == "float32" else float(np.finfo(np.float64).eps)
+
+
+def _check_orthonormal(xp, Q, name, eps=0.0):
     n = Q.shape[-1]
-    tol = ORTH_RTOL_FACTOR * n * dtype_eps(xp, Q.dtype)
+    tol = ORTH_RTOL_FACTOR * n * max(dtype_eps(xp, Q.dtype), eps)
     dev = float(xp.max(xp.abs(mT(Q) @ Q - xp.eye(n, dtype=Q.dtype))))
     if not dev <= tol:
         raise ValueError(
             f"{name} (shape {shape_str(Q)}) must have orthonormal columns (eigenvectors from eigh): "
             f"max|{name}ᵀ{name} - I| = {dev:.3g} exceeds {tol:.3g}; pass the Q of eigh, or build with Kron(A, G).eigh()"
+        )
+
+
+def _check_products(xp, la, lg) -> None:
+    """The eigenvalue products ``lg_i·la_j`` and their rounding bounds must be representable.
+
+    ``max|la|·max|lg| < max/8``: room for the rounding-error bound
+    ``|lg_i|·max|la| + |la_j|·max|lg|`` of the singularity check; beyond it
+    every result would overflow, or the check would call ``A ⊗ G`` singular.
+    """
+    big = float(xp.finfo(la.dtype).max)
+    La, Lg = xp.max(xp.abs(la), axis=-1), xp.max(xp.abs(lg), axis=-1)
+    if not bool(xp.all((La / big) * Lg < 0.125)):  # La/big <= 1: no overflow on the way
+        raise ValueError(
+            f"A ⊗ G's eigenvalue products lg·la overflow {la.dtype} (max|la| = {float(xp.max(La)):.3g}, max|lg| = "
+            f"{float(xp.max(Lg)):.3g}); rescale A and G (the solution of A ⊗ G scaled by c is the solution divided by c)"
         )
 
 
@@ -68,20 +92,28 @@ class KronEigh(KronShaped):
     lg : (..., q) eigenvalues of ``G``
     """
 
+    _operands = "the factors A and G (la and lg)"
+
     def __init__(self, Qa, la, Qg, lg):
+        eps_in = (_input_eps(Qa), _input_eps(Qg))
         ctx, (Qa, la, Qg, lg) = context(("Qa", Qa), ("la", la), ("Qg", Qg), ("lg", lg), snapshot=True)
-        for Q, w, nq, nw in ((Qa, la, "Qa", "la"), (Qg, lg, "Qg", "lg")):
-            if Q.ndim < 2 or Q.shape[-1] != Q.shape[-2] or w.ndim < 1 or w.shape[-1] != Q.shape[-1]:
+        pairs = ((Qa, la, "Qa", "la"), (Qg, lg, "Qg", "lg"))
+        for Q, w, nq, nw in pairs:  # shapes of both pairs before any numerical check
+            if (Q.ndim < 2 or Q.shape[-1] != Q.shape[-2] or w.ndim != Q.ndim - 1 or w.shape[-1] != Q.shape[-1]
+                    or w.shape[:-1] != Q.shape[:-2]):
                 raise ValueError(
-                    f"{nq} must be (..., n, n) and {nw} (..., n); got {nq} {shape_str(Q)} and {nw} {shape_str(w)}"
+                    f"{nq} must be (..., n, n) and {nw} (..., n) with the same batch dimensions; got {nq} "
+                    f"{shape_str(Q)} and {nw} {shape_str(w)}"
                 )
             check_nonempty(Q, nq)
+        for (Q, w, nq, nw), eps in zip(pairs, eps_in):
             check_finite(ctx.xp, Q, nq)
             check_finite(ctx.xp, w, nw)
-            _check_orthonormal(ctx.xp, Q, nq)
+            _check_orthonormal(ctx.xp, Q, nq, eps)
         self._init(ctx, Qa, la, Qg, lg)
 
     def _init(self, ctx, Qa, la, Qg, lg):
+        _check_products(ctx.xp, la, lg)
         self._Qa, self._la, self._Qg, self._lg = Qa, la, Qg, lg
         self._set_shape(ctx, Qa.shape[-1], Qg.shape[-1], batch_shape_of(Qa, Qg, "Qa", "Qg"))
         self._ext_cache = None
@@ -150,7 +182,8 @@ class KronEigh(KronShaped):
         d = self._products(damping)
         if float(power) != int(power) and bool(xp.any(d < 0)):
             raise LinAlgError(
-                "a fractional power of an indefinite A ⊗ G is not real; use a PSD operator or an integer power"
+                f"power={power!r}: a fractional power of an indefinite A ⊗ G is not real; use a PSD operator "
+                f"or an integer power"
             )
         alg, ala = xp.abs(self._lg), xp.abs(self._la)
         La, Lg = xp.max(ala, axis=-1), xp.max(alg, axis=-1)
@@ -168,6 +201,12 @@ class KronEigh(KronShaped):
         if power == 0.0 or power == 1.0:
             return
         xp = self._ctx.xp
+        eps = dtype_eps(xp, self.dtype)
+        if abs(power) * eps > 0.01:  # eigenvalues known to a relative ~eps: (1 ± eps) ** power has no digit left
+            raise ValueError(
+                f"power={power!r} is too large for {self.dtype}: the eigenvalues carry relative rounding errors of "
+                f"~eps = {eps:.3g}, which the power multiplies by |power|; use |power| <= {0.01 / eps:.3g}"
+            )
         ext = self._extremes()
         if ext is not None:
             lo, hi = ext[0] + damping, ext[1] + damping
@@ -222,7 +261,10 @@ class KronEigh(KronShaped):
         xp = self._ctx.xp
         scale = fn(self._ctx.out(self._products()))
         scale = self._ctx.asarray(scale, "fn(products)")
+        want = tuple(self.batch_shape) + (self.q, self.p)
         try:
+            if tuple(np.broadcast_shapes(tuple(scale.shape), want)) != want:  # (7, 7) would broadcast (1, 1)
+                raise ValueError
             Y = self._to_eig(X) * scale
         except (ValueError, TypeError):
             raise ValueError(
@@ -248,7 +290,7 @@ class KronEigh(KronShaped):
 
     def eigvals(self, damping: float = 0.0):
         """The ``(..., q, p)`` eigenvalues ``lg[i]·la[j] + damping`` of ``A ⊗ G + damping·I``."""
-        return self._ctx.out(self._products(check_nonneg_scalar(damping, "damping")))
+        return self._out(self._products(check_nonneg_scalar(damping, "damping")))
 
     def logdet(self, damping: float = 0.0):
         """``log det(A ⊗ G + damping·I)``; raises if the operator is not positive definite."""

@@ -4,7 +4,8 @@ The LinearOperator acts on flat column-stacked vectors (docs/design.md §1), so 
 can be handed to ``scipy.sparse.linalg.cg``, ``gmres``, ``eigsh`` and friends.
 It validates its input like the operator does: a wrong length is reported
 with the expected one (not SciPy's bare "dimension mismatch"), NaN/Inf and
-complex vectors are rejected.
+complex vectors are rejected; a product that overflows raises
+``FloatingPointError`` like the operator's own results.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._backend import is_cupy, is_numpy, mT, to_numpy
+from ._validate import all_finite
 
 __all__ = ["make_linear_operator"]
 
@@ -76,7 +78,10 @@ def _checker(n: int, host):
     """Validate a vector (n,)/(n, 1) or a matrix (n, k) handed to the LinearOperator."""
 
     def check(x, what: str) -> None:
-        shape = tuple(getattr(x, "shape", np.shape(x)))
+        try:
+            shape = tuple(getattr(x, "shape", None) or np.shape(x))
+        except ValueError:  # a ragged list
+            raise ValueError(f"the {what} is not a rectangular array; pass a {host.__name__} array") from None
         ok = (shape in ((n,), (n, 1))) if what == "vector" else (len(shape) == 2 and shape[0] == n)
         if not ok:
             want = f"({n},) or ({n}, 1)" if what == "vector" else f"({n}, k)"
@@ -84,7 +89,16 @@ def _checker(n: int, host):
                 f"the LinearOperator acts on column-stacked vectors of length P = {n}: expected a {what} of shape "
                 f"{want}; got shape {shape}"
             )
-        kind = np.dtype(x.dtype).kind if hasattr(x, "dtype") else np.asarray(x).dtype.kind
+        try:
+            dt = np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+        except TypeError:  # a torch tensor, ...: not an array SciPy can take
+            raise TypeError(
+                f"the {what} must be a {host.__name__} array (the LinearOperator computes on {host.__name__}); "
+                f"got {type(x).__module__}.{type(x).__name__}"
+            ) from None
+        kind = dt.kind
+        if kind == "f" and dt.itemsize < 4:
+            raise TypeError(f"the {what} has dtype {dt}; kronlin computes in float32 or float64, cast it first")
         if kind == "c":
             raise TypeError(
                 f"the {what} is complex ({x.dtype}); kronlin operators are real: apply the operator to the real "
@@ -107,7 +121,8 @@ def make_linear_operator(op, fn, rfn):
     """
     if op.batch_shape:
         raise ValueError(
-            f"a batched operator (batch shape {op.batch_shape}) is not one linear operator; build one per item"
+            f"a batched operator (batch shape {op.batch_shape}) is not one linear operator (its batch dimensions "
+            f"come from {op._operands}); build one per item"
         )
     xp = op._ctx.xp
     n = op.n_params
@@ -119,6 +134,8 @@ def make_linear_operator(op, fn, rfn):
             vec = V.ndim == 1
             V2 = xp.reshape(V, (n, 1)) if vec else V
             Y = mT(op._flatten(f(op._unflatten(mT(V2)))))
+            if not all_finite(xp, Y):  # finite input (checked), so the product overflowed
+                raise op._nonfinite(Y, "aslinearoperator")
             Y = xp.reshape(Y, (n,)) if vec else Y
             return Y if native else to_numpy(Y)
 

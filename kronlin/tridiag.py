@@ -88,6 +88,7 @@ class _LayerBlocks(Operator):
     """
 
     _layered = True
+    _operands = "the factors (A_diag, G_diag, A_off, G_off)"
 
     def _setup(self, A_diag, G_diag, A_off, G_off, gamma, pi):
         A_diag, G_diag = _as_list(A_diag, "A_diag"), _as_list(G_diag, "G_diag")
@@ -172,7 +173,7 @@ class _LayerBlocks(Operator):
         if P * P > DENSE_LIMIT and not allow_large:
             raise ValueError(f"to_dense() would build a {P}x{P} matrix; pass allow_large=True if you really want it")
         # row j of the identity is the flat unit vector e_j; row j of the result is F e_j, column j of F
-        return self._ctx.out(mT(self._flatten(self._apply(self._unflatten(xp.eye(P, dtype=self._ctx.dtype))))))
+        return self._out(mT(self._flatten(self._apply(self._unflatten(xp.eye(P, dtype=self._ctx.dtype))))))
 
 
 class BlockDiagInverse(_LayerBlocks):
@@ -351,6 +352,12 @@ class BlockTridiagInverse(_LayerBlocks):
                     f"Σ_{{{k + 1}|{k + 2}}} (layers {k} and {k + 1}) is not positive definite: the cross-layer "
                     f"statistics are inconsistent with the diagonal ones (stale or badly estimated running "
                     f"averages); increase the damping gamma (now {self.gamma:g}). Details: {exc}"
+                ) from None
+            except ValueError as exc:  # the Stein set-up's overflow refusal, in terms of this operator's arguments
+                raise ValueError(
+                    f"Σ_{{{k + 1}|{k + 2}}} (layers {k} and {k + 1}) overflows: the damped A_diag[{k}] and G_diag[{k}] "
+                    f"(gamma = {self.gamma:g}) are too large for {self._ctx.dtype}; pass a smaller gamma or rescale "
+                    f"the statistics. Details: {exc}"
                 ) from None
             self.psi_A.append(psiA)
             self.psi_G.append(psiG)

@@ -35,7 +35,17 @@ from ._backend import Ctx, canonical_arrays, context, is_numpy, mT
 from ._kernels.woodbury_gram import gram_dense, gram_shared
 from ._linalg import Factor
 from ._operator import Operator
-from ._validate import LinAlgError, check_choice, check_finite, check_nonneg_scalar, check_positive_scalar, shape_str
+from ._validate import (
+    LinAlgError,
+    check_choice,
+    check_finite,
+    check_flag,
+    check_nonneg_scalar,
+    check_overflow,
+    check_positive_scalar,
+    check_result,
+    shape_str,
+)
 from .kron import DENSE_LIMIT
 
 __all__ = ["WoodburyFisher"]
@@ -255,6 +265,8 @@ class WoodburyFisher(Operator):
     True
     """
 
+    _operands = "acts and errs (or scale)"
+
     def __init__(self, acts, errs, damping, scale=None, *, gram_method: str = "auto"):
         _layer_lists(acts, errs)
         L = len(acts)
@@ -367,6 +379,8 @@ class WoodburyFisher(Operator):
                     part = gram_dense(xp, xp.reshape(ly.A, (ly.N, ly.da)), xp.reshape(ly.E, (ly.N, ly.S, ly.de)))
                 K = part if K is None else K + part
             K = K * self._scale
+            check_result(xp, K, "gram() = scale·GᵀG", "the per-example gradients are too large for the dtype: "
+                         "rescale acts and errs (F scales with max|acts|²·max|errs|²) or pass a smaller scale")
             self._K = (K + mT(K)) * 0.5  # our own GEMM output: symmetric to round-off, made exact
         return self._K
 
@@ -374,8 +388,13 @@ class WoodburyFisher(Operator):
         """``K = scale · GᵀG`` (M × M), ``K[c1, c2] = scale · <g_c1, g_c2>`` (Benzing eq. 22); cached."""
         return self._ctx.out_copy(self._gram())
 
-    def _require_damping(self, what: str) -> None:
+    def _require_damping(self, what: str, inverse: bool = False) -> None:
+        """``damping > 0`` (and, for ``inverse``, ``1/damping`` representable: the Woodbury form multiplies by it)."""
         if self._damping > 0:
+            if inverse:
+                check_overflow(1.0 / self._damping, float(self._ctx.xp.finfo(self.dtype).max),
+                               f"{what}: 1/damping (damping = {self._damping:.3g})",
+                               "pass a larger damping: (λI + F)⁻¹ scales the directions F does not see by 1/λ")
             return
         P, M = self.n_params, self.n_columns
         if P > M:
@@ -469,7 +488,7 @@ class WoodburyFisher(Operator):
         solves with the cached ``M × M`` Cholesky factor of ``λI + K``.
         Needs ``damping > 0``.
         """
-        self._require_damping("solve()")
+        self._require_damping("solve()", inverse=True)
         Us, fmt = self._rhs_or_batch(U, batch, "solve")
         return self._ret(self._solve_list(Us), fmt)
 
@@ -527,7 +546,7 @@ class WoodburyFisher(Operator):
         w = self._cinv(self._gt(Ys) * s + z * math.sqrt(s * lam))
         Gw = self._g(w)
         c = 1.0 / math.sqrt(lam)
-        return [self._ctx.out((y - g) * c) for y, g in zip(Ys, Gw)]
+        return [self._out((y - g) * c) for y, g in zip(Ys, Gw)]
 
     # -- Benzing I.5: gradients of another batch -------------------------------------------
     def _batch_gradient(self, acts, errs, scale, prefix: str):
@@ -562,7 +581,13 @@ class WoodburyFisher(Operator):
         ctx, arrays = context(*named)
         layers, N, _ = _canonical(ctx.xp, arrays, L)
         s = 1.0 / N if scale is None else _check_scale(scale)
-        return [ctx.out(_batch_sum(ctx.xp, ly) * s) for ly in layers]
+        out = []
+        for k, ly in enumerate(layers):
+            g = _batch_sum(ctx.xp, ly) * s
+            check_result(ctx.xp, g, f"batch_gradient() of layer {k}",
+                         f"the sum of gradients errs[{k}]ᵀ·acts[{k}] is too large for the dtype: rescale acts and errs")
+            out.append(ctx.out(g))
+        return out
 
     # -- dense forms and SciPy interop ----------------------------------------------------
     def to_dense(self, allow_large: bool = False):
@@ -571,6 +596,7 @@ class WoodburyFisher(Operator):
         Forms the per-example gradients explicitly; refuses more than
         :data:`kronlin.DENSE_LIMIT` entries unless ``allow_large=True``.
         """
+        allow_large = check_flag(allow_large, "allow_large")
         P, M = self.n_params, self.n_columns
         if P * max(P, M) > DENSE_LIMIT and not allow_large:
             raise ValueError(
@@ -583,7 +609,7 @@ class WoodburyFisher(Operator):
             g = mT(ly.E) @ xp.reshape(ly.A, (ly.N, 1, ly.T, ly.da))  # (N, S, d_out, d_in)
             cols.append(xp.reshape(mT(g), (M, ly.size)))  # column-stacked vec of each g_c
         Gt = cols[0] if len(cols) == 1 else xp.concat(cols, axis=-1)  # (M, P)
-        return self._ctx.out((mT(Gt) @ Gt) * self._scale)
+        return self._out((mT(Gt) @ Gt) * self._scale)
 
     def aslinearoperator(self, inverse: bool = False):
         """A ``scipy.sparse.linalg.LinearOperator`` (CuPy: ``cupyx``'s) of shape ``(P, P)``.
@@ -595,8 +621,8 @@ class WoodburyFisher(Operator):
         """
         from .linop import make_linear_operator
 
-        if inverse:
-            self._require_damping("aslinearoperator(inverse=True)")
+        if check_flag(inverse, "inverse"):
+            self._require_damping("aslinearoperator(inverse=True)", inverse=True)
             self._factorized()
         fn = self._solve_list if inverse else self._matvec_list
         return make_linear_operator(self, fn, fn)

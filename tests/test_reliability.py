@@ -189,3 +189,104 @@ def test_overflow_raises_naming_the_argument():
     # representable answers are still returned: damping 5e-324 and gamma 1e300 (an underflowing inverse)
     assert np.isfinite(kronlin.DampedKron(A, G, 5e-324).solve(np.ones((2, 3)))).all()
     assert np.isfinite(kronlin.factored_damping(A, G, 1e300).solve(np.ones((2, 3)))).all()
+
+
+# -- overflow: a result that leaves the dtype's range raises, naming the call and what to rescale ------------------
+_RNG = np.random.default_rng(17)
+_A = (lambda X: X @ X.T + np.eye(3))(_RNG.standard_normal((3, 3)))
+_G = 2.0 * np.eye(2)
+_X = np.ones((2, 3))
+_ACTS, _ERRS = [_RNG.standard_normal((5, 3))], [_RNG.standard_normal((5, 2))]
+
+OVERFLOWING_RESULTS = {
+    # the issue's list: factors x1e300, gamma 1e300 on the damped product, activations x1e300, tiny factors
+    "Kron @ X": (lambda: kronlin.Kron(1e300 * _A, 1e300 * _G) @ _X, r"Kron @ X .*rescale the factors A and G"),
+    "Kron.matmat": (lambda: kronlin.Kron(1e300 * _A, _G).matmat(1e10 * np.ones((6, 2))), r"Kron\.matmat\(\)"),
+    "Kron.solve tiny": (lambda: kronlin.Kron(1e-300 * _A, 1e-300 * _G).solve(_X), r"Kron\.solve\(\)"),
+    "Kron.trace": (lambda: kronlin.Kron(1e300 * _A, 1e300 * _G).trace(), r"Kron\.trace\(\)"),
+    "Kron.to_dense": (lambda: kronlin.Kron(1e300 * _A, 1e300 * _G).to_dense(), r"Kron\.to_dense\(\)"),
+    "linop": (lambda: kronlin.Kron(1e300 * _A, 1e300 * _G).aslinearoperator().matvec(np.ones(6)),
+              r"Kron\.aslinearoperator\(\)"),
+    "KronEigh.solve": (lambda: kronlin.Kron(1e-100 * _A, 1e-100 * _G).eigh().solve(1e250 * _X),
+                       r"KronEigh\.solve\(\)"),  # returns through power(): the outer call is named
+    "factored_damping @": (lambda: kronlin.factored_damping(_A, _G, 1e300) @ _X, r"Kron @ X"),
+    "DampedKron @": (lambda: kronlin.DampedKron(_A, _G, 1e300) @ (1e300 * _X), r"DampedKron @ X .*damping"),
+    "WoodburyFisher.matvec": (lambda: kronlin.WoodburyFisher([1e300 * a for a in _ACTS], _ERRS, 1.0).matvec([_X]),
+                              r"WoodburyFisher\.matvec\(\) .*rescale acts and errs"),
+    "WoodburyFisher.quad": (lambda: kronlin.WoodburyFisher([1e300 * a for a in _ACTS], _ERRS, 1.0).quad([_X]),
+                            r"WoodburyFisher\.quad\(\)"),
+    "WoodburyFisher.solve": (lambda: kronlin.WoodburyFisher([1e300 * a for a in _ACTS], _ERRS, 1.0).solve([_X]),
+                             r"gram\(\) = scale·GᵀG .*rescale acts and errs"),  # was "singular to working precision"
+    "WoodburyFisher.batch_gradient": (lambda: kronlin.WoodburyFisher.batch_gradient([1e300 * a for a in _ACTS],
+                                                                                    [1e300 * e for e in _ERRS]),
+                                      r"batch_gradient\(\) of layer 0 .*errs\[0\]"),
+    "batch_factors": (lambda: kronlin.batch_factors([1e300 * a for a in _ACTS], _ERRS),
+                      r"A_diag\[0\] \(the second moment of acts\[0\]\) .*rescale acts\[0\]"),
+    "FactorEstimator.update": (lambda: kronlin.FactorEstimator().update(_ACTS, [1e300 * e for e in _ERRS]),
+                               r"G_diag\[0\] \(the second moment of grads\[0\]\)"),
+    "pi_factor": (lambda: kronlin.pi_factor(1e308 * np.eye(2), 1e308 * np.eye(3)), r"π = sqrt\(trace of A"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # NumPy's warning on the way; the error is the outcome
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("case", sorted(OVERFLOWING_RESULTS))
+def test_overflowing_result_raises_naming_call_and_fix(case):
+    """Finite inputs, a result beyond the dtype's range: FloatingPointError, not Inf/NaN with a RuntimeWarning."""
+    call, match = OVERFLOWING_RESULTS[case]
+    with pytest.raises(FloatingPointError, match=match):
+        call()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_overflow_refused_before_work_names_the_argument():
+    # the eigenvalue products of A ⊗ G overflow: refused at eigh(), not reported as "singular"
+    with pytest.raises(ValueError, match=r"eigenvalue products lg·la overflow .*rescale A and G"):
+        kronlin.Kron(1e300 * _A, 1e300 * _G).eigh()
+    # Woodbury's 1/damping overflows: refused naming damping (the answer (λI + F)⁻¹u has no representable value)
+    with pytest.raises(ValueError, match=r"1/damping .*pass a larger damping"):
+        kronlin.WoodburyFisher(_ACTS, _ERRS, 5e-324).solve([_X])
+    # a power whose rounding error amplification leaves no correct digit
+    with pytest.raises(ValueError, match=r"power=1e\+20 is too large"):
+        kronlin.Kron(np.eye(3), np.eye(2)).eigh().power(_X, 1e20)
+
+
+def test_estimator_keeps_its_averages_when_a_batch_overflows():
+    est = kronlin.FactorEstimator().update(_ACTS, _ERRS)
+    before = est.state_dict()
+    with np.errstate(over="ignore"), pytest.raises(FloatingPointError, match=r"acts\[0\]"):
+        est.update([1e300 * a for a in _ACTS], _ERRS)
+    after = est.state_dict()
+    assert after["step"] == before["step"] == 1
+    for key in ("A_diag", "G_diag", "A_off", "G_off"):
+        for M, M0 in zip(after["stats"][key], before["stats"][key]):
+            np.testing.assert_array_equal(M, M0)
+
+
+def test_results_near_the_range_are_returned():
+    """The check is on the result, not on magnitudes: large but representable answers come back exactly."""
+    K = kronlin.Kron(1e150 * _A, 1e150 * _G)
+    np.testing.assert_allclose(K @ _X, 1e300 * (_G @ _X @ _A.T), rtol=1e-14)
+    np.testing.assert_allclose(kronlin.Kron(1e-150 * _A, 1e-150 * _G).solve(_X),
+                               1e300 * np.linalg.solve(_G, np.linalg.solve(_A, _X.T).T), rtol=1e-12)
+    big = np.full((2, 3), 1e307)  # the sum of these entries overflows; the entries do not (no false alarm)
+    np.testing.assert_array_equal(kronlin.Kron(np.eye(3), np.eye(2)) @ big, big)
+    F = kronlin.WoodburyFisher([1e100 * a for a in _ACTS], _ERRS, 1.0)
+    assert np.isfinite(F.solve([_X])[0]).all()
+
+
+def test_subnormal_factors_are_refused_not_factored_inaccurately():
+    """max|A| below the smallest normal number: slogdet was off by 0.57 (the matrix's digits are gone)."""
+    K = kronlin.Kron(1e-310 * _A, _G)
+    for call in (K.slogdet, lambda: K.solve(_X), K.eigh):
+        with pytest.raises(ValueError, match=r"^A \(shape \(3, 3\)\) is too small in magnitude to factor .*rescale A"):
+            call()
+    s, l = kronlin.Kron(1e-300 * _A, _G).slogdet()  # small but normal: factored, accurately
+    s0, l0 = np.linalg.slogdet(np.kron(_A, _G))
+    assert s == s0 and abs(l - (l0 + 2 * 3 * np.log(1e-300))) <= 1e-10 * abs(l)
+
+
+def test_tridiag_overflow_names_gamma_not_the_inner_stein_factors():
+    """gamma=1e300: the inner Stein set-up's "A ⊗ B overflows; rescale A and B" named arguments the caller never passed."""
+    with pytest.raises(ValueError, match=r"damped A_diag\[0\] and G_diag\[0\] \(gamma = 1e\+300\) are too large"):
+        kronlin.BlockTridiagInverse([_A, _A], [_G, _G], [0.1 * _A], [0.1 * _G], gamma=1e300)

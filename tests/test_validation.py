@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import kronlin
 from kronlin import Kron, KronEigh, factored_damping, pi_factor
 
 EYE3, EYE2 = np.eye(3), np.eye(2)
@@ -100,3 +101,65 @@ def test_pi_and_damping_validate_inputs():
         pi_factor(EYE3, np.full((2, 2), np.nan))
     with pytest.raises(ValueError, match="^A must be a square matrix"):
         factored_damping(np.ones((2, 3)), EYE2, 0.1)
+
+
+# -- issue 17 item 5: every bad input is named, with the fix ---------------------------------------------------
+_Q32 = np.linalg.eigh(np.random.default_rng(3).standard_normal((4, 4)).astype(np.float32) + 4 * np.eye(4, dtype=np.float32))[1]
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: Kron([[1.0, 2.0], [3.0]], EYE2), ValueError, r"^A is not a rectangular array"),
+        (lambda: Kron(EYE3, EYE2) @ [[1.0, 2.0, 3.0], [1.0]], ValueError, r"^X is not a rectangular array"),
+        (lambda: Kron(EYE3, EYE2).eigh(psd="no"), TypeError, r"^psd must be True or False; got str 'no'"),
+        (lambda: Kron(EYE3, EYE2).to_dense(allow_large=None), TypeError, r"^allow_large must be True or False"),
+        (lambda: kronlin.batch_factors([np.ones((4, 3))], [np.ones((4, 2))], append_one="no"), TypeError,
+         r"^append_one must be True or False"),
+        (lambda: kronlin.FactorEstimator(tridiagonal=1), TypeError, r"^tridiagonal must be True or False"),
+        (lambda: kronlin.WoodburyFisher([np.ones((4, 3))], [np.ones((4, 2))], 1.0).aslinearoperator(inverse="yes"),
+         TypeError, r"^inverse must be True or False"),
+        (lambda: kronlin.jax_callback(None, "solve"), TypeError, r"^op must be a kronlin operator"),
+        (lambda: kronlin.jax_callback(Kron(EYE3, EYE2), "solve"), TypeError, r"^op must be an operator built from JAX"),
+        (lambda: KronEigh(EYE3, np.ones(3), EYE2, np.ones((1, 2))), ValueError,
+         r"^Qg must be \(\.\.\., n, n\) and lg \(\.\.\., n\) with the same batch dimensions"),
+        (lambda: KronEigh(_Q32, np.ones(4, np.float32), 3.0, np.ones(2)), ValueError, r"^Qg must be"),  # shapes first
+        (lambda: Kron(np.eye(1), np.eye(1)).eigh().apply(np.ones((1, 1)), lambda d: np.ones((7, 7))), ValueError,
+         r"^fn must return values broadcastable to the eigenvalue products of shape \(1, 1\); got \(7, 7\)"),
+        (lambda: Kron(np.diag([1.0, -1.0]), EYE2).eigh(psd=False).power(np.ones((2, 2)), 0.5), np.linalg.LinAlgError,
+         r"^power=0\.5: a fractional power of an indefinite"),
+        (lambda: Kron(np.ones((2, 3, 3)) * EYE3, EYE2).aslinearoperator(), ValueError,
+         r"batch shape \(2,\)\) is not one linear operator \(its batch dimensions come from the factors A and G\)"),
+        (lambda: Kron(EYE3, EYE2).aslinearoperator().matvec([[1.0, 2.0], [1.0]]), ValueError,
+         r"^the vector is not a rectangular array"),
+        (lambda: Kron(EYE3, EYE2).aslinearoperator().matvec(np.ones(6, np.float16)), TypeError,
+         r"^the vector has dtype float16; kronlin computes in float32 or float64"),
+        (lambda: kronlin.FactorEstimator().update([np.ones((4, 3))], [np.ones((4, 2))]).update([np.ones((4, 2))], [np.ones((4, 2))]),
+         ValueError, r"^acts and grads give A_diag of shapes \[\(3, 3\)\] but the running averages have \[\(4, 4\)\]"),
+    ],
+)
+def test_unclear_errors_name_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_linop_refuses_a_torch_vector_by_name():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"^the vector must be a numpy array .*got torch\.Tensor"):
+        Kron(EYE3, EYE2).aslinearoperator().matvec(torch.ones(6, dtype=torch.float64))
+
+
+def test_factored_damping_without_damping_ignores_pi():
+    """gamma=0 with a π that underflows float32 (5e-324 -> 0): γ/π was 0/0 and the factors NaN."""
+    A, G = EYE3.astype(np.float32), 2 * EYE2.astype(np.float32)
+    K = factored_damping(A, G, 0.0, pi=5e-324)
+    np.testing.assert_array_equal(K.to_dense(), np.kron(A, G))
+    A[0, 0] = 7.0  # and the operator owns its factors (snapshot semantics)
+    assert K.A[0, 0] == 1.0
+
+
+def test_kron_eigh_accepts_float32_eigenvectors_promoted_by_float64_eigenvalues():
+    """la given as a list (float64) promotes the computation; float32 eigenvectors are checked to float32 accuracy."""
+    rng = np.random.default_rng(3)
+    w, Q = np.linalg.eigh((lambda X: X @ X.T + np.eye(4))(rng.standard_normal((4, 4))).astype(np.float32))
+    E = KronEigh(Q, w.tolist(), np.eye(2, dtype=np.float32), [1.0, 2.0])
+    assert E.dtype == np.float64

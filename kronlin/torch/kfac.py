@@ -143,8 +143,15 @@ class KFAC(CurvatureHooks):
         saved = (self._estimator.state_dict(), self._scale, self._inv, self._inv_factors)  # references, no copies
         try:
             if update:
-                with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by _check_statistics
-                    self._estimator.update(self._np(acts), self._np(errs))
+                try:
+                    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, naming the layer
+                        self._estimator.update(self._np(acts), self._np(errs))
+                except FloatingPointError as exc:  # the core refuses such a batch naming acts[k]/grads[k]
+                    k = next((k for k in range(len(self.layers)) if f"acts[{k}]" in str(exc) or f"grads[{k}]" in str(exc)), 0)
+                    raise FloatingPointError(
+                        f"layer {self.layers[k].name!r} has non-finite statistics ({exc}): step refused, nothing was "
+                        "changed; lower the learning rate or use float64"
+                    ) from None
                 self._scale = self._curvature_scale(N)
                 self._check_statistics()
             if self._inv is None or self._steps % self.refresh_period == 0:

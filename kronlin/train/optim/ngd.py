@@ -202,12 +202,18 @@ class NGD(Optimizer):
                 nat = F.solve(grads)
             except np.linalg.LinAlgError:
                 return self._reject(value, "the damped Gram is not positive definite")
+            except FloatingPointError:  # kronlin refuses a Gram that overflows instead of returning inf
+                return self._reject(value, "non-finite curvature statistics")
             delta = [-lr * U for U in nat]
         if not all_finite(delta):
             return self._reject(value, "non-finite update")
         self.fisher = F
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            dM = _vdot(grads, delta) + 0.5 * (float(F.quad(delta)) + (lam + eta) * _vdot(delta, delta))
+            try:
+                quad = float(F.quad(delta))
+            except FloatingPointError:  # uᵀFu overflows: kronlin refuses it instead of returning inf
+                return self._reject(value, "non-finite update")
+            dM = _vdot(grads, delta) + 0.5 * (quad + (lam + eta) * _vdot(delta, delta))
         def objective(loss_value):  # h at the weights now in the network
             return loss_value + 0.5 * eta * _vdot(self.net.params, self.net.params)
 
