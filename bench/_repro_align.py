@@ -38,7 +38,7 @@ import scipy.linalg
 
 from kronlin import BlockDiagInverse, FactorEstimator, Kron
 from kronlin.train import Dense
-from kronlin.train.optim.kfra import _repeat_trace, input_factors, kflr_factors, kfra_factors
+from kronlin.train.optim.kfra import repeat_trace, input_factors, kflr_factors, kfra_factors
 
 __all__ = ["CHUNK_ENTRIES", "METHODS", "alignment", "dense_gn_block", "probe_factors", "run_alignment"]
 
@@ -73,7 +73,7 @@ def dense_gn_block(net, trace, loss, layer: int) -> np.ndarray:
     acc = np.zeros((m * m, p * p))
     for n0 in range(0, N, step):
         sl = slice(n0, min(n0 + step, N))
-        sub = _repeat_trace(trace, sl, 1)  # the examples sl (copied once per chunk)
+        sub = repeat_trace(trace, sl, 1)  # the examples sl (copied once per chunk)
         B = np.empty((m,) + sub.out.shape)  # B[i, n] = B_n e_i
         HB = np.empty_like(B)
         for i in range(m):
@@ -207,7 +207,7 @@ def run_alignment(task_name: str, seed: int = 0, *, steps: int, batch: int = 256
             if it in at:
                 t0 = time.perf_counter()
                 X, Y = task.sample_batch(probe_batch, np.random.default_rng(10_000 + it))
-                k = float(opt._tikhonov(opt.gamma))
+                k = float(opt.block_damping)
                 res = alignment(net, task.loss, X, Y, k=k, eta=opt.hparams["eta"], layers=layers,
                                 rng=np.random.default_rng(20_000 + it), methods=methods)  # fmt: skip
                 rec["checkpoints"].append({"iteration": it, "damping": k, "gamma": float(opt.gamma),

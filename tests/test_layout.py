@@ -79,23 +79,10 @@ def private_uses(source: str, filename: str = "<bench>") -> list:
     return sorted(set(found))
 
 
-#: Private names of the training adapters that the papers' reproduction (bench/reproduce.py) still uses:
-#: kronlin.train is being reworked for MPI on another branch, and their public homes (a public
-#: ``setup(config)`` in kronlin.train.cli, the optimizers' Tikhonov multiple, KFRA's repeated trace) belong
-#: with that work.  The core (everything outside kronlin.train) has none left; an entry that is no
-#: longer used fails the test, so this list only shrinks.
-TRAIN_PENDING = {
-    ("_repro_align.py", "from kronlin.train.optim.kfra import _repeat_trace"),
-    ("_repro_align.py", "call of private method ._tikhonov()"),
-}
-
-
 @pytest.mark.parametrize("path", BENCH_FILES, ids=lambda p: p.name)
 def test_bench_uses_public_names_only(path):
     uses = {what for _, what in private_uses(path.read_text(), str(path))}
-    pending = {what for name, what in TRAIN_PENDING if name == path.name}
-    assert not uses - pending, f"{path.name} uses private kronlin names (give them a public home): {sorted(uses - pending)}"
-    assert pending <= uses, f"{path.name} no longer uses {sorted(pending - uses)}: remove it from TRAIN_PENDING"
+    assert not uses, f"{path.name} uses private kronlin names (give them a public home): {sorted(uses)}"
 
 
 @pytest.mark.parametrize("source, n", [

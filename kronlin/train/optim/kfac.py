@@ -342,6 +342,12 @@ class KroneckerOptimizer(Optimizer):
         return self._inverse
 
     @property
+    def block_damping(self) -> float:
+        """The multiple of ``I`` added to each Kronecker block at the current γ (exact damping's ``c`` in
+        ``Ā ⊗ G + c I``: γ² for K-FAC, eq. 6; γ + η for KFRA/KFLR, Botev eq. 35)."""
+        return float(self._tikhonov(self.gamma))
+
+    @property
     def factors(self) -> dict | None:
         """The (undamped) factors the current inverse was built from, or ``None``."""
         return self._frozen

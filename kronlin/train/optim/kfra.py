@@ -56,7 +56,7 @@ from . import register
 from .hparams import boolean
 from .kfac import KroneckerOptimizer
 
-__all__ = ["KFLR", "KFRA", "input_factors", "kflr_factors", "kfra_factors", "mean_output_hessian"]
+__all__ = ["KFLR", "KFRA", "input_factors", "kflr_factors", "kfra_factors", "mean_output_hessian", "repeat_trace"]
 
 
 def _local(values) -> list:
@@ -145,7 +145,7 @@ def kfra_factors(net, loss, trace, reduce=_local) -> list:
     return out
 
 
-def _repeat_trace(trace, sl, r):
+def repeat_trace(trace, sl, r):
     """The trace of the examples ``sl``, each repeated ``r`` times (rows ``(n, j)``, ``j`` fastest)."""
 
     def rep(x):
@@ -173,7 +173,7 @@ def kflr_factors(net, loss, trace, reduce=_local) -> list:
             sl = slice(n0, min(n0 + step, N))
             C = loss.hessian_factor(trace.out[sl])  # (n, k, r)
             n, _, r = C.shape
-            sub = _repeat_trace(trace, sl, r)
+            sub = repeat_trace(trace, sl, r)
             g = net.backward(sub, C.transpose(0, 2, 1).reshape(n * r, k))
             for i, gi in enumerate(g[:-1]):
                 g2 = gi.reshape(-1, gi.shape[-1])
