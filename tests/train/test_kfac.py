@@ -74,7 +74,9 @@ def test_invalid_configurations():
     with pytest.raises(ValueError, match="damping must be"):
         KFAC(tiny_mlp(), loss, damping="heuristic")
     with pytest.raises(ValueError, match="unknown hyper-parameter"):
-        KFAC(tiny_mlp(), loss, lr=0.1)
+        KFAC(tiny_mlp(), loss, step=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        KFAC(tiny_mlp(), loss, lr=0.0)
 
 
 # ------------------------------------------------------------------ curvature
@@ -456,3 +458,27 @@ def test_invariant_to_affine_input_transformations(damping):
     assert gap_8 < 5e-3, (gap_6, gap_8)  # measured 1.7e-3 (factored), 2.3e-5 (exact)
     assert 50 < gap_6 / gap_8 < 300, (gap_6, gap_8)  # linear in the damping
     assert gap_sgd > 0.1, gap_sgd  # SGD's W' − lr·DW·Ωᵀ is another function unless Ω is orthogonal
+
+
+@pytest.mark.parametrize("damping", ["factored", "exact"])
+def test_fixed_step_size_protocol(damping):
+    """lr=η: δ = ηΔ + βδ₀ with Δ = −F̆⁻¹∇h (Benzing's protocol: fixed step size and damping, heavy-ball
+    momentum 0.9); γ and λ never change (no greedy γ at T2, no λ rule at T1)."""
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    opt = KFAC(net, loss, lr=0.05, beta=0.9, T1=1, T2=1, T3=1, gamma=0.3, damping=damping)
+    rng = np.random.default_rng(2)
+    lam, gamma, prev = opt.lam, opt.gamma, None
+    for _ in range(4):
+        X, Y = rng.standard_normal((12, 4)), rng.integers(0, 3, 12)
+        theta = net.copy_params()
+        _, grads, _ = net.loss_and_grads(X, Y, loss, theta)
+        grads = [G + opt.hparams["eta"] * W for G, W in zip(grads, theta)]
+        info = opt.step(X, Y)
+        Delta = opt.precondition(grads)  # the inverse the step used (refreshed every step: T3 = 1)
+        want = [0.05 * D + (0.0 if prev is None else 0.9 * p) for D, p in zip(Delta, prev or Delta)]
+        got = [W1 - W0 for W1, W0 in zip(net.params, theta)]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-14)
+        assert info["alpha"] == 0.05 and info["mu"] == (0.0 if prev is None else 0.9)
+        assert opt.lam == lam and opt.gamma == gamma and math.isnan(info["rho"])
+        prev = got

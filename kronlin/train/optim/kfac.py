@@ -165,6 +165,11 @@ class KroneckerOptimizer(Optimizer):
     ``second_factor``  ``False`` drops every ``G`` from the preconditioner (Benzing §4.2, D.8)
     ``pi``        the π of factored damping: ``"trace"``, ``"fro"``, ``"spectral"`` or a number
     ``polyak``    ``None`` or the iterate-averaging constant ξ ∈ [0, 1) (§13)
+    ``lr``        ``None`` (α, μ from the quadratic model, §6.4/§7) or a fixed step size η: the update is
+                  ``δ = ηΔ + βδ₀`` (heavy-ball momentum β with ``momentum=True``, else β = 0) with γ
+                  fixed (no greedy γ, no λ rule, no Fisher products) — the protocol of Benzing 2022
+                  (fixed step size and damping, momentum 0.9) and of Ren et al.'s K-FAC baseline
+    ``beta``      the heavy-ball coefficient of the fixed-step mode (default 0.9)
     """
 
     tridiagonal = False
@@ -183,6 +188,8 @@ class KroneckerOptimizer(Optimizer):
         "second_factor": True,
         "pi": "trace",
         "polyak": None,
+        "lr": None,
+        "beta": 0.9,
     }
     common_spec = {
         "lam": POSITIVE,
@@ -197,6 +204,8 @@ class KroneckerOptimizer(Optimizer):
         "second_factor": boolean(),
         "pi": real(0, low_open=True, names=("trace", "fro", "spectral")),
         "polyak": real(0, 1, high_open=True, optional=True),
+        "lr": real(0, low_open=True, optional=True),
+        "beta": HALF_OPEN_UNIT,
     }
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
@@ -415,12 +424,13 @@ class KroneckerOptimizer(Optimizer):
         refreshed = self._stale or k <= 3 or k % h["T3"] == 0
         if refreshed:
             self._refresh(trace)
+        fixed = h["lr"] is not None  # the fixed-step protocol: no quadratic model, no damping adaptation
         candidates = [self.gamma]
-        if k % h["T2"] == 0:  # §6.6 / Botev B.3.2: {γ, ωγ, γ/ω}, kept inside DAMPING_BOUNDS
+        if k % h["T2"] == 0 and not fixed:  # §6.6 / Botev B.3.2: {γ, ωγ, γ/ω}, kept inside DAMPING_BOUNDS
             lo, hi = DAMPING_BOUNDS
             candidates += [g for g in (self.gamma * self.omega2, self.gamma / self.omega2) if lo <= g <= hi]
         J0 = None
-        if h["momentum"] and self._delta0 is not None:
+        if h["momentum"] and self._delta0 is not None and not fixed:
             with np.errstate(over="ignore", invalid="ignore"):
                 Jd = self.net.jvp(trace, self._delta0)
                 J0 = (Jd, self.loss.hvp(trace.out, Jd))
@@ -434,6 +444,10 @@ class KroneckerOptimizer(Optimizer):
                 Delta = [-U for U in inv.apply(grads)]
             if not all_finite(Delta):
                 continue
+            if fixed:  # δ = ηΔ + βδ₀: no model, so no predicted decrease
+                beta = h["beta"] if h["momentum"] and self._delta0 is not None else 0.0
+                best = (gam, inv, float("nan"), (float(h["lr"]), beta), Delta)
+                break
             coef, dM = self._quadratic(trace, grads, Delta, J0, self._delta0)
             if not (all_finite(coef) and math.isfinite(dM)):
                 continue
@@ -456,7 +470,7 @@ class KroneckerOptimizer(Optimizer):
             return out
         h1 = new_loss + 0.5 * eta * _vdot(self.net.params, self.net.params)
         rho = (h1 - h0) / dM if dM < 0 else float("nan")
-        if k % h["T1"] == 0:
+        if k % h["T1"] == 0 and not fixed:
             lo, hi = DAMPING_BOUNDS
             self.lam = min(max(levenberg_marquardt(self.lam, rho, self.omega1), lo), hi)
         self._delta0 = delta
