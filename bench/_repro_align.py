@@ -38,7 +38,7 @@ import scipy.linalg
 
 from kronlin import BlockDiagInverse, FactorEstimator, Kron
 from kronlin.train import Dense
-from kronlin.train.optim.kfra import repeat_trace, input_factors, kflr_factors, kfra_factors
+from kronlin.train.optim.kfra import input_factors, kflr_factors, kfra_factors
 
 __all__ = ["CHUNK_ENTRIES", "METHODS", "alignment", "dense_gn_block", "probe_factors", "run_alignment"]
 
@@ -73,7 +73,7 @@ def dense_gn_block(net, trace, loss, layer: int) -> np.ndarray:
     acc = np.zeros((m * m, p * p))
     for n0 in range(0, N, step):
         sl = slice(n0, min(n0 + step, N))
-        sub = repeat_trace(trace, sl, 1)  # the examples sl (copied once per chunk)
+        sub = trace.rows(sl)  # the examples sl (copied once per chunk)
         B = np.empty((m,) + sub.out.shape)  # B[i, n] = B_n e_i
         HB = np.empty_like(B)
         for i in range(m):

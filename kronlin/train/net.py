@@ -36,7 +36,7 @@ each stacked column by column (``vec``, docs/design.md §1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.special import expit
@@ -238,6 +238,16 @@ class Trace:
     @property
     def N(self) -> int:
         return self.out.shape[0]
+
+    def rows(self, index, repeat: int = 1) -> "Trace":
+        """The trace of the examples ``index`` (a slice or an index array), each repeated ``repeat`` times
+        (rows ``(n, j)``, ``j`` fastest); the true-target gradients ``g`` are dropped."""
+
+        def take(x):
+            return None if x is None else np.repeat(x[index], repeat, axis=0)
+
+        return replace(self, a=[take(a) for a in self.a], s=[take(s) for s in self.s],
+                                   out=take(self.out), dphi=[take(d) for d in self.dphi], g=None)  # fmt: skip
 
 
 class Net:

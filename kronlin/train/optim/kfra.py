@@ -48,15 +48,13 @@ KFLR's curvature costs about 230 forward-backward passes, so ``T3=1`` is slow th
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from . import register
 from .hparams import boolean
 from .kfac import KroneckerOptimizer
 
-__all__ = ["KFLR", "KFRA", "input_factors", "kflr_factors", "kfra_factors", "mean_output_hessian", "repeat_trace"]
+__all__ = ["KFLR", "KFRA", "input_factors", "kflr_factors", "kfra_factors", "mean_output_hessian"]
 
 
 def _local(values) -> list:
@@ -145,16 +143,6 @@ def kfra_factors(net, loss, trace, reduce=_local) -> list:
     return out
 
 
-def repeat_trace(trace, sl, r):
-    """The trace of the examples ``sl``, each repeated ``r`` times (rows ``(n, j)``, ``j`` fastest)."""
-
-    def rep(x):
-        return None if x is None else np.repeat(x[sl], r, axis=0)
-
-    return dataclasses.replace(trace, a=[rep(a) for a in trace.a], s=[rep(s) for s in trace.s],
-                               out=rep(trace.out), dphi=[rep(d) for d in trace.dphi], g=None)  # fmt: skip
-
-
 def kflr_factors(net, loss, trace, reduce=_local) -> list:
     """KFLR's ``G̃_λ = (1/N) Σ_n J_nᵀ H_L^{(n)} J_n`` per layer, through the columns of ``H_L = C Cᵀ``.
 
@@ -173,7 +161,7 @@ def kflr_factors(net, loss, trace, reduce=_local) -> list:
             sl = slice(n0, min(n0 + step, N))
             C = loss.hessian_factor(trace.out[sl])  # (n, k, r)
             n, _, r = C.shape
-            sub = repeat_trace(trace, sl, r)
+            sub = trace.rows(sl, r)
             g = net.backward(sub, C.transpose(0, 2, 1).reshape(n * r, k))
             for i, gi in enumerate(g[:-1]):
                 g2 = gi.reshape(-1, gi.shape[-1])
