@@ -482,3 +482,41 @@ def test_fixed_step_size_protocol(damping):
         assert info["alpha"] == 0.05 and info["mu"] == (0.0 if prev is None else 0.9)
         assert opt.lam == lam and opt.gamma == gamma and math.isnan(info["rho"])
         prev = got
+
+
+def test_section8_subsets():
+    """§8: τ₁ — the statistics of one step come from ⌈τ₁N⌉ examples of the batch (the ones the optimizer's
+    generator draws first); τ₂ — the quadratic model's Fisher products use ⌈τ₂N⌉ examples."""
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 16)
+    opt = KFAC(net, loss, tau1=0.25, seed=3)
+    state = dict(opt.rng.bit_generator.state)
+    theta = net.copy_params()
+    opt.step(X, Y)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    rows = np.sort(rng.choice(16, size=4, replace=False))  # ⌈16/4⌉ examples, drawn first
+    A, G = sampled_stats(net, loss, theta, X[rows], rng.bit_generator.state)
+    for Ai, Gi, Ar, Gr in zip(opt.factors["A_diag"], opt.factors["G_diag"], A, G):
+        np.testing.assert_allclose(Ai, Ar, rtol=1e-12)
+        np.testing.assert_allclose(Gi, Gr, rtol=1e-12)
+    # τ₂: α of a step without momentum is −∇hᵀΔ / (ΔᵀF_SΔ + (λ+η)ΔᵀΔ), F_S the Fisher of the τ₂ rows, drawn
+    # by the optimizer's generator right after the step's sampled targets (replayed here)
+    net2 = tiny_mlp()
+    opt2 = KFAC(net2, loss, tau2=0.5, momentum=False, T1=100, seed=4)
+    opt2.step(X, Y)
+    theta, state, lam = net2.copy_params(), dict(opt2.rng.bit_generator.state), opt2.lam
+    info = opt2.step(X, Y)
+    _, grads, tr = net2.loss_and_grads(X, Y, loss, theta)
+    grads = [G + opt2.hparams["eta"] * W for G, W in zip(grads, theta)]
+    d, g = net2.flatten(opt2.precondition(grads)), net2.flatten(grads)
+    rng.bit_generator.state = state
+    loss.sample(tr.out, rng)  # the step's sampled targets
+    rows2 = np.sort(rng.choice(16, size=8, replace=False))
+    c = lam + opt2.hparams["eta"]
+    alpha_sub = -(g @ d) / (d @ dense_fisher(net2, loss, tr.rows(rows2)) @ d + c * d @ d)
+    alpha_full = -(g @ d) / (d @ dense_fisher(net2, loss, tr) @ d + c * d @ d)
+    assert info["alpha"] == pytest.approx(alpha_sub, rel=1e-9)
+    assert alpha_sub != pytest.approx(alpha_full, rel=1e-3)  # the subset's curvature, not the batch's
+    with pytest.raises(ValueError, match="§8 subsets"):
+        KFAC(tiny_mlp(), loss, tau1=0.5).check_distributed()

@@ -170,6 +170,8 @@ class KroneckerOptimizer(Optimizer):
                   fixed (no greedy γ, no λ rule, no Fisher products) — the protocol of Benzing 2022
                   (fixed step size and damping, momentum 0.9) and of Ren et al.'s K-FAC baseline
     ``beta``      the heavy-ball coefficient of the fixed-step mode (default 0.9)
+    ``tau2``      K-FAC §8: the Fisher products of the quadratic model on a random subset of ``⌈τ₂N⌉``
+                  examples of the batch (the paper's experiments: 1/4; the gradient stays the whole batch's)
     """
 
     tridiagonal = False
@@ -190,6 +192,7 @@ class KroneckerOptimizer(Optimizer):
         "polyak": None,
         "lr": None,
         "beta": 0.9,
+        "tau2": 1.0,
     }
     common_spec = {
         "lam": POSITIVE,
@@ -206,6 +209,7 @@ class KroneckerOptimizer(Optimizer):
         "polyak": real(0, 1, high_open=True, optional=True),
         "lr": real(0, low_open=True, optional=True),
         "beta": HALF_OPEN_UNIT,
+        "tau2": real(0, 1, low_open=True),
     }
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
@@ -264,6 +268,17 @@ class KroneckerOptimizer(Optimizer):
         raise NotImplementedError
 
     # ---------------------------------------------------------------- inverses
+    def _subset(self, N: int, tau: float) -> np.ndarray:
+        """K-FAC §8: ``⌈τN⌉`` distinct examples of the batch, drawn by the optimizer's generator (sorted)."""
+        return np.sort(self.rng.choice(N, size=math.ceil(tau * N), replace=False))
+
+    def check_distributed(self) -> None:
+        super().check_distributed()
+        taus = {k: self.hparams[k] for k in ("tau1", "tau2") if self.hparams.get(k, 1.0) < 1.0}
+        if taus:
+            raise ValueError(f"--distributed is not available with the §8 subsets {taus}: a subset of the global "
+                             "batch would have to be drawn across the ranks' shards")  # fmt: skip
+
     def _needs_G(self) -> bool:
         """Whether the second factor is estimated: always with it, and without it for D.8's π."""
         return self.hparams["second_factor"] or self.hparams["damping"] == "factored"
@@ -387,7 +402,7 @@ class KroneckerOptimizer(Optimizer):
         """
         N, c = self._batch_size(trace), self.lam + self.hparams["eta"]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            JD = self.net.jvp(trace, Delta)
+            JD = self.net.jvp(trace, Delta)  # trace: the τ₂ subset when tau2 < 1 (step())
             HJD = self.loss.hvp(trace.out, JD)
             gD, DD = _vdot(grads, Delta), _vdot(Delta, Delta)
             if J0 is None:
@@ -429,6 +444,8 @@ class KroneckerOptimizer(Optimizer):
         if k % h["T2"] == 0 and not fixed:  # §6.6 / Botev B.3.2: {γ, ωγ, γ/ω}, kept inside DAMPING_BOUNDS
             lo, hi = DAMPING_BOUNDS
             candidates += [g for g in (self.gamma * self.omega2, self.gamma / self.omega2) if lo <= g <= hi]
+        if h["tau2"] < 1.0 and not fixed:  # §8: the quadratic model's Fisher products on a τ₂ subset
+            trace = trace.rows(self._subset(trace.N, h["tau2"]))
         J0 = None
         if h["momentum"] and self._delta0 is not None and not fixed:
             with np.errstate(over="ignore", invalid="ignore"):
@@ -539,16 +556,18 @@ class KFAC(KroneckerOptimizer):
     ``T3=20``           inverse refresh period; also refreshed for ``k ≤ 3`` (§8, §9)
     ``max_decay=0.95``  cap of the averaging decay ``ε = min(1 − 1/k, max_decay)`` (§5)
     ``momentum=True``   §7's ``δ = αΔ + μδ₀``
-    ``damping="factored"``, ``second_factor=True``, ``pi="trace"``, ``polyak=None``
-                        (see :class:`KroneckerOptimizer`)
+    ``tau1=1``          §8: the factor statistics from a random ``⌈τ₁N⌉`` of the batch (the paper: 1/8)
+    ``damping="factored"``, ``second_factor=True``, ``pi="trace"``, ``polyak=None``, ``lr=None``,
+    ``beta=0.9``, ``tau2=1`` (see :class:`KroneckerOptimizer`)
 
     See the module docstring for the iteration.
     """
 
     name = "kfac"
     supports_distributed = True
-    defaults = {**KroneckerOptimizer.common_defaults, "max_decay": 0.95, "momentum": True}
-    spec = {**KroneckerOptimizer.common_spec, "max_decay": HALF_OPEN_UNIT, "momentum": boolean()}
+    defaults = {**KroneckerOptimizer.common_defaults, "max_decay": 0.95, "momentum": True, "tau1": 1.0}
+    spec = {**KroneckerOptimizer.common_spec, "max_decay": HALF_OPEN_UNIT, "momentum": boolean(),
+            "tau1": real(0, 1, low_open=True)}
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)
@@ -583,7 +602,12 @@ class KFAC(KroneckerOptimizer):
             self._est = [FactorEstimator(max_decay=d, tridiagonal=False, append_one=False) for _ in self.net.layers]
 
     def _observe(self, trace) -> bool:
-        """K-FAC §5: one backward pass with targets sampled from the model; fold into the averages."""
+        """K-FAC §5: one backward pass with targets sampled from the model; fold into the averages.
+
+        With ``tau1 < 1`` (§8) only a random subset of ``⌈τ₁N⌉`` examples of the batch is used.
+        """
+        if self.hparams["tau1"] < 1.0:
+            trace = trace.rows(self._subset(trace.N, self.hparams["tau1"]))
         if self._needs_G():
             Ys = self._sample(trace.out)
             g = self.net.backward(trace, self.loss.grad(trace.out, Ys))
