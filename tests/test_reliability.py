@@ -290,3 +290,20 @@ def test_tridiag_overflow_names_gamma_not_the_inner_stein_factors():
     """gamma=1e300: the inner Stein set-up's "A ⊗ B overflows; rescale A and B" named arguments the caller never passed."""
     with pytest.raises(ValueError, match=r"damped A_diag\[0\] and G_diag\[0\] \(gamma = 1e\+300\) are too large"):
         kronlin.BlockTridiagInverse([_A, _A], [_G, _G], [0.1 * _A], [0.1 * _G], gamma=1e300)
+
+
+@pytest.mark.parametrize("tol", [1.0, 2.0, float("inf")])
+def test_smith_refuses_a_tolerance_that_accepts_any_answer(tol):
+    """tol is a relative change: tol ≥ 1 stops at once (tol=2 gave 7% error, tol=inf 66%); refused by name."""
+    rng = np.random.default_rng(0)
+    A, B = np.eye(3), np.eye(4)
+    C, D = 0.3 * rng.standard_normal((3, 3)), 0.3 * rng.standard_normal((4, 4))
+    with pytest.raises(ValueError, match="tol"):
+        solve_kron_sum(A, B, C, D, np.ones((4, 3)), method="smith", tol=tol)
+
+
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_smith_squared_is_a_switch(flag):
+    """squared="no" used to be silently True."""
+    with pytest.raises(TypeError, match="squared must be True or False"):
+        KronSumInverse(np.eye(2), np.eye(2), 0.1 * np.eye(2), 0.1 * np.eye(2), method="smith", squared=flag)

@@ -27,7 +27,7 @@ import math
 
 from .._backend import ModuleRefs, dtype_eps, matrix_norm, mT
 from .._linalg import Factor
-from .._validate import LinAlgError, check_positive_int, check_positive_scalar
+from .._validate import LinAlgError, check_flag, check_positive_int, check_positive_scalar
 
 __all__ = ["SmithStein"]
 
@@ -82,9 +82,11 @@ class SmithStein(ModuleRefs):
     """
 
     def __init__(self, xp, A, B, C, D, sign: int, tol=None, max_iter=None, squared: bool = True):
-        self.xp, self.sign, self.squared = xp, sign, bool(squared)
+        self.xp, self.sign, self.squared = xp, sign, check_flag(squared, "squared")
         eps = dtype_eps(xp, A.dtype)
         self.tol = 4 * eps if tol is None else check_positive_scalar(tol, "tol")
+        if self.tol >= 1:  # a relative change of 100% or more "converges" at once: a wrong answer, not a solve
+            raise ValueError(f"tol is a relative stopping tolerance and must be < 1 (default 4·eps); got {tol!r}")
         default = MAX_SQUARINGS if squared else 100_000
         self.max_iter = default if max_iter is None else check_positive_int(max_iter, "max_iter")
         self._Ainv = Factor(xp, A, "A").inv()
