@@ -307,3 +307,16 @@ def test_smith_squared_is_a_switch(flag):
     """squared="no" used to be silently True."""
     with pytest.raises(TypeError, match="squared must be True or False"):
         KronSumInverse(np.eye(2), np.eye(2), 0.1 * np.eye(2), 0.1 * np.eye(2), method="smith", squared=flag)
+
+
+def test_auto_solves_a_nonsingular_indefinite_difference():
+    """sign=-1 with A⊗B − C⊗D nonsingular but indefinite: "eig" cannot (it needs a positive definite sum),
+    "auto" used to refuse it with "add damping" where "schur" solves it; now it falls back to "schur"."""
+    rng = np.random.default_rng(1)
+    A, B = np.eye(3), np.eye(4)
+    C, D = np.diag([2.0, 3.0, 1.5]), np.diag([1.2, 2.0, 0.3, 0.9])  # no product of eigenvalues equals 1
+    V = rng.standard_normal((4, 3))
+    inv = KronSumInverse(A, B, C, D, sign=-1, method="auto")
+    assert inv.method == "schur"
+    ref, cond = dense_solve(A, B, C, D, V, sign=-1)
+    assert rel(inv.solve(V), ref) <= 10 * cond * np.finfo(np.float64).eps
