@@ -12,6 +12,7 @@ matrix with thousands of calls and records the counts.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -49,6 +50,8 @@ def test_matrix_has_no_other_outcome(tmp_path):
     # every public callable is exercised
     labels = " ".join(counts)
     for name in kronlin.__all__:
+        if name == "jax_callback" and importlib.util.find_spec("jax") is None:
+            continue  # JAX is in the test extra; without it the matrix leaves jax_callback out
         if callable(getattr(kronlin, name)):
             assert name in labels, f"{name} is not in the bad-input matrix"
 
