@@ -26,6 +26,14 @@ import numpy as np
 from _harness import load_package
 
 
+def _blas() -> str:
+    """Which BLAS kernel ran (OPENBLAS_CORETYPE changes it; results compare only like with like)."""
+    from threadpoolctl import threadpool_info
+
+    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return ", ".join(f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')})" for i in blas) or "unknown"
+
+
 def load_old(path: str):
     return load_package(os.path.join(path, "kronlin"), "kronlin_old")
 
@@ -92,7 +100,8 @@ def main() -> None:
               f"at `{args.old}`, float64, p = q = n, one BLAS thread (threadpoolctl), {args.rounds} paired rounds "
               f"(old and new back to back, alternating order), median of the per-round ratios new / old.\n\n"
               f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
-              f"{platform.python_version()}, NumPy {np.__version__}.\n\n"
+              f"{platform.python_version()}, NumPy {np.__version__}; BLAS: {_blas()}; load average before: "
+              f"{os.getloadavg()[0]:.2f}.\n\n"
               "| operation | n | old (median) | new (median) | new / old (median of pairs) | range |\n"
               "| --- | ---: | ---: | ---: | ---: | --- |\n")
     table = "".join(f"| `{w}` | {n} | {to * 1e3:.3f} ms | {tn * 1e3:.3f} ms | **{r:.4f}** | {lo:.3f} – {hi:.3f} |\n"
