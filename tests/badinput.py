@@ -948,8 +948,8 @@ def stein_calls(draw):
                 raise IllPosed(*names, "method")
         if cond(K) > 1 / (100 * eps):
             raise IllPosed(*names)
-        if s == -1 and (m == "eig" or (m == "auto" and sym)) and np.min(np.linalg.eigvalsh(_split(K)[0])) <= 0:
-            raise IllPosed(*names)  # documented: "eig" (and "auto" on SPD A, B) needs A ⊗ B − C ⊗ D positive definite
+        if s == -1 and m == "eig" and np.min(np.linalg.eigvalsh(_split(K)[0])) <= 0:
+            raise IllPosed(*names)  # documented: "eig" needs A ⊗ B − C ⊗ D positive definite ("auto" then uses "schur")
         if call.endswith("logdet"):
             sgn, l = ld_slogdet(K)
             if sgn <= 0 or not sym:

@@ -30,7 +30,6 @@ from __future__ import annotations
 from .._backend import context, mT
 from .._operator import KronShaped
 from .._validate import (
-    LinAlgError,
     _symmetric_within_tol,
     check_choice,
     check_finite,
@@ -41,7 +40,7 @@ from .._validate import (
     check_symmetric,
     shape_str,
 )
-from .eig import EigStein
+from .eig import EigStein, NotPositiveDefinite
 from .schur import SchurStein
 from .smith import SmithStein
 
@@ -119,9 +118,9 @@ class KronSumInverse(KronShaped):
                 try:
                     self.solver = EigStein(xp, A, B, C, D, sign, self._factors)
                     method = "eig"
-                except LinAlgError:
+                except NotPositiveDefinite:
                     # "eig" needs positive definite A, B and sum; an indefinite (sign=-1) or otherwise
-                    # non-SPD but nonsingular problem is well-posed all the same: "schur" solves it
+                    # non-SPD problem may be well-posed all the same: "schur" solves it or reports it singular
                     pass
         if method != "eig" or not hasattr(self, "solver"):
             self.solver = self._build(method, A, B, C, D)

@@ -55,7 +55,8 @@ __all__ = ["EigStein", "NotPositiveDefinite", "scalar_identity"]
 
 
 class NotPositiveDefinite(LinAlgError):
-    """``A`` or ``B`` is not positive definite, so ``method="eig"`` does not apply."""
+    """``A``, ``B`` or the sum ``A⊗B − C⊗D`` is not positive definite, so ``method="eig"`` does not apply
+    (``method="auto"`` then uses ``"schur"``; singularity is reported, not caught)."""
 
 
 def scalar_identity(xp, M):
@@ -158,7 +159,7 @@ class EigStein(ModuleRefs):
         corners = 1.0 + sig * ext2[:, None] * ext1[None, :]
         if sig < 0 and bool(xp.any(corners <= 0)):
             worst = float(xp.min(corners))
-            raise LinAlgError(
+            raise NotPositiveDefinite(
                 f"A ⊗ B - C ⊗ D is not positive definite (min of 1 - s2·s1 is {worst:.3g}): the statistics are "
                 f"inconsistent, e.g. stale cross-layer factors; add damping to A and B"
             )
