@@ -31,6 +31,7 @@ forward + backward and factors), ``KFACInverseLinearOperator`` and ``inv @ grad`
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -107,6 +108,13 @@ def agreement(dtype=torch.float64, N=64, lam=1e-2):
     return rows
 
 
+def _blas() -> str:
+    from threadpoolctl import threadpool_info
+
+    return ", ".join(f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')})"
+                     for i in threadpool_info() if i.get("user_api") == "blas") or "unknown"
+
+
 def median_time(fn, repeat):
     fn()  # warm-up
     ts = []
@@ -173,16 +181,15 @@ def overhead(repeat, refresh=10, N=256, sizes=(784, 512, 512, 10), lam=1e-2):
             opt.step()
         return (time.perf_counter() - t) / steps
 
+    load = os.getloadavg()[0]
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    run(None, opt, 5)
-    t_sgd = statistics.median(run(None, opt, refresh) for _ in range(repeat))
     pre = kt.KFAC(model, damping=lam, damping_mode="factored", refresh_period=refresh)
-    run(pre, opt, refresh)
-    t_kfac = statistics.median(run(pre, opt, refresh) for _ in range(repeat))
+    run(pre, opt, refresh)  # warm-up (and the first refresh)
     pre.remove_hooks()
+    run(None, opt, 5)
     rng = np.random.default_rng(0)
-    parts = {"stats": 0.0, "apply": 0.0, "refresh_amortised": 0.0}
     potrf, potri = sl.lapack.get_lapack_funcs(("potrf", "potri"), (np.ones((2, 2), np.float32),))
+    work = []
     for d_in, d_out in zip(sizes, sizes[1:]):
         p, q = d_in + 1, d_out
         a = rng.standard_normal((N, p), dtype=np.float32)
@@ -190,12 +197,31 @@ def overhead(repeat, refresh=10, N=256, sizes=(784, 512, 512, 10), lam=1e-2):
         A, G = a.T @ a / N + np.eye(p, dtype=np.float32), e.T @ e / N + np.eye(q, dtype=np.float32)
         Ai, Gi = np.linalg.inv(A), np.linalg.inv(G)
         V = rng.standard_normal((q, p), dtype=np.float32)
-        parts["stats"] += median_time(lambda: (a.T @ a, e.T @ e), 5 * repeat)
-        parts["apply"] += median_time(lambda: Gi @ V @ Ai, 5 * repeat)
-        parts["refresh_amortised"] += median_time(
-            lambda: (potri(potrf(A, lower=1)[0], lower=1), potri(potrf(G, lower=1)[0], lower=1)), 5 * repeat) / refresh
+        work.append((lambda a=a, e=e: (a.T @ a, e.T @ e), lambda Gi=Gi, V=V, Ai=Ai: Gi @ V @ Ai,
+                     lambda A=A, G=G: (potri(potrf(A, lower=1)[0], lower=1), potri(potrf(G, lower=1)[0], lower=1))))
+    # paired: every round times SGD, the floor's parts and K-FAC back to back (alternating K-FAC first / last);
+    # the figure is the median over rounds of K-FAC / floor (the machine's load moves between rounds)
+    rounds = {"sgd": [], "kfac": [], "stats": [], "apply": [], "refresh_amortised": [], "ratio": []}
+    for r in range(repeat):
+        order = ("kfac", "floor") if r % 2 else ("floor", "kfac")
+        for what in order:
+            if what == "kfac":
+                pre = kt.KFAC(model, damping=lam, damping_mode="factored", refresh_period=refresh)
+                rounds["kfac"].append(run(pre, opt, refresh))
+                pre.remove_hooks()
+            else:
+                rounds["sgd"].append(run(None, opt, refresh))
+                rounds["stats"].append(sum(median_time(w[0], 5) for w in work))
+                rounds["apply"].append(sum(median_time(w[1], 5) for w in work))
+                rounds["refresh_amortised"].append(sum(median_time(w[2], 3) for w in work) / refresh)
+        floor_r = rounds["sgd"][-1] + rounds["stats"][-1] + rounds["apply"][-1] + rounds["refresh_amortised"][-1]
+        rounds["ratio"].append(rounds["kfac"][-1] / floor_r)
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    parts = {k: med[k] for k in ("stats", "apply", "refresh_amortised")}
+    t_sgd, t_kfac = med["sgd"], med["kfac"]
     floor = t_sgd + sum(parts.values())
-    return {"sizes": sizes, "N": N, "refresh": refresh, "sgd": t_sgd, "kfac": t_kfac, "floor": floor, **parts}
+    return {"sizes": sizes, "N": N, "refresh": refresh, "sgd": t_sgd, "kfac": t_kfac, "floor": floor, "load": load,
+            "ratio": med["ratio"], "ratio_range": (min(rounds["ratio"]), max(rounds["ratio"])), **parts}
 
 
 def mse_ratio(C=5, N=32):
@@ -249,11 +275,14 @@ def overhead_lines(repeat):
     o = overhead(repeat)
     return [f"## Amortised K-FAC step vs SGD and its GEMM floor (MLP {'-'.join(map(str, o['sizes']))}, batch {o['N']}, "
             f"float32, factored damping, refresh every {o['refresh']})", "",
-            "| SGD step | KFAC step | KFAC / SGD | floor | KFAC / floor | floor parts: stats, apply, refresh/T |",
+            "| SGD step | KFAC step | KFAC / SGD | floor | KFAC / floor (median of paired rounds, range) | "
+            "floor parts: stats, apply, refresh/T |",
             "| --- | --- | --- | --- | --- | --- |",
             f"| {o['sgd'] * 1e3:.2f} ms | {o['kfac'] * 1e3:.2f} ms | {o['kfac'] / o['sgd']:.2f}x | {o['floor'] * 1e3:.2f} ms | "
-            f"{o['kfac'] / o['floor']:.2f}x | {o['stats'] * 1e3:.2f}, {o['apply'] * 1e3:.2f}, "
-            f"{o['refresh_amortised'] * 1e3:.2f} ms |", ""]
+            f"{o['ratio']:.2f}x ({o['ratio_range'][0]:.2f}–{o['ratio_range'][1]:.2f}) | {o['stats'] * 1e3:.2f}, "
+            f"{o['apply'] * 1e3:.2f}, {o['refresh_amortised'] * 1e3:.2f} ms |",
+            "", f"Paired: {repeat} rounds, each timing SGD, the floor's parts and K-FAC back to back (alternating "
+            f"order); times are medians over the rounds. BLAS: {_blas()}; load average before: {o['load']:.2f}.", ""]
 
 
 def main(argv=None):
