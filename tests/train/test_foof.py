@@ -170,3 +170,22 @@ def test_init_batches_fold_before_training():
     info = opt.step(X, Y)
     assert info["accepted"]
     assert not FOOF(tiny_mlp(), loss).prepare(X_train, 16)  # init_batches=1: the first step does it
+
+
+def test_an_overflowing_preconditioned_gradient_is_rejected_not_raised(monkeypatch):
+    """kronlin refuses a non-finite ∇W P from finite input (FloatingPointError, issue 17): FOOF rejects the
+    step (weights, momentum and Σ unchanged; the step size scaled by reject_factor) instead of raising."""
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 9)
+    opt = FOOF(net, loss)
+    opt.step(X, Y)
+    theta, vel, lr_scale = net.copy_params(), [v.copy() for v in opt.velocity], opt.lr_scale
+
+    def overflow(grads):
+        raise FloatingPointError("the result of Kron.solve is not finite")
+
+    monkeypatch.setattr(opt, "precondition", overflow)
+    info = opt.step(X, Y)
+    assert not info["accepted"] and opt.n_rejected == 1 and opt.lr_scale == lr_scale * 0.5
+    assert all(np.array_equal(W, T) for W, T in zip(net.params, theta))
+    assert all(np.array_equal(v, w) for v, w in zip(opt.velocity, vel))

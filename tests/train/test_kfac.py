@@ -520,3 +520,22 @@ def test_section8_subsets():
     assert alpha_sub != pytest.approx(alpha_full, rel=1e-3)  # the subset's curvature, not the batch's
     with pytest.raises(ValueError, match="§8 subsets"):
         KFAC(tiny_mlp(), loss, tau1=0.5).check_distributed()
+
+
+def test_an_overflowing_proposal_is_rejected_not_raised(monkeypatch):
+    """kronlin refuses a non-finite result from finite input with FloatingPointError (issue 17); K-FAC must
+    treat that as "no finite proposal" for that γ and reject the step, as it did with inf/NaN results."""
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 9)
+    opt = KFAC(net, loss)
+    opt.step(X, Y)
+
+    class Overflowing:
+        def apply(self, V):
+            raise FloatingPointError("the result of BlockDiagInverse.apply is not finite")
+
+    monkeypatch.setattr(opt, "_inverse_for", lambda gam: Overflowing())
+    theta = net.copy_params()
+    info = opt.step(X, Y)
+    assert not info["accepted"] and info["reason"] == "no finite update proposal"
+    assert all(np.array_equal(W, T) for W, T in zip(net.params, theta))

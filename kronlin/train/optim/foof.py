@@ -212,11 +212,18 @@ class FOOF(Optimizer):
             ests = [e.state_dict() for e in self._est]
             self._fold(trace)
             self._invert()
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        try:  # finite gradients: kronlin returns a finite ∇W P or refuses an overflowing one (FloatingPointError)
             pre = self.precondition(grads)
-            v_new = [mu * v + D for v, D in zip(self.velocity, pre)]
-            deltas = [-lr * (v + wd * W) if wd else -lr * v for v, W in zip(v_new, self.net.params)]
-        accepted, new_loss = self.apply_update(deltas, X, Y)
+        except FloatingPointError:
+            pre = None
+        if pre is None:  # rejected like any non-finite update: nothing changes but the step size
+            self.n_rejected += 1
+            accepted, new_loss, v_new = False, float("nan"), None
+        else:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                v_new = [mu * v + D for v, D in zip(self.velocity, pre)]
+                deltas = [-lr * (v + wd * W) if wd else -lr * v for v, W in zip(v_new, self.net.params)]
+            accepted, new_loss = self.apply_update(deltas, X, Y)
         refreshed = False
         if accepted:
             self.velocity = v_new
