@@ -45,7 +45,8 @@ class Loss:
     """Base class: a per-example loss ``ℓ(out_n, y_n)`` on the network output.
 
     Subclasses implement ``per_example``, ``grad``, ``sample``, ``hessian``,
-    ``hessian_factor`` and ``hvp``; ``value`` is the mean of ``per_example``.
+    ``hessian_factor`` and ``hvp_operator``; ``value`` is the mean of ``per_example``
+    and ``hvp`` applies ``hvp_operator`` once.
     """
 
     name = "loss"
@@ -70,7 +71,13 @@ class Loss:
     def hessian_factor(self, out) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def hvp(self, out, V) -> np.ndarray:  # pragma: no cover - abstract
+    def hvp(self, out, V) -> np.ndarray:
+        """``H_n v_n`` for every example: the output Hessian applied to ``V`` ``(N, k)``."""
+        return self.hvp_operator(out)(V)
+
+    def hvp_operator(self, out):  # pragma: no cover - abstract
+        """``V ↦ H V`` with the output curvature at ``out`` computed once (for several products at one point,
+        e.g. K-FAC's ``HJΔ`` and ``HJδ₀``, appendix C)."""
         raise NotImplementedError
 
     def predict(self, out) -> np.ndarray:  # pragma: no cover - abstract
@@ -145,10 +152,14 @@ class SoftmaxCrossEntropy(Loss):
         C[:, idx, idx] += r
         return C
 
-    def hvp(self, out, V) -> np.ndarray:
+    def hvp_operator(self, out):
         p = softmax(_as_out(out), axis=1)
-        V = np.asarray(V, dtype=np.float64)
-        return p * V - p * np.sum(p * V, axis=1, keepdims=True)
+
+        def apply(V):
+            V = np.asarray(V, dtype=np.float64)
+            return p * V - p * np.sum(p * V, axis=1, keepdims=True)
+
+        return apply
 
     def predict(self, out) -> np.ndarray:
         return softmax(_as_out(out), axis=1)
@@ -202,8 +213,9 @@ class SigmoidBinaryCrossEntropy(Loss):
         C[:, idx, idx] = c
         return C
 
-    def hvp(self, out, V) -> np.ndarray:
-        return self._curv(out) * np.asarray(V, dtype=np.float64)
+    def hvp_operator(self, out):
+        c = self._curv(out)
+        return lambda V: c * np.asarray(V, dtype=np.float64)
 
     def predict(self, out) -> np.ndarray:
         return expit(_as_out(out))
@@ -235,9 +247,9 @@ class SquaredError(Loss):
 
     hessian_factor = hessian
 
-    def hvp(self, out, V) -> np.ndarray:
+    def hvp_operator(self, out):
         _as_out(out)
-        return np.array(V, dtype=np.float64)
+        return lambda V: np.array(V, dtype=np.float64)
 
     def predict(self, out) -> np.ndarray:
         return _as_out(out).copy()

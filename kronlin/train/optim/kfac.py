@@ -393,17 +393,18 @@ class KroneckerOptimizer(Optimizer):
         return {"loss": float(loss_value), "loss_before": float(loss_value), "accepted": False,
                 "reason": reason, "lambda": self.lam, "gamma": self.gamma}  # fmt: skip
 
-    def _quadratic(self, trace, grads, Delta, J0, d0):
+    def _quadratic(self, trace, H, grads, Delta, J0, d0):
         """``((α, μ), M(δ) − M(0))`` for the proposal Δ (K-FAC §6.4, §7; Botev B.2).
 
         The scalars ``ΔᵀFΔ``, ``ΔᵀFδ₀``, ``δ₀ᵀFδ₀`` come from ``J Δ`` and ``J δ₀``
         (one forward-mode pass each, ``Jδ₀`` shared by all candidate γ) and the
-        output Hessian, ``(1/N) Σ_n (Ju)_nᵀ H_n (Jv)_n`` (appendix C).
+        output Hessian ``H`` (:meth:`Loss.hvp_operator`, its curvature computed once per step),
+        ``(1/N) Σ_n (Ju)_nᵀ H_n (Jv)_n`` (appendix C).
         """
         N, c = self._batch_size(trace), self.lam + self.hparams["eta"]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             JD = self.net.jvp(trace, Delta)  # trace: the τ₂ subset when tau2 < 1 (step())
-            HJD = self.loss.hvp(trace.out, JD)
+            HJD = H(JD)
             gD, DD = _vdot(grads, Delta), _vdot(Delta, Delta)
             if J0 is None:
                 (sD,) = self._sums([np.sum(JD * HJD)])  # over the ranks' examples (one process: as is)
@@ -447,10 +448,11 @@ class KroneckerOptimizer(Optimizer):
         if h["tau2"] < 1.0 and not fixed:  # §8: the quadratic model's Fisher products on a τ₂ subset
             trace = trace.rows(self._subset(trace.N, h["tau2"]))
         J0 = None
+        H = None if fixed else self.loss.hvp_operator(trace.out)  # the output curvature, once per step
         if h["momentum"] and self._delta0 is not None and not fixed:
             with np.errstate(over="ignore", invalid="ignore"):
                 Jd = self.net.jvp(trace, self._delta0)
-                J0 = (Jd, self.loss.hvp(trace.out, Jd))
+                J0 = (Jd, H(Jd))
         best = None
         for gam in candidates:
             try:
@@ -468,7 +470,7 @@ class KroneckerOptimizer(Optimizer):
                 beta = h["beta"] if h["momentum"] and self._delta0 is not None else 0.0
                 best = (gam, inv, float("nan"), (float(h["lr"]), beta), Delta)
                 break
-            coef, dM = self._quadratic(trace, grads, Delta, J0, self._delta0)
+            coef, dM = self._quadratic(trace, H, grads, Delta, J0, self._delta0)
             if not (all_finite(coef) and math.isfinite(dM)):
                 continue
             if best is None or dM < best[2]:
