@@ -175,12 +175,12 @@ class DataParallel:
         """Fold the global batch's factors (:meth:`factors`) into the running averages, in place.
 
         ``estimators``: one :class:`kronlin.FactorEstimator` for all layers
-        (``tridiagonal``) or one per layer, each then given its layer's factors.
+        (always when ``tridiagonal``) or one per layer, each then given its layer's factors.
         """
         from ..distributed.estimator import fold_batch
 
         batch = self.factors(acts, errs, tridiagonal)
-        if tridiagonal:
+        if tridiagonal or len(estimators) == 1:  # one estimator holds every layer
             fold_batch(estimators[0], batch)
             return
         for k, est in enumerate(estimators):

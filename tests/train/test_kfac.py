@@ -539,3 +539,45 @@ def test_an_overflowing_proposal_is_rejected_not_raised(monkeypatch):
     info = opt.step(X, Y)
     assert not info["accepted"] and info["reason"] == "no finite update proposal"
     assert all(np.array_equal(W, T) for W, T in zip(net.params, theta))
+
+
+def test_old_per_layer_estimator_checkpoints_still_resume():
+    """Checkpoints written while K-FAC kept one FactorEstimator per layer load into the shared estimator and
+    continue bit-exactly (the per-layer states are merged: every layer was updated at every step)."""
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    rng = np.random.default_rng(8)
+    batches = [(rng.standard_normal((12, 4)), rng.integers(0, 3, 12)) for _ in range(6)]
+    opt = KFAC(net, loss, seed=2)
+    for X, Y in batches[:3]:
+        opt.step(X, Y)
+    state, params = opt.state_dict(), net.copy_params()
+    (shared,) = state["extra"]["curvature"]
+    n = len(net.layers)
+    old = [dict(shared, stats={k: v[i:i + 1] for k, v in shared["stats"].items()}) for i in range(n)]  # the old layout
+    state["extra"]["curvature"] = old
+    ref = [opt.step(X, Y)["loss"] for X, Y in batches[3:]]
+    net2 = tiny_mlp(seed=5)
+    net2.set_params(params)
+    opt2 = KFAC(net2, loss, seed=2)
+    opt2.load_state_dict(state)
+    assert [opt2.step(X, Y)["loss"] for X, Y in batches[3:]] == ref
+
+
+def test_overflowing_statistics_reject_the_step_and_change_no_average(monkeypatch):
+    """kronlin refuses second moments that overflow (FloatingPointError) and leaves the averages as they were;
+    K-FAC rejects the step instead of raising out of step()."""
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 9)
+    opt = KFAC(net, loss)
+    opt.step(X, Y)
+    before = opt.state_dict()["extra"]["curvature"]
+
+    def overflow(acts, grads):
+        raise FloatingPointError("A_diag[1] (the second moment of acts[1]) is not finite")
+
+    monkeypatch.setattr(opt._est[0], "update", overflow)
+    info = opt.step(X, Y)
+    assert not info["accepted"] and info["reason"] == "non-finite curvature statistics"
+    after = opt.state_dict()["extra"]["curvature"]
+    for k in before[0]["stats"]:
+        assert all(np.array_equal(a, b) for a, b in zip(before[0]["stats"][k], after[0]["stats"][k]))

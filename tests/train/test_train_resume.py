@@ -133,7 +133,7 @@ CASES = {
     "kfac-frozen-wrong-shape": ("kfac", _tree(_set(["optimizer", "extra", "frozen", "A_diag", 0], lambda M: M[:-1, :-1])),
                                 "optimizer state"),  # fmt: skip
     "kfac-estimator-no-stats": ("kfac", _tree(_set(["optimizer", "extra", "curvature", 0, "stats"], _DELETE)), "'stats'"),
-    "kfac-estimator-factor-nan": ("kfac", _tree(_set(["optimizer", "extra", "curvature", 1, "stats", "A_diag", 0],
+    "kfac-estimator-factor-nan": ("kfac", _tree(_set(["optimizer", "extra", "curvature", 0, "stats", "A_diag", 1],
                                                      lambda M: M * np.nan)), "NaN or infinity"),  # fmt: skip
     "kfac-lam-nan": ("kfac", _tree(_set(["optimizer", "extra", "lam"], float("nan"))), "not finite"),
     "other-task": ("sgd", _tree(_set(["config", "task"], "digits-ae")), "different configuration"),

@@ -127,6 +127,20 @@ def _vdot(U, V) -> float:
     return float(sum(np.vdot(u, v) for u, v in zip(U, V)))
 
 
+def _merge_layer_states(states: list) -> dict:
+    """Per-layer :meth:`FactorEstimator.state_dict` s (checkpoints written before the estimator was shared
+    by all layers) as one state; every layer was updated at every step, so the steps agree."""
+    steps = {st.get("step") for st in states if isinstance(st, dict)}
+    if len(steps) != 1 or not all(isinstance(st, dict) for st in states):
+        raise ValueError("the per-layer factor statistics of this checkpoint disagree on their step")
+    merged = dict(states[0])
+    if any(st.get("stats") is None for st in states):
+        merged["stats"] = None
+    else:
+        merged["stats"] = {k: [M for st in states for M in st["stats"][k]] for k in states[0]["stats"]}
+    return merged
+
+
 def _is_conv(layer) -> bool:
     return getattr(layer, "T", None) is not None
 
@@ -600,11 +614,10 @@ class KFAC(KroneckerOptimizer):
                 )
 
     def _new_estimators(self):
+        # one estimator for all layers: one call per update, and an update that is refused (an overflowing
+        # second moment) changes no layer's average rather than only the layers before the failing one
         d = self.hparams["max_decay"]
-        if self.tridiagonal:
-            self._est = [FactorEstimator(max_decay=d, tridiagonal=True, append_one=False)]
-        else:
-            self._est = [FactorEstimator(max_decay=d, tridiagonal=False, append_one=False) for _ in self.net.layers]
+        self._est = [FactorEstimator(max_decay=d, tridiagonal=self.tridiagonal, append_one=False)]
 
     def _observe(self, trace) -> bool:
         """K-FAC §5: one backward pass with targets sampled from the model; fold into the averages.
@@ -621,27 +634,28 @@ class KFAC(KroneckerOptimizer):
         acts, errs = list(trace.a), list(g)  # conv layers stay (N, T, d): the estimator forms KFC's factors
         if not self._all(all_finite(acts) and all_finite(errs)):
             return False
-        if self.dp is not None:  # the global batch's factors (one packed all-reduce), folded into each average
-            self.dp.fold_factors(self._est, acts, errs, self.tridiagonal)
-            return True
-        if self.tridiagonal:
-            self._est[0].update(acts, errs)
-        else:
-            for est, a, gi in zip(self._est, acts, errs):
-                est.update([a], [gi])
+        try:
+            if self.dp is not None:  # the global batch's factors (one packed all-reduce), folded into the average
+                self.dp.fold_factors(self._est, acts, errs, self.tridiagonal)
+            else:
+                self._est[0].update(acts, errs)
+        except FloatingPointError:  # finite inputs whose second moments overflow: kronlin refuses, nothing changed
+            return False
         return True
 
     def _factors(self, trace) -> dict:
+        e = self._est[0]
         if self.tridiagonal:
-            e = self._est[0]
             return {"A_diag": e.A_diag, "G_diag": e.G_diag, "A_off": e.A_off, "G_off": e.G_off}
-        return {"A_diag": [e.A_diag[0] for e in self._est], "G_diag": [e.G_diag[0] for e in self._est]}
+        return {"A_diag": e.A_diag, "G_diag": e.G_diag}
 
     def _curvature_state(self):
         return [e.state_dict() for e in self._est]
 
     def _load_curvature_state(self, state) -> None:
         self._new_estimators()
+        if isinstance(state, list) and len(state) > 1:  # a checkpoint from before: one estimator per layer
+            state = [_merge_layer_states(state)]
         for e, s in zip(self._est, state):
             e.load_state_dict(s)
 
