@@ -49,9 +49,16 @@ def _assert_factors(pre, model, ref, dtype=None):
         close(Gt.numpy(), G, RTOL64)
 
 
-@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
-@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def every_model_loss_and_reduction(test):
+    """MLP and CNN × cross-entropy and MSE × mean and sum reduction: the factor tests' grid."""
+    for mark in (pytest.mark.parametrize("reduction", ["mean", "sum"]),
+                 pytest.mark.parametrize("kind", ["cross_entropy", "mse"]),
+                 pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])):  # fmt: skip
+        test = mark(test)
+    return test
+
+
+@every_model_loss_and_reduction
 def test_empirical_factors_equal_dense_per_example(make, kind, reduction):
     model = make()
     x, y = batch(model, kind=kind)
@@ -63,9 +70,7 @@ def test_empirical_factors_equal_dense_per_example(make, kind, reduction):
     _assert_factors(pre, model, ref, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
-@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@every_model_loss_and_reduction
 def test_mc_factors_equal_dense_with_the_sampled_labels(make, kind, reduction):
     model = make()
     x, y = batch(model, kind=kind)
