@@ -50,16 +50,18 @@ import copy
 
 import numpy as np
 
+from ..._validate import all_finite as _finite
+
 from .hparams import check_hparams
 
 __all__ = ["Optimizer", "all_finite"]
 
 
 def all_finite(arrays) -> bool:
-    """Whether every array in the list (or the scalar) is finite."""
+    """Whether every array in the list (or the scalar) is finite (the core's one finiteness test per array)."""
     if np.isscalar(arrays) or isinstance(arrays, np.ndarray):
-        return bool(np.all(np.isfinite(arrays)))
-    return all(bool(np.all(np.isfinite(a))) for a in arrays)
+        return _finite(np, arrays)
+    return all(_finite(np, a) for a in arrays)
 
 
 class Optimizer:
