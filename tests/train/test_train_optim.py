@@ -215,3 +215,26 @@ def test_trains_every_task_at_defaults(task_name, name):
     before, after, opt, losses = train_at_defaults(T, name, steps=40, batch=256)
     assert all(np.isfinite(losses))
     assert opt.n_rejected == 0 and after < 0.7 * before, (before, after)
+
+
+def test_sgd_polyak_average_and_its_state(digits):
+    """SGD's ``polyak=ξ`` (K-FAC §13's baseline) keeps θ̂ ← ξθ̂ + (1 − ξ)θ after each accepted step, never
+    feeds it back (same trajectory as without), and a state_dict round trip carries it bit-exactly."""
+    task = digits
+    rng = np.random.default_rng(0)
+    nets = [task.net_factory(np.random.default_rng(1)) for _ in range(3)]
+    with_avg, plain = SGD(nets[0], task.loss, polyak=0.8), SGD(nets[1], task.loss)
+    assert with_avg.averaged_params is None
+    avg = None
+    for _ in range(5):
+        idx = rng.choice(task.n_train, 32, replace=False)
+        X, Y = task.X_train[idx], task.Y_train[idx]
+        assert with_avg.step(X, Y)["accepted"] and plain.step(X, Y)["accepted"]
+        avg = [W.copy() for W in nets[0].params] if avg is None else [0.8 * a + (1 - 0.8) * w for a, w in zip(avg, nets[0].params)]
+    for a, b, w, v in zip(with_avg.averaged_params, avg, nets[0].params, nets[1].params):
+        np.testing.assert_allclose(a, b, rtol=1e-14)
+        np.testing.assert_array_equal(w, v)
+    again = SGD(nets[2], task.loss, polyak=0.8)
+    again.load_state_dict(with_avg.state_dict())
+    for a, b in zip(again.averaged_params, with_avg.averaged_params):
+        np.testing.assert_array_equal(a, b)

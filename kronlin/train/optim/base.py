@@ -86,6 +86,7 @@ class Optimizer:
         self.rng = np.random.default_rng(seed)
         self.iteration = 0
         self.n_rejected = 0
+        self._avg = None  # Polyak average of the iterates (K-FAC §13), for optimizers with ``polyak``
 
     @classmethod
     def check_hparams(cls, hparams: dict) -> None:
@@ -115,6 +116,22 @@ class Optimizer:
         """
         return False
 
+    # ------------------------------------------------------- iterate averaging
+    def _average_iterates(self, xi) -> None:
+        """Fold the current weights into the Polyak average ``θ̂ ← ξ θ̂ + (1 − ξ) θ`` (K-FAC §13; the first
+        call starts it at θ); a no-op when ``xi`` is ``None``.  The average never feeds back into training."""
+        if xi is None:
+            return
+        if self._avg is None:
+            self._avg = [W.copy() for W in self.net.params]
+        else:
+            self._avg = [xi * A + (1.0 - xi) * W for A, W in zip(self._avg, self.net.params)]
+
+    @property
+    def averaged_params(self) -> list | None:
+        """The Polyak average ``θ̂`` of the iterates (``None`` unless ``polyak`` is set and a step was taken)."""
+        return None if self._avg is None else [A.copy() for A in self._avg]
+
     def extra_state(self) -> dict:
         """The subclass's buffers for :meth:`state_dict` (override)."""
         return {}
@@ -130,6 +147,7 @@ class Optimizer:
             "n_rejected": int(self.n_rejected),
             "rng": copy.deepcopy(self.rng.bit_generator.state),
             "extra": self.extra_state(),
+            "averaged": None if self._avg is None else [np.array(A) for A in self._avg],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -142,6 +160,8 @@ class Optimizer:
         self.iteration = int(state["iteration"])
         self.n_rejected = int(state["n_rejected"])
         self.rng.bit_generator.state = copy.deepcopy(state["rng"])
+        avg = state.get("averaged")  # absent from checkpoints written before SGD had ``polyak``
+        self._avg = None if avg is None else [np.array(A, dtype=np.float64) for A in avg]
         self.load_extra_state(state["extra"])
 
     def check_distributed(self) -> None:

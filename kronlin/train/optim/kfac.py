@@ -238,7 +238,6 @@ class KroneckerOptimizer(Optimizer):
         self._inverse = None  # the inverse in use and the γ it was built with
         self._inverse_gamma = None
         self._stale = True  # rebuild at the next step (start, or after a rejection)
-        self._avg = None  # Polyak average of the iterates
 
     # ----------------------------------------------------------- configuration
     def _validate(self):
@@ -510,20 +509,10 @@ class KroneckerOptimizer(Optimizer):
             lo, hi = DAMPING_BOUNDS
             self.lam = min(max(levenberg_marquardt(self.lam, rho, self.omega1), lo), hi)
         self._delta0 = delta
-        if h["polyak"] is not None:
-            xi = h["polyak"]
-            if self._avg is None:
-                self._avg = [W.copy() for W in self.net.params]
-            else:
-                self._avg = [xi * A + (1.0 - xi) * W for A, W in zip(self._avg, self.net.params)]
+        self._average_iterates(h["polyak"])
         return {"loss": float(new_loss), "loss_before": float(value), "accepted": True,
                 "alpha": float(alpha), "mu": float(mu), "model_decrease": float(dM), "rho": float(rho),
                 "lambda": self.lam, "gamma": self.gamma, "refreshed": bool(refreshed)}  # fmt: skip
-
-    @property
-    def averaged_params(self) -> list | None:
-        """The Polyak average ``θ̂`` of the iterates (``None`` unless ``polyak`` is set and a step was taken)."""
-        return None if self._avg is None else [A.copy() for A in self._avg]
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict:
@@ -532,7 +521,7 @@ class KroneckerOptimizer(Optimizer):
 
         frozen = None if self._frozen is None else {key: arrays(v) for key, v in self._frozen.items()}
         return {"lam": self.lam, "gamma": self.gamma, "delta0": arrays(self._delta0), "frozen": frozen,
-                "inverse_gamma": self._inverse_gamma, "stale": self._stale, "avg": arrays(self._avg),
+                "inverse_gamma": self._inverse_gamma, "stale": self._stale,
                 "curvature": self._curvature_state()}  # fmt: skip
 
     def load_extra_state(self, state: dict) -> None:
@@ -541,7 +530,9 @@ class KroneckerOptimizer(Optimizer):
 
         self._validate()
         self.lam, self.gamma = float(state["lam"]), float(state["gamma"])
-        self._delta0, self._avg = arrays(state["delta0"]), arrays(state["avg"])
+        self._delta0 = arrays(state["delta0"])
+        if state.get("avg") is not None:  # checkpoints written before the average moved to Optimizer's state
+            self._avg = arrays(state["avg"])
         fz = state["frozen"]
         self._frozen = None if fz is None else {key: arrays(v) for key, v in fz.items()}
         self._eighs = None

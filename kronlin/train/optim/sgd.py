@@ -7,7 +7,9 @@ and learning rate ``α``:
 
 or ``W ← W − α v`` with ``nesterov=False`` (heavy ball; the form of K-BFGS
 appendix D's SGD-m).  Defaults: ``lr=0.02``, ``momentum=0.9``,
-``nesterov=True``, ``weight_decay=0``.  ``lr=0.02`` trains every task of
+``nesterov=True``, ``weight_decay=0``, ``polyak=None`` (or ξ ∈ [0, 1): the
+Polyak average of the iterates, :attr:`averaged_params`, as K-FAC §13 used for
+its SGD baseline too; it never feeds back into training).  ``lr=0.02`` trains every task of
 :mod:`kronlin.train.data` at batch 256; ``lr=0.05`` already oscillates on
 ``digits-ae``.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Optimizer
-from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, boolean
+from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, boolean, real
 
 __all__ = ["SGD"]
 
@@ -31,9 +33,10 @@ class SGD(Optimizer):
     """SGD with (Nesterov) momentum; see the module docstring."""
 
     name = "sgd"
-    defaults = {"lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "reject_factor": 0.5}
+    defaults = {"lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "reject_factor": 0.5,
+                "polyak": None}  # fmt: skip
     spec = {"lr": POSITIVE, "momentum": HALF_OPEN_UNIT, "nesterov": boolean(), "weight_decay": NONNEGATIVE,
-            "reject_factor": OPEN_UNIT}  # fmt: skip
+            "reject_factor": OPEN_UNIT, "polyak": real(0, 1, high_open=True, optional=True)}  # fmt: skip
 
     def __init__(self, net, loss, *, seed: int = 0, **hparams):
         super().__init__(net, loss, seed=seed, **hparams)
@@ -54,6 +57,7 @@ class SGD(Optimizer):
         accepted, new_loss = self.apply_update(deltas, X, Y)
         if accepted:
             self.velocity = v_new
+            self._average_iterates(hp["polyak"])
         else:
             self.lr_scale *= float(hp["reject_factor"])
         self.iteration += 1
