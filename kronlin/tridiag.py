@@ -354,7 +354,7 @@ class BlockTridiagInverse(_LayerBlocks):
         return {k: (fA[k], fG[k]) for k in layers}
 
     def _parts(self, indices) -> list:
-        """The :class:`TridiagPart` of each index (``k < ℓ − 1``: the pair ``(k, k+1)``; ``ℓ − 1``: ``Σ_ℓ⁻¹``)."""
+        """The :class:`TridiagPart` of each index (``k < ℓ − 1``: pair ``(k, k+1)``; ``ℓ − 1``: ``Σ_ℓ⁻¹``)."""
         n = self.n_layers
         indices = [int(i) for i in indices]
         bad = [i for i in indices if not 0 <= i < n]
@@ -465,7 +465,7 @@ class BlockTridiagInverse(_LayerBlocks):
 
 @dataclass(frozen=True)
 class TridiagPart:
-    """One of the ``ℓ`` independent set-ups of :class:`BlockTridiagInverse` (K-FAC §4.3), made by :func:`tridiag_parts`.
+    """One of the ``ℓ`` independent set-ups of :class:`BlockTridiagInverse` (K-FAC §4.3; :func:`tridiag_parts`).
 
     ``index = k < ℓ − 1``: the pair of layers ``k`` and ``k + 1`` — ``psi_A``
     (``Ψ^Ā``), ``psi_G`` (``Ψ^G``) and ``sigma``, the :class:`kronlin.KronSumInverse`

@@ -205,7 +205,8 @@ def test_from_parts_refuses_missing_or_foreign_parts():
     f = batch_factors(acts, grads)
     args = (f["A_diag"], f["G_diag"], f["A_off"], f["G_off"])
     parts = tridiag_parts(*args, [0, 1, 2], gamma=0.1)
-    with pytest.raises(ValueError, match=r"one TridiagPart for each index 0, …, 2 \(3 layers\); got indices \[0, 1\]"):
+    msg = r"one TridiagPart for each index 0, …, 2 \(3 layers\); got indices \[0, 1\]"
+    with pytest.raises(ValueError, match=msg):
         BlockTridiagInverse.from_parts(*args, parts[:2], gamma=0.1)
     with pytest.raises(ValueError, match=r"parts\[0\] is not the set-up of layers 0 and 1"):
         BlockTridiagInverse.from_parts(*args, [dataclasses.replace(parts[1], index=0)] + parts[1:],
