@@ -117,7 +117,7 @@ CASES = [("kfac", 1), ("kfac", 2), ("kfac", 3), ("kfac-tridiag", 2), ("kfac-trid
          ("kfac", 2, MEM), ("kfac", 3, MEM), ("foof", 3, MEM), ("kfra", 2, MEM), ("kfac", 3, "exact"),
          ("kfac", 2, MEM, "exact")]  # fmt: skip
 CASES = [(c[0], c[1], c[2:]) for c in CASES]
-SHARDED = ("kfac", "kfra", "kflr", "foof")  # the optimizers whose inversions are split over the ranks
+SHARDED = ("kfac", "kfac-tridiag", "kfra", "kflr", "foof")  # the optimizers whose inversions are split over the ranks
 
 
 @needs_mpi
@@ -141,7 +141,7 @@ def test_steps_equal_the_single_process_run(opt, ranks, extra, tmp_path):
         assert [i[key] for i in infos] == [i[key] for i in ref_infos], key
     assert res[0]["rejected"] == ref_rejected
     assert len({res[r]["digest"] for r in range(ranks)}) == 1  # weights and optimizer state the same on every rank
-    if opt in SHARDED:  # each layer inverted by exactly one rank (the cost model's owner), not by all of them
+    if opt in SHARDED:  # each layer (kfac-tridiag: each pair's set-up) inverted by one rank, the cost model's owner
         (key,) = res[0]["inverted"]
         mine = [set(res[r]["inverted"][key]) for r in range(ranks)]
         n_layers = n_layers_of(spec)

@@ -325,7 +325,7 @@ class KroneckerOptimizer(Optimizer):
     def _build(self, gamma: float):
         """The damped approximate inverse for ``gamma`` from the frozen factors."""
         f, h = self._frozen, self.hparams
-        if self.dp is not None and not self.tridiagonal:
+        if self.dp is not None:
             return self._build_sharded(gamma)
         if h["damping"] == "exact":
             if self._eighs is None:
@@ -347,13 +347,20 @@ class KroneckerOptimizer(Optimizer):
         every candidate γ reusing it) are those of the single-process
         :class:`kronlin.BlockDiagInverse` / :meth:`kronlin.Kron.eigh`.  A
         ``LinAlgError`` on the rank that owns a layer is a ``LinAlgError`` on
-        every rank, as in one process (the candidate γ is skipped).
+        every rank, as in one process (the candidate γ is skipped).  The
+        block-tridiagonal inverse's set-ups (pairs of layers) are assigned the
+        same way and assembled on every rank (:meth:`DataParallel.tridiag
+        <kronlin.train.distributed.DataParallel.tridiag>`), giving the
+        single-process :class:`kronlin.BlockTridiagInverse` bit for bit.
         """
         from ...distributed import RankError
 
         f, h = self._frozen, self.hparams
         shapes = [W.shape for W in self.net.params]
         try:
+            if self.tridiagonal:  # _validate: factored damping with both factors
+                return self.dp.tridiag(shapes).build(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
+                                                     gamma=self._strength(gamma), pi=h["pi"])  # fmt: skip
             if h["damping"] == "exact":
                 if self._eighs is None:
                     kf = self.dp.kfac(shapes, "exact")
