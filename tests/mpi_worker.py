@@ -145,6 +145,26 @@ def check():
         res["tridiag_bad_sharded"] = None
     except kd.RankError as e:
         res["tridiag_bad_sharded"] = [e.only("LinAlgError"), sorted(e.failures), str(e)]
+    # a step that overflows (finite gradient scaled to max|V| = 1e308): FloatingPointError on every rank, for
+    # the communication- and the memory-optimal placement (the owner's step is broadcast, then checked)
+    shapes = [(G.shape[0], A.shape[0]) for A, G in zip(est_tri.A_diag, est_tri.G_diag)]
+    big = [v / np.max(np.abs(v)) * 1e308 for v in V]
+    res["overflow"] = {}
+    for damping in ("factored", "exact"):  # exact: KronEigh.solve refuses on the worker, the check-in tells all
+        for frac in sorted({1.0, 1.0 / world}):
+            kf = kd.DistributedKFAC(comm, shapes, grad_worker_fraction=frac, damping=damping)
+            kf.refresh(est_tri.A_diag, est_tri.G_diag, gamma=0.1)
+            try:
+                kf.precondition(big, damping=1e-3)
+                res["overflow"][f"{damping} {frac}"] = None
+            except FloatingPointError as e:
+                res["overflow"][f"{damping} {frac}"] = str(e)
+            kf.free()
+    try:
+        kronlin.BlockDiagInverse(est_tri.A_diag, est_tri.G_diag, gamma=0.1).apply(big)
+        res["overflow_single"] = None
+    except FloatingPointError as e:
+        res["overflow_single"] = str(e)
 
     # --- packed reduction against a plain per-array Allreduce
     _, acts, grads = mlp_batch(rng, N)

@@ -206,6 +206,19 @@ def test_sharded_tridiag_inverse_equals_the_single_process_one(check_run):
 
 
 @needs_mpi
+def test_an_overflowing_step_is_refused_on_every_rank_for_every_placement(check_run):
+    n, results = check_run
+    assert "is not finite although every input was" in results[0]["overflow_single"]
+    for res in results.values():
+        assert sorted(res["overflow"]) == sorted({f"{d} {f}" for d in ("factored", "exact") for f in (1.0, 1.0 / n)})
+        for key, msg in res["overflow"].items():  # FloatingPointError, as BlockDiagInverse's / KronEigh's refusal
+            assert msg is not None and "is not finite although every input was" in msg, key
+            if key.startswith("factored"):
+                assert "the preconditioned gradient of layer" in msg
+    assert len({json.dumps(res["overflow"]) for res in results.values()}) == 1  # the same verdict everywhere
+
+
+@needs_mpi
 def test_gradient_allreduce_is_the_global_batch_gradient(check_run):
     n, results = check_run
     for r in results.values():

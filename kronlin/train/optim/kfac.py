@@ -480,12 +480,10 @@ class KroneckerOptimizer(Optimizer):
                 inv = self._inverse_for(gam)
             except np.linalg.LinAlgError:  # e.g. a Σ_{i|i+1} that is not positive definite (tridiagonal)
                 continue
-            try:  # kronlin's operators refuse a non-finite result from the finite gradients ...
+            try:  # kronlin's operators (and kronlin.distributed's) refuse a non-finite result from finite gradients ...
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                     Delta = [-U for U in inv.apply(grads)]
             except FloatingPointError:  # ... so the proposal overflows for this γ: try the next candidate
-                continue
-            if not all_finite(Delta):  # the --distributed inverses apply by plain products, which do not refuse
                 continue
             if fixed:  # δ = ηΔ + βδ₀: no model, so no predicted decrease
                 beta = h["beta"] if h["momentum"] and self._delta0 is not None else 0.0
