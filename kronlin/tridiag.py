@@ -19,6 +19,7 @@ tridiagonal blocks.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,7 +315,8 @@ class BlockTridiagInverse(_LayerBlocks):
         """
         self = cls.__new__(cls)
         self._prepare(A_diag, G_diag, A_off, G_off, gamma, pi, method)
-        self._assemble(self._check_parts(parts))
+        # snapshot semantics (docs/design.md §2): the operator keeps copies, O(d²) per part against the O(d³) set-up
+        self._assemble(copy.deepcopy(self._check_parts(parts)))
         return self
 
     def _prepare(self, A_diag, G_diag, A_off, G_off, gamma, pi, method):

@@ -194,6 +194,9 @@ def test_from_parts_is_bit_identical_to_the_constructor(widths, dtype, method):
     np.testing.assert_array_equal(inv.to_dense(), ref.to_dense())
     if method == "eig":
         assert inv.logdet() == ref.logdet()
+    first = min(parts, key=lambda t: t.index)  # snapshot semantics: the parts handed over are not its state
+    (first.psi_A if first.psi_A is not None else first.last.Ginv)[...] = 0.0
+    np.testing.assert_array_equal(inv.apply(V)[0], ref.apply(V)[0])
 
 
 def test_from_parts_refuses_missing_or_foreign_parts():
