@@ -19,6 +19,9 @@ tridiagonal blocks.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import numpy as np
 
 from ._backend import context, mT
@@ -36,7 +39,7 @@ from ._validate import (
 from .damping import check_damping_terms, pi_value
 from .stein import KronSumInverse
 
-__all__ = ["BlockDiagInverse", "BlockTridiagInverse"]
+__all__ = ["BlockDiagInverse", "BlockTridiagInverse", "TridiagPart", "tridiag_parts"]
 
 
 def _damped(ctx, A, G, gamma, pi, k):
@@ -296,10 +299,32 @@ class BlockTridiagInverse(_LayerBlocks):
     """
 
     def __init__(self, A_diag, G_diag, A_off, G_off, gamma=0.0, pi="trace", method="eig"):
+        self._prepare(A_diag, G_diag, A_off, G_off, gamma, pi, method)
+        self._assemble(self._parts(range(self.n_layers)))
+
+    @classmethod
+    def from_parts(cls, A_diag, G_diag, A_off, G_off, parts, gamma=0.0, pi="trace", method="eig"):
+        """The operator assembled from set-ups made elsewhere (e.g. on other MPI ranks) by :func:`tridiag_parts`.
+
+        The factors, ``gamma``, ``pi`` and ``method`` are those the parts were
+        made from; they are validated and damped again here (cheap, ``O(d²)``
+        per factor), the expensive ``O(d³)`` set-ups are taken from ``parts``:
+        one :class:`TridiagPart` for each index ``0, …, ℓ − 1``, in any order.
+        The result computes what ``BlockTridiagInverse(A_diag, G_diag, A_off,
+        G_off, gamma, pi, method)`` computes, bit for bit.
+        """
+        self = cls.__new__(cls)
+        self._prepare(A_diag, G_diag, A_off, G_off, gamma, pi, method)
+        # snapshot semantics (docs/design.md §2): the operator keeps copies, O(d²) per part against the O(d³) set-up
+        self._assemble(copy.deepcopy(self._check_parts(parts)))
+        return self
+
+    def _prepare(self, A_diag, G_diag, A_off, G_off, gamma, pi, method):
+        """Validation and factored damping of every layer (the same on every caller, so parts fit together)."""
         self.method = check_choice(method, ("eig", "smith"), "method")
         Ao, Go = self._setup(A_diag, G_diag, A_off, G_off, gamma, pi)
         self._check_off(Ao, Go)
-        self._build(Ao, Go)
+        self._Ao, self._Go = Ao, Go
 
     def _check_off(self, Ao, Go):
         n = self.n_layers
@@ -315,64 +340,106 @@ class BlockTridiagInverse(_LayerBlocks):
             if tuple(Go[k].shape) != wantG:
                 raise ValueError(f"G_off[{k}] must have shape {wantG} (G_{{{k + 1},{k + 2}}}); got {shape_str(Go[k])}")
 
-    def _build(self, Ao, Go):
-        xp, n = self._ctx.xp, self.n_layers
-        self._Ao, self._Go = Ao, Go
-        fA = [Factor(xp, a, f"A_diag[{k}] (damped)") for k, a in enumerate(self._Ad)]
-        fG = [Factor(xp, g, f"G_diag[{k}] (damped)") for k, g in enumerate(self._Gd)]
+    def _layer_factors(self, layers) -> dict:
+        """``{k: (Factor of Ā_kk, Factor of G_kk)}`` (damped) for ``layers``; all must be positive definite."""
+        xp = self._ctx.xp
+        fA = {k: Factor(xp, self._Ad[k], f"A_diag[{k}] (damped)") for k in layers}
+        fG = {k: Factor(xp, self._Gd[k], f"G_diag[{k}] (damped)") for k in layers}
         # F̂ is a covariance: its damped diagonal factors must be positive definite, whichever Stein method
         # inverts Σ (method="smith" would otherwise accept the indefinite statistics "eig" refuses)
-        for f in fA + fG:
+        for f in list(fA.values()) + list(fG.values()):
             if f.kind != "cholesky":
                 raise LinAlgError(
                     f"{f.name} is not positive definite, so F̂ is not a covariance (inconsistent statistics); "
                     f"increase the damping gamma (now {self.gamma:g})"
                 )
-        self.psi_A, self.psi_G, self.sigma = [], [], []
-        for k in range(n - 1):
-            # Ψ^Ā = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ and Ψ^G = G_{k+1,k+2} G_{k+2,k+2}⁻¹, by solves (factors symmetric)
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, naming the argument
-                psiA = mT(fA[k + 1].solve(mT(Ao[k])))
-                psiG = mT(fG[k + 1].solve(mT(Go[k])))
-                C = psiA @ mT(Ao[k])  # Ψ^Ā Ā_{k+1,k+1} Ψ^Āᵀ = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ Ā_{k,k+1}ᵀ
-                D = psiG @ mT(Go[k])
-            for M, name in ((C, f"A_off[{k}]"), (D, f"G_off[{k}]")):
-                if not bool(xp.all(xp.isfinite(M))):
-                    raise ValueError(
-                        f"{name} is too large for the diagonal factors: {name} · diag⁻¹ · {name}ᵀ overflows "
-                        f"{self._ctx.dtype}; rescale the statistics (cross-layer factors are at most as large as "
-                        f"the diagonal ones for consistent statistics)"
-                    )
-            C, D = (C + mT(C)) / 2, (D + mT(D)) / 2  # exact in exact arithmetic; remove round-off asymmetry
-            try:
-                sigma = KronSumInverse(self._Ad[k], self._Gd[k], C, D, sign=-1, method=self.method,
-                                       _factors=(fA[k], fG[k]))  # reuse the damped factors' Cholesky
-            except LinAlgError as exc:
-                raise LinAlgError(
-                    f"Σ_{{{k + 1}|{k + 2}}} (layers {k} and {k + 1}) is not positive definite: the cross-layer "
-                    f"statistics are inconsistent with the diagonal ones (stale or badly estimated running "
-                    f"averages); increase the damping gamma (now {self.gamma:g}). Details: {exc}"
-                ) from None
-            except ValueError as exc:  # the Stein set-up's overflow refusal, in terms of this operator's arguments
+        return {k: (fA[k], fG[k]) for k in layers}
+
+    def _parts(self, indices) -> list:
+        """The :class:`TridiagPart` of each index (``k < ℓ − 1``: pair ``(k, k+1)``; ``ℓ − 1``: ``Σ_ℓ⁻¹``)."""
+        n = self.n_layers
+        indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"part indices must be in [0, {n - 1}] for {n} layers; got {bad}")
+        needed = sorted({j for i in indices for j in ((i, i + 1) if i < n - 1 else (i,))})
+        f = self._layer_factors(needed)
+        return [self._pair(i, f) if i < n - 1 else TridiagPart(i, last=_KronInverse.of(*f[i])) for i in indices]
+
+    def _pair(self, k, f) -> "TridiagPart":
+        """Pair ``k``'s Stein set-up: ``Ψ^Ā_k``, ``Ψ^G_k`` and ``Σ_{k+1|k+2}⁻¹`` (K-FAC §4.3)."""
+        xp, Ao, Go = self._ctx.xp, self._Ao, self._Go
+        # Ψ^Ā = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ and Ψ^G = G_{k+1,k+2} G_{k+2,k+2}⁻¹, by solves (factors symmetric)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, naming the argument
+            psiA = mT(f[k + 1][0].solve(mT(Ao[k])))
+            psiG = mT(f[k + 1][1].solve(mT(Go[k])))
+            C = psiA @ mT(Ao[k])  # Ψ^Ā Ā_{k+1,k+1} Ψ^Āᵀ = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ Ā_{k,k+1}ᵀ
+            D = psiG @ mT(Go[k])
+        for M, name in ((C, f"A_off[{k}]"), (D, f"G_off[{k}]")):
+            if not bool(xp.all(xp.isfinite(M))):
                 raise ValueError(
-                    f"Σ_{{{k + 1}|{k + 2}}} (layers {k} and {k + 1}) overflows: the damped A_diag[{k}] and G_diag[{k}] "
-                    f"(gamma = {self.gamma:g}) are too large for {self._ctx.dtype}; pass a smaller gamma or rescale "
-                    f"the statistics. Details: {exc}"
-                ) from None
-            self.psi_A.append(psiA)
-            self.psi_G.append(psiG)
-            self.sigma.append(sigma)
-        self.last = _KronInverse.of(fA[-1], fG[-1])
+                    f"{name} is too large for the diagonal factors: {name} · diag⁻¹ · {name}ᵀ overflows "
+                    f"{self._ctx.dtype}; rescale the statistics (cross-layer factors are at most as large as "
+                    f"the diagonal ones for consistent statistics)"
+                )
+        C, D = (C + mT(C)) / 2, (D + mT(D)) / 2  # exact in exact arithmetic; remove round-off asymmetry
+        try:
+            sigma = KronSumInverse(self._Ad[k], self._Gd[k], C, D, sign=-1, method=self.method,
+                                   _factors=f[k])  # reuse the damped factors' Cholesky
+        except LinAlgError as exc:
+            raise LinAlgError(
+                f"Σ_{{{k + 1}|{k + 2}}} (layers {k} and {k + 1}) is not positive definite: the cross-layer "
+                f"statistics are inconsistent with the diagonal ones (stale or badly estimated running "
+                f"averages); increase the damping gamma (now {self.gamma:g}). Details: {exc}"
+            ) from None
+        except ValueError as exc:  # the Stein set-up's overflow refusal, in terms of this operator's arguments
+            raise ValueError(
+                f"Σ_{{{k + 1}|{k + 2}}} (layers {k} and {k + 1}) overflows: the damped A_diag[{k}] and G_diag[{k}] "
+                f"(gamma = {self.gamma:g}) are too large for {self._ctx.dtype}; pass a smaller gamma or rescale "
+                f"the statistics. Details: {exc}"
+            ) from None
+        return TridiagPart(k, psi_A=psiA, psi_G=psiG, sigma=sigma)
+
+    def _check_parts(self, parts) -> list:
+        """``parts`` in index order, checked: one per index, of the shapes and dtype of these factors."""
+        parts = sorted(_as_list(parts, "parts"), key=lambda t: getattr(t, "index", -1))
+        n, dtype = self.n_layers, self._ctx.dtype
+        if [getattr(t, "index", None) for t in parts] != list(range(n)) or not all(
+                isinstance(t, TridiagPart) for t in parts):
+            raise ValueError(f"parts must hold one TridiagPart for each index 0, …, {n - 1} ({n} layers); got "
+                             f"indices {[getattr(t, 'index', None) for t in parts]}")  # fmt: skip
+        for t in parts[:-1]:
+            k = t.index
+            (q, p), (q1, p1) = self.shapes[k], self.shapes[k + 1]
+            ok = (t.sigma is not None and t.last is None and tuple(t.psi_A.shape) == (p, p1)
+                  and tuple(t.psi_G.shape) == (q, q1) and (t.sigma.p, t.sigma.q) == (p, q)
+                  and t.sigma.method == self.method and t.psi_A.dtype == dtype and t.psi_G.dtype == dtype)  # fmt: skip
+            if not ok:
+                raise ValueError(f"parts[{k}] is not the set-up of layers {k} and {k + 1} with shapes "
+                                 f"{self.shapes[k]}, {self.shapes[k + 1]}, dtype {dtype} and method "
+                                 f"{self.method!r} (made from other factors?)")  # fmt: skip
+        q, p = self.shapes[-1]
+        last = parts[-1].last
+        if last is None or tuple(last.Ainv_T.shape) != (p, p) or tuple(last.Ginv.shape) != (q, q) \
+                or last.Ginv.dtype != dtype:
+            raise ValueError(f"parts[{n - 1}] is not the last layer's inverse (shape {self.shapes[-1]}, dtype {dtype})")
+        return parts
+
+    def _assemble(self, parts):
+        """Install the parts (in index order) as this operator's set-up."""
+        self.psi_A = [t.psi_A for t in parts[:-1]]
+        self.psi_G = [t.psi_G for t in parts[:-1]]
+        self.sigma = [t.sigma for t in parts[:-1]]
+        self.last = parts[-1].last
 
     def update(self, A_diag, G_diag, A_off, G_off, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (optimizers refresh every T₃ iterations)."""
         shapes = self.shapes
-        Ao, Go = self._setup(A_diag, G_diag, A_off, G_off, self.gamma if gamma is None else gamma,
-                             self.pi if pi is None else pi)
+        self._prepare(A_diag, G_diag, A_off, G_off, self.gamma if gamma is None else gamma,
+                      self.pi if pi is None else pi, self.method)
         if self.shapes != shapes:
             raise ValueError(f"update() needs the original layer shapes {shapes}; got {self.shapes}")
-        self._check_off(Ao, Go)
-        self._build(Ao, Go)
+        self._assemble(self._parts(range(self.n_layers)))
         return self
 
     def _apply(self, V):
@@ -396,3 +463,39 @@ class BlockTridiagInverse(_LayerBlocks):
         """Dense ``F̂⁻¹`` on the concatenation of the layers' column-stacked vecs."""
         return self._dense_from_apply(allow_large)
 
+
+
+@dataclass(frozen=True)
+class TridiagPart:
+    """One of the ``ℓ`` independent set-ups of :class:`BlockTridiagInverse` (K-FAC §4.3; :func:`tridiag_parts`).
+
+    ``index = k < ℓ − 1``: the pair of layers ``k`` and ``k + 1`` — ``psi_A``
+    (``Ψ^Ā``), ``psi_G`` (``Ψ^G``) and ``sigma``, the :class:`kronlin.KronSumInverse`
+    of ``Σ_{k+1|k+2}``; ``index = ℓ − 1``: ``last``, the inverse of
+    ``Σ_ℓ = Ā_{ℓ-1,ℓ-1} ⊗ G_{ℓ,ℓ}``.  Parts pickle (arrays and kronlin
+    operators), so they can be made on one process and assembled on another
+    (:meth:`BlockTridiagInverse.from_parts`).
+    """
+
+    index: int
+    psi_A: object = None
+    psi_G: object = None
+    sigma: object = None
+    last: object = None
+
+
+def tridiag_parts(A_diag, G_diag, A_off, G_off, indices, gamma=0.0, pi="trace", method="eig") -> list:
+    """The :class:`TridiagPart` of each of ``indices`` (in ``0, …, ℓ − 1``) of ``BlockTridiagInverse(...)``.
+
+    Takes every layer's factors (all of them are validated and damped, as the
+    operator does, so that parts made by different callers fit together) but
+    factorizes only the layers the requested parts need and sets up only those
+    parts: pair ``k`` costs two Cholesky factorizations (layers ``k`` and
+    ``k + 1``), the solves for ``Ψ`` and the Stein set-up of ``Σ_{k+1|k+2}``.
+    :meth:`BlockTridiagInverse.from_parts` assembles the ``ℓ`` parts into the
+    operator (e.g. after ``kronlin.distributed`` made them on different ranks).
+    Raises what the constructor raises for those parts.
+    """
+    op = BlockTridiagInverse.__new__(BlockTridiagInverse)
+    op._prepare(A_diag, G_diag, A_off, G_off, gamma, pi, method)
+    return op._parts(indices)

@@ -116,10 +116,55 @@ def check():
     res["factor_dtype_f32"] = str(est32.A_diag[0].dtype)
     res["symmetric"] = all(np.array_equal(M, M.T) for M in est_tri.A_diag + est_tri.G_diag)
     res["est_step"] = est_tri.step
-    # the tridiagonal inverse built (replicated) from the reduced statistics
+    # the tridiagonal inverse of the reduced statistics (its set-ups sharded over the ranks)
     V = [rng.standard_normal((WIDTHS[k + 1], WIDTHS[k] + 1)) for k in range(len(WIDTHS) - 1)]
     res["tridiag_err"] = max(rel(x, y) for x, y in zip(est_tri.block_tridiag_inverse(gamma=0.1).apply(V),
                                                         ref_tri.block_tridiag_inverse(gamma=0.1).apply(V)))
+    # the same, its set-ups sharded (DistributedTridiag) against the single-process operator from the same
+    # (replicated) averages: bit for bit, float64 and float32
+    for name, est in (("f64", est_tri), ("f32", est32)):
+        args = (est.A_diag, est.G_diag, est.A_off, est.G_off)
+        shapes = [(G.shape[0], A.shape[0]) for A, G in zip(est.A_diag, est.G_diag)]
+        dt = kd.DistributedTridiag(comm, shapes)
+        Vd = [v.astype(est.A_diag[0].dtype) for v in V]
+        got, want = dt.build(*args, gamma=0.1).apply(Vd), kronlin.BlockTridiagInverse(*args, gamma=0.1).apply(Vd)
+        res[f"tridiag_sharded_equal_{name}"] = all(np.array_equal(x, y) and x.dtype == y.dtype
+                                                   for x, y in zip(got, want))  # fmt: skip
+        res["tridiag_owners"], res["tridiag_mine"] = list(dt.assignment.owners), sorted(dt.refresh_times)
+    # a Σ_{2|3} that is not positive definite (stale cross-layer factor): a LinAlgError on the rank that sets
+    # that pair up is a RankError naming it on every rank
+    bad_off = [est_tri.A_off[0], 50.0 * est_tri.A_off[1]]
+    try:
+        kronlin.BlockTridiagInverse(est_tri.A_diag, est_tri.G_diag, bad_off, est_tri.G_off, gamma=0.1)
+        res["tridiag_bad_single"] = None
+    except np.linalg.LinAlgError as e:
+        res["tridiag_bad_single"] = str(e)
+    try:
+        dt = kd.DistributedTridiag(comm, [(G.shape[0], A.shape[0]) for A, G in zip(est_tri.A_diag, est_tri.G_diag)])
+        dt.build(est_tri.A_diag, est_tri.G_diag, bad_off, est_tri.G_off, gamma=0.1)
+        res["tridiag_bad_sharded"] = None
+    except kd.RankError as e:
+        res["tridiag_bad_sharded"] = [e.only("LinAlgError"), sorted(e.failures), str(e)]
+    # a step that overflows (finite gradient scaled to max|V| = 1e308): FloatingPointError on every rank, for
+    # the communication- and the memory-optimal placement (the owner's step is broadcast, then checked)
+    shapes = [(G.shape[0], A.shape[0]) for A, G in zip(est_tri.A_diag, est_tri.G_diag)]
+    big = [v / np.max(np.abs(v)) * 1e308 for v in V]
+    res["overflow"] = {}
+    for damping in ("factored", "exact"):  # exact: KronEigh.solve refuses on the worker, the check-in tells all
+        for frac in sorted({1.0, 1.0 / world}):
+            kf = kd.DistributedKFAC(comm, shapes, grad_worker_fraction=frac, damping=damping)
+            kf.refresh(est_tri.A_diag, est_tri.G_diag, gamma=0.1)
+            try:
+                kf.precondition(big, damping=1e-3)
+                res["overflow"][f"{damping} {frac}"] = None
+            except FloatingPointError as e:
+                res["overflow"][f"{damping} {frac}"] = str(e)
+            kf.free()
+    try:
+        kronlin.BlockDiagInverse(est_tri.A_diag, est_tri.G_diag, gamma=0.1).apply(big)
+        res["overflow_single"] = None
+    except FloatingPointError as e:
+        res["overflow_single"] = str(e)
 
     # --- packed reduction against a plain per-array Allreduce
     _, acts, grads = mlp_batch(rng, N)

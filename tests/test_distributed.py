@@ -139,6 +139,14 @@ def test_layer_costs_model():
         kd.layer_costs([(2, 2)], "cholesky")
 
 
+def test_tridiag_costs_model():
+    # part k: Cholesky of layers k and k+1 and the generalized eigenproblems of layer k; the last: one layer
+    shapes = [(10, 20), (5, 11), (3, 6)]
+    fac, eig = kd.layer_costs(shapes, "factored"), kd.layer_costs(shapes, "exact")
+    assert kd.tridiag_costs(shapes) == [fac[0] + fac[1] + eig[0], fac[1] + fac[2] + eig[1], fac[2]]
+    assert kd.tridiag_costs(shapes[:1]) == fac[:1] and kd.tridiag_costs([]) == []
+
+
 def _mpi4py_loaded_after(modules: str):
     """Run ``import sys, <modules>`` in a fresh interpreter; it prints whether mpi4py got imported."""
     code = f"import sys, {modules}; print('mpi4py' in sys.modules)"
@@ -178,8 +186,36 @@ def test_factors_equal_single_process(check_run):
         assert r["factor_err_conv"] <= FACTOR_RTOL  # weight-sharing (N, T, d) layers
         assert r["factor_err_f32"] <= FACTOR_RTOL_F32 and r["factor_dtype_f32"] == "float32"
         assert r["symmetric"] and r["est_step"] == 3
-        # Σ set-up replicated from the reduced statistics; Ψ/Σ solves amplify the factors' rounding a little
+        # Σ set-ups (sharded) from the reduced statistics; Ψ/Σ solves amplify the factors' rounding a little
         assert r["tridiag_err"] <= 1e-12
+
+
+@needs_mpi
+def test_sharded_tridiag_inverse_equals_the_single_process_one(check_run):
+    n, results = check_run
+    owners = results[0]["tridiag_owners"]
+    assert len(owners) == 3 and sorted(set(owners)) == list(range(min(n, 3)))  # 3 parts (2 pairs + last) spread
+    for r, res in results.items():
+        # bit for bit, from the same replicated averages: the parts are the single-process set-ups
+        assert res["tridiag_sharded_equal_f64"] and res["tridiag_sharded_equal_f32"]
+        assert res["tridiag_owners"] == owners and res["tridiag_mine"] == [k for k, o in enumerate(owners) if o == r]
+        # an indefinite Σ_{2|3} (pair 1): the single process's LinAlgError, on every rank, from pair 1's owner
+        assert "Σ_{2|3} (layers 1 and 2) is not positive definite" in res["tridiag_bad_single"]
+        only_linalg, failed, msg = res["tridiag_bad_sharded"]
+        assert only_linalg and failed == [owners[1]] and "Σ_{2|3} (layers 1 and 2) is not positive definite" in msg
+
+
+@needs_mpi
+def test_an_overflowing_step_is_refused_on_every_rank_for_every_placement(check_run):
+    n, results = check_run
+    assert "is not finite although every input was" in results[0]["overflow_single"]
+    for res in results.values():
+        assert sorted(res["overflow"]) == sorted({f"{d} {f}" for d in ("factored", "exact") for f in (1.0, 1.0 / n)})
+        for key, msg in res["overflow"].items():  # FloatingPointError, as BlockDiagInverse's / KronEigh's refusal
+            assert msg is not None and "is not finite although every input was" in msg, key
+            if key.startswith("factored"):
+                assert "the preconditioned gradient of layer" in msg
+    assert len({json.dumps(res["overflow"]) for res in results.values()}) == 1  # the same verdict everywhere
 
 
 @needs_mpi

@@ -166,3 +166,72 @@ def test_factor_estimator_running_average():
     assert len(inv.apply([np.ones(s) for s in inv.shapes])) == 2
     with pytest.raises(ValueError, match="same batch"):
         est.update([acts[0], acts[1][:5]], grads)
+
+
+# ------------------------------------------------------- assembled from parts made elsewhere (issue 14)
+@pytest.mark.parametrize("widths", [(4, 3), (6, 4, 5, 3), (2, 7, 3, 4, 2), (5, 5, 5, 5)])  # last: one stack
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("method", ["eig", "smith"])
+def test_from_parts_is_bit_identical_to_the_constructor(widths, dtype, method):
+    import pickle
+
+    from kronlin.tridiag import tridiag_parts
+
+    acts, grads = mlp_statistics(widths, seed=7)
+    f = {k: [M.astype(dtype) for M in v] for k, v in batch_factors(acts, grads).items()}
+    args = (f["A_diag"], f["G_diag"], f["A_off"], f["G_off"])
+    ref = BlockTridiagInverse(*args, gamma=0.05, method=method)
+    n = len(f["A_diag"])
+    # each part made by its own call (as on its own rank), sent through pickle, handed over out of order
+    parts = [pickle.loads(pickle.dumps(p)) for i in reversed(range(n))
+             for p in tridiag_parts(*args, [i], gamma=0.05, method=method)]  # fmt: skip
+    inv = BlockTridiagInverse.from_parts(*args, parts, gamma=0.05, method=method)
+    rng = np.random.default_rng(2)
+    V = [rng.standard_normal(s).astype(dtype) for s in ref.shapes]
+    for U, R in zip(inv.apply(V), ref.apply(V)):
+        assert U.dtype == dtype
+        np.testing.assert_array_equal(U, R)
+    np.testing.assert_array_equal(inv.to_dense(), ref.to_dense())
+    if method == "eig":
+        assert inv.logdet() == ref.logdet()
+    first = min(parts, key=lambda t: t.index)  # snapshot semantics: the parts handed over are not its state
+    (first.psi_A if first.psi_A is not None else first.last.Ginv)[...] = 0.0
+    np.testing.assert_array_equal(inv.apply(V)[0], ref.apply(V)[0])
+
+
+def test_from_parts_refuses_missing_or_foreign_parts():
+    import dataclasses
+
+    from kronlin.tridiag import tridiag_parts
+
+    acts, grads = mlp_statistics((6, 4, 5, 3), seed=7)
+    f = batch_factors(acts, grads)
+    args = (f["A_diag"], f["G_diag"], f["A_off"], f["G_off"])
+    parts = tridiag_parts(*args, [0, 1, 2], gamma=0.1)
+    msg = r"one TridiagPart for each index 0, …, 2 \(3 layers\); got indices \[0, 1\]"
+    with pytest.raises(ValueError, match=msg):
+        BlockTridiagInverse.from_parts(*args, parts[:2], gamma=0.1)
+    with pytest.raises(ValueError, match=r"parts\[0\] is not the set-up of layers 0 and 1"):
+        BlockTridiagInverse.from_parts(*args, [dataclasses.replace(parts[1], index=0)] + parts[1:],
+                                       gamma=0.1)  # pair 1's set-up labelled as pair 0
+    with pytest.raises(ValueError, match=r"part indices must be in \[0, 2\] for 3 layers; got \[3\]"):
+        tridiag_parts(*args, [3])
+    f32 = {k: [M.astype(np.float32) for M in v] for k, v in f.items()}
+    with pytest.raises(ValueError, match=r"parts\[2\] is not the last layer's inverse"):
+        BlockTridiagInverse.from_parts(f32["A_diag"], f32["G_diag"], f32["A_off"], f32["G_off"],
+                                       tridiag_parts(f32["A_diag"], f32["G_diag"], f32["A_off"], f32["G_off"], [0, 1])
+                                       + parts[2:], gamma=0.1)  # fmt: skip
+
+
+def test_tridiag_parts_raise_what_the_constructor_raises():
+    from kronlin.tridiag import tridiag_parts
+
+    acts, grads = mlp_statistics((3, 4, 2), seed=7)
+    f = batch_factors(acts, grads)
+    f["A_off"][0] = 5.0 * f["A_off"][0]  # a stale cross-layer factor far too large: Σ_{1|2} indefinite
+    args = (f["A_diag"], f["G_diag"], f["A_off"], f["G_off"])
+    with pytest.raises(np.linalg.LinAlgError, match=r"Σ_\{1\|2\} \(layers 0 and 1\)"):
+        BlockTridiagInverse(*args)
+    with pytest.raises(np.linalg.LinAlgError, match=r"Σ_\{1\|2\} \(layers 0 and 1\)"):
+        tridiag_parts(*args, [0])
+    assert tridiag_parts(*args, [1])[0].last is not None  # the last layer alone does not need pair 0

@@ -20,17 +20,18 @@ Grosse 2015; the placements follow KAISA, Pauloski et al., SC'21):
 * :func:`guard`, :class:`RankError`, :func:`install_abort_hook` — a failure on
   one rank ends every rank with the failing rank's message, never a hang.
 
-``kronlin.train --distributed`` uses :class:`DistributedKFAC` for every
-block-diagonal refresh (K-FAC, KFRA, KFLR, and FOOF with ``second_factor=False``).
+* :class:`DistributedTridiag` — the block-tridiagonal inverse (§4.3): each of
+  its ``ℓ`` independent set-ups (a pair of layers' ``Ψ`` and Stein set-up of
+  ``Σ_{i|i+1}``, the last layer's inverse; :func:`kronlin.tridiag.tridiag_parts`)
+  made on one rank chosen by the cost model (:func:`tridiag_costs`, LPT),
+  exchanged in one ``allgather`` and assembled on every rank
+  (:meth:`kronlin.BlockTridiagInverse.from_parts`, bit-identical to the
+  single-process operator); :meth:`DistributedFactorEstimator.block_tridiag_inverse`
+  uses it.
 
-The block-tridiagonal inverse (§4.3) is not sharded:
-:meth:`DistributedFactorEstimator.block_tridiag_inverse` builds it on every
-rank from the reduced (identical) statistics.  Its ``ℓ − 1`` Stein set-ups
-(``Ψ`` and ``Σ_{i|i+1}`` from layers ``i`` and ``i + 1``) are independent of
-each other and could be given to ranks like the block-diagonal inversions, but
-:class:`kronlin.BlockTridiagInverse` offers no way to be assembled from
-set-ups made elsewhere (a constructor from parts would be needed in
-``kronlin/tridiag.py``).
+``kronlin.train --distributed`` uses :class:`DistributedKFAC` for every
+block-diagonal refresh (K-FAC, KFRA, KFLR, and FOOF with ``second_factor=False``)
+and :class:`DistributedTridiag` for ``kfac-tridiag``'s.
 
 Example (``mpiexec -n 2 python example.py``)::
 
@@ -51,9 +52,10 @@ Example (``mpiexec -n 2 python example.py``)::
 from __future__ import annotations
 
 from ._comm import CommLog, RankError, guard, install_abort_hook, pack_symmetric, unpack_symmetric
-from .assign import COST_MODELS, Assignment, assign, grad_workers, layer_costs
+from .assign import COST_MODELS, Assignment, assign, grad_workers, layer_costs, tridiag_costs
 from .estimator import DistributedFactorEstimator, FactorReducer, allreduce_factors, allreduce_mean, fold_batch
 from .precond import DistributedKFAC, FrozenInverse
+from .tridiag import DistributedTridiag
 
 __all__ = [
     "DistributedFactorEstimator",
@@ -63,9 +65,11 @@ __all__ = [
     "fold_batch",
     "DistributedKFAC",
     "FrozenInverse",
+    "DistributedTridiag",
     "assign",
     "Assignment",
     "layer_costs",
+    "tridiag_costs",
     "grad_workers",
     "COST_MODELS",
     "guard",

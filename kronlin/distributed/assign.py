@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["COST_MODELS", "layer_costs", "grad_workers", "Assignment", "assign"]
+__all__ = ["COST_MODELS", "layer_costs", "tridiag_costs", "grad_workers", "Assignment", "assign"]
 
 #: ``(c0 seconds per factor, c3 seconds per n³)`` of one factor's refresh, by
 #: damping mode.  Fitted on the development machine (2 vCPU Xeon, OpenBLAS,
@@ -44,6 +44,20 @@ def layer_costs(shapes, damping: str = "factored"):
         raise ValueError(f"damping must be one of {sorted(COST_MODELS)}; got {damping!r}")
     c0, c3 = COST_MODELS[damping]
     return [2 * c0 + c3 * (float(p) ** 3 + float(q) ** 3) for q, p in shapes]
+
+
+def tridiag_costs(shapes):
+    """Modelled cost (seconds) of each of the ``ℓ`` set-ups of the block-tridiagonal inverse (K-FAC §4.3).
+
+    Part ``k < ℓ − 1`` (:func:`kronlin.tridiag.tridiag_parts`) factorizes the
+    damped factors of layers ``k`` and ``k + 1`` (Cholesky: the ``"factored"``
+    model) and solves two generalized symmetric eigenproblems of layer ``k``'s
+    sizes for ``Σ_{k+1|k+2}`` (the ``"exact"`` model's ``eigh``); the last part
+    is one layer's factored inverse.
+    """
+    fac, eig = layer_costs(shapes, "factored"), layer_costs(shapes, "exact")
+    n = len(fac)
+    return [fac[k] + fac[k + 1] + eig[k] for k in range(n - 1)] + ([fac[-1]] if n else [])
 
 
 def grad_workers(world: int, fraction: float) -> int:

@@ -246,6 +246,7 @@ class DistributedFactorEstimator:
         self.estimator = FactorEstimator(max_decay=max_decay, tridiagonal=tridiagonal, append_one=append_one)
         self.comm, self.log = comm, log
         self.reducer = FactorReducer(comm, append_one=append_one, tridiagonal=tridiagonal, log=log)
+        self._tridiag = None  # (key, DistributedTridiag) of block_tridiag_inverse
 
     @property
     def step(self) -> int:
@@ -269,8 +270,23 @@ class DistributedFactorEstimator:
         return self.estimator.block_diag_inverse(gamma=gamma, pi=pi)
 
     def block_tridiag_inverse(self, gamma: float = 0.0, pi="trace", method: str = "eig"):
-        """:class:`~kronlin.BlockTridiagInverse` built on every rank (its Σ set-up couples neighbouring layers)."""
-        return self.estimator.block_tridiag_inverse(gamma=gamma, pi=pi, method=method)
+        """:class:`~kronlin.BlockTridiagInverse` of the averages on every rank, its set-ups sharded (collective).
+
+        Each of the ``ℓ`` set-ups (a pair's ``Ψ`` and ``Σ_{i|i+1}``, the last
+        layer's inverse) is made on one rank chosen by the cost model and
+        shared with every rank (:class:`~kronlin.distributed.DistributedTridiag`);
+        the result equals the single-process operator's bit for bit.
+        """
+        from .tridiag import DistributedTridiag
+
+        e = self.estimator
+        if not e.tridiagonal:
+            return e.block_tridiag_inverse(gamma=gamma, pi=pi, method=method)  # raises the estimator's error
+        shapes = tuple((int(G.shape[0]), int(A.shape[0])) for A, G in zip(e.A_diag, e.G_diag))
+        key = (shapes, method)
+        if self._tridiag is None or self._tridiag[0] != key:
+            self._tridiag = (key, DistributedTridiag(self.comm, shapes, method=method, log=self.log))
+        return self._tridiag[1].build(e.A_diag, e.G_diag, e.A_off, e.G_off, gamma=gamma, pi=pi)
 
     def state_dict(self) -> dict:
         return self.estimator.state_dict()

@@ -26,6 +26,14 @@ Every collective is reached in the same order on every rank (the order is a
 function of the assignment, which is identical everywhere), and local work is
 followed by a check-in (:func:`~kronlin.distributed.guard`), so a failure on one
 rank raises :class:`~kronlin.distributed.RankError` on all of them.
+
+Like kronlin's operators, :meth:`DistributedKFAC.precondition` (and
+:meth:`FrozenInverse.apply`) refuses non-finite input (``ValueError``, as a
+``RankError``) and raises ``FloatingPointError`` when the step of finite input
+is not finite (it overflowed): on every rank, because every rank checks the
+same bytes after the steps are shared (and a worker's own refusal, e.g.
+:meth:`kronlin.KronEigh.solve`'s under exact damping, is reported to every
+rank by the check-in and raised there as ``FloatingPointError``).
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ import numpy as np
 
 from .. import Kron, KronEigh, factored_damping
 from .._backend import context, mT
-from ._comm import back, checkin, host, pack_symmetric, tri_size, unpack_symmetric, wait
+from .._validate import check_finite, check_result
+from ._comm import RankError, back, checkin, host, pack_symmetric, tri_size, unpack_symmetric, wait
 from .assign import assign, layer_costs
 
 __all__ = ["DistributedKFAC", "FrozenInverse"]
@@ -241,10 +250,16 @@ class DistributedKFAC:
             for k in self.worker_layers:
                 if tuple(Vs[k].shape) != self.shapes[k]:
                     raise ValueError(f"V_list[{k}] must have shape {self.shapes[k]}; got {tuple(Vs[k].shape)}")
+                check_finite(xp, Vs[k], f"V_list[{k}]")  # as kronlin's operators: a non-finite result then overflowed
                 steps[k] = self._apply(held, k, Vs[k], damping)
         except Exception as e:  # noqa: BLE001 - reported on every rank by the check-in
             exc = e
-        checkin(self.comm, exc, "K-FAC preconditioning", self.log)
+        try:
+            checkin(self.comm, exc, "K-FAC preconditioning", self.log)
+        except RankError as err:  # a worker's own refusal (KronEigh.solve's overflow): the same error on every rank
+            if err.only("FloatingPointError"):
+                raise FloatingPointError(str(err)) from err
+            raise
         if a.n_columns > 1:
             # each member of this rank's row is the gradient worker of its column's layers for this row
             row = a.row_ranks(a.row(self.rank))
@@ -266,6 +281,12 @@ class DistributedKFAC:
                         q, p = self.shapes[k]
                         steps[k] = xp.reshape(flat[pos:pos + q * p], (q, p))
                         pos += q * p
+        # Finite gradients, so a non-finite step overflowed: refuse it as kronlin's operators do (FloatingPointError).
+        # Every rank now holds the same bytes of every layer's step (computed from the same inverses and gradient,
+        # or received from the layer's gradient worker), so every rank reaches the same verdict with no collective.
+        for k in range(len(self.shapes)):
+            check_result(xp, steps[k], f"the preconditioned gradient of layer {k} (DistributedKFAC)",
+                         "its magnitude exceeds the dtype's range: rescale the gradient or add damping")  # fmt: skip
         return [ctx.out(steps[k]) for k in range(len(self.shapes))]
 
     def free(self) -> None:

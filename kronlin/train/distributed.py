@@ -26,10 +26,11 @@ model and shares the results per the placement ``grad_worker_fraction``
 (KAISA's: 1 = communication-optimal, every rank receives every layer's
 inverse; ``1/R`` = memory-optimal, the owner preconditions its layers and
 broadcasts the step; between: ``R·fraction`` ranks per layer).  The
-block-tridiagonal inverse of ``kfac-tridiag`` is still built on every rank
-(its Stein set-ups are independent per pair of layers, but
-:class:`kronlin.BlockTridiagInverse` has no way to be assembled from set-ups
-made elsewhere).
+block-tridiagonal inverse of ``kfac-tridiag`` is sharded the same way by
+:meth:`DataParallel.tridiag`: each of its set-ups (a pair of layers' ``Ψ`` and
+``Σ_{i|i+1}``, the last layer's inverse) is made on one rank chosen by the
+cost model, and every rank receives all of them (the operator couples
+neighbouring layers, so it is always placed communication-optimally).
 
 NGD's Woodbury Gram couples every pair of examples of the batch; each rank
 all-gathers the per-example activations and errors (``(N, d)`` per layer) and
@@ -198,6 +199,19 @@ class DataParallel:
         if key not in self._kfacs:
             self._kfacs[key] = DistributedKFAC(self.comm, key[0], damping=damping, second_factor=second_factor,
                                                grad_worker_fraction=self.grad_worker_fraction)  # fmt: skip
+        return self._kfacs[key]
+
+    def tridiag(self, shapes, method: str = "eig"):
+        """The :class:`kronlin.distributed.DistributedTridiag` for these layer shapes (one per configuration).
+
+        Created at the first call (a collective, like :meth:`kfac`); kept with
+        the sharded preconditioners under the key ``(shapes, "tridiag", method)``.
+        """
+        from ..distributed import DistributedTridiag
+
+        key = (tuple(tuple(int(n) for n in s) for s in shapes), "tridiag", method)
+        if key not in self._kfacs:
+            self._kfacs[key] = DistributedTridiag(self.comm, key[0], method=method)
         return self._kfacs[key]
 
     def gather_rows(self, arrays, axis: int = 0) -> list:

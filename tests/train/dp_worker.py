@@ -5,7 +5,8 @@ with the optimizer on a :class:`kronlin.train.distributed.DataParallel` (the
 same global batches, this rank's shard); every rank writes its per-step
 decisions (loss, accepted, λ, γ), a digest of its final weights and optimizer
 state, the layers it inverted at the last refresh, and rank 0 the first update
-(``first.npy``).  ``SPEC["fraction"]`` is the placement (``grad_worker_fraction``).  :func:`trajectory` with
+(``first.npy``).  ``SPEC["fraction"]`` is the placement (``grad_worker_fraction``); ``SPEC["overflow"]``
+makes every candidate γ but the current one overflow (each step's info then counts the refusals).  :func:`trajectory` with
 ``dp=None`` is the single-process reference the test computes in-process.
 
 ``python dp_worker.py cli-fail ARGV_JSON``: ``kronlin.train``'s CLI with the
@@ -31,6 +32,9 @@ def trajectory(spec: dict, dp=None):
                       hp=spec.get("hp", {}))  # fmt: skip
     task, net, data_rng, opt = setup(cfg)
     opt.dp = dp
+    refused = []
+    if spec.get("overflow"):
+        _overflow_other_candidates(opt, refused)
     infos, first = [], None
     for it in range(cfg["steps"]):
         X, Y = task.sample_batch(cfg["batch"], data_rng)
@@ -42,8 +46,42 @@ def trajectory(spec: dict, dp=None):
             first = np.concatenate([(W - W0).ravel() for W, W0 in zip(net.params, before)])
         infos.append({"loss": float(info["loss"]), "accepted": bool(info["accepted"]),
                       "lambda": info.get("lambda"), "gamma": info.get("gamma")})  # fmt: skip
+        if spec.get("overflow"):
+            infos[-1]["refused"] = len(refused)
     state = pickle.dumps((opt.state_dict(), [np.asarray(W) for W in net.params]))
     return infos, first, hashlib.sha256(state).hexdigest(), int(opt.n_rejected)
+
+
+class _Overflowing:
+    """An inverse whose right-hand side is scaled to max|V| = 1e308, so that its product overflows.
+
+    Stands for a candidate γ whose proposal leaves the float64 range: the
+    inverse (kronlin's, or kronlin.distributed's under ``--distributed``) must
+    refuse it with ``FloatingPointError``, on every rank, and the optimizer
+    skip the candidate.  Each refusal is counted in ``refused``.
+    """
+
+    def __init__(self, inv, refused):
+        self.inv, self.refused = inv, refused
+
+    def apply(self, V_list):
+        big = [V / max(float(np.max(np.abs(V))), 1e-300) * 1e308 for V in V_list]
+        try:
+            return self.inv.apply(big)
+        except FloatingPointError:
+            self.refused.append(1)
+            raise
+
+
+def _overflow_other_candidates(opt, refused):
+    """Make every candidate γ other than the current one overflow (``spec["overflow"]``)."""
+    original = opt._inverse_for
+
+    def inverse_for(gamma):
+        inv = original(gamma)
+        return inv if gamma == opt.gamma else _Overflowing(inv, refused)
+
+    opt._inverse_for = inverse_for
 
 
 def main():

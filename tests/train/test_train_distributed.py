@@ -115,9 +115,10 @@ MEM = "mem-opt"  # grad_worker_fraction = 1/ranks: the owner of a layer precondi
 CASES = [("kfac", 1), ("kfac", 2), ("kfac", 3), ("kfac-tridiag", 2), ("kfac-tridiag", 3), ("foof", 2), ("foof", 3),
          ("ngd", 2), ("ngd", 3), ("kfra", 1), ("kfra", 2), ("kfra", 3), ("kflr", 2), ("kflr", 3),
          ("kfac", 2, MEM), ("kfac", 3, MEM), ("foof", 3, MEM), ("kfra", 2, MEM), ("kfac", 3, "exact"),
-         ("kfac", 2, MEM, "exact")]  # fmt: skip
+         ("kfac", 2, MEM, "exact"), ("kfac", 2, "overflow"), ("kfac", 2, MEM, "overflow"),
+         ("kfac-tridiag", 2, "overflow")]  # fmt: skip
 CASES = [(c[0], c[1], c[2:]) for c in CASES]
-SHARDED = ("kfac", "kfra", "kflr", "foof")  # the optimizers whose inversions are split over the ranks
+SHARDED = ("kfac", "kfac-tridiag", "kfra", "kflr", "foof")  # the optimizers whose inversions are split over the ranks
 
 
 @needs_mpi
@@ -126,6 +127,8 @@ def test_steps_equal_the_single_process_run(opt, ranks, extra, tmp_path):
     spec = {**SPEC, "opt": opt}
     if "exact" in extra:
         spec["hp"] = {"damping": "exact"}
+    if "overflow" in extra:  # every candidate γ but the current one overflows and must be refused (skipped)
+        spec["overflow"] = True
     ref_infos, ref_first, _, ref_rejected = reference(spec)
     if MEM in extra:
         spec["fraction"] = 1.0 / ranks
@@ -139,9 +142,11 @@ def test_steps_equal_the_single_process_run(opt, ranks, extra, tmp_path):
     assert rel([i["loss"] for i in infos], [i["loss"] for i in ref_infos]) <= 1e-8
     for key in ("accepted", "lambda", "gamma"):  # the adaptive decisions: identical, not merely close
         assert [i[key] for i in infos] == [i[key] for i in ref_infos], key
+    if "overflow" in extra:  # the same candidates refused (FloatingPointError) at the same steps, and some were
+        assert [i["refused"] for i in infos] == [i["refused"] for i in ref_infos] and ref_infos[-1]["refused"] > 0
     assert res[0]["rejected"] == ref_rejected
     assert len({res[r]["digest"] for r in range(ranks)}) == 1  # weights and optimizer state the same on every rank
-    if opt in SHARDED:  # each layer inverted by exactly one rank (the cost model's owner), not by all of them
+    if opt in SHARDED:  # each layer (kfac-tridiag: each pair's set-up) inverted by one rank, the cost model's owner
         (key,) = res[0]["inverted"]
         mine = [set(res[r]["inverted"][key]) for r in range(ranks)]
         n_layers = n_layers_of(spec)

@@ -324,7 +324,7 @@ class KroneckerOptimizer(Optimizer):
     def _build(self, gamma: float):
         """The damped approximate inverse for ``gamma`` from the frozen factors."""
         f, h = self._frozen, self.hparams
-        if self.dp is not None and not self.tridiagonal:
+        if self.dp is not None:
             return self._build_sharded(gamma)
         if h["damping"] == "exact":
             if self._eighs is None:
@@ -346,13 +346,20 @@ class KroneckerOptimizer(Optimizer):
         every candidate γ reusing it) are those of the single-process
         :class:`kronlin.BlockDiagInverse` / :meth:`kronlin.Kron.eigh`.  A
         ``LinAlgError`` on the rank that owns a layer is a ``LinAlgError`` on
-        every rank, as in one process (the candidate γ is skipped).
+        every rank, as in one process (the candidate γ is skipped).  The
+        block-tridiagonal inverse's set-ups (pairs of layers) are assigned the
+        same way and assembled on every rank (:meth:`DataParallel.tridiag
+        <kronlin.train.distributed.DataParallel.tridiag>`), giving the
+        single-process :class:`kronlin.BlockTridiagInverse` bit for bit.
         """
         from ...distributed import RankError
 
         f, h = self._frozen, self.hparams
         shapes = [W.shape for W in self.net.params]
         try:
+            if self.tridiagonal:  # _validate: factored damping with both factors
+                return self.dp.tridiag(shapes).build(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
+                                                     gamma=self._strength(gamma), pi=h["pi"])  # fmt: skip
             if h["damping"] == "exact":
                 if self._eighs is None:
                     kf = self.dp.kfac(shapes, "exact")
@@ -472,12 +479,10 @@ class KroneckerOptimizer(Optimizer):
                 inv = self._inverse_for(gam)
             except np.linalg.LinAlgError:  # e.g. a Σ_{i|i+1} that is not positive definite (tridiagonal)
                 continue
-            try:  # kronlin's operators refuse a non-finite result from the finite gradients ...
+            try:  # kronlin's operators (and kronlin.distributed's) refuse a non-finite result from finite gradients ...
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                     Delta = [-U for U in inv.apply(grads)]
             except FloatingPointError:  # ... so the proposal overflows for this γ: try the next candidate
-                continue
-            if not all_finite(Delta):  # the --distributed inverses apply by plain products, which do not refuse
                 continue
             if fixed:  # δ = ηΔ + βδ₀: no model, so no predicted decrease
                 beta = h["beta"] if h["momentum"] and self._delta0 is not None else 0.0
