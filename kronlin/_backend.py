@@ -276,7 +276,8 @@ def _namespace_of(x, name: str):
                 import cupy
             except ImportError as exc:  # pragma: no cover - needs a GPU array without CuPy
                 raise TypeError(
-                    f"{name} lives on a CUDA device; install kronlin[cuda] (CuPy) to compute on it"
+                    f"{name} lives on a CUDA device; install CuPy to compute on it "
+                    f'(pip install ".[cuda]" in the kronlin source folder)'
                 ) from exc
             return cupy, foreign
         raise TypeError(f"{name} is on DLPack device type {device_type}; kronlin computes on CPU or CUDA only")

@@ -518,3 +518,24 @@ def test_load_state_dict_rejects_another_configuration():
 def test_import_kronlin_does_not_import_torch(tmp_path):
     code = "import sys, kronlin; assert 'torch' not in sys.modules; import kronlin.torch; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_a_thread_limit_set_after_import_covers_the_core_lapack():
+    """torch.set_num_threads limits torch's pool only; the core's decompositions run in SciPy's own OpenBLAS,
+    which kronlin.torch loads at import so that a threadpoolctl limit set afterwards covers it (an unpinned
+    second pool made refreshes on a busy machine up to 10x slower).  Fresh interpreter: nothing preloaded."""
+    pytest.importorskip("threadpoolctl")
+    code = (
+        "import torch, kronlin.torch as kt\n"
+        "from threadpoolctl import threadpool_limits, threadpool_info\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 3))\n"
+        "with threadpool_limits(1):\n"
+        "    pre = kt.KFAC(m, damping=1e-2, damping_mode='factored')\n"
+        "    torch.nn.functional.cross_entropy(m(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()\n"
+        "    pre.step()\n"
+        "    pools = [(p['filepath'], p['num_threads']) for p in threadpool_info() if p['internal_api'] == 'openblas']\n"
+        "print(pools)\n"
+        "assert len(pools) >= 1 and all(n == 1 for _, n in pools), pools\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

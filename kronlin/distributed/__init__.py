@@ -1,6 +1,6 @@
 """Distributed K-FAC over MPI (mpi4py): data-parallel statistics, layer-sharded inversions.
 
-``pip install 'kronlin[mpi]'`` installs mpi4py and an MPI (the ``mpich``
+``pip install ".[mpi]"`` (in the kronlin source folder) installs mpi4py and an MPI (the ``mpich``
 wheel); ``import kronlin`` never imports this package or mpi4py, and this
 package imports mpi4py only when a communicator is used.
 

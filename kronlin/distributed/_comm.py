@@ -26,8 +26,8 @@ def mpi():
         from mpi4py import MPI
     except ImportError as exc:  # pragma: no cover - the [mpi] / [test] extras install it
         raise ImportError(
-            "kronlin.distributed needs mpi4py and an MPI library: pip install 'kronlin[mpi]' "
-            f"(mpi4py + the mpich wheel); import failed with: {exc}"
+            "kronlin.distributed needs mpi4py and an MPI library: pip install \".[mpi]\" in the kronlin "
+            f"source folder (mpi4py + the mpich wheel); import failed with: {exc}"
         ) from None
     return MPI
 

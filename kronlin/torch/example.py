@@ -6,7 +6,7 @@ Prints a table (final training loss on the whole training set, test accuracy,
 milliseconds per step) and writes a plot of the mini-batch loss against steps.
 Every optimizer starts from the same weights and sees the same mini-batches.
 K-FAC and the natural gradient precondition the gradient; SGD with momentum
-then steps on it.  Needs scikit-learn and matplotlib (``pip install 'kronlin[train,torch]'``).
+then steps on it.  Needs scikit-learn and matplotlib (``pip install ".[train,torch]"`` in the kronlin source folder).
 """
 
 from __future__ import annotations

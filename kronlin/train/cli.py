@@ -609,7 +609,7 @@ def _data_parallel():
         raise ImportError(f"--distributed: {exc}") from None
     if not launched_by_mpiexec():
         raise ValueError("--distributed must be launched by an MPI launcher: mpiexec -n R python -m kronlin.train "
-                         "... --distributed (mpiexec comes with pip install 'kronlin[mpi]')")  # fmt: skip
+                         "... --distributed (mpiexec comes with pip install \".[mpi]\" in the kronlin source folder)")  # fmt: skip
     return DataParallel(MPI.COMM_WORLD)
 
 

@@ -106,7 +106,7 @@ def test_distributed_without_mpi4py_is_a_usage_error(tmp_path):
             "sys.exit(main(['--task', 'digits-ae', '--opt', 'kfac', '--steps', '2', '--quiet', '--distributed']))")  # fmt: skip
     rc, out = run_cmd([sys.executable, "-c", code], tmp_path, env=mpi_env(PMI_RANK="0", PMI_SIZE="1"))
     assert rc == 2, out
-    assert "--distributed: kronlin.distributed needs mpi4py" in out and "pip install 'kronlin[mpi]'" in out
+    assert "--distributed: kronlin.distributed needs mpi4py" in out and 'pip install ".[mpi]"' in out
 
 
 # ------------------------------------------------------------------ equality of steps
