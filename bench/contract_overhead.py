@@ -22,6 +22,7 @@ import statistics
 import time
 
 import numpy as np
+import scipy.linalg  # noqa: F401  (SciPy's OpenBLAS loaded before threadpool_limits, so the limit covers it)
 
 from _harness import load_package
 

@@ -57,6 +57,7 @@ import sys
 import time
 
 import numpy as np
+import scipy.linalg  # noqa: F401  (SciPy's OpenBLAS loaded before the workers' threadpool_limits)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -85,6 +85,18 @@ def test_bench_uses_public_names_only(path):
     assert not uses, f"{path.name} uses private kronlin names (give them a public home): {sorted(uses)}"
 
 
+@pytest.mark.parametrize("path", [p for p in BENCH_FILES if "threadpool_limits" in p.read_text()], ids=lambda p: p.name)
+def test_bench_loads_scipy_blas_before_pinning_threads(path):
+    """threadpoolctl limits only the thread pools loaded when the limit is set; the core's decompositions run in
+    SciPy's own OpenBLAS, which loads on first use.  A benchmark that pins threads must import scipy.linalg at
+    module level first (the torch and distributed benchmarks ran an unpinned second pool before this test)."""
+    tree = ast.parse(path.read_text())
+    top = [a.name for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+           for a in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])]  # fmt: skip
+    assert any(n == "scipy.linalg" or n.startswith("scipy.linalg") for n in top) or "kronlin.torch" in top or \
+        "kronlin.train" in " ".join(top), f"{path.name} pins threads but does not import scipy.linalg at module level"
+
+
 @pytest.mark.parametrize("source, n", [
     ("import kronlin._ext\nkronlin._ext.cpu()", 2),
     ("from kronlin._kernels.eig_scale import eig_scale", 1),
