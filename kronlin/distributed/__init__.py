@@ -56,6 +56,7 @@ from .assign import COST_MODELS, Assignment, assign, grad_workers, layer_costs, 
 from .estimator import DistributedFactorEstimator, FactorReducer, allreduce_factors, allreduce_mean, fold_batch
 from .precond import DistributedKFAC, FrozenInverse
 from .tridiag import DistributedTridiag
+from .._threads import load_thread_pools
 
 __all__ = [
     "DistributedFactorEstimator",
@@ -79,3 +80,7 @@ __all__ = [
     "pack_symmetric",
     "unpack_symmetric",
 ]
+
+# each rank's BLAS must be pinned (2 ranks on 2 cores): load the core's pools now, so that a threadpoolctl limit
+# the program sets afterwards covers them
+load_thread_pools()

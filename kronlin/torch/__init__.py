@@ -27,14 +27,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('kronlin.torch needs PyTorch: pip install ".[torch]" in the kronlin source folder '
                       "(torch==2.13.0, a CPU wheel)") from exc
 
-# The core's decompositions call SciPy's LAPACK, which loads SciPy's own OpenBLAS on first use.  Loading it here,
-# with torch, means a thread limit the user sets afterwards (threadpoolctl.threadpool_limits, or
-# kronlin.train's --threads) covers it: torch.set_num_threads limits torch's pool only, and an unpinned second
-# OpenBLAS pool on a busy machine made the refreshes up to 10x slower (measured: 4.7 ms against 0.45 ms per
-# 256² float32 potrf, 2 cores under load).
-import scipy.linalg as _scipy_linalg  # noqa: E402, F401
-
-from .kfac import KFAC
-from .natural_gradient import NaturalGradient
+from .._threads import load_thread_pools  # noqa: E402
+from .kfac import KFAC  # noqa: E402
+from .natural_gradient import NaturalGradient  # noqa: E402
 
 __all__ = ["KFAC", "NaturalGradient"]
+
+# torch.set_num_threads limits torch's pool only: load the core's own pools now, so that a threadpoolctl limit
+# the user sets afterwards covers them
+load_thread_pools()
