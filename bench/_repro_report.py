@@ -9,7 +9,8 @@ report too):
   point (``python -m kronlin.train --eval-every``); its *final* objective is the
   one after the last iteration; under K-FAC §13's protocol (claims 1–2) it is
   the lower of the current and the Polyak-averaged iterate's, as the paper
-  reports;
+  reports; a run whose final objective is above its starting one has
+  *diverged* (counted, and left out of means);
 * a difference of means over seeds is *significant* when it exceeds two
   standard errors (Welch);
 * method ``m`` is *comparable* to K-FAC when its final objective closes at least
@@ -76,8 +77,14 @@ def curve(rec, averaged=False, key="train"):
 
 
 def final(rec, averaged=False, key="train"):
+    """The last evaluation's value; +inf for a run that diverged (its final training objective above its
+    starting one, or not finite), so that tables say so and means leave it out."""
     y = curve(rec, averaged, key)[2]
-    return float(y[-1]) if len(y) else math.nan
+    if not len(y):
+        return math.nan
+    if key == "train" and len(y) > 1 and not y[-1] <= curve(rec)[2][0]:
+        return math.inf
+    return float(y[-1])
 
 
 def ms_per_it(rec):
@@ -108,7 +115,8 @@ def ms(xs, fmt="{:.4g}"):
 
 
 def mean(xs):
-    xs = [float(x) for x in xs if x is not None and not math.isnan(x)]
+    """Mean of the finite values (diverged runs are left out)."""
+    xs = _finite(xs)
     return float(np.mean(xs)) if xs else math.nan
 
 
@@ -358,7 +366,10 @@ def v_claim1(s):
 def v_claim2(s):
     if not s.has("diag", "tri"):
         return "not run", "records missing", []
-    seeds = s.seeds("diag", "tri")
+    both = s.seeds("diag", "tri")
+    # a seed on which either run diverged has no iteration count to compare (the verdict line names it)
+    seeds = [x for x in both if math.isfinite(final(s.rec("diag", x), s.averaged))
+             and math.isfinite(final(s.rec("tri", x), s.averaged))]  # fmt: skip
     savings = []
     for seed in seeds:
         d, t = s.rec("diag", seed), s.rec("tri", seed)
@@ -612,6 +623,10 @@ def _claim_task(k, c, task, T, out_dir, rel, plots):
         else:
             v, text, extra = c["verdict"](side)
         P += extra
+        div = [f"`{lab}` on {sum(not math.isfinite(x) for x in side.finals(r))} of {len(side.recs(r))} seeds"
+               for r, lab in roles.items() if lab in runs and not all(math.isfinite(x) for x in side.finals(r))]
+        if div:
+            text += "; diverged: " + ", ".join(div)
         out[proto] = (v, text)
         P.append(f"**{task}, {PROTOCOL_TEXT[proto]}: {v}** — {text}.\n")
     if plots:
@@ -672,7 +687,9 @@ def write_report(out_dir, doc, make_plots=True) -> str:
              "iteration (claims 1–2 under the paper's protocol: the lower of the current and the Polyak-averaged "
              "iterate's, as K-FAC §13 reports). Tables give mean ± sample std over the evaluation seeds; *significant* "
              "= the difference of means exceeds two standard errors; method m is *comparable* to K-FAC when "
-             "(f_m − f_K-FAC)/(f_SGD − f_K-FAC) ≤ 0.25 (the *gap fraction*: 0 = as good as K-FAC, 1 = as bad as tuned SGD). "
+             "(f_m − f_K-FAC)/(f_SGD − f_K-FAC) ≤ 0.25 (the *gap fraction*: 0 = as good as K-FAC, 1 = as bad as tuned SGD); "
+             "a run whose final objective is above its starting one has *diverged* (counted in the tables, left out of "
+             "means and of the verdicts' comparisons). "
              "Plots show the objective at the evaluation points against iterations and against seconds of training "
              "(evaluations not counted), one row per protocol, y axis zoomed to where the runs end.\n")  # fmt: skip
     P += body
