@@ -199,38 +199,45 @@ def _figure(ncols, width=11, height=4.2, nrows=1, sharey=True):
 
 def plot_sides(sides, path, title):
     """Training objective at the evaluation points against iterations (left) and seconds (right), one row per
-    protocol; mean over seeds, band: seed range; log y axis zoomed to the range the runs end in."""
-    from matplotlib.ticker import LogFormatter
+    protocol; the median over seeds (a diverged seed does not drag it off the axes), band: the seed range; log
+    y axis over the range the runs end in, labelled with :func:`kronlin.train.plot.log_ticks`."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    from kronlin.train.plot import log_ticks
 
     rows = [(p, s) for p, s in sides.items() if s is not None]
     fig, axes = _figure(2, height=3.6 * len(rows), nrows=len(rows), sharey="row")
     for (proto, side), (ax_it, ax_s) in zip(rows, axes):
-        finals_all = []
+        ends = []  # final objectives of the runs that did not diverge: the y range
         for i, (role, lab) in enumerate(side.roles.items()):
             if lab not in side.runs:
                 continue
-            cs = [curve(r, side.averaged) for r in side.recs(role)]
+            recs = side.recs(role)
+            cs = [curve(r, side.averaged) for r in recs]
             n = min(len(c[0]) for c in cs)
             its = cs[0][0][:n]
             Y = np.array([c[2][:n] for c in cs])
             Y = np.where(np.isfinite(Y), Y, np.nan)
             S = np.array([c[1][:n] for c in cs]).mean(axis=0)
-            finals_all += _finite(Y[:, -1])
+            ends += _finite([final(r, side.averaged) for r in recs])
             for ax, x in ((ax_it, its), (ax_s, S)):
-                ax.plot(x, np.nanmean(Y, axis=0), color=f"C{i}", lw=1.8, marker=".", ms=3, label=f"{lab} ({role})")
+                ax.plot(x, np.nanmedian(Y, axis=0), color=f"C{i}", lw=1.8, marker=".", ms=3, label=f"{lab} ({role})")
                 if len(cs) > 1:
                     ax.fill_between(x, np.nanmin(Y, axis=0), np.nanmax(Y, axis=0), color=f"C{i}", alpha=0.15)
+        lo, hi = (min(ends) / 1.05, max(ends) * 2.5) if ends else (None, None)
         for ax, xl in ((ax_it, "iteration"), (ax_s, "seconds of training (mean over seeds)")):
             ax.set_xlabel(xl)
             ax.set_yscale("log")
-            if finals_all:  # the range that matters: from just below the best final value to a few times the worst
-                ax.set_ylim(0.97 * min(finals_all), 3.0 * max(finals_all))
-            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(3, 1)))
-            ax.grid(True, which="both", alpha=0.3)
+            if ends:
+                ax.set_ylim(lo, hi)
+                ax.yaxis.set_major_locator(FixedLocator(log_ticks(lo, hi)))
+                ax.yaxis.set_major_formatter("{x:g}")
+                ax.yaxis.set_minor_locator(NullLocator())
+            ax.grid(True, which="major", alpha=0.3)
             ax.legend(fontsize=7)
-        ax_it.set_ylabel(f"training-set objective\n({PROTOCOL_TEXT[proto]}{'; min with averaged iterate' if side.averaged else ''})")
-    fig.suptitle(title)
+        ax_it.set_ylabel(f"training-set objective, median of seeds\n({PROTOCOL_TEXT[proto]}"
+                         f"{'; min with averaged iterate' if side.averaged else ''})")  # fmt: skip
+    fig.suptitle(title + " (band: seed range)")
     fig.savefig(path, format="png", dpi=100)
 
 
