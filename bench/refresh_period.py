@@ -1,0 +1,102 @@
+"""K-FAC's time per iteration against its refresh period T₃ (issue 13 item 4: refresh frequency as a knob).
+
+    python bench/refresh_period.py                 # writes bench/results/refresh_period.{json,md,png}
+
+Runs ``kronlin.train``'s K-FAC on curves-ae (batch 256, one BLAS thread) for
+``STEPS`` iterations at each refresh period in :data:`PERIODS` (γ adapted every
+``T₂ = T₃·⌈20/T₃⌉`` iterations, the smallest multiple of T₃ not below the
+default 20), and plain SGD on the same batches as the floor.  The time per
+iteration is the mean of the record's per-iteration seconds after the first
+three (which always refresh), so refreshes are amortised as in training.
+Periods and SGD are run alternately for ``ROUNDS`` rounds; each figure is the
+median over the rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import scipy.linalg  # noqa: F401  (SciPy's OpenBLAS loaded before threadpool_limits, so the limit covers it)
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from kronlin.train.cli import make_config, run_training
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "results", "refresh_period")
+PERIODS = (1, 2, 5, 10, 20, 50)
+STEPS = int(os.environ.get("STEPS", "60"))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+TASK, BATCH = "curves-ae", 256
+
+
+def ms_per_iteration(opt: str, hp: dict) -> float:
+    """Mean seconds per iteration after the third (ms), one run of ``STEPS`` iterations, seed 0."""
+    rec = run_training(make_config(TASK, opt, seed=0, batch=BATCH, steps=STEPS, hp=hp))
+    s = np.diff([0.0] + rec["seconds"])[3:]
+    return 1000.0 * float(np.mean(s))
+
+
+def t2_for(t3: int) -> int:
+    return t3 * math.ceil(20 / t3)
+
+
+def main() -> int:
+    rows = {p: [] for p in PERIODS}
+    sgd = []
+    with threadpool_limits(1):
+        for r in range(ROUNDS):
+            order = list(PERIODS) if r % 2 == 0 else list(reversed(PERIODS))
+            sgd.append(ms_per_iteration("sgd", {}))
+            for p in order:
+                rows[p].append(ms_per_iteration("kfac", {"T3": p, "T2": t2_for(p)}))
+            print(f"round {r}: sgd {sgd[-1]:.1f} ms, kfac " + ", ".join(f"T3={p}: {rows[p][-1]:.1f}" for p in PERIODS),
+                  flush=True)
+    kernels = sorted({str(i.get("architecture")) for i in threadpool_info() if i.get("internal_api") == "openblas"})
+    res = {"task": TASK, "batch": BATCH, "steps": STEPS, "rounds": ROUNDS, "sgd_ms": sgd,
+           "kfac_ms": {str(p): v for p, v in rows.items()}, "t2": {str(p): t2_for(p) for p in PERIODS},
+           "openblas_kernel": kernels, "load_after": os.getloadavg(), "machine": platform.platform(),
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
+    with open(OUT + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    med_sgd = statistics.median(sgd)
+    lines = [f"# K-FAC time per iteration against the refresh period T₃ ({TASK}, batch {BATCH})", "",
+             f"{STEPS} iterations per run, mean per-iteration seconds after the third, median of {ROUNDS} alternated "
+             f"rounds; one BLAS thread (OpenBLAS {', '.join(kernels)}); load average after: "
+             f"{', '.join(f'{x:.2f}' for x in res['load_after'])}. SGD on the same batches: {med_sgd:.1f} ms.", "",
+             "| T₃ | T₂ | K-FAC ms / iteration | / SGD | / T₃ = 20 |", "| ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    ref = statistics.median(rows[20])
+    for p in PERIODS:
+        m = statistics.median(rows[p])
+        lines.append(f"| {p} | {t2_for(p)} | {m:.1f} | {m / med_sgd:.2f}× | {m / ref:.2f}× |")
+    with open(OUT + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(PERIODS, [statistics.median(rows[p]) for p in PERIODS], marker="o", label="K-FAC")
+    ax.axhline(med_sgd, color="0.5", ls="--", label="SGD")
+    ax.set_xscale("log")
+    ax.set_xticks(PERIODS, [str(p) for p in PERIODS])
+    ax.set_xlabel("refresh period T₃ (iterations)")
+    ax.set_ylabel("ms per iteration (median of rounds)")
+    ax.set_ylim(0, None)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{TASK}, batch {BATCH}, one BLAS thread")
+    fig.savefig(OUT + ".png", dpi=110)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
