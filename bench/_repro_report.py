@@ -569,7 +569,11 @@ FINDINGS = {
         "curves-ae (56.6 vs 72.3: the growing batch helps, as the paper says), but on one of three seeds of each "
         "task it diverged later (digits-ae seed 3 at iteration 402, with no step rejected: §6.5's rule accepts every "
         "step). On that seed the same run with τ₁ = τ₂ = 1, with only τ₁ = 1/8 or with only τ₂ = 1/4 did not "
-        "diverge; the combination of the two subsets with the growing batch is what failed here."),
+        "diverge. Its step-by-step trace: the LM λ had decayed to its floor (ρ near 1 on most steps) and γ to 2e-4, "
+        "so the 2 × 2 model for (α, μ), built from τ₂'s quarter-batch Fisher products, was nearly unregularised; it "
+        "gave μ = −3.3 and then +4.2 on consecutive steps (iterations 402–403), the loss rose 14.6 → 26 → 61 → 1322, "
+        "and the λ rule (× 1.3 every T₁ = 5 iterations) was far too slow to recover. Martens' paper bounds neither "
+        "μ nor λ from below; a floor on λ or |μ| ≤ 1 would have stopped this run."),
     2: ("The tridiagonal model ends lower than the block-diagonal one under both protocols on both tasks; the "
         "iteration saving reaches the paper's 25% only on digits-ae under §13's protocol (curves-ae: 10%, and 23% "
         "with kronlin's defaults). It costs 1.1–1.5× per iteration."),
