@@ -42,28 +42,15 @@ from .stein import KronSumInverse
 __all__ = ["BlockDiagInverse", "BlockTridiagInverse", "TridiagPart", "tridiag_parts"]
 
 
-def _damped(ctx, A, G, gamma, pi, k):
-    """The factor-damped pair ``(A + πγI, G + (γ/π)I)`` of K-FAC §6.3 for layer ``k``."""
-    xp = ctx.xp
-    if gamma == 0.0:
-        return A, G
-    pv = float(pi_value(ctx, A, G, pi, f"A_diag[{k}]", f"G_diag[{k}]"))
-    check_damping_terms(xp, gamma, xp.asarray(pv), ctx.dtype, f"pi (layer {k})")
-    return (A + (pv * gamma) * xp.eye(A.shape[-1], dtype=ctx.dtype),
-            G + (gamma / pv) * xp.eye(G.shape[-1], dtype=ctx.dtype))
-
-
-def _damped_stack(ctx, SA, SG, gamma, pi, ks):
-    """:func:`_damped` of the layers ``ks`` at once (stacks ``SA`` (m, p, p), ``SG`` (m, q, q)); None when a
-    layer fails, so that :func:`_damped` names it."""
+def _damped(ctx, SA, SG, gamma, pi, ks):
+    """The factor-damped pairs ``(A + πγI, G + (γ/π)I)`` of K-FAC §6.3 of the layers ``ks``, as stacks
+    ``SA`` (m, p, p), ``SG`` (m, q, q) with one π per layer.  ``ValueError`` (π or the damping terms not
+    representable) names layer ``ks[0]``: damp a failing stack layer by layer to name the layer."""
     xp = ctx.xp
     if gamma == 0.0:
         return SA, SG
-    try:
-        pv = pi_value(ctx, SA, SG, pi, f"A_diag[{ks[0]}]", f"G_diag[{ks[0]}]")
-        check_damping_terms(xp, gamma, pv, ctx.dtype)
-    except ValueError:
-        return None
+    pv = pi_value(ctx, SA, SG, pi, f"A_diag[{ks[0]}]", f"G_diag[{ks[0]}]")
+    check_damping_terms(xp, gamma, pv, ctx.dtype, f"pi (layer {ks[0]})")
     pv = xp.reshape(xp.astype(pv, xp.float64) if hasattr(pv, "shape") else xp.asarray(float(pv)), (-1, 1, 1))
     ia, ig = xp.eye(SA.shape[-1], dtype=ctx.dtype), xp.eye(SG.shape[-1], dtype=ctx.dtype)
     return SA + xp.astype(pv * gamma, ctx.dtype) * ia, SG + xp.astype(gamma / pv, ctx.dtype) * ig
@@ -148,10 +135,17 @@ class _LayerBlocks(Operator):
         # damp the diagonal factors first (K-FAC §6.3); they are used everywhere below
         self._Ad, self._Gd, self._stacks = [None] * n, [None] * n, []
         for ks, SA, SG in groups:
-            st = None if SA is None else _damped_stack(ctx, SA, SG, gamma, pi, ks)
+            st = None
+            if SA is not None:
+                try:
+                    st = _damped(ctx, SA, SG, gamma, pi, ks)
+                except ValueError:  # damped layer by layer below, so that the error names the layer
+                    pass
             if st is None:
                 for k in ks:
-                    self._Ad[k], self._Gd[k] = _damped(ctx, Ad[k], Gd[k], gamma, pi, k)
+                    one = [xp.expand_dims(M, axis=0) for M in (Ad[k], Gd[k])]
+                    a, g = _damped(ctx, *one, gamma, pi, [k])
+                    self._Ad[k], self._Gd[k] = a[0, ...], g[0, ...]
                 continue
             self._stacks.append((ks, st[0], st[1]))
             for j, k in enumerate(ks):
