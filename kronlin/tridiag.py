@@ -307,10 +307,21 @@ class BlockTridiagInverse(_LayerBlocks):
         The result computes what ``BlockTridiagInverse(A_diag, G_diag, A_off,
         G_off, gamma, pi, method)`` computes, bit for bit.
         """
+        # snapshot semantics (docs/design.md §2): the operator keeps copies, O(d²) per part against the O(d³) set-up
+        return cls._prepared(A_diag, G_diag, A_off, G_off, gamma, pi, method)._install(parts, copy_parts=True)
+
+    @classmethod
+    def _prepared(cls, A_diag, G_diag, A_off, G_off, gamma, pi, method) -> "BlockTridiagInverse":
+        """An operator validated and damped but not yet set up: :meth:`_parts` makes set-ups from it,
+        :meth:`_install` completes it (one validation for a caller that does both, e.g. an MPI rank)."""
         self = cls.__new__(cls)
         self._prepare(A_diag, G_diag, A_off, G_off, gamma, pi, method)
-        # snapshot semantics (docs/design.md §2): the operator keeps copies, O(d²) per part against the O(d³) set-up
-        self._assemble(copy.deepcopy(self._check_parts(parts)))
+        return self
+
+    def _install(self, parts, copy_parts: bool) -> "BlockTridiagInverse":
+        """Complete a :meth:`_prepared` operator with all ``ℓ`` parts (checked; copied unless the caller owns them)."""
+        parts = self._check_parts(parts)
+        self._assemble(copy.deepcopy(parts) if copy_parts else parts)
         return self
 
     def _prepare(self, A_diag, G_diag, A_off, G_off, gamma, pi, method):
@@ -490,6 +501,4 @@ def tridiag_parts(A_diag, G_diag, A_off, G_off, indices, gamma=0.0, pi="trace", 
     operator (e.g. after ``kronlin.distributed`` made them on different ranks).
     Raises what the constructor raises for those parts.
     """
-    op = BlockTridiagInverse.__new__(BlockTridiagInverse)
-    op._prepare(A_diag, G_diag, A_off, G_off, gamma, pi, method)
-    return op._parts(indices)
+    return BlockTridiagInverse._prepared(A_diag, G_diag, A_off, G_off, gamma, pi, method)._parts(indices)

@@ -7,9 +7,10 @@ inverse.  :class:`DistributedTridiag` gives each part to one rank (greedy LPT,
 :func:`~kronlin.distributed.assign.assign`, on
 :func:`~kronlin.distributed.assign.tridiag_costs`), exchanges the parts in one
 ``allgather`` (pickled: arrays and kronlin operators) and assembles the
-operator on every rank (:meth:`kronlin.BlockTridiagInverse.from_parts`), which
-computes what the single-process constructor computes from the same (reduced,
-identical) factors, bit for bit.
+operator on every rank (as :meth:`kronlin.BlockTridiagInverse.from_parts`
+does, but validating and damping the factors once per rank, not once for the
+parts and again for the assembly), which computes what the single-process
+constructor computes from the same (reduced, identical) factors, bit for bit.
 
 Placement: every rank receives every part (KAISA's communication-optimal
 extreme).  ``F̂⁻¹ = Ξᵀ Λ Ξ`` couples each layer's step to its neighbours', so
@@ -27,7 +28,6 @@ import pickle
 import time
 
 from .. import BlockTridiagInverse
-from ..tridiag import tridiag_parts
 from ._comm import RankError, _describe
 from .assign import assign, tridiag_costs
 
@@ -88,10 +88,9 @@ class DistributedTridiag:
         exc, parts = None, []
         self.refresh_times = {}
         t0 = time.perf_counter()
-        try:
-            if self.my_parts:
-                parts = tridiag_parts(A_diag, G_diag, A_off, G_off, self.my_parts, gamma=gamma, pi=pi,
-                                      method=self.method)  # fmt: skip
+        try:  # validated and damped once: the same operator makes this rank's parts and is completed below
+            op = BlockTridiagInverse._prepared(A_diag, G_diag, A_off, G_off, gamma, pi, self.method)
+            parts = op._parts(self.my_parts)
         except Exception as e:  # noqa: BLE001 - reported on every rank after the exchange
             exc = e
         seconds = time.perf_counter() - t0
@@ -105,6 +104,5 @@ class DistributedTridiag:
         if failures:
             raise RankError("block-tridiagonal set-up (K-FAC §4.3)", self.world, failures) from exc
         self.refresh_times = {i: seconds / len(self.my_parts) for i in self.my_parts}
-        everything = [p for _, ps in received for p in ps]
-        return BlockTridiagInverse.from_parts(A_diag, G_diag, A_off, G_off, everything, gamma=gamma, pi=pi,
-                                              method=self.method)  # fmt: skip
+        # own parts and unpickled ones belong to this call alone: installed without the snapshot copy
+        return op._install([p for _, ps in received for p in ps], copy_parts=False)
