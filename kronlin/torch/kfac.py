@@ -147,9 +147,8 @@ class KFAC(CurvatureHooks):
                     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, naming the layer
                         self._estimator.update(self._np(acts), self._np(errs))
                 except FloatingPointError as exc:  # the core refuses such a batch naming acts[k]/grads[k]
-                    k = next((k for k in range(len(self.layers)) if f"acts[{k}]" in str(exc) or f"grads[{k}]" in str(exc)), 0)
                     raise FloatingPointError(
-                        f"layer {self.layers[k].name!r} has non-finite statistics ({exc}): step refused, nothing was "
+                        f"{self._layer_named_in(exc)} has non-finite statistics ({exc}): step refused, nothing was "
                         "changed; lower the learning rate or use float64"
                     ) from None
                 self._scale = self._curvature_scale(N)
@@ -210,11 +209,14 @@ class KFAC(CurvatureHooks):
             try:
                 self._inv = kronlin.BlockDiagInverse(f["A_diag"], f["G_diag"], gamma=gamma, pi="trace")
             except (ValueError, np.linalg.LinAlgError) as exc:
-                # the core names the block (A_diag[k] / G_diag[k]): say which layer that is
-                m = re.search(r"[AG]_diag\[(\d+)\]", str(exc))
-                where = f"layer {self.layers[int(m.group(1))].name!r}" if m else "a layer"
-                raise type(exc)(f"{where}: {exc}") from exc
+                raise type(exc)(f"{self._layer_named_in(exc)}: {exc}") from exc
         self._inv_factors = f
+
+    def _layer_named_in(self, exc) -> str:
+        """``"layer 'name'"`` of the first block index the core's error names (``acts[k]``, ``grads[k]``,
+        ``A_diag[k]``, ``G_diag[k]``: the core knows positions, this binding the modules), else ``"a layer"``."""
+        m = re.search(r"(?:acts|grads|[AG]_diag)\[(\d+)\]", str(exc))
+        return f"layer {self.layers[int(m.group(1))].name!r}" if m and int(m.group(1)) < len(self.layers) else "a layer"
 
     def _apply(self, blocks):
         V = self._np(blocks)
