@@ -43,15 +43,16 @@ __all__ = ["BlockDiagInverse", "BlockTridiagInverse", "TridiagPart", "tridiag_pa
 
 
 def _damped(ctx, SA, SG, gamma, pi, ks):
-    """The factor-damped pairs ``(A + πγI, G + (γ/π)I)`` of K-FAC §6.3 of the layers ``ks``, as stacks
-    ``SA`` (m, p, p), ``SG`` (m, q, q) with one π per layer.  ``ValueError`` (π or the damping terms not
-    representable) names layer ``ks[0]``: damp a failing stack layer by layer to name the layer."""
+    """The factor-damped pairs ``(A + πγI, G + (γ/π)I)`` of K-FAC §6.3 of the layers ``ks``: one layer's
+    matrices, or stacks ``SA`` (m, p, p), ``SG`` (m, q, q) with one π per layer.  ``ValueError`` (π or the
+    damping terms not representable) names layer ``ks[0]``: damp a failing stack layer by layer to name it."""
     xp = ctx.xp
     if gamma == 0.0:
         return SA, SG
     pv = pi_value(ctx, SA, SG, pi, f"A_diag[{ks[0]}]", f"G_diag[{ks[0]}]")
     check_damping_terms(xp, gamma, pv, ctx.dtype, f"pi (layer {ks[0]})")
-    pv = xp.reshape(xp.astype(pv, xp.float64) if hasattr(pv, "shape") else xp.asarray(float(pv)), (-1, 1, 1))
+    pv = xp.astype(pv, xp.float64) if hasattr(pv, "shape") else xp.asarray(float(pv))
+    pv = xp.reshape(pv, (-1, 1, 1) if SA.ndim == 3 else ())
     ia, ig = xp.eye(SA.shape[-1], dtype=ctx.dtype), xp.eye(SG.shape[-1], dtype=ctx.dtype)
     return SA + xp.astype(pv * gamma, ctx.dtype) * ia, SG + xp.astype(gamma / pv, ctx.dtype) * ig
 
@@ -143,9 +144,7 @@ class _LayerBlocks(Operator):
                     pass
             if st is None:
                 for k in ks:
-                    one = [xp.expand_dims(M, axis=0) for M in (Ad[k], Gd[k])]
-                    a, g = _damped(ctx, *one, gamma, pi, [k])
-                    self._Ad[k], self._Gd[k] = a[0, ...], g[0, ...]
+                    self._Ad[k], self._Gd[k] = _damped(ctx, Ad[k], Gd[k], gamma, pi, [k])
                 continue
             self._stacks.append((ks, st[0], st[1]))
             for j, k in enumerate(ks):
