@@ -27,8 +27,13 @@ such layers: use ``tridiagonal=False``.
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
+
 from ._backend import context, is_numpy, mT
-from ._validate import check_finite, check_flag, check_nonneg_scalar, check_result, shape_str
+from ._linalg import _diag
+from ._validate import all_finite, check_finite, check_flag, check_nonneg_scalar, nonfinite_result, shape_str
 from .tridiag import BlockDiagInverse, BlockTridiagInverse
 
 __all__ = ["batch_factors", "FactorEstimator"]
@@ -57,7 +62,6 @@ def _prepare(acts, grads, append_one, tridiagonal=False):
             N = M.shape[0]
         elif M.shape[0] != N:
             raise ValueError(f"{name} has {M.shape[0]} examples but acts[0] has {N}; all layers need the same batch")
-        check_finite(xp, M, name)
     if N == 0:
         raise ValueError("acts and grads hold no examples (N = 0)")
     A, G = arrays[:n], arrays[n:]
@@ -74,7 +78,7 @@ def _prepare(acts, grads, append_one, tridiagonal=False):
             )
     if append_one:
         A = [xp.concat([a, xp.ones(a.shape[:-1] + (1,), dtype=ctx.dtype)], axis=-1) for a in A]
-    return ctx, A, G, N
+    return ctx, A, G, N, named, arrays
 
 
 def _rows(xp, M):
@@ -90,51 +94,102 @@ def batch_factors(acts, grads, append_one: bool = True, tridiagonal: bool = True
     ``A_off``/``G_off`` are the cross-layer factors of the block-tridiagonal
     approximation (empty lists when ``tridiagonal=False``).
     """
-    ctx, A, G, N = _prepare(acts, grads, append_one, tridiagonal)
+    ctx, A, G, N, named, arrays = _prepare(acts, grads, append_one, tridiagonal)
     out = _estimates(ctx.xp, A, G, N, tridiagonal)
+    _check_estimates(ctx.xp, out, named, arrays)
     return {k: [ctx.out(M) for M in v] for k, v in out.items()}
 
 
-def _second_moment(xp, X, n):
-    """``XᵀX / n``, exactly symmetric.
+def _second_moment(xp, X, c):
+    """``c·XᵀX``, exactly symmetric.
 
     NumPy computes ``X.T @ X`` of a contiguous 2-D ``X`` with BLAS ``syrk`` and
     mirrors the triangle, so the product is symmetric as it comes (tested in
-    ``tests/test_factors.py``); other libraries' GEMMs may differ from their
-    transpose by round-off, and the result is symmetrised.
+    ``tests/test_factors.py``) and is scaled in place; other libraries' GEMMs
+    may differ from their transpose by round-off, and the result is
+    symmetrised.
     """
     M = mT(X) @ X
     if is_numpy(xp) and (X.flags.c_contiguous or X.flags.f_contiguous):
-        M /= n
+        M *= c
         return M
     S = M + mT(M)
-    S *= 0.5 / n
+    S *= 0.5 * c
     return S
 
 
-def _estimates(xp, A, G, N, tridiagonal):
+def _estimates(xp, A, G, N, tridiagonal, weight=1.0):
+    """``weight ×`` the batch estimates (``weight = 1 − ε`` folds the average's weight into the scaling pass)."""
     n = len(A)
     A = [_rows(xp, a)[0] for a in A]  # Σ_t on the activation side
     G = [(g2, T) for g2, T in (_rows(xp, g) for g in G)]  # (1/T) Σ_t on the gradient side
-    est = {
-        "A_diag": [_second_moment(xp, a, N) for a in A],
-        "G_diag": [_second_moment(xp, g, N * T) for g, T in G],
-        "A_off": [mT(A[k]) @ A[k + 1] / N for k in range(n - 1)] if tridiagonal else [],
-        "G_off": [mT(G[k][0]) @ G[k + 1][0] / N for k in range(n - 1)] if tridiagonal else [],
-    }
-    for key, src in (("A_diag", "acts"), ("G_diag", "grads"), ("A_off", "acts"), ("G_off", "grads")):
-        for k, M in enumerate(est[key]):
-            names = f"{src}[{k}]" if key.endswith("diag") else f"{src}[{k}] and {src}[{k + 1}]"
-            check_result(xp, M, f"{key}[{k}] (the second moment of {names})",
-                         f"the statistics exceed the dtype's range: rescale {names} (the factor scales with their square)")
-    return est
+    with _quiet(xp):  # a non-finite estimate is found and named by _check_estimates
+        return {
+            "A_diag": [_second_moment(xp, a, weight / N) for a in A],
+            "G_diag": [_second_moment(xp, g, weight / (N * T)) for g, T in G],
+            "A_off": [_scaled(mT(A[k]) @ A[k + 1], weight / N) for k in range(n - 1)] if tridiagonal else [],
+            "G_off": [_scaled(mT(G[k][0]) @ G[k + 1][0], weight / N) for k in range(n - 1)] if tridiagonal else [],
+        }
 
 
-def _blend(old, new, eps):
-    """``ε·old + (1 − ε)·new`` in a new array (two temporaries instead of three; ``old`` is left alone)."""
-    R = old * eps
-    R += new * (1.0 - eps)
-    return R
+def _scaled(M, c):
+    M *= c
+    return M
+
+
+def _quiet(xp):
+    """NumPy's overflow/invalid warnings off: the checks that follow report them, naming the array."""
+    return np.errstate(over="ignore", invalid="ignore") if is_numpy(xp) else contextlib.nullcontext()
+
+
+def _first_nonfinite(xp, stats) -> int | None:
+    """Index into ``stats["A_diag"] + stats["G_diag"]`` of the first factor with a non-finite diagonal, else None.
+
+    The diagonal suffices for every estimate: a second moment is PSD, so
+    ``|M_ij| ≤ √(M_ii M_jj)`` (Cauchy–Schwarz, also for every partial sum of the
+    products and for the cross-layer ``āₖᵀāₖ₊₁``, bounded by the two layers'
+    diagonals); a NaN or infinity in an input column makes that column's
+    diagonal entry non-finite too.  So one ``O(d)`` pass per factor replaces
+    the ``O(N·d)`` input and ``O(d²)`` result passes.
+    """
+    for i, M in enumerate(stats["A_diag"] + stats["G_diag"]):
+        if not all_finite(xp, _diag(xp, M)):
+            return i
+    return None
+
+
+def _check_estimates(xp, stats, named, arrays):
+    """Raise naming the layer when a factor is not finite: ``ValueError`` for a non-finite input
+    (``acts[k]``/``grads[k]``), else ``FloatingPointError`` for an overflow of the statistics."""
+    i = _first_nonfinite(xp, stats)
+    if i is None:
+        return
+    n = len(stats["A_diag"])
+    for name, M in zip(named, arrays):
+        check_finite(xp, M, name[0])
+    key, k = ("A_diag", i) if i < n else ("G_diag", i - n)
+    src = f"{'acts' if key == 'A_diag' else 'grads'}[{k}]"
+    M = stats[key][k]
+    raise nonfinite_result(M, f"{key}[{k}] (the second moment of {src})",
+                           f"the statistics exceed the dtype's range: rescale {src} (the factor scales with its square)")
+
+
+def _blend(old, scaled_new, eps):
+    """``ε·old + scaled_new``, written into ``scaled_new`` (a fresh array, ``(1 − ε)·batch`` from
+    :func:`_estimates`' ``weight``); ``old`` is left alone, so an earlier snapshot of the averages stays
+    valid (see ``FactorEstimator.__copy__``).
+
+    NumPy: one BLAS ``axpy`` pass, no temporary (measured on the 784-512-512-10 MLP's six float32
+    factors, one thread: 1.3 ms against 4.7-6.7 ms for ``old * ε`` into a new array plus the sum).
+    """
+    if (isinstance(scaled_new, np.ndarray) and scaled_new.dtype == old.dtype and scaled_new.dtype.char in "fd"
+            and scaled_new.flags.c_contiguous and old.flags.c_contiguous):
+        import scipy.linalg.blas as blas
+
+        blas.get_blas_funcs("axpy", (old,))(old.reshape(-1), scaled_new.reshape(-1), a=eps)
+        return scaled_new
+    scaled_new += old * eps  # JAX arrays are immutable: += makes a new one
+    return scaled_new
 
 
 class FactorEstimator:
@@ -176,11 +231,14 @@ class FactorEstimator:
     def update(self, acts, grads) -> "FactorEstimator":
         """Fold in one mini-batch: ``new = ε·old + (1 − ε)·batch``.
 
-        A batch whose statistics overflow raises ``FloatingPointError`` naming
-        the layer, and leaves the averages as they were.
+        A batch with a non-finite input raises ``ValueError``, one whose
+        statistics overflow ``FloatingPointError``, naming the layer; either
+        leaves the averages as they were.
         """
-        ctx, A, G, N = _prepare(acts, grads, self.append_one, self.tridiagonal)
-        batch = _estimates(ctx.xp, A, G, N, self.tridiagonal)
+        ctx, A, G, N, named, arrays = _prepare(acts, grads, self.append_one, self.tridiagonal)
+        eps = self.decay()  # 0 at the first update
+        batch = _estimates(ctx.xp, A, G, N, self.tridiagonal, weight=1.0 - eps)
+        _check_estimates(ctx.xp, batch, named, arrays)
         if self._stats is not None:
             for key in _KEYS:
                 new, old = ([tuple(M.shape) for M in s[key]] for s in (batch, self._stats))
@@ -189,14 +247,20 @@ class FactorEstimator:
                         f"acts and grads give {key} of shapes {new} but the running averages have {old}: the layer "
                         f"shapes changed since the last update; pass the same layers, or start a new FactorEstimator"
                     )
-        eps = self.decay()
-        if self._stats is None:
-            self._stats = batch
-        else:
-            self._stats = {k: [_blend(old, new, eps) for old, new in zip(self._stats[k], batch[k])] for k in _KEYS}
+            # a convex combination of finite factors: finite (no check needed)
+            batch = {k: [_blend(old, new, eps) for old, new in zip(self._stats[k], batch[k])] for k in _KEYS}
+        self._stats = batch
         self._ctx = ctx
         self.step += 1
         return self
+
+    def __copy__(self) -> "FactorEstimator":
+        """A snapshot that costs no array copies: :meth:`update` and :meth:`load_state_dict` replace the
+        averages by new arrays and never write into them, so the copy keeps the averages it was taken
+        with (for undoing an update, e.g. when a step that used it is refused)."""
+        twin = object.__new__(FactorEstimator)
+        twin.__dict__.update(self.__dict__)
+        return twin
 
     def _get(self, key):
         if self._stats is None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import context, mT
+from ._backend import context, is_numpy, mT
 from ._linalg import Factor
 from ._operator import Operator
 from ._validate import (
@@ -52,9 +52,20 @@ def _damped(ctx, SA, SG, gamma, pi, ks):
     pv = pi_value(ctx, SA, SG, pi, f"A_diag[{ks[0]}]", f"G_diag[{ks[0]}]")
     check_damping_terms(xp, gamma, pv, ctx.dtype, f"pi (layer {ks[0]})")
     pv = xp.astype(pv, xp.float64) if hasattr(pv, "shape") else xp.asarray(float(pv))
-    pv = xp.reshape(pv, (-1, 1, 1) if SA.ndim == 3 else ())
-    ia, ig = xp.eye(SA.shape[-1], dtype=ctx.dtype), xp.eye(SG.shape[-1], dtype=ctx.dtype)
-    return SA + xp.astype(pv * gamma, ctx.dtype) * ia, SG + xp.astype(gamma / pv, ctx.dtype) * ig
+    return _plus_diagonal(xp, SA, xp.astype(pv * gamma, ctx.dtype)), _plus_diagonal(xp, SG, xp.astype(gamma / pv, ctx.dtype))
+
+
+def _plus_diagonal(xp, M, v):
+    """``M + v·I`` (``v`` a scalar, or one per matrix of a stack): NumPy adds to the diagonal of a copy
+    (one copy, no identity built; ``M`` may be the caller's snapshot, which stays undamped), other
+    libraries by broadcasting the identity."""
+    n = M.shape[-1]
+    if is_numpy(xp):
+        D = M.copy()
+        d = np.einsum("...ii->...i", D)  # a writeable view of the diagonal(s)
+        d += np.reshape(v, (-1, 1) if M.ndim == 3 else ())
+        return D
+    return M + xp.reshape(v, (-1, 1, 1) if M.ndim == 3 else ()) * xp.eye(n, dtype=M.dtype)
 
 
 def _by_shape(shapes) -> list:
@@ -203,7 +214,7 @@ class BlockDiagInverse(_LayerBlocks):
                 continue
             if fa.kind != "cholesky" or fg.kind != "cholesky":
                 continue
-            IA, IG = mT(fa.inv()), fg.inv()
+            IA, IG = _inv_T(fa), fg.inv()
             (_, la), (_, lg) = fa.slogdet(), fg.slogdet()  # Cholesky: positive determinants
             p, q = SA.shape[-1], SG.shape[-1]
             logdet = q * la + p * lg
@@ -211,8 +222,9 @@ class BlockDiagInverse(_LayerBlocks):
                 self.blocks[k] = _KronInverse(IA[j, ...], IG[j, ...], float(logdet[j]))
         for k, (a, g) in enumerate(zip(self._Ad, self._Gd)):
             if self.blocks[k] is None:
-                self.blocks[k] = _KronInverse.of(Factor(xp, a, f"A_diag[{k}] (damped)"),
-                                                 Factor(xp, g, f"G_diag[{k}] (damped)"))  # fmt: skip
+                # symmetric: checked in _setup (damping adds to the diagonal only)
+                self.blocks[k] = _KronInverse.of(Factor(xp, a, f"A_diag[{k}] (damped)", symmetric=True),
+                                                 Factor(xp, g, f"G_diag[{k}] (damped)", symmetric=True))  # fmt: skip
 
     def update(self, A_diag, G_diag, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (e.g. every T₃ iterations)."""
@@ -238,6 +250,12 @@ class BlockDiagInverse(_LayerBlocks):
         return self._dense_from_apply(allow_large)
 
 
+def _inv_T(f: Factor):
+    """``M⁻ᵀ`` of a factorization: a Cholesky inverse is exactly symmetric (:meth:`Factor.inv`) and is
+    returned in its own C order (a transposed view would make each apply's GEMM read it transposed)."""
+    return f.inv() if f.kind == "cholesky" else mT(f.inv())
+
+
 class _KronInverse:
     """``(A ⊗ G)⁻¹ = A⁻¹ ⊗ G⁻¹`` held as the two explicit factor inverses (K-FAC §4.2).
 
@@ -258,7 +276,7 @@ class _KronInverse:
         (sa, la), (sg, lg) = fa.slogdet(), fg.slogdet()
         # det(A ⊗ G) = det(A)^q det(G)^p; None when it is not positive (log det undefined)
         positive = float(sa) ** q * float(sg) ** p > 0
-        return cls(mT(fa.inv()), fg.inv(), q * float(la) + p * float(lg) if positive else None)
+        return cls(_inv_T(fa), fg.inv(), q * float(la) + p * float(lg) if positive else None)
 
     def apply(self, V):
         return self.Ginv @ V @ self.Ainv_T
@@ -347,8 +365,9 @@ class BlockTridiagInverse(_LayerBlocks):
     def _layer_factors(self, layers) -> dict:
         """``{k: (Factor of Ā_kk, Factor of G_kk)}`` (damped) for ``layers``; all must be positive definite."""
         xp = self._ctx.xp
-        fA = {k: Factor(xp, self._Ad[k], f"A_diag[{k}] (damped)") for k in layers}
-        fG = {k: Factor(xp, self._Gd[k], f"G_diag[{k}] (damped)") for k in layers}
+        # symmetric: checked in _setup (damping adds to the diagonal only)
+        fA = {k: Factor(xp, self._Ad[k], f"A_diag[{k}] (damped)", symmetric=True) for k in layers}
+        fG = {k: Factor(xp, self._Gd[k], f"G_diag[{k}] (damped)", symmetric=True) for k in layers}
         # F̂ is a covariance: its damped diagonal factors must be positive definite, whichever Stein method
         # inverts Σ (method="smith" would otherwise accept the indefinite statistics "eig" refuses)
         for f in list(fA.values()) + list(fG.values()):

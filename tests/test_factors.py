@@ -96,3 +96,70 @@ def test_diagonal_factors_are_exactly_symmetric(dtype, layout):
         ref = rows.astype(np.float64).T @ rows.astype(np.float64) / N
         tol = 1e-5 if dtype == "float32" else 1e-12  # float32 GEMM: eps·(accumulation) over N·T rows
         assert rel_err(batch_factors([a], [g], append_one=False, tridiagonal=False)["A_diag"][0], ref) < tol
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_running_average_is_the_decayed_mean_of_the_batches(xp, dtype):
+    """K-FAC §5: after batches b_1..b_k, ε_j = min(1 − 1/j, max_decay); the update folds (1 − ε) into the
+    second moment's scaling and adds ε·old in one pass (BLAS axpy on NumPy), so check it against the
+    plain recursion in float64, with cross-layer factors, and that the averages stay exactly symmetric."""
+    rng = np.random.default_rng(11)
+    est = FactorEstimator(max_decay=0.9, tridiagonal=True, append_one=True)
+    ref = None
+    for j in range(1, 5):
+        acts = [rng.standard_normal((9, 4)), rng.standard_normal((9, 3))]
+        grads = [rng.standard_normal((9, 3)), rng.standard_normal((9, 2))]
+        est.update([on(xp, a, dtype=dtype) for a in acts], [on(xp, g, dtype=dtype) for g in grads])
+        a1 = [np.concatenate([a, np.ones((9, 1))], axis=1) for a in acts]
+        batch = {"A_diag": [a.T @ a / 9 for a in a1], "G_diag": [g.T @ g / 9 for g in grads],
+                 "A_off": [a1[0].T @ a1[1] / 9], "G_off": [grads[0].T @ grads[1] / 9]}  # fmt: skip
+        eps = min(1 - 1 / j, 0.9)
+        ref = batch if ref is None else {k: [eps * o + (1 - eps) * b for o, b in zip(ref[k], batch[k])] for k in ref}
+    tol = 1e-6 if dtype == "float32" else 1e-14  # a few roundings of O(1) sums of 9 products per update
+    for key in ("A_diag", "G_diag", "A_off", "G_off"):
+        for got, want in zip(getattr(est, key), ref[key]):
+            assert rel_err(got, want) < tol, key
+    for M in est.A_diag + est.G_diag:
+        assert np.array_equal(to_np(M), to_np(M).T)
+
+
+def test_nonfinite_input_is_named_although_only_the_diagonals_are_checked():
+    """The estimates' diagonals decide (a NaN or inf in an input column reaches its diagonal entry);
+    the error still names the input, and the averages stay as they were."""
+    rng = np.random.default_rng(2)
+    acts, grads = [rng.standard_normal((5, 3)), rng.standard_normal((5, 4))], [rng.standard_normal((5, 4)),
+                                                                              rng.standard_normal((5, 2))]
+    est = FactorEstimator(tridiagonal=True).update(acts, grads)
+    before = [M.copy() for M in est.A_diag + est.G_diag]
+    for k, (what, bad) in enumerate((("grads", np.nan), ("acts", np.inf))):
+        arrs = {"acts": [a.copy() for a in acts], "grads": [g.copy() for g in grads]}
+        arrs[what][1][3, 1] = bad
+        with pytest.raises(ValueError, match=rf"^{what}\[1\] \(shape .*\) contains NaN or infinity"):
+            est.update(arrs["acts"], arrs["grads"])
+        with pytest.raises(ValueError, match=rf"^{what}\[1\] "):
+            batch_factors(arrs["acts"], arrs["grads"])
+    assert est.step == 1
+    for M, B in zip(est.A_diag + est.G_diag, before):
+        assert np.array_equal(M, B)
+
+
+def test_copy_is_a_snapshot_without_array_copies():
+    """copy.copy(estimator) keeps the averages it was taken with: update() never writes into them."""
+    import copy
+
+    rng = np.random.default_rng(5)
+
+    def batch():
+        return [rng.standard_normal((6, 3))], [rng.standard_normal((6, 2))]
+
+    est = FactorEstimator(tridiagonal=False).update(*batch())
+    snap = copy.copy(est)
+    kept = [M.copy() for M in est.A_diag + est.G_diag]
+    est.update(*batch())
+    est.update(*batch())
+    assert snap.step == 1 and est.step == 3
+    for M, K in zip(snap.A_diag + snap.G_diag, kept):
+        assert np.array_equal(M, K)
+    snap.update(*batch())  # the snapshot goes on independently
+    assert snap.step == 2 and est.step == 3
+    assert not np.array_equal(snap.A_diag[0], est.A_diag[0])

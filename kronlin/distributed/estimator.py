@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import FactorEstimator, batch_factors
 from .._backend import context
+from ..factors import _blend
 from ._comm import back, host, mpi, pack_symmetric, raise_failures, tri_size, unpack_symmetric, wait
 
 __all__ = ["FactorReducer", "allreduce_factors", "allreduce_mean", "fold_batch", "DistributedFactorEstimator"]
@@ -198,28 +199,22 @@ def allreduce_mean(comm, arrays, n_local: int, log=None, kind: str = "grad_allre
     return out
 
 
-def _blend(old, new, eps):
-    """``ε·old + (1 − ε)·new``, with the operations of :class:`kronlin.FactorEstimator`'s average."""
-    R = old * eps
-    R += new * (1.0 - eps)
-    return R
-
-
 def fold_batch(estimator, batch: dict):
     """Fold already-reduced batch factors into a :class:`kronlin.FactorEstimator`'s average, in place.
 
     ``batch`` is a dict like :func:`kronlin.batch_factors` returns (for a
     ``tridiagonal=False`` estimator ``A_off``/``G_off`` are empty lists), e.g.
     a :class:`FactorReducer`'s result.  The estimator then holds what its own
-    ``update`` on the concatenated global batch would give (``ε·old + (1 − ε)·batch``,
-    the same operations), and keeps its ``state_dict`` format.
+    ``update`` on the concatenated global batch would give (``ε·old + (1 − ε)·batch``
+    with the same blend; ``update`` scales ``XᵀX`` by ``(1 − ε)/N`` in one pass, so the
+    two agree to round-off), and keeps its ``state_dict`` format.
     """
     state = estimator.state_dict()
     eps = estimator.decay()
     if state["stats"] is None:
         state["stats"] = {k: list(batch[k]) for k in _KEYS}
     else:
-        state["stats"] = {k: [_blend(o, n, eps) for o, n in zip(state["stats"][k], batch[k])] for k in _KEYS}
+        state["stats"] = {k: [_blend(o, n * (1.0 - eps), eps) for o, n in zip(state["stats"][k], batch[k])] for k in _KEYS}
     state["step"] += 1
     estimator.load_state_dict(state)
     return estimator

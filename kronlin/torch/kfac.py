@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -140,25 +141,23 @@ class KFAC(CurvatureHooks):
             if self.structure == "tridiagonal" and any(a.ndim != 2 for a in acts):
                 raise ValueError("structure='tridiagonal' needs (N, d) inputs for every layer (no weight sharing)")
         blocks = self._grad_blocks()
-        saved = (self._estimator.state_dict(), self._scale, self._inv, self._inv_factors)  # references, no copies
+        saved = (copy.copy(self._estimator), self._scale, self._inv, self._inv_factors)  # references, no array copies
         try:
             if update:
                 try:
-                    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, naming the layer
-                        self._estimator.update(self._np(acts), self._np(errs))
+                    self._estimator.update(self._np(acts), self._np(errs))
                 except FloatingPointError as exc:  # the core refuses such a batch naming acts[k]/grads[k]
                     raise FloatingPointError(
                         f"{self._layer_named_in(exc)} has non-finite statistics ({exc}): step refused, nothing was "
                         "changed; lower the learning rate or use float64"
                     ) from None
                 self._scale = self._curvature_scale(N)
-                self._check_statistics()
             if self._inv is None or self._steps % self.refresh_period == 0:
                 self._refresh()
             solved = self._apply(blocks)
         except Exception:
             # refuse the step: the running averages and the inverse stay what they were
-            self._estimator.load_state_dict(saved[0])
+            self._estimator = saved[0]
             self._scale, self._inv, self._inv_factors = saved[1:]
             raise
         for ly, V in zip(self.layers, solved):
@@ -166,26 +165,13 @@ class KFAC(CurvatureHooks):
         self._steps += 1
         self._clear()
 
-    def _check_statistics(self):
-        """Finite inputs can still give non-finite factors (float32 overflow of ``āᵀā``): name the layer.
-
-        The diagonal suffices: ``|M_ij| ≤ √(M_ii M_jj)`` for the PSD averages, so a finite
-        diagonal bounds every entry."""
-        est = self._estimator
-        for ly, A, G in zip(self.layers, est.A_diag, est.G_diag):
-            for name, M in (("A", A), ("G", G)):
-                if not bool(np.isfinite(np.diagonal(M)).all()):
-                    raise FloatingPointError(
-                        f"layer {ly.name!r} has non-finite statistics ({name} overflowed in {M.dtype}): step refused, "
-                        "nothing was changed; lower the learning rate or use float64"
-                    )
-
     def _current_factors(self):
         """The running averages as curvature factors (G scaled by c), kronlin's split."""
         est, c = self._estimator, self._scale
-        out = {"A_diag": est.A_diag, "G_diag": [G * c for G in est.G_diag]}
+        scaled = (lambda Ms: Ms) if c == 1.0 else (lambda Ms: [G * c for G in Ms])  # 1 for a mean-reduced loss
+        out = {"A_diag": est.A_diag, "G_diag": scaled(est.G_diag)}
         if self.structure == "tridiagonal":
-            out["A_off"], out["G_off"] = est.A_off, [G * c for G in est.G_off]
+            out["A_off"], out["G_off"] = est.A_off, scaled(est.G_off)
         return out
 
     def _refresh(self, factors=None):
