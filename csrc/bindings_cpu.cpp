@@ -10,6 +10,7 @@
 #include "cpu/eig_scale_cpu.h"
 #include "cpu/woodbury_gram_cpu.h"
 #include "cpu/gsylv_cpu.h"
+#include "cpu/symmetric_cpu.h"
 
 #if defined(KRONLIN_HAVE_OPENMP)
 #include <omp.h>
@@ -105,6 +106,45 @@ double gsylv_backsub(py::array S1, py::array T1, py::array S2, py::array T2, py:
              : gsylv_backsub_typed<float>(S1, T1, S2, T2, W, sign);
 }
 
+// The symmetric-matrix family (kronlin/_kernels/symmetric.py): C-contiguous (B, n, n) float stacks.
+void require_square_stack(const py::array& x) {
+  require(x.ndim() == 3 && x.shape(1) == x.shape(2), "expected a (B, n, n) stack of square matrices");
+  require(c_contiguous(x), "the stack must be C-contiguous");
+  require(x.dtype().is(py::dtype::of<double>()) || x.dtype().is(py::dtype::of<float>()),
+          "dtype must be float32 or float64");
+}
+
+py::tuple asymmetry(py::array x) {
+  require_square_stack(x);
+  double asym = 0.0, scale = 0.0;
+  const auto B = x.shape(0), n = x.shape(1);
+  const bool f64 = x.dtype().is(py::dtype::of<double>());
+  const void* data = x.data();
+  {
+    py::gil_scoped_release release;
+    if (f64) {
+      kronlin::asymmetry_cpu<double>(static_cast<const double*>(data), B, n, &asym, &scale);
+    } else {
+      kronlin::asymmetry_cpu<float>(static_cast<const float*>(data), B, n, &asym, &scale);
+    }
+  }
+  return py::make_tuple(asym, scale);
+}
+
+void mirror_lower(py::array x) {
+  require_square_stack(x);
+  require(x.writeable(), "the stack must be writeable");
+  const auto B = x.shape(0), n = x.shape(1);
+  const bool f64 = x.dtype().is(py::dtype::of<double>());
+  void* data = x.mutable_data();
+  py::gil_scoped_release release;
+  if (f64) {
+    kronlin::mirror_lower_cpu<double>(static_cast<double*>(data), B, n);
+  } else {
+    kronlin::mirror_lower_cpu<float>(static_cast<float*>(data), B, n);
+  }
+}
+
 int openmp_max_threads() {
 #if defined(KRONLIN_HAVE_OPENMP)
   return omp_get_max_threads();
@@ -119,6 +159,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "kronlin's CPU kernels (C++17, OpenMP). Private: use the kronlin package.";
   m.def("eig_scale", &eig_scale, py::arg("Y"), py::arg("lg"), py::arg("la"), py::arg("shift"), py::arg("power"),
         "In place: Y[b, i, j] *= (lg[b, i] * la[b, j] + shift) ** power on C-contiguous float arrays.");
+  m.def("asymmetry", &asymmetry, py::arg("x"),
+        "(max|x - x^T|, max|x|) over a C-contiguous (B, n, n) float stack; (nan, nan) if an entry is not finite.");
+  m.def("mirror_lower", &mirror_lower, py::arg("x"),
+        "In place: the lower triangle of each matrix of a C-contiguous (B, n, n) float stack copied onto the upper one.");
   m.def("gsylv_backsub", &gsylv_backsub, py::arg("S1"), py::arg("T1"), py::arg("S2"), py::arg("T2"), py::arg("W"),
         py::arg("sign"),
         "In place: W (B, q, p) becomes Y with S1 Y S2^T + sign T1 Y T2^T = W (real generalized Schur form); "

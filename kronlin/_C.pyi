@@ -13,6 +13,14 @@ def eig_scale(
     ``Y`` (B, q, p), ``lg`` (B, q), ``la`` (B, p): C-contiguous, one dtype (float32 or float64).
     """
 
+def asymmetry(x: npt.NDArray[np.floating]) -> tuple[float, float]:
+    """``(max|x − xᵀ|, max|x|)`` over a C-contiguous (B, n, n) stack (float32 or float64);
+    ``(nan, nan)`` when an entry is NaN or infinite."""
+
+def mirror_lower(x: npt.NDArray[np.floating]) -> None:
+    """In place: the lower triangle of each matrix of a C-contiguous (B, n, n) stack (float32 or
+    float64) copied onto the upper one."""
+
 def gsylv_backsub(
     S1: npt.NDArray[np.floating],
     T1: npt.NDArray[np.floating],

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 
 from ._backend import ModuleRefs, dtype_eps, is_cupy, is_numpy, mT
+from ._kernels.symmetric import mirror_lower
 from ._validate import LinAlgError, _symmetric_within_tol, shape_str, singular_tol
 
 __all__ = ["Factor", "eigh", "generalized_eigh", "ritz", "PSD_CLIP_FACTOR"]
@@ -145,58 +146,21 @@ def _potri_sym(L):
 
 
 def _potri_stack(L):
-    """``_potri_sym`` of every matrix of a stack: ``?potri`` per matrix, then the mirror: vectorised over
-    the stack up to one tile (at 200 x 64² a per-matrix mirror costs 1.2-1.4x the whole in Python
-    overheads), per matrix by tiles above (0.81-0.83x the vectorised one at 50 x 256², one thread)."""
+    """``_potri_sym`` of every matrix of a stack: ``?potri`` per matrix, then one mirror over the stack."""
     potri = _lapack("potri", L.dtype)
-    n = L.shape[-1]
-    tiled = n > _MIRROR_TILE
     T = np.empty_like(L)
     for l_, t_ in zip(_flat(L), _flat(T)):
         C, info = potri(l_.T, lower=0)
         if info != 0:
             return None
         t_[...] = C.T  # C-ordered: the inverse's lower triangle, above it whatever the factor held there
-        if tiled:
-            _mirror_lower(t_)
-    if tiled:
-        return T
-    # one select over the stack (lower triangle from T, upper from its transpose): 0.4x the two np.tril
-    # masks and an add at 400 x 64² float64, the same in float32 (one thread)
-    return np.where(_lower_mask(n), T, np.swapaxes(T, -1, -2))
+    return _mirror_lower(T)
 
 
-def _lower_mask(n: int):
-    """The boolean ``(n, n)`` mask of the lower triangle (diagonal included); cached per order."""
-    m = _LOWER_MASKS.get(n)
-    if m is None:
-        m = _LOWER_MASKS[n] = np.tri(n, dtype=bool)
-    return m
-
-
-_LOWER_MASKS: dict = {}
-
-
-_MIRROR_TILE = 128
-
-
-def _mirror_lower(S, block: int = _MIRROR_TILE):
-    """Copy the lower triangle of the C-contiguous ``S`` onto its upper one, in place, tile by tile.
-
-    ``np.triu(C) + np.triu(C, 1).T`` reads a whole matrix with a stride of one row per element (power-of-two
-    orders also thrash the cache sets): 460 ms at 2048 float32, more than ``?potri`` itself, against about
-    14 ms for ``block``² tiles; at 1024 float32 row strips took 10.5 ms, 64² tiles 1.4 (float64: 9.6) and
-    128² tiles 1.5 (float64: 1.8), one thread.
-    """
-    n = S.shape[-1]
-    for i in range(0, n, block):
-        i2 = min(i + block, n)
-        D = S[i:i2, i:i2]
-        D[...] = np.tril(D) + np.tril(D, -1).T
-        for j in range(i2, n, block):
-            j2 = min(j + block, n)
-            S[i:i2, j:j2] = S[j:j2, i:i2].T
-    return S
+def _mirror_lower(S):
+    """Copy the lower triangle of the C-contiguous ``S`` (or stack) onto its upper one, in place
+    (:func:`kronlin._kernels.symmetric.mirror_lower`: compiled, else NumPy tiles)."""
+    return mirror_lower(np, S)
 
 
 class Factor(ModuleRefs):

@@ -12,7 +12,10 @@ tests that compare the two, users checking what their build runs:
   :func:`gram_shared` / :func:`gram_shared_reference` / :func:`gram_shared_grad`
   (the weight-sharing Gram of ``WoodburyFisher``), :func:`gsylv_backsub` /
   :func:`gsylv_backsub_reference` (the back-substitution of
-  ``KronSumInverse(method="schur")``); every one takes the array namespace
+  ``KronSumInverse(method="schur")``), :func:`asymmetry` /
+  :func:`asymmetry_reference` and :func:`mirror_lower` /
+  :func:`mirror_lower_reference` (the symmetry check of every symmetric input
+  and the mirror after LAPACK ``potri``); every one takes the array namespace
   ``xp`` first;
 * :func:`kernel` (a compiled function bound to its backend, or ``None``) and
   :func:`compiled` (the compiled module serving a namespace, or ``None``);
@@ -42,11 +45,14 @@ from ._ext import disabled, enabled
 from ._kernels._dispatch import Kernel, kernel, module_for
 from ._kernels.eig_scale import eig_scale, eig_scale_reference
 from ._kernels.gsylv import gsylv_backsub, gsylv_backsub_reference
+from ._kernels.symmetric import asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference
 from ._kernels.woodbury_gram import gram_shared, gram_shared_grad, gram_shared_reference
 
 __all__ = [
     "DISABLED_BY_ENV",
     "Kernel",
+    "asymmetry",
+    "asymmetry_reference",
     "compiled",
     "disabled",
     "eig_scale",
@@ -59,6 +65,8 @@ __all__ = [
     "gsylv_backsub_reference",
     "kernel",
     "load_info",
+    "mirror_lower",
+    "mirror_lower_reference",
     "openmp_max_threads",
 ]
 

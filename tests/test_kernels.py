@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import numpy as np
 import pytest
 
-from kronlin import Kron, _ext
+from kronlin import Kron, _ext, kernels
 from kronlin._kernels import _dispatch
 from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
+from kronlin._kernels.symmetric import asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference
 from kronlin._kernels.woodbury_gram import gram_shared, gram_shared_reference
+from kronlin._validate import check_symmetric
 from kronlin.testing import spd
 
 from helpers import rel_err
@@ -131,3 +136,93 @@ def test_dispatch_chooses_per_namespace(cpu_ext):
     assert _dispatch.kernel(strict, "eig_scale") is None
     with _ext.disabled():
         assert _dispatch.kernel(np, "eig_scale") is None
+
+
+# -- the symmetric-matrix family (csrc/cpu/symmetric_cpu.cpp) ------------------------------------------------
+SYM_SHAPES = [(1, 2, 2), (1, 63, 63), (1, 64, 64), (1, 65, 65), (3, 129, 129), (2, 300, 300), (200, 8, 8)]
+
+
+def _stack(shape, dtype, seed=0, asym=0.0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal(shape)
+    S = X + np.swapaxes(X, -1, -2)
+    if asym:
+        S[..., -1, 0] += asym  # one entry off symmetry, in the last tile pair
+    return S.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", SYM_SHAPES)
+@pytest.mark.parametrize("asym", [0.0, 0.37])
+def test_asymmetry_cpu_matches_reference(cpu_ext, dtype, shape, asym):
+    S = _stack(shape, dtype, sum(shape), asym)
+    got = cpu_ext.asymmetry(np.ascontiguousarray(S))
+    ref = asymmetry_reference(np, S)
+    # both are maxima of the same |a - b| and |a| (exact in the dtype): equal, not close
+    assert got == ref
+    assert (got[0] > 0) == (asym != 0.0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [(0, 0), (5, 70), (70, 5)])
+def test_nonfinite_entry_gives_nan_in_both_paths(cpu_ext, bad, where):
+    S = _stack((1, 80, 80), "float64")
+    S[(0,) + where] = bad
+    for got in (cpu_ext.asymmetry(S), asymmetry_reference(np, S)):
+        assert math.isnan(got[0]) and math.isnan(got[1])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", SYM_SHAPES + [(1, 1, 1)])
+def test_mirror_lower_cpu_matches_reference(cpu_ext, dtype, shape):
+    rng = np.random.default_rng(len(shape) + shape[-1])
+    S = rng.standard_normal(shape).astype(dtype)
+    lower = np.tril(S)
+    got, ref = S.copy(), S.copy()
+    cpu_ext.mirror_lower(got)
+    mirror_lower_reference(np, ref)
+    assert np.array_equal(got, ref)
+    assert np.array_equal(got, np.swapaxes(got, -1, -2)) and np.array_equal(np.tril(got), lower)
+
+
+def test_symmetric_dispatch_runs_kernel_or_reference_alike(cpu_ext):
+    """The dispatching entry points give the same answers with the extension and without it, for
+    2-D and stacked input and non-contiguous input (which always takes the reference)."""
+    S = _stack((4, 150, 150), "float32", 3, asym=1e-3)
+    for x in (S, S[0], S[:, ::-1, ::-1], np.asfortranarray(S[1])):
+        with kernels.disabled():
+            ref = asymmetry(np, x)
+        assert asymmetry(np, x) == ref
+    L = np.tril(np.random.default_rng(1).standard_normal((3, 140, 140)))
+    a, b = L.copy(), L.copy()
+    mirror_lower(np, a)
+    with kernels.disabled():
+        mirror_lower(np, b)
+    assert np.array_equal(a, b) and np.array_equal(a, np.swapaxes(a, -1, -2))
+
+
+def test_symmetric_bindings_reject_bad_layout(cpu_ext):
+    with pytest.raises(ValueError, match="square"):
+        cpu_ext.asymmetry(np.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cpu_ext.mirror_lower(np.ones((1, 3, 6))[:, :, ::2])
+    with pytest.raises(ValueError, match="float32 or float64"):
+        cpu_ext.asymmetry(np.ones((1, 3, 3), dtype=np.int64))
+    ro = np.ones((1, 3, 3))
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        cpu_ext.mirror_lower(ro)
+
+
+def test_symmetry_check_tolerance_is_unchanged():
+    """check_symmetric accepts round-off (SYM_RTOL_FACTOR·eps·max|x|) and refuses more, both paths."""
+    S = _stack((1, 100, 100), "float64", 7)[0]
+    scale = float(np.abs(S).max())
+    for ctx in (contextlib.nullcontext, kernels.disabled):
+        with ctx():
+            T = S.copy()
+            T[3, 90] += 2 * np.finfo(np.float64).eps * scale
+            check_symmetric(np, T, "T")
+            T[3, 90] += 1e-6 * scale
+            with pytest.raises(ValueError, match=r"T \(shape \(100, 100\)\) must be symmetric"):
+                check_symmetric(np, T, "T")
