@@ -127,33 +127,47 @@ def _potrf(M):
         # Fortran-ordered, so U.T is L in C order (no transposing copy)
         U, info = potrf(M.T, lower=0, clean=1)
         return None if info != 0 else U.T
-    L = np.empty(tuple(M.shape), dtype=M.dtype)
-    for m, l_ in zip(_flat(M), _flat(L)):
-        U, info = potrf(m.T, lower=0, clean=1)
+    # one bulk copy, then each matrix factored in place (its transpose is Fortran-ordered, so LAPACK writes
+    # the upper factor Lᵀ into it): no per-matrix copy in and out of the wrapper
+    L = np.array(M, order="C", copy=True)
+    for l_ in _flat(L):
+        U, info = potrf(l_.T, lower=0, clean=1, overwrite_a=1)
         if info != 0:
             return None
-        l_[...] = U.T
+        _in_place(U, l_)
     return L
 
 
-def _potri_sym(L):
-    """``(L Lᵀ)⁻¹``, exactly symmetric, from the lower Cholesky factor by ``?potri``; None if LAPACK fails."""
+def _in_place(R, x) -> None:
+    """Make sure the LAPACK result ``R`` (Fortran-ordered, asked to overwrite ``x.T``) is in ``x``."""
+    if not np.shares_memory(R, x):  # the wrapper copied after all (it does not for aligned Fortran arrays)
+        x[...] = R.T
+
+
+def _potri_sym(L, overwrite: bool = False):
+    """``(L Lᵀ)⁻¹``, exactly symmetric, from the lower Cholesky factor by ``?potri``; None if LAPACK fails.
+    ``overwrite``: in ``L``'s own memory (the factor is lost), else in a copy."""
     potri = _lapack("potri", L.dtype)
-    C, info = potri(L.T, lower=0)  # the upper factor Lᵀ in Fortran order; the inverse's upper triangle comes back
+    # the upper factor Lᵀ in Fortran order; the inverse's upper triangle comes back
+    C, info = potri(L.T, lower=0, overwrite_c=int(overwrite))
     if info != 0:
         return None
+    if overwrite:
+        _in_place(C, L)
+        return _mirror_lower(L)
     return _mirror_lower(C.T)
 
 
-def _potri_stack(L):
-    """``_potri_sym`` of every matrix of a stack: ``?potri`` per matrix, then one mirror over the stack."""
+def _potri_stack(L, overwrite: bool = False):
+    """``_potri_sym`` of every matrix of a stack: ``?potri`` per matrix, in place on ``L`` (``overwrite``)
+    or on one bulk copy, then one mirror over the stack."""
     potri = _lapack("potri", L.dtype)
-    T = np.empty_like(L)
-    for l_, t_ in zip(_flat(L), _flat(T)):
-        C, info = potri(l_.T, lower=0)
+    T = L if overwrite else np.array(L, order="C", copy=True)  # each matrix inverted in place (see _potrf)
+    for t_ in _flat(T):
+        C, info = potri(t_.T, lower=0, overwrite_c=1)
         if info != 0:
             return None
-        t_[...] = C.T  # C-ordered: the inverse's lower triangle, above it whatever the factor held there
+        _in_place(C, t_)  # C-ordered: the inverse's lower triangle, above it the factor's zeros
     return _mirror_lower(T)
 
 
@@ -232,6 +246,7 @@ class Factor(ModuleRefs):
 
     def solve(self, B, trans: bool = False):
         xp = self.xp
+        self._check_live()
         if not self.batched and B.ndim > 2:
             Bf, lead, k = self._fold(B)
             return self._unfold(self._solve2(Bf, trans), lead, k)
@@ -263,17 +278,26 @@ class Factor(ModuleRefs):
         d = self.xp.abs(_diag(self.xp, self._L))
         return float(self.xp.max(d) / self.xp.min(d)) ** 2
 
-    def inv(self):
+    def inv(self, overwrite: bool = False):
         """``M⁻¹``; exactly symmetric when the factorization is Cholesky.
 
         NumPy: LAPACK ``potri`` on the Cholesky factor (``2n³/3`` flops, a third
         of the two triangular solves against ``I``), per matrix for stacks of
         orders where that beats the batched solves (bench/results/decomp_routes.md);
         otherwise solves against ``I`` (symmetrised for Cholesky).
+
+        ``overwrite``: a caller that needs nothing else of this factorization
+        (take :meth:`slogdet` first) lets ``potri`` work in the Cholesky
+        factor's memory, saving a copy of it; the factorization is consumed.
         """
         xp = self.xp
+        self._check_live()
         if self.kind == "cholesky" and _np_lapack(xp, self._L) and (not self.batched or _stack_loop("inv", self._L)):
-            C = (_potri_stack if self.batched else _potri_sym)(self._L)
+            C = (_potri_stack if self.batched else _potri_sym)(self._L, overwrite)
+            if overwrite:
+                self._L, self.kind = None, "consumed"
+                if C is None:  # the pivots were checked when factoring: a zero one cannot occur here
+                    raise LinAlgError(f"{self.name}: LAPACK potri failed on a checked Cholesky factor")
             if C is not None:
                 return C
         eye = xp.eye(self.n, dtype=self._M.dtype)
@@ -284,8 +308,13 @@ class Factor(ModuleRefs):
             M = (M + mT(M)) / 2
         return M
 
+    def _check_live(self):
+        if self.kind == "consumed":
+            raise RuntimeError(f"the factorization of {self.name} was consumed by inv(overwrite=True)")
+
     def slogdet(self):
         xp = self.xp
+        self._check_live()
         if self.kind == "cholesky":
             logabs = 2.0 * xp.sum(xp.log(_diag(xp, self._L)), axis=-1)
             return xp.ones_like(logabs), logabs

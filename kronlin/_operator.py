@@ -124,7 +124,9 @@ class Operator(ModuleRefs):
         check_finite(ctx.xp, X, name)
         return self._unflatten(X), "flat"
 
-    def _rhs_list(self, Xs, name: str):
+    def _rhs_list(self, Xs, name: str, finite: bool = True):
+        """Validated per-layer blocks; ``finite=False`` leaves the finiteness check to the caller (which
+        must make it, e.g. once over a stack of blocks, and name ``{name}[k]`` with :func:`check_finite`)."""
         n = len(self._blocks)
         if len(Xs) != n:
             raise ValueError(
@@ -138,7 +140,8 @@ class Operator(ModuleRefs):
                 raise ValueError(
                     f"{nm} must have shape (..., d_out, d_in) = (..., {q}, {p}) for layer {k}; got shape {shape_str(x)}"
                 )
-            check_finite(self._ctx.xp, x, nm)
+            if finite:
+                check_finite(self._ctx.xp, x, nm)
             out.append(x)
         try:
             np.broadcast_shapes(*(tuple(x.shape[:-2]) for x in out))
@@ -174,9 +177,10 @@ class Operator(ModuleRefs):
         lead = tuple(np.broadcast_shapes(*(tuple(a.shape[:-1]) for a in parts)))
         return xp.concat([xp.broadcast_to(a, lead + (a.shape[-1],)) for a in parts], axis=-1)
 
-    def _ret(self, Ys, fmt: str):
-        """Hand blocks back in the format the right-hand side came in, in the caller's library."""
-        out = self._out
+    def _ret(self, Ys, fmt: str, checked: bool = False):
+        """Hand blocks back in the format the right-hand side came in, in the caller's library
+        (``checked``: the caller has checked every block finite, as :meth:`_out` would)."""
+        out = self._ctx.out if checked else self._out
         if fmt == "matrix":
             return out(Ys[0])
         if fmt == "flat":

@@ -27,13 +27,19 @@ such layers: use ``tridiagonal=False``.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from ._backend import context, is_numpy, mT
 from ._linalg import _diag
-from ._validate import all_finite, check_finite, check_flag, check_nonneg_scalar, nonfinite_result, shape_str
+from ._validate import (
+    all_finite,
+    check_finite,
+    check_flag,
+    check_nonneg_scalar,
+    nonfinite_result,
+    quiet_overflow,
+    shape_str,
+)
 from .tridiag import BlockDiagInverse, BlockTridiagInverse
 
 __all__ = ["batch_factors", "FactorEstimator"]
@@ -123,7 +129,7 @@ def _estimates(xp, A, G, N, tridiagonal, weight=1.0):
     n = len(A)
     A = [_rows(xp, a)[0] for a in A]  # Σ_t on the activation side
     G = [(g2, T) for g2, T in (_rows(xp, g) for g in G)]  # (1/T) Σ_t on the gradient side
-    with _quiet(xp):  # a non-finite estimate is found and named by _check_estimates
+    with quiet_overflow(xp):  # a non-finite estimate is found and named by _check_estimates
         return {
             "A_diag": [_second_moment(xp, a, weight / N) for a in A],
             "G_diag": [_second_moment(xp, g, weight / (N * T)) for g, T in G],
@@ -135,11 +141,6 @@ def _estimates(xp, A, G, N, tridiagonal, weight=1.0):
 def _scaled(M, c):
     M *= c
     return M
-
-
-def _quiet(xp):
-    """NumPy's overflow/invalid warnings off: the checks that follow report them, naming the array."""
-    return np.errstate(over="ignore", invalid="ignore") if is_numpy(xp) else contextlib.nullcontext()
 
 
 def _first_nonfinite(xp, stats) -> int | None:

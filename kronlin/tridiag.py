@@ -24,16 +24,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import context, is_numpy, mT
+from ._backend import context, is_numpy, mT, owned_copy
 from ._linalg import Factor
 from ._operator import Operator
 from ._validate import (
     LinAlgError,
+    all_finite,
     check_choice,
     check_finite,
     check_nonempty,
     check_nonneg_scalar,
     check_symmetric,
+    quiet_overflow,
     shape_str,
 )
 from .damping import check_damping_terms, pi_value
@@ -42,26 +44,30 @@ from .stein import KronSumInverse
 __all__ = ["BlockDiagInverse", "BlockTridiagInverse", "TridiagPart", "tridiag_parts"]
 
 
-def _damped(ctx, SA, SG, gamma, pi, ks):
+def _damped(ctx, SA, SG, gamma, pi, ks, own: bool = False):
     """The factor-damped pairs ``(A + πγI, G + (γ/π)I)`` of K-FAC §6.3 of the layers ``ks``: one layer's
     matrices, or stacks ``SA`` (m, p, p), ``SG`` (m, q, q) with one π per layer.  ``ValueError`` (π or the
-    damping terms not representable) names layer ``ks[0]``: damp a failing stack layer by layer to name it."""
+    damping terms not representable) names layer ``ks[0]``: damp a failing stack layer by layer to name it.
+
+    The results are arrays of the operator's own: new ones, or ``SA``/``SG`` themselves, damped in place,
+    when ``own`` (the caller made them, e.g. by stacking the caller's factors).  Nothing is changed before
+    the checks pass."""
     xp = ctx.xp
     if gamma == 0.0:
-        return SA, SG
+        return (SA, SG) if own else (owned_copy(xp, SA), owned_copy(xp, SG))
     pv = pi_value(ctx, SA, SG, pi, f"A_diag[{ks[0]}]", f"G_diag[{ks[0]}]")
     check_damping_terms(xp, gamma, pv, ctx.dtype, f"pi (layer {ks[0]})")
     pv = xp.astype(pv, xp.float64) if hasattr(pv, "shape") else xp.asarray(float(pv))
-    return _plus_diagonal(xp, SA, xp.astype(pv * gamma, ctx.dtype)), _plus_diagonal(xp, SG, xp.astype(gamma / pv, ctx.dtype))
+    return (_plus_diagonal(xp, SA, xp.astype(pv * gamma, ctx.dtype), own),
+            _plus_diagonal(xp, SG, xp.astype(gamma / pv, ctx.dtype), own))
 
 
-def _plus_diagonal(xp, M, v):
-    """``M + v·I`` (``v`` a scalar, or one per matrix of a stack): NumPy adds to the diagonal of a copy
-    (one copy, no identity built; ``M`` may be the caller's snapshot, which stays undamped), other
-    libraries by broadcasting the identity."""
+def _plus_diagonal(xp, M, v, in_place: bool):
+    """``M + v·I`` (``v`` a scalar, or one per matrix of a stack): NumPy adds to the diagonal of ``M``
+    itself (``in_place``) or of one copy (no identity built), other libraries by broadcasting the identity."""
     n = M.shape[-1]
     if is_numpy(xp):
-        D = M.copy()
+        D = M if in_place else M.copy()
         d = np.einsum("...ii->...i", D)  # a writeable view of the diagonal(s)
         d += np.reshape(v, (-1, 1) if M.ndim == 3 else ())
         return D
@@ -105,7 +111,8 @@ class _LayerBlocks(Operator):
         named = [(f"A_diag[{k}]", M) for k, M in enumerate(A_diag)] + [(f"G_diag[{k}]", M) for k, M in enumerate(G_diag)]
         named += [(f"A_off[{k}]", M) for k, M in enumerate(A_off)] + [(f"G_off[{k}]", M) for k, M in enumerate(G_off)]
         gamma = check_nonneg_scalar(gamma, "gamma")
-        ctx, arrays = context(*named, snapshot=True)
+        # no snapshot: every array the operator keeps is one it made below (a stack, a damped copy, a copy)
+        ctx, arrays = context(*named)
         xp = ctx.xp
         names = [name for name, _ in named]
         for name, M in zip(names, arrays):
@@ -144,13 +151,14 @@ class _LayerBlocks(Operator):
             groups.append((ks, SA, SG))
         for name, M in zip(names[2 * n:], Ao + Go):
             check_finite(xp, M, name)
+        Ao, Go = [owned_copy(xp, M) for M in Ao], [owned_copy(xp, M) for M in Go]
         # damp the diagonal factors first (K-FAC §6.3); they are used everywhere below
         self._Ad, self._Gd, self._stacks = [None] * n, [None] * n, []
         for ks, SA, SG in groups:
             st = None
             if SA is not None:
                 try:
-                    st = _damped(ctx, SA, SG, gamma, pi, ks)
+                    st = _damped(ctx, SA, SG, gamma, pi, ks, own=True)  # the stacks are copies made here
                 except ValueError:  # damped layer by layer below, so that the error names the layer
                     pass
             if st is None:
@@ -205,6 +213,7 @@ class BlockDiagInverse(_LayerBlocks):
         definite layer by layer (LU, and errors that name the layer)."""
         xp = self._ctx.xp
         self.blocks = [None] * self.n_layers
+        inv_stacks = []  # (ks, A⁻ᵀ stack, G⁻¹ stack): one batched product per group in apply
         for ks, SA, SG in self._stacks:
             try:
                 # symmetric: checked in _setup (damping adds to the diagonal only)
@@ -214,17 +223,20 @@ class BlockDiagInverse(_LayerBlocks):
                 continue
             if fa.kind != "cholesky" or fg.kind != "cholesky":
                 continue
-            IA, IG = _inv_T(fa), fg.inv()
             (_, la), (_, lg) = fa.slogdet(), fg.slogdet()  # Cholesky: positive determinants
+            IA, IG = _inv_T(fa, True), fg.inv(overwrite=True)  # the factorizations are not needed afterwards
             p, q = SA.shape[-1], SG.shape[-1]
             logdet = q * la + p * lg
             for j, k in enumerate(ks):
                 self.blocks[k] = _KronInverse(IA[j, ...], IG[j, ...], float(logdet[j]))
+            inv_stacks.append((ks, IA, IG))
+        self._inv_stacks = inv_stacks
         for k, (a, g) in enumerate(zip(self._Ad, self._Gd)):
             if self.blocks[k] is None:
                 # symmetric: checked in _setup (damping adds to the diagonal only)
                 self.blocks[k] = _KronInverse.of(Factor(xp, a, f"A_diag[{k}] (damped)", symmetric=True),
-                                                 Factor(xp, g, f"G_diag[{k}] (damped)", symmetric=True))  # fmt: skip
+                                                 Factor(xp, g, f"G_diag[{k}] (damped)", symmetric=True),
+                                                 overwrite=True)  # fmt: skip
 
     def update(self, A_diag, G_diag, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (e.g. every T₃ iterations)."""
@@ -235,8 +247,51 @@ class BlockDiagInverse(_LayerBlocks):
         self._build()
         return self
 
-    def _apply(self, V_list):
-        return [blk.apply(V) for blk, V in zip(self.blocks, V_list)]
+    def apply(self, V_list):
+        """The inverse applied to per-layer blocks ``(..., d_i, d_{i-1}+1)`` (or a flat ``(..., P)`` array)."""
+        if not (isinstance(V_list, (list, tuple)) and getattr(self, "_inv_stacks", None)):
+            return super().apply(V_list)
+        # equal-shaped layers: their results are checked finite once per stack, which covers their blocks
+        # too (see _apply; at 200 × 64² one call per block and result cost 30% of the products)
+        Vs = self._rhs_list(V_list, "V_list", finite=False)
+        return self._ret(self._apply(Vs, check=True), "list", checked=True)
+
+    __matmul__ = apply
+
+    def _apply(self, V_list, check: bool = False):
+        """``G⁻¹ V A⁻ᵀ`` per layer; a group of equal-shaped layers with unbatched blocks in one batched
+        product over its stacked inverses (one call instead of two GEMM calls per layer: at 200 × 64² the
+        Python loop cost as much as the products, bench/results/block_stacks.md).  ``check``: check the
+        blocks and the results finite here (see :meth:`apply`)."""
+        xp = self._ctx.xp
+
+        def checked(V, k):
+            if check:
+                check_finite(xp, V, f"V_list[{k}]")
+            return V
+
+        def result(Y):
+            if check and not all_finite(xp, Y):
+                raise self._nonfinite(Y)
+            return Y
+
+        out = [None] * self.n_layers
+        for ks, IA, IG in getattr(self, "_inv_stacks", ()):  # operators pickled before it existed have none
+            Vs = [V_list[k] for k in ks]
+            if all(V.ndim == 2 and V.dtype == IA.dtype for V in Vs):
+                with quiet_overflow(xp):
+                    Y = IG @ xp.stack(Vs) @ IA
+                # the inverses are SPD (stacks are Cholesky only), so Y_kl has the term
+                # (G⁻¹)_kk V_kl (A⁻¹)_ll with positive diagonals: a NaN or infinity in V shows in Y, and
+                # the blocks are searched only to name one
+                if check and not all_finite(xp, Y):
+                    for k in ks:
+                        checked(V_list[k], k)
+                    raise self._nonfinite(Y)
+                for j, k in enumerate(ks):
+                    out[k] = Y[j, ...]
+        return [result(blk.apply(checked(V, k))) if Y is None else Y
+                for k, (blk, V, Y) in enumerate(zip(self.blocks, V_list, out))]
 
     def logdet(self):
         """``log det F̆`` (of the damped approximate Fisher, not of its inverse)."""
@@ -250,10 +305,11 @@ class BlockDiagInverse(_LayerBlocks):
         return self._dense_from_apply(allow_large)
 
 
-def _inv_T(f: Factor):
+def _inv_T(f: Factor, overwrite: bool = False):
     """``M⁻ᵀ`` of a factorization: a Cholesky inverse is exactly symmetric (:meth:`Factor.inv`) and is
-    returned in its own C order (a transposed view would make each apply's GEMM read it transposed)."""
-    return f.inv() if f.kind == "cholesky" else mT(f.inv())
+    returned in its own C order (a transposed view would make each apply's GEMM read it transposed).
+    ``overwrite``: ``f`` is not needed afterwards (see :meth:`Factor.inv`)."""
+    return f.inv(overwrite) if f.kind == "cholesky" else mT(f.inv())
 
 
 class _KronInverse:
@@ -270,13 +326,13 @@ class _KronInverse:
         self.Ainv_T, self.Ginv, self.logdet = Ainv_T, Ginv, logdet
 
     @classmethod
-    def of(cls, fa: Factor, fg: Factor) -> "_KronInverse":
-        """From the two factorizations."""
+    def of(cls, fa: Factor, fg: Factor, overwrite: bool = False) -> "_KronInverse":
+        """From the two factorizations (``overwrite``: they are not needed afterwards, see :meth:`Factor.inv`)."""
         p, q = fa.n, fg.n
         (sa, la), (sg, lg) = fa.slogdet(), fg.slogdet()
         # det(A ⊗ G) = det(A)^q det(G)^p; None when it is not positive (log det undefined)
         positive = float(sa) ** q * float(sg) ** p > 0
-        return cls(_inv_T(fa), fg.inv(), q * float(la) + p * float(lg) if positive else None)
+        return cls(_inv_T(fa, overwrite), fg.inv(overwrite), q * float(la) + p * float(lg) if positive else None)
 
     def apply(self, V):
         return self.Ginv @ V @ self.Ainv_T

@@ -181,13 +181,30 @@ def test_not_positive_definite_still_falls_back_to_lu_and_singular_still_raises(
 
 
 def test_potri_failure_falls_back_to_solves(monkeypatch):
-    monkeypatch.setattr(_linalg, "_potri_sym", lambda L: None)
-    monkeypatch.setattr(_linalg, "_potri_stack", lambda L: None)
+    monkeypatch.setattr(_linalg, "_potri_sym", lambda L, overwrite=False: None)
+    monkeypatch.setattr(_linalg, "_potri_stack", lambda L, overwrite=False: None)
     for shape in [(20,), (3, 20)]:
         M = _mat(shape, "float64")
         Minv = Factor(np, M, "M").inv()
         assert np.array_equal(Minv, np.swapaxes(Minv, -1, -2))
         assert rel_err(Minv, np.linalg.inv(M)) < 1e-11
+
+
+@pytest.mark.parametrize("shape", [(20,), (3, 20)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_inverse_in_the_factors_memory_is_the_same_and_consumes_it(shape, dtype):
+    """Factor.inv(overwrite=True) (potri in the Cholesky factor's own memory) gives the same bits as the
+    copying route; the factorization is consumed: solves and a second inverse are refused."""
+    M = _mat(shape, dtype)
+    ref = Factor(np, M, "M").inv()
+    f = Factor(np, M, "M")
+    logdet = f.slogdet()[1]
+    got = f.inv(overwrite=True)
+    assert np.array_equal(got, ref) and np.array_equal(got, np.swapaxes(got, -1, -2))
+    assert np.array_equal(logdet, Factor(np, M, "M").slogdet()[1])
+    for call in (lambda: f.solve(np.ones(shape + (2,))), f.inv, f.slogdet):
+        with pytest.raises(RuntimeError, match=r"factorization of M was consumed"):
+            call()
 
 
 def test_routes_survive_pickling_and_give_identical_results():
