@@ -26,6 +26,18 @@ void require(bool ok, const std::string& msg) {
 
 bool c_contiguous(const py::array& a) { return (a.flags() & py::array::c_style) != 0; }
 
+// dtype tests by NumPy's equivalence, not by object identity (handle::is): an unpickled array, or one
+// read from a file or received over MPI, carries its own float64 descriptor, equal to but not the
+// canonical one (it was refused as "not float32 or float64"); a byte-swapped one is not equivalent.
+bool same_dtype(const py::array& a, const py::array& b) {
+  return py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(), b.dtype().ptr());
+}
+
+template <typename T>
+bool has_dtype(const py::array& a) {
+  return py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<T>().ptr());
+}
+
 template <typename T>
 void eig_scale_typed(py::array& Y, const py::array& lg, const py::array& la, double shift, double power) {
   const auto B = Y.shape(0), q = Y.shape(1), p = Y.shape(2);
@@ -43,10 +55,10 @@ void eig_scale(py::array Y, py::array lg, py::array la, double shift, double pow
           "shapes of Y, lg and la do not agree");
   require(c_contiguous(Y) && c_contiguous(lg) && c_contiguous(la), "arrays must be C-contiguous");
   require(Y.writeable(), "Y must be writeable");
-  require(Y.dtype().is(lg.dtype()) && Y.dtype().is(la.dtype()), "Y, lg and la must share one dtype");
-  if (Y.dtype().is(py::dtype::of<double>())) {
+  require(same_dtype(Y, lg) && same_dtype(Y, la), "Y, lg and la must share one dtype");
+  if (has_dtype<double>(Y)) {
     eig_scale_typed<double>(Y, lg, la, shift, power);
-  } else if (Y.dtype().is(py::dtype::of<float>())) {
+  } else if (has_dtype<float>(Y)) {
     eig_scale_typed<float>(Y, lg, la, shift, power);
   } else {
     throw std::invalid_argument("kronlin._C: dtype must be float32 or float64");
@@ -64,7 +76,7 @@ bool quasi_triangular_ok(const py::array& S) {
     }
     return true;
   };
-  if (S.dtype().is(py::dtype::of<double>())) return check(static_cast<const double*>(S.data()));
+  if (has_dtype<double>(S)) return check(static_cast<const double*>(S.data()));
   return check(static_cast<const float*>(S.data()));
 }
 
@@ -92,12 +104,12 @@ double gsylv_backsub(py::array S1, py::array T1, py::array S2, py::array T2, py:
   require(c_contiguous(S1) && c_contiguous(T1) && c_contiguous(S2) && c_contiguous(T2) && c_contiguous(W),
           "arrays must be C-contiguous");
   require(W.writeable(), "W must be writeable");
-  require(W.dtype().is(S1.dtype()) && W.dtype().is(T1.dtype()) && W.dtype().is(S2.dtype()) &&
-              W.dtype().is(T2.dtype()),
+  require(same_dtype(W, S1) && same_dtype(W, T1) && same_dtype(W, S2) &&
+              same_dtype(W, T2),
           "S1, T1, S2, T2 and W must share one dtype");
   require(sign == 1 || sign == -1, "sign must be +1 or -1");
-  const bool f64 = W.dtype().is(py::dtype::of<double>());
-  if (!f64 && !W.dtype().is(py::dtype::of<float>())) {
+  const bool f64 = has_dtype<double>(W);
+  if (!f64 && !has_dtype<float>(W)) {
     throw std::invalid_argument("kronlin._C: dtype must be float32 or float64");
   }
   require(quasi_triangular_ok(S1) && quasi_triangular_ok(S2),
@@ -110,7 +122,7 @@ double gsylv_backsub(py::array S1, py::array T1, py::array S2, py::array T2, py:
 void require_square_stack(const py::array& x) {
   require(x.ndim() == 3 && x.shape(1) == x.shape(2), "expected a (B, n, n) stack of square matrices");
   require(c_contiguous(x), "the stack must be C-contiguous");
-  require(x.dtype().is(py::dtype::of<double>()) || x.dtype().is(py::dtype::of<float>()),
+  require(has_dtype<double>(x) || has_dtype<float>(x),
           "dtype must be float32 or float64");
 }
 
@@ -118,7 +130,7 @@ py::tuple asymmetry(py::array x) {
   require_square_stack(x);
   double asym = 0.0, scale = 0.0;
   const auto B = x.shape(0), n = x.shape(1);
-  const bool f64 = x.dtype().is(py::dtype::of<double>());
+  const bool f64 = has_dtype<double>(x);
   const void* data = x.data();
   {
     py::gil_scoped_release release;
@@ -135,7 +147,7 @@ void mirror_lower(py::array x) {
   require_square_stack(x);
   require(x.writeable(), "the stack must be writeable");
   const auto B = x.shape(0), n = x.shape(1);
-  const bool f64 = x.dtype().is(py::dtype::of<double>());
+  const bool f64 = has_dtype<double>(x);
   void* data = x.mutable_data();
   py::gil_scoped_release release;
   if (f64) {
@@ -174,7 +186,7 @@ PYBIND11_MODULE(_C, m) {
         const std::int64_t N = A.shape(0), T = A.shape(1), da = A.shape(2), M = E.shape(0), de = E.shape(2);
         require(E.shape(1) == T && (N == 0 ? M == 0 : M % N == 0), "shapes of A and E do not agree");
         require(c_contiguous(A) && c_contiguous(E), "arrays must be C-contiguous");
-        require(A.dtype().is(E.dtype()), "A and E must share one dtype");
+        require(same_dtype(A, E), "A and E must share one dtype");
         const std::int64_t S = N == 0 ? 1 : M / N;
         auto run = [&](auto zero) -> py::array {
           using T_ = decltype(zero);
@@ -188,8 +200,8 @@ PYBIND11_MODULE(_C, m) {
           }
           return K;
         };
-        if (A.dtype().is(py::dtype::of<double>())) return run(0.0);
-        if (A.dtype().is(py::dtype::of<float>())) return run(0.0f);
+        if (has_dtype<double>(A)) return run(0.0);
+        if (has_dtype<float>(A)) return run(0.0f);
         throw std::invalid_argument("kronlin._C: dtype must be float32 or float64");
       },
       py::arg("A"), py::arg("E"), py::arg("scale"), py::arg("prepack_bytes") = -1,

@@ -226,3 +226,38 @@ def test_symmetry_check_tolerance_is_unchanged():
             T[3, 90] += 1e-6 * scale
             with pytest.raises(ValueError, match=r"T \(shape \(100, 100\)\) must be symmetric"):
                 check_symmetric(np, T, "T")
+
+
+def test_bindings_take_equivalent_dtypes_not_only_the_canonical_one(cpu_ext):
+    """An unpickled array (and one received over MPI, which pickles) carries its own float64 descriptor,
+    equal to the canonical one but not the same object: the bindings compared descriptors by identity
+    and refused it ("dtype must be float32 or float64", seen resuming a distributed run on 3 ranks).
+    A byte-swapped array is a different dtype and is still refused (the dispatch sends it to the
+    reference)."""
+    import pickle
+
+    def twin(a):
+        b = pickle.loads(pickle.dumps(a))
+        assert b.dtype == a.dtype and b.dtype is not a.dtype  # the case being tested
+        return b
+
+    rng = np.random.default_rng(0)
+    S = rng.standard_normal((1, 5, 5))
+    S = S + np.swapaxes(S, -1, -2)
+    assert cpu_ext.asymmetry(twin(S)) == cpu_ext.asymmetry(S)
+    L, L2 = np.tril(S), twin(np.tril(S))
+    cpu_ext.mirror_lower(L)
+    cpu_ext.mirror_lower(L2)
+    assert np.array_equal(L, L2)
+    Y, lg, la = rng.standard_normal((1, 3, 4)), rng.uniform(1, 2, (1, 3)), rng.uniform(1, 2, (1, 4))
+    Y2 = twin(Y)
+    cpu_ext.eig_scale(Y, lg, la, 0.5, -1.0)
+    cpu_ext.eig_scale(Y2, twin(lg), la, 0.5, -1.0)
+    assert np.array_equal(Y, Y2)
+    A, E = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 5))
+    assert np.array_equal(cpu_ext.woodbury_gram_shared(twin(A), twin(E), 1.0), cpu_ext.woodbury_gram_shared(A, E, 1.0))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        cpu_ext.asymmetry(S.astype(">f8"))
+    with kernels.disabled():
+        ref = asymmetry(np, S)
+    assert asymmetry(np, S.astype(">f8")) == ref  # the dispatch takes the reference for it
