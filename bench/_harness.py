@@ -8,6 +8,7 @@ immune to drift and contention slower than one round.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -78,3 +79,22 @@ def load_package(pkg_dir, name: str):
     spec.loader.exec_module(mod)
     assert mod.extension_info()["cpu_extension"], f"{pkg}: the compiled module did not load"
     return mod
+
+
+def shuffled_rounds(routes: dict, rounds: int, warmup: int = 0, args: tuple = ()) -> dict:
+    """Per-round times (seconds) of every route: each round runs each route once, in a fresh random order,
+    on the same ``args``, so that the routes of one round share the machine's state (the paired ratios
+    ``t_route / t_floor`` of a round are then immune to load that changes between rounds).  The first
+    ``warmup`` rounds are not kept."""
+    times = {k: [] for k in routes}
+    for r in range(warmup + rounds):
+        order = list(routes)
+        random.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            routes[name](*args)
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return times
+

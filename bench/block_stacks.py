@@ -25,13 +25,13 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import threadpoolctl
 from scipy.linalg import lapack
 
+from _harness import shuffled_rounds
 from kronlin import BlockDiagInverse, pi_factor
 from refresh import kernel_line, machine  # bench/refresh.py: the run's conditions
 
@@ -115,14 +115,7 @@ def run_case(m, n, dtype, gamma, rounds, rng):
     out = {}
     for fam, routes, floor in (("decompose", dec, "potrf+potri per matrix (floor)"),
                                ("apply", app, "batched GEMMs, pre-stacked (floor)")):  # fmt: skip
-        times = {k: [] for k in routes}
-        for _ in range(rounds):
-            order = list(routes)
-            random.shuffle(order)
-            for k in order:
-                t = time.perf_counter()
-                routes[k]()
-                times[k].append(time.perf_counter() - t)
+        times = shuffled_rounds(routes, rounds)
         out[fam] = {k: {"ms": 1e3 * statistics.median(v),
                         "ratio": statistics.median(a / b for a, b in zip(v, times[floor]))}
                     for k, v in times.items()}  # fmt: skip

@@ -59,6 +59,8 @@ import scipy.linalg
 import threadpoolctl
 from scipy.linalg import lapack
 
+from _harness import shuffled_rounds
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
@@ -270,16 +272,7 @@ def run_case(family, routes, args, rounds, warmup=None, floor_routes=None, check
         del out
     if warmup is None:  # the checked call above warmed every route up; one more round below 1024
         warmup = 1 if args[0].shape[-1] < 1024 or args[0].ndim > 2 else 0
-    times = {k: [] for k in names}
-    for r in range(warmup + rounds):
-        order = names[:]
-        random.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            routes[name](*args)
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                times[name].append(dt)
+    times = shuffled_rounds(routes, rounds, warmup, args)
     cand = [k for k in names if (floor_routes is None and is_lapack(k)) or (floor_routes is not None and k in floor_routes)]
     return finalize({"floor_candidates": cand, "rounds": rounds,
                      "times_ms": {k: [1e3 * t for t in v] for k, v in times.items()}})

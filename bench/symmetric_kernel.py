@@ -12,16 +12,15 @@ kernel and load recorded; the table gives medians and, as the floor, one
 
 from __future__ import annotations
 
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS before the thread limit)
 import threadpoolctl
 
+from _harness import shuffled_rounds
 from kronlin import kernels
 from refresh import kernel_line, machine  # bench/refresh.py: the run's conditions
 
@@ -55,14 +54,7 @@ def main(rounds: int = 21):
             x = a + np.swapaxes(a, -1, -2)
             L = np.tril(a)
             fs = routes(x, L)
-            times = {k: [] for k in fs}
-            for _ in range(rounds):
-                order = list(fs)
-                random.shuffle(order)
-                for k in order:
-                    t = time.perf_counter()
-                    fs[k]()
-                    times[k].append(time.perf_counter() - t)
+            times = shuffled_rounds(fs, rounds)
             floor = times["isfinite pass (floor)"]
             for k, v in times.items():
                 rows.append((" x ".join(map(str, shape)), dtype, k, statistics.median(v) * 1e3,
