@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numpy.linalg import LinAlgError
 
-from ._backend import dtype_eps, is_numpy, mT
+from ._backend import dtype_eps, is_numpy
 from ._kernels.symmetric import asymmetry
 
 __all__ = [

@@ -166,8 +166,8 @@ def _check_estimates(xp, stats, named, arrays):
     if i is None:
         return
     n = len(stats["A_diag"])
-    for name, M in zip(named, arrays):
-        check_finite(xp, M, name[0])
+    for (name, _), M in zip(named, arrays):
+        check_finite(xp, M, name)
     key, k = ("A_diag", i) if i < n else ("G_diag", i - n)
     src = f"{'acts' if key == 'A_diag' else 'grads'}[{k}]"
     M = stats[key][k]
@@ -184,7 +184,7 @@ def _blend(old, scaled_new, eps):
     factors, one thread: 1.3 ms against 4.7-6.7 ms for ``old * ε`` into a new array plus the sum).
     """
     if (isinstance(scaled_new, np.ndarray) and scaled_new.dtype == old.dtype and scaled_new.dtype.char in "fd"
-            and scaled_new.flags.c_contiguous and old.flags.c_contiguous):
+            and scaled_new.dtype.isnative and scaled_new.flags.c_contiguous and old.flags.c_contiguous):
         import scipy.linalg.blas as blas
 
         blas.get_blas_funcs("axpy", (old,))(old.reshape(-1), scaled_new.reshape(-1), a=eps)
