@@ -193,6 +193,55 @@ def _blend(old, scaled_new, eps):
     return scaled_new
 
 
+def _checked_stats(stats, tridiagonal: bool, bad, what: str, snapshot: bool):
+    """``(ctx, {key: [matrix, ...]})`` from a dict of factor lists, or ``bad(message)`` raised naming the entry:
+    the four keys of :func:`batch_factors`, ``A_diag``/``G_diag`` one square matrix per layer,
+    ``A_off``/``G_off`` one per neighbouring pair when ``tridiagonal`` (else none), all finite.
+    ``snapshot``: the matrices are copied (the estimator will own them)."""
+    if not isinstance(stats, dict):
+        raise bad(f"{what} must be a dict of factor lists; got {type(stats).__name__}")
+    missing = [k for k in _KEYS if k not in stats]
+    if missing:
+        raise bad(f"{what} is missing {', '.join(repr(k) for k in missing)}")
+    lists = {k: stats[k] for k in _KEYS}
+    for k, v in lists.items():
+        if not isinstance(v, (list, tuple)):
+            raise bad(f"{what}[{k!r}] must be a list of matrices; got {type(v).__name__}")
+    n = len(lists["A_diag"])
+    if n < 1 or len(lists["G_diag"]) != n:
+        raise bad(f"{what}['A_diag'] and {what}['G_diag'] must hold one matrix per layer each; "
+                  f"got {n} and {len(lists['G_diag'])}")  # fmt: skip
+    n_off = n - 1 if tridiagonal else 0
+    for k in ("A_off", "G_off"):
+        if len(lists[k]) != n_off:
+            raise bad(f"{what}[{k!r}] must hold {n_off} matrices ({n} layers, tridiagonal={tridiagonal}); "
+                      f"got {len(lists[k])}")  # fmt: skip
+    named = [(f"{k}[{i}]", M) for k in _KEYS for i, M in enumerate(lists[k])]
+    try:
+        ctx, arrays = context(*named, snapshot=snapshot)
+    except (TypeError, ValueError) as exc:
+        raise bad(str(exc)) from None
+    it = iter(arrays)
+    loaded = {k: [next(it) for _ in lists[k]] for k in _KEYS}
+    for k in _KEYS:
+        for i, M in enumerate(loaded[k]):
+            name = f"{what}[{k!r}][{i}] ({k}[{i}])"
+            if M.ndim != 2:
+                raise bad(f"{name} must be a matrix; got shape {shape_str(M)}")
+            if k in ("A_diag", "G_diag"):
+                want = (M.shape[0], M.shape[0])
+            else:
+                diag = loaded["A_diag" if k == "A_off" else "G_diag"]
+                want = (diag[i].shape[0], diag[i + 1].shape[0])
+            if tuple(M.shape) != want:
+                raise bad(f"{name} has shape {shape_str(M)}; expected {want}")
+            try:
+                check_finite(ctx.xp, M, f"{k}[{i}]")
+            except ValueError as exc:
+                raise bad(str(exc)) from None
+    return ctx, loaded
+
+
 class FactorEstimator:
     """Running averages of the K-FAC factors shared by optimizers and users (K-FAC §5).
 
@@ -263,6 +312,34 @@ class FactorEstimator:
         twin.__dict__.update(self.__dict__)
         return twin
 
+    def fold(self, batch: dict) -> "FactorEstimator":
+        """Fold batch factors computed elsewhere into the averages, ``ε·old + (1 − ε)·batch`` as :meth:`update`.
+
+        For statistics reduced across processes (``kronlin.distributed``: the
+        global batch's factors, the same on every rank).  ``batch`` is a dict
+        like :func:`batch_factors` returns (``A_off``/``G_off`` empty unless
+        ``tridiagonal``), of finite matrices with the averages' shapes after
+        the first update; anything else raises ``ValueError`` naming the entry
+        and changes nothing.  The averages equal what :meth:`update` on the
+        concatenated batch gives, to round-off.
+        """
+        def bad(what):
+            return ValueError(f"FactorEstimator.fold: {what}")
+
+        ctx, new = _checked_stats(batch, self.tridiagonal, bad, "batch", snapshot=False)
+        if self._stats is not None:
+            for key in _KEYS:
+                got, have = ([tuple(M.shape) for M in s[key]] for s in (new, self._stats))
+                if got != have:
+                    raise bad(f"batch[{key!r}] has shapes {got} but the running averages have {have}")
+        eps = self.decay()  # 0 at the first fold: the scaled copies below are the averages
+        scaled = {k: [M * (1.0 - eps) for M in new[k]] for k in _KEYS}  # fresh arrays, owned here
+        if self._stats is not None:
+            scaled = {k: [_blend(old, M, eps) for old, M in zip(self._stats[k], scaled[k])] for k in _KEYS}
+        self._stats, self._ctx = scaled, ctx
+        self.step += 1
+        return self
+
     def _get(self, key):
         if self._stats is None:
             raise RuntimeError("no statistics yet: call update(acts, grads) first")
@@ -320,47 +397,9 @@ class FactorEstimator:
             raise bad(f"stats must be None or a dict of factor lists; got {type(stats).__name__}")
         if (stats is None) != (step == 0):
             raise bad(f"step {step} with {'no' if stats is None else ''} stats: stats are None exactly before the first update")
-        ctx = None
+        ctx = loaded = None
         if stats is not None:
-            missing = [k for k in _KEYS if k not in stats]
-            if missing:
-                raise bad(f"stats is missing {', '.join(repr(k) for k in missing)}")
-            lists = {k: stats[k] for k in _KEYS}
-            for k, v in lists.items():
-                if not isinstance(v, (list, tuple)):
-                    raise bad(f"stats[{k!r}] must be a list of matrices; got {type(v).__name__}")
-            n = len(lists["A_diag"])
-            if n < 1 or len(lists["G_diag"]) != n:
-                raise bad(f"stats['A_diag'] and stats['G_diag'] must hold one matrix per layer each; "
-                          f"got {n} and {len(lists['G_diag'])}")  # fmt: skip
-            n_off = n - 1 if state["tridiagonal"] else 0
-            for k in ("A_off", "G_off"):
-                if len(lists[k]) != n_off:
-                    raise bad(f"stats[{k!r}] must hold {n_off} matrices ({n} layers, tridiagonal={state['tridiagonal']}); "
-                              f"got {len(lists[k])}")  # fmt: skip
-            named = [(f"{k}[{i}]", M) for k in _KEYS for i, M in enumerate(lists[k])]
-            try:
-                ctx, arrays = context(*named, snapshot=True)  # copied: the estimator owns its averages
-            except (TypeError, ValueError) as exc:
-                raise bad(str(exc)) from None
-            it = iter(arrays)
-            loaded = {k: [next(it) for _ in lists[k]] for k in _KEYS}
-            for k in _KEYS:
-                for i, M in enumerate(loaded[k]):
-                    name = f"stats[{k!r}][{i}] ({k}[{i}])"
-                    if M.ndim != 2:
-                        raise bad(f"{name} must be a matrix; got shape {shape_str(M)}")
-                    if k in ("A_diag", "G_diag"):
-                        want = (M.shape[0], M.shape[0])
-                    else:
-                        diag = loaded["A_diag" if k == "A_off" else "G_diag"]
-                        want = (diag[i].shape[0], diag[i + 1].shape[0])
-                    if tuple(M.shape) != want:
-                        raise bad(f"{name} has shape {shape_str(M)}; expected {want}")
-                    try:
-                        check_finite(ctx.xp, M, f"{k}[{i}]")
-                    except ValueError as exc:
-                        raise bad(str(exc)) from None
+            ctx, loaded = _checked_stats(stats, state["tridiagonal"], bad, "stats", snapshot=True)
         self.__init__(decay, state["tridiagonal"], state["append_one"])
         self.step = step
         if stats is not None:

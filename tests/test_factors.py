@@ -163,3 +163,41 @@ def test_copy_is_a_snapshot_without_array_copies():
     snap.update(*batch())  # the snapshot goes on independently
     assert snap.step == 2 and est.step == 3
     assert not np.array_equal(snap.A_diag[0], est.A_diag[0])
+
+
+def test_fold_of_batch_factors_equals_update():
+    """fold(batch_factors(...)) — the path of statistics reduced across processes — gives update's
+    averages to round-off (the scaling by (1 − ε)/N is one multiplication there, two here)."""
+    rng = np.random.default_rng(8)
+    a, b = FactorEstimator(tridiagonal=True), FactorEstimator(tridiagonal=True)
+    for _ in range(4):
+        acts = [rng.standard_normal((7, 3)), rng.standard_normal((7, 4))]
+        grads = [rng.standard_normal((7, 4)), rng.standard_normal((7, 2))]
+        a.update(acts, grads)
+        b.fold(batch_factors(acts, grads))
+    assert a.step == b.step == 4
+    for key in ("A_diag", "G_diag", "A_off", "G_off"):
+        for x, y in zip(getattr(a, key), getattr(b, key)):
+            assert rel_err(y, x) < 1e-14
+
+
+def test_fold_refuses_a_malformed_batch_and_changes_nothing():
+    rng = np.random.default_rng(9)
+    acts, grads = [rng.standard_normal((6, 3))], [rng.standard_normal((6, 2))]
+    est = FactorEstimator(tridiagonal=False).update(acts, grads)
+    kept = [M.copy() for M in est.A_diag + est.G_diag]
+    good = batch_factors(acts, grads, tridiagonal=False)
+    nan = {**good, "G_diag": [np.full((2, 2), np.nan)]}
+    cases = [
+        ({k: v for k, v in good.items() if k != "G_off"}, r"batch is missing 'G_off'"),
+        ({**good, "A_diag": [np.eye(5)]}, r"batch\['A_diag'\] has shapes \[\(5, 5\)\] but the running averages have \[\(4, 4\)\]"),
+        ({**good, "A_diag": [np.ones((4, 3))]}, r"batch\['A_diag'\]\[0\] \(A_diag\[0\]\) has shape \(4, 3\); expected \(4, 4\)"),
+        (nan, r"G_diag\[0\] \(shape \(2, 2\)\) contains NaN"),
+        ({**good, "A_off": [np.eye(4)]}, r"batch\['A_off'\] must hold 0 matrices"),
+    ]
+    for batch, match in cases:
+        with pytest.raises(ValueError, match=r"^FactorEstimator\.fold: " + match):
+            est.fold(batch)
+    assert est.step == 1
+    for M, K in zip(est.A_diag + est.G_diag, kept):
+        assert np.array_equal(M, K)

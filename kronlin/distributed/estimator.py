@@ -27,7 +27,6 @@ import numpy as np
 
 from .. import FactorEstimator, batch_factors
 from .._backend import context
-from ..factors import _blend
 from ._comm import back, host, mpi, pack_symmetric, raise_failures, tri_size, unpack_symmetric, wait
 
 __all__ = ["FactorReducer", "allreduce_factors", "allreduce_mean", "fold_batch", "DistributedFactorEstimator"]
@@ -204,20 +203,11 @@ def fold_batch(estimator, batch: dict):
 
     ``batch`` is a dict like :func:`kronlin.batch_factors` returns (for a
     ``tridiagonal=False`` estimator ``A_off``/``G_off`` are empty lists), e.g.
-    a :class:`FactorReducer`'s result.  The estimator then holds what its own
-    ``update`` on the concatenated global batch would give (``ε·old + (1 − ε)·batch``
-    with the same blend; ``update`` scales ``XᵀX`` by ``(1 − ε)/N`` in one pass, so the
-    two agree to round-off), and keeps its ``state_dict`` format.
+    a :class:`FactorReducer`'s result: :meth:`kronlin.FactorEstimator.fold`,
+    which gives what the estimator's own ``update`` on the concatenated global
+    batch would, to round-off, and keeps its ``state_dict`` format.
     """
-    state = estimator.state_dict()
-    eps = estimator.decay()
-    if state["stats"] is None:
-        state["stats"] = {k: list(batch[k]) for k in _KEYS}
-    else:
-        state["stats"] = {k: [_blend(o, n * (1.0 - eps), eps) for o, n in zip(state["stats"][k], batch[k])] for k in _KEYS}
-    state["step"] += 1
-    estimator.load_state_dict(state)
-    return estimator
+    return estimator.fold(batch)
 
 
 class DistributedFactorEstimator:
