@@ -16,7 +16,10 @@ Families (single matrices n = 256, 512, 785, 1024, 2048 and stacks 200 x 64²,
   stacks), torch.linalg.eigh (MKL, context only);
 * ``chol``: ``numpy.linalg.cholesky``, ``scipy.linalg.cholesky``, LAPACK ``?potrf``;
 * ``inv`` (SPD): ``potrf`` + ``potri`` (+ mirroring the triangle), ``cho_solve``
-  against I, ``numpy.linalg.inv``, torch cholesky + cholesky_inverse;
+  against I, ``numpy.linalg.inv``, torch cholesky + cholesky_inverse (curvlinops'
+  ``KFACInverseLinearOperator`` inverts each damped factor exactly so; with exact
+  damping it calls ``torch.linalg.eigh``, the ``eigh`` family's torch row: these
+  rows are curvlinops' inversion in the same run);
 * ``geigh`` (``C x = s A x``): ``scipy.linalg.eigh(C, A)`` drivers gvd and gv,
   Cholesky reduction (potrf, two triangular solves, syevd, one triangular solve);
 * ``kron``: ``Kron(A, G).eigh()`` and ``Kron(A, G).inv()`` of this checkout
