@@ -175,17 +175,14 @@ class DataParallel:
     def fold_factors(self, estimators, acts, errs, tridiagonal: bool) -> None:
         """Fold the global batch's factors (:meth:`factors`) into the running averages, in place.
 
-        ``estimators``: one :class:`kronlin.FactorEstimator` for all layers
-        (always when ``tridiagonal``) or one per layer, each then given its layer's factors.
+        ``estimators``: a one-element list holding the :class:`kronlin.FactorEstimator` of every layer
+        (the optimizers' ``_est``).
         """
         from ..distributed.estimator import fold_batch
 
-        batch = self.factors(acts, errs, tridiagonal)
-        if tridiagonal or len(estimators) == 1:  # one estimator holds every layer
-            fold_batch(estimators[0], batch)
-            return
-        for k, est in enumerate(estimators):
-            fold_batch(est, {"A_diag": [batch["A_diag"][k]], "G_diag": [batch["G_diag"][k]], "A_off": [], "G_off": []})
+        if len(estimators) != 1:
+            raise ValueError(f"fold_factors takes the one estimator of all layers; got {len(estimators)}")
+        fold_batch(estimators[0], self.factors(acts, errs, tridiagonal))
 
     def kfac(self, shapes, damping: str = "factored", second_factor: bool = True):
         """The :class:`kronlin.distributed.DistributedKFAC` for these layer shapes (one per configuration).

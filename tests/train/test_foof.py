@@ -189,3 +189,39 @@ def test_an_overflowing_preconditioned_gradient_is_rejected_not_raised(monkeypat
     assert not info["accepted"] and opt.n_rejected == 1 and opt.lr_scale == lr_scale * 0.5
     assert all(np.array_equal(W, T) for W, T in zip(net.params, theta))
     assert all(np.array_equal(v, w) for v, w in zip(opt.velocity, vel))
+
+
+def _split_per_layer(est_state):
+    """One estimator's state as the per-layer states checkpoints held before the estimator was shared."""
+    st = est_state["stats"]
+    return [{**est_state, "stats": {"A_diag": [A], "G_diag": [G], "A_off": [], "G_off": []}}
+            for A, G in zip(st["A_diag"], st["G_diag"])]
+
+
+@pytest.mark.parametrize("name", ["foof", "kfac"])
+def test_checkpoints_with_one_estimator_per_layer_still_resume(name):
+    """FOOF (like K-FAC before it) keeps one FactorEstimator for all layers; a checkpoint written with one
+    per layer resumes to the same steps, bit for bit, as one written now."""
+    from kronlin.train.checkpoint import decode_tree, encode_tree
+
+    loss = get_loss("softmax_ce")
+    rng = np.random.default_rng(3)
+    for make in (tiny_mlp, tiny_conv):
+        net = make()
+        batches = [(rng.standard_normal((10, net.in_size)), rng.integers(0, 3, 10)) for _ in range(7)]
+        opt = OPTIMIZERS[name](net, loss, seed=5)
+        for X, Y in batches[:4]:
+            opt.step(X, Y)
+        state = decode_tree(*encode_tree(opt.state_dict()))
+        old = decode_tree(*encode_tree(opt.state_dict()))
+        key = "estimators" if name == "foof" else "curvature"
+        assert len(old["extra"][key]) == 1
+        old["extra"][key] = _split_per_layer(old["extra"][key][0])
+        runs = []
+        for st in (state, old):
+            net2 = make(seed=99)
+            net2.set_params(net.copy_params())
+            opt2 = OPTIMIZERS[name](net2, loss, seed=5)
+            opt2.load_state_dict(st)
+            runs.append([opt2.step(X, Y)["loss"] for X, Y in batches[4:]])
+        assert runs[0] == runs[1]

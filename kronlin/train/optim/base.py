@@ -255,3 +255,17 @@ class Optimizer:
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({hp})"
+
+
+def merge_layer_states(states: list) -> dict:
+    """Per-layer :meth:`FactorEstimator.state_dict` s (checkpoints written before the estimator was shared
+    by all layers) as one state; every layer was updated at every step, so the steps agree."""
+    steps = {st.get("step") for st in states if isinstance(st, dict)}
+    if len(steps) != 1 or not all(isinstance(st, dict) for st in states):
+        raise ValueError("the per-layer factor statistics of this checkpoint disagree on their step")
+    merged = dict(states[0])
+    if any(st.get("stats") is None for st in states):
+        merged["stats"] = None
+    else:
+        merged["stats"] = {k: [M for st in states for M in st["stats"][k]] for k in states[0]["stats"]}
+    return merged

@@ -53,7 +53,7 @@ import numpy as np
 
 from ... import FactorEstimator, factored_damping
 from . import register
-from .base import Optimizer, all_finite
+from .base import Optimizer, all_finite, merge_layer_states
 from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, OPEN_UNIT, POSITIVE, choice, integer
 
 __all__ = ["FOOF"]
@@ -127,8 +127,8 @@ class FOOF(Optimizer):
         return int(self.hparams["T"] if self.hparams["S"] is None else self.hparams["S"])
 
     def _new_estimators(self):
-        m = self.hparams["decay"]
-        self._est = [FactorEstimator(max_decay=m, tridiagonal=False, append_one=False) for _ in self.net.layers]
+        # one estimator for every layer (one update call a batch; the G statistics are unused placeholders)
+        self._est = [FactorEstimator(max_decay=self.hparams["decay"], tridiagonal=False, append_one=False)]
 
     # ---------------------------------------------------------------- pieces
     def _fold(self, trace, local: bool = False) -> None:
@@ -141,8 +141,7 @@ class FOOF(Optimizer):
         if self.dp is not None and not local:  # the global batch's Σ (one packed all-reduce), folded into each
             self.dp.fold_factors(self._est, acts, zeros, tridiagonal=False)
             return
-        for est, a, z in zip(self._est, acts, zeros):  # conv patches (N, T, d): the estimator sums over positions
-            est.update([a], [z])
+        self._est[0].update(acts, zeros)  # conv patches (N, T, d): the estimator sums over positions
 
     def prepare(self, X_train, batch: int) -> bool:
         """Appendix K's start when ``init_batches`` > 1: line 11 on that many mini-batches of ``batch``
@@ -167,7 +166,7 @@ class FOOF(Optimizer):
 
     def _invert(self) -> None:
         """Line 8: ``P ← (Σ + λI)⁻¹`` (from the Cholesky factor of ``Σ + λI``)."""
-        self._sigma = [np.array(e.A_diag[0]) for e in self._est]
+        self._sigma = self._est[0].A_diag  # copies of the averages
         self._build()
 
     def _build(self) -> None:
@@ -256,8 +255,10 @@ class FOOF(Optimizer):
         self.velocity = [np.array(v, dtype=np.float64) for v in state["velocity"]]
         self.lr_scale = float(state["lr_scale"])
         self._new_estimators()
-        for e, s in zip(self._est, state["estimators"]):
-            e.load_state_dict(s)
+        states = state["estimators"]
+        if len(states) > 1:  # a checkpoint from before: one estimator per layer
+            states = [merge_layer_states(states)]
+        self._est[0].load_state_dict(states[0])
         sig = state["sigma"]
         if sig is None:
             self._sigma = self._inverse = None

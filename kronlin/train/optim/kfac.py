@@ -64,7 +64,7 @@ import numpy as np
 
 from ... import BlockDiagInverse, BlockTridiagInverse, FactorEstimator, Kron, pi_factor
 from . import register
-from .base import Optimizer, all_finite
+from .base import Optimizer, all_finite, merge_layer_states
 
 from .hparams import HALF_OPEN_UNIT, NONNEGATIVE, POSITIVE, boolean, choice, integer, real
 
@@ -125,20 +125,6 @@ def solve_alpha_mu(quad, grad_dot):
 
 def _vdot(U, V) -> float:
     return float(sum(np.vdot(u, v) for u, v in zip(U, V)))
-
-
-def _merge_layer_states(states: list) -> dict:
-    """Per-layer :meth:`FactorEstimator.state_dict` s (checkpoints written before the estimator was shared
-    by all layers) as one state; every layer was updated at every step, so the steps agree."""
-    steps = {st.get("step") for st in states if isinstance(st, dict)}
-    if len(steps) != 1 or not all(isinstance(st, dict) for st in states):
-        raise ValueError("the per-layer factor statistics of this checkpoint disagree on their step")
-    merged = dict(states[0])
-    if any(st.get("stats") is None for st in states):
-        merged["stats"] = None
-    else:
-        merged["stats"] = {k: [M for st in states for M in st["stats"][k]] for k in states[0]["stats"]}
-    return merged
 
 
 def _is_conv(layer) -> bool:
@@ -651,7 +637,7 @@ class KFAC(KroneckerOptimizer):
     def _load_curvature_state(self, state) -> None:
         self._new_estimators()
         if isinstance(state, list) and len(state) > 1:  # a checkpoint from before: one estimator per layer
-            state = [_merge_layer_states(state)]
+            state = [merge_layer_states(state)]
         for e, s in zip(self._est, state):
             e.load_state_dict(s)
 
