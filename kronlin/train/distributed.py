@@ -172,17 +172,12 @@ class DataParallel:
             self._reducers[key] = FactorReducer(self.comm, append_one=False, tridiagonal=key)
         return self._reducers[key].reduce(acts, errs)
 
-    def fold_factors(self, estimators, acts, errs, tridiagonal: bool) -> None:
-        """Fold the global batch's factors (:meth:`factors`) into the running averages, in place.
-
-        ``estimators``: a one-element list holding the :class:`kronlin.FactorEstimator` of every layer
-        (the optimizers' ``_est``).
-        """
+    def fold_factors(self, estimator, acts, errs, tridiagonal: bool) -> None:
+        """Fold the global batch's factors (:meth:`factors`) into ``estimator``'s running averages, in place
+        (the one :class:`kronlin.FactorEstimator` of all the optimizer's layers)."""
         from ..distributed.estimator import fold_batch
 
-        if len(estimators) != 1:
-            raise ValueError(f"fold_factors takes the one estimator of all layers; got {len(estimators)}")
-        fold_batch(estimators[0], self.factors(acts, errs, tridiagonal))
+        fold_batch(estimator, self.factors(acts, errs, tridiagonal))
 
     def kfac(self, shapes, damping: str = "factored", second_factor: bool = True):
         """The :class:`kronlin.distributed.DistributedKFAC` for these layer shapes (one per configuration).

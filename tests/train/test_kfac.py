@@ -575,7 +575,7 @@ def test_overflowing_statistics_reject_the_step_and_change_no_average(monkeypatc
     def overflow(acts, grads):
         raise FloatingPointError("A_diag[1] (the second moment of acts[1]) is not finite")
 
-    monkeypatch.setattr(opt._est[0], "update", overflow)
+    monkeypatch.setattr(opt._est, "update", overflow)
     info = opt.step(X, Y)
     assert not info["accepted"] and info["reason"] == "non-finite curvature statistics"
     after = opt.state_dict()["extra"]["curvature"]

@@ -258,8 +258,11 @@ class Optimizer:
 
 
 def merge_layer_states(states: list) -> dict:
-    """Per-layer :meth:`FactorEstimator.state_dict` s (checkpoints written before the estimator was shared
-    by all layers) as one state; every layer was updated at every step, so the steps agree."""
+    """The one :meth:`FactorEstimator.state_dict` of a checkpoint's list of them: a list of one (written now),
+    or one per layer (written before the estimator was shared by all layers; every layer was updated at
+    every step, so the steps agree) merged into one."""
+    if len(states) == 1:
+        return states[0]
     steps = {st.get("step") for st in states if isinstance(st, dict)}
     if len(steps) != 1 or not all(isinstance(st, dict) for st in states):
         raise ValueError("the per-layer factor statistics of this checkpoint disagree on their step")

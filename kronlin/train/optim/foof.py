@@ -47,6 +47,7 @@ multiplied by ``reject_factor`` for all later iterations (``lr_scale``).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -128,7 +129,7 @@ class FOOF(Optimizer):
 
     def _new_estimators(self):
         # one estimator for every layer (one update call a batch; the G statistics are unused placeholders)
-        self._est = [FactorEstimator(max_decay=self.hparams["decay"], tridiagonal=False, append_one=False)]
+        self._est = FactorEstimator(max_decay=self.hparams["decay"], tridiagonal=False, append_one=False)
 
     # ---------------------------------------------------------------- pieces
     def _fold(self, trace, local: bool = False) -> None:
@@ -141,7 +142,7 @@ class FOOF(Optimizer):
         if self.dp is not None and not local:  # the global batch's Σ (one packed all-reduce), folded into each
             self.dp.fold_factors(self._est, acts, zeros, tridiagonal=False)
             return
-        self._est[0].update(acts, zeros)  # conv patches (N, T, d): the estimator sums over positions
+        self._est.update(acts, zeros)  # conv patches (N, T, d): the estimator sums over positions
 
     def prepare(self, X_train, batch: int) -> bool:
         """Appendix K's start when ``init_batches`` > 1: line 11 on that many mini-batches of ``batch``
@@ -166,7 +167,7 @@ class FOOF(Optimizer):
 
     def _invert(self) -> None:
         """Line 8: ``P ← (Σ + λI)⁻¹`` (from the Cholesky factor of ``Σ + λI``)."""
-        self._sigma = self._est[0].A_diag  # copies of the averages
+        self._sigma = self._est.A_diag  # copies of the averages
         self._build()
 
     def _build(self) -> None:
@@ -208,7 +209,7 @@ class FOOF(Optimizer):
                     "reason": "non-finite loss, gradient or activations at the current weights"}  # fmt: skip
         initial = self._inverse is None
         if initial:  # appendix K: Σ and P from the first batch before the first update
-            ests = [e.state_dict() for e in self._est]
+            before = copy.copy(self._est)  # a snapshot without array copies (FactorEstimator.__copy__)
             self._fold(trace)
             self._invert()
         try:  # finite gradients: kronlin returns a finite ∇W P or refuses an overflowing one (FloatingPointError)
@@ -235,8 +236,7 @@ class FOOF(Optimizer):
         else:
             self.lr_scale *= float(h["reject_factor"])
             if initial:  # leave no trace of the rejected first step
-                for e, s in zip(self._est, ests):
-                    e.load_state_dict(s)
+                self._est = before
                 self._sigma = self._inverse = None
         return {"loss": float(new_loss if accepted else loss0), "loss_before": float(loss0),
                 "accepted": accepted, "lr": lr, "refreshed": refreshed or initial}  # fmt: skip
@@ -247,7 +247,7 @@ class FOOF(Optimizer):
             "velocity": [v.copy() for v in self.velocity],
             "lr_scale": float(self.lr_scale),
             "sigma": None if self._sigma is None else [S.copy() for S in self._sigma],
-            "estimators": [e.state_dict() for e in self._est],
+            "estimators": [self._est.state_dict()],  # a list: the format of one estimator per layer, kept
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -255,10 +255,7 @@ class FOOF(Optimizer):
         self.velocity = [np.array(v, dtype=np.float64) for v in state["velocity"]]
         self.lr_scale = float(state["lr_scale"])
         self._new_estimators()
-        states = state["estimators"]
-        if len(states) > 1:  # a checkpoint from before: one estimator per layer
-            states = [merge_layer_states(states)]
-        self._est[0].load_state_dict(states[0])
+        self._est.load_state_dict(merge_layer_states(state["estimators"]))
         sig = state["sigma"]
         if sig is None:
             self._sigma = self._inverse = None

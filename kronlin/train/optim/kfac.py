@@ -599,7 +599,7 @@ class KFAC(KroneckerOptimizer):
         # one estimator for all layers: one call per update, and an update that is refused (an overflowing
         # second moment) changes no layer's average rather than only the layers before the failing one
         d = self.hparams["max_decay"]
-        self._est = [FactorEstimator(max_decay=d, tridiagonal=self.tridiagonal, append_one=False)]
+        self._est = FactorEstimator(max_decay=d, tridiagonal=self.tridiagonal, append_one=False)
 
     def _observe(self, trace) -> bool:
         """K-FAC §5: one backward pass with targets sampled from the model; fold into the averages.
@@ -620,26 +620,23 @@ class KFAC(KroneckerOptimizer):
             if self.dp is not None:  # the global batch's factors (one packed all-reduce), folded into the average
                 self.dp.fold_factors(self._est, acts, errs, self.tridiagonal)
             else:
-                self._est[0].update(acts, errs)
+                self._est.update(acts, errs)
         except FloatingPointError:  # finite inputs whose second moments overflow: kronlin refuses, nothing changed
             return False
         return True
 
     def _factors(self, trace) -> dict:
-        e = self._est[0]
+        e = self._est
         if self.tridiagonal:
             return {"A_diag": e.A_diag, "G_diag": e.G_diag, "A_off": e.A_off, "G_off": e.G_off}
         return {"A_diag": e.A_diag, "G_diag": e.G_diag}
 
     def _curvature_state(self):
-        return [e.state_dict() for e in self._est]
+        return [self._est.state_dict()]  # a list: the checkpoint format of one estimator per layer, kept
 
     def _load_curvature_state(self, state) -> None:
         self._new_estimators()
-        if isinstance(state, list) and len(state) > 1:  # a checkpoint from before: one estimator per layer
-            state = [merge_layer_states(state)]
-        for e, s in zip(self._est, state):
-            e.load_state_dict(s)
+        self._est.load_state_dict(merge_layer_states(state))
 
 
 class KFACTridiag(KFAC):
