@@ -449,7 +449,7 @@ class BlockTridiagInverse(_LayerBlocks):
         """Pair ``k``'s Stein set-up: ``Ψ^Ā_k``, ``Ψ^G_k`` and ``Σ_{k+1|k+2}⁻¹`` (K-FAC §4.3)."""
         xp, Ao, Go = self._ctx.xp, self._Ao, self._Go
         # Ψ^Ā = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ and Ψ^G = G_{k+1,k+2} G_{k+2,k+2}⁻¹, by solves (factors symmetric)
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, naming the argument
+        with quiet_overflow(xp):  # overflow is reported below, naming the argument
             psiA = mT(f[k + 1][0].solve(mT(Ao[k])))
             psiG = mT(f[k + 1][1].solve(mT(Go[k])))
             C = psiA @ mT(Ao[k])  # Ψ^Ā Ā_{k+1,k+1} Ψ^Āᵀ = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ Ā_{k,k+1}ᵀ

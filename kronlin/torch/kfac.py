@@ -168,7 +168,10 @@ class KFAC(CurvatureHooks):
     def _current_factors(self):
         """The running averages as curvature factors (G scaled by c), kronlin's split."""
         est, c = self._estimator, self._scale
-        scaled = (lambda Ms: Ms) if c == 1.0 else (lambda Ms: [G * c for G in Ms])  # 1 for a mean-reduced loss
+
+        def scaled(Ms):  # c is 1 for a mean-reduced loss: no product then
+            return Ms if c == 1.0 else [G * c for G in Ms]
+
         out = {"A_diag": est.A_diag, "G_diag": scaled(est.G_diag)}
         if self.structure == "tridiagonal":
             out["A_off"], out["G_off"] = est.A_off, scaled(est.G_off)
