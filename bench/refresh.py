@@ -52,6 +52,8 @@ import scipy.linalg
 import threadpoolctl
 from scipy.linalg import lapack
 
+from _harness import shuffled_rounds
+
 import kronlin
 from kronlin import Kron, KronEigh
 from kronlin.train import Dense, Net, Task, get_loss, get_optimizer, load_task
@@ -251,12 +253,7 @@ def width_sweep(widths, rounds, dtype=np.float64, seed=0):
         if torch is not None:
             T1 = torch.from_numpy(A1)
             routes["torch.linalg.eigh x2 (MKL, context)"] = lambda: (torch.linalg.eigh(T1), torch.linalg.eigh(T1))
-        times = {k: [] for k in routes}
-        for _ in range(rounds):
-            order = list(routes)
-            random.shuffle(order)
-            for k in order:
-                times[k].append(_timed(routes[k])[0])
+        times = shuffled_rounds(routes, rounds)
         base = times["kronlin cold (Kron.eigh, 2 factors)"]
         ns_res = newton_schulz()[1] / np.linalg.norm(I)
         ent = {"n": n, "dtype": np.dtype(dtype).name, "cold_ms": 1e3 * statistics.median(base),
