@@ -297,10 +297,14 @@ class FactorEstimator:
                         f"acts and grads give {key} of shapes {new} but the running averages have {old}: the layer "
                         f"shapes changed since the last update; pass the same layers, or start a new FactorEstimator"
                     )
-            # a convex combination of finite factors: finite (no check needed)
-            batch = {k: [_blend(old, new, eps) for old, new in zip(self._stats[k], batch[k])] for k in _KEYS}
-        self._stats = batch
-        self._ctx = ctx
+        return self._fold_in(batch, eps, ctx)
+
+    def _fold_in(self, scaled, eps, ctx) -> "FactorEstimator":
+        """Commit ``ε·old + scaled`` (``scaled``: fresh arrays of ``(1 − ε)·batch``, checked finite and shaped
+        like the averages) as the new averages; a convex combination of finite factors needs no check."""
+        if self._stats is not None:
+            scaled = {k: [_blend(old, M, eps) for old, M in zip(self._stats[k], scaled[k])] for k in _KEYS}
+        self._stats, self._ctx = scaled, ctx
         self.step += 1
         return self
 
@@ -333,12 +337,7 @@ class FactorEstimator:
                 if got != have:
                     raise bad(f"batch[{key!r}] has shapes {got} but the running averages have {have}")
         eps = self.decay()  # 0 at the first fold: the scaled copies below are the averages
-        scaled = {k: [M * (1.0 - eps) for M in new[k]] for k in _KEYS}  # fresh arrays, owned here
-        if self._stats is not None:
-            scaled = {k: [_blend(old, M, eps) for old, M in zip(self._stats[k], scaled[k])] for k in _KEYS}
-        self._stats, self._ctx = scaled, ctx
-        self.step += 1
-        return self
+        return self._fold_in({k: [M * (1.0 - eps) for M in new[k]] for k in _KEYS}, eps, ctx)  # fresh arrays
 
     def _get(self, key):
         if self._stats is None:
