@@ -70,6 +70,24 @@ class TestKronEigh(OperatorConformance):
         return {"forward": K, "solve": np.linalg.inv(K), "logdet": _logdet(K), "matmat": K, "linop": K}
 
 
+class TestKronEighFromRows(OperatorConformance):
+    """A thin eigenbasis (A from 2 rows of order 4: rank 2; G from 5 rows, full): singular, so no solve/logdet."""
+
+    blocks = [(Q, P)]
+    accessors = ("Qa", "la", "Qg", "lg")
+
+    def data(self):
+        rng = np.random.default_rng(13)
+        return {"a": rng.standard_normal((2, P)), "g": rng.standard_normal((5, Q))}
+
+    def build(self, make):
+        return kronlin.KronEigh.from_rows(make("a"), make("g"), scale_a=0.5)
+
+    def refs(self, d):
+        K = np.kron(0.5 * d["a"].T @ d["a"], d["g"].T @ d["g"])
+        return {"forward": K, "matmat": K, "linop": K}
+
+
 class TestDampedKronExact(OperatorConformance):
     blocks = [(Q, P)]
     lam = 0.3
