@@ -122,11 +122,13 @@ class KronEigh(KronShaped):
             _check_orthonormal(ctx.xp, Q, nq, eps)
         self._init(ctx, Qa, la, Qg, lg)
 
-    def _init(self, ctx, Qa, la, Qg, lg):
+    def _init(self, ctx, Qa, la, Qg, lg, shifts=(0.0, 0.0)):
         p, q = int(Qa.shape[-2]), int(Qg.shape[-2])
         self._thin = Qa.shape[-1] < p or Qg.shape[-1] < q
-        # the whole spectra (eigenvalue 0 on a thin basis' complement, first: ascending for PSD factors)
-        wa, wg = (_padded(ctx.xp, la, p), _padded(ctx.xp, lg, q)) if self._thin else (la, lg)
+        self._shifts = shifts  # a thin basis' eigenvalue on its complement (A's, G's)
+        # the whole spectra (the complement's eigenvalue first: ascending for PSD factors)
+        wa, wg = ((_padded(ctx.xp, la, p, shifts[0]), _padded(ctx.xp, lg, q, shifts[1])) if self._thin
+                  else (la, lg))
         _check_products(ctx.xp, wa, wg)
         self._Qa, self._la, self._Qg, self._lg, self._wa, self._wg = Qa, la, Qg, lg, wa, wg
         self._set_shape(ctx, p, q, batch_shape_of(Qa, Qg, "Qa", "Qg"))
@@ -134,8 +136,9 @@ class KronEigh(KronShaped):
         return self
 
     @classmethod
-    def from_rows(cls, a, g, scale_a: float = 1.0, scale_g: float = 1.0) -> "KronEigh":
-        """The eigenbasis of ``A ⊗ G`` with ``A = scale_a·aᵀa`` and ``G = scale_g·gᵀg``, from the rows.
+    def from_rows(cls, a, g, scale_a: float = 1.0, scale_g: float = 1.0, shift_a: float = 0.0,
+                  shift_g: float = 0.0) -> "KronEigh":
+        """The eigenbasis of ``A ⊗ G`` with ``A = scale_a·aᵀa + shift_a·I`` and ``G = scale_g·gᵀg + shift_g·I``.
 
         ``a`` is ``(..., n_a, p)`` and ``g`` ``(..., n_g, q)``: per-example (or per-position) rows such as
         K-FAC's ``ā`` and ``g`` of one batch (``A = āᵀā/N``: ``scale_a = 1/N``; K-FAC eq. 1).  A factor
@@ -143,7 +146,9 @@ class KronEigh(KronShaped):
         matrix (``4·n²·p + O(n³)`` flops instead of ``?syevd``'s ``O(p³)``) and its basis is *thin*:
         ``Qa`` is ``(..., p, n)``, with eigenvalue 0 on the complement of its columns
         (zero columns, paired with eigenvalue 0, stand for eigenvalues at the Gram matrix's rounding
-        level).  Every method then acts on the whole ``A ⊗ G`` as with :meth:`Kron.eigh`: ``eigvals``
+        level); with a shift, every eigenvalue including the complement's is raised by it.  K-FAC's
+        factored damping (§6.3) is ``from_rows(ā, g, 1/N, c/N, π·γ, γ/π).solve(X)``: the inverse of
+        ``(A + πγI) ⊗ (G + (γ/π)I)`` without forming or factorizing either.  Every method then acts on the whole ``A ⊗ G`` as with :meth:`Kron.eigh`: ``eigvals``
         and ``logdet`` include the complement's zeros (so ``solve``/negative powers need ``damping > 0``),
         ``solve``/``power``/``apply``/``@`` cost GEMMs of the thin sizes (module docstring).  Unpacking
         and the ``Qa``/``la`` properties give the thin arrays.  A factor with ``n >= p`` rows is
@@ -161,6 +166,7 @@ class KronEigh(KronShaped):
         """
         scale_a = check_positive_scalar(scale_a, "scale_a")
         scale_g = check_positive_scalar(scale_g, "scale_g")
+        shifts = (check_nonneg_scalar(shift_a, "shift_a"), check_nonneg_scalar(shift_g, "shift_g"))
         ctx, (a, g) = context(("a", a), ("g", g))
         xp = ctx.xp
         for x, nm in ((a, "a"), (g, "g")):
@@ -173,7 +179,9 @@ class KronEigh(KronShaped):
             check_not_subnormal(xp, x, nm)
         la, Qa = rows_eigh(xp, a, scale_a, "a")
         lg, Qg = rows_eigh(xp, g, scale_g, "g")
-        return cls._trusted(ctx, Qa, la, Qg, lg)
+        if shifts != (0.0, 0.0):
+            la, lg = la + shifts[0], lg + shifts[1]
+        return cls.__new__(cls)._init(ctx, Qa, la, Qg, lg, shifts)
 
     @classmethod
     def _trusted(cls, ctx, Qa, la, Qg, lg):
@@ -215,6 +223,16 @@ class KronEigh(KronShaped):
     def _thin_products(self):
         """The products of the basis' own eigenvalues: ``(..., rg, ra)``."""
         return self._lg[..., :, None] * self._la[..., None, :]
+
+    def _compressed_products(self, damping):
+        """The products with one complement row/column (first) for each thin factor: every distinct value."""
+        xp = self._ctx.xp
+
+        def one(w, Q, c):
+            return w if Q.shape[-1] == Q.shape[-2] else _padded(xp, w, w.shape[-1] + 1, c)
+
+        wa, wg = one(self._la, self._Qa, self._shifts[0]), one(self._lg, self._Qg, self._shifts[1])
+        return wg[..., :, None] * wa[..., None, :] + damping
 
     def _extremes(self):
         """Per-batch ``(min, max)`` of ``lg la`` products when both spectra are non-negative, else None (cached)."""
@@ -317,18 +335,46 @@ class KronEigh(KronShaped):
         """``(A ⊗ G + damping·I) ** power`` on a validated block (denominators already checked)."""
         if not self._thin:
             return self._from_eig(eig_scale(self._ctx.xp, self._to_eig(X), self._lg, self._la, damping, power))
-        c = float(damping) ** power  # f on the complement (damping > 0 there for power < 0: checked)
-        return self._thin_apply(X, (self._thin_products() + damping) ** power, c)
+        if self._shifts == (0.0, 0.0):  # f(damping) on every complement direction (checked > 0 for power < 0)
+            return self._thin_apply(X, (self._thin_products() + damping) ** power, float(damping) ** power)
+        return self._shifted_apply(X, self._compressed_products(damping) ** power)
 
     def _thin_apply(self, X, F, c):
-        """``c·X + Qg [(Qgᵀ X Qa) ⊙ (F − c)] Qaᵀ``: ``f(A ⊗ G)`` on a thin basis, ``F`` = f on the basis' products
-        and ``c`` = f on the complement (module docstring)."""
+        """``c·X + Qg [(Qgᵀ X Qa) ⊙ (F − c)] Qaᵀ``: ``f(A ⊗ G)`` on a thin basis whose complement eigenvalues are 0,
+        ``F`` = f on the basis' products and ``c`` = f(0), the value on every complement direction."""
         Y = self._to_eig(X)
         Y *= F - c
         out = self._from_eig(Y)
         if not (isinstance(c, float) and c == 0.0):
             out += c * X
         return out
+
+    def _shifted_apply(self, X, S):
+        """``f(A ⊗ G)`` on a thin basis with shifted complements: ``S`` holds f of the products with one
+        complement row (G thin) and column (A thin) first.  Splitting ``f`` over the projectors
+        ``Pg_i``, ``Pa_j`` and the complements ``Pg⊥``, ``Pa⊥`` (``Σ_i Pg_i + Pg⊥ = I``):
+
+            f(A⊗G) X = F⊥⊥ X + Qg[(F_i⊥ − F⊥⊥) ⊙ QgᵀX] + [XQa ⊙ (F⊥j − F⊥⊥)]Qaᵀ
+                       + Qg[(QgᵀXQa) ⊙ (F_ij − F_i⊥ − F⊥j + F⊥⊥)]Qaᵀ,
+
+        with the terms of a square (complement-free) factor folded into the others."""
+        Qa, Qg = self._Qa, self._Qg
+        ta, tg = Qa.shape[-1] < self.p, Qg.shape[-1] < self.q
+        if ta and tg:
+            c, fg, fa, F = S[..., :1, :1], S[..., 1:, :1], S[..., :1, 1:], S[..., 1:, 1:]
+            W = mT(Qg) @ X
+            Z = (W @ Qa) * (F - fg - fa + c)
+            Z = Qg @ ((fg - c) * W + Z @ mT(Qa))
+            Z += ((X @ Qa) * (fa - c)) @ mT(Qa)
+            Z += c * X
+            return Z
+        if ta:  # G square: Qg[F_i⊥ ⊙ W + ((W Qa) ⊙ (F_ij − F_i⊥)) Qaᵀ], W = QgᵀX
+            fg, F = S[..., :, :1], S[..., :, 1:]
+            W = mT(Qg) @ X
+            return Qg @ (fg * W + ((W @ Qa) * (F - fg)) @ mT(Qa))
+        fa, F = S[..., :1, :], S[..., 1:, :]  # A square: [F⊥j ⊙ W + Qg((QgᵀW) ⊙ (F_ij − F⊥j))]Qaᵀ, W = XQa
+        W = X @ Qa
+        return (W * fa + Qg @ ((mT(Qg) @ W) * (F - fa))) @ mT(Qa)
 
     def apply(self, X, fn):
         """``f(A ⊗ G)`` applied to ``X``.
@@ -357,26 +403,21 @@ class KronEigh(KronShaped):
         if not bool(xp.all(xp.isfinite(scale))):
             raise ValueError("fn returned NaN or infinity for some eigenvalue products")
         if self._thin:
-            return self._ret([self._thin_apply(X, *self._thin_scale(xp, scale, want))], fmt)
+            return self._ret([self._shifted_apply(X, self._thin_scale(xp, scale, want))], fmt)
         return self._ret([self._from_eig(Y)], fmt)
 
     def _thin_scale(self, xp, scale, want):
-        """``fn``'s values split for a thin basis: those on the basis' products and the one on the complement
-        (where every product is 0, so ``fn`` of the products must give one value there)."""
+        """``fn``'s values with one complement row/column per thin factor (see :meth:`_shifted_apply`): on a
+        thin basis ``fn`` must be a function of the products, constant along a complement's directions."""
         S = xp.broadcast_to(scale, want)
-        ra, rg = self._Qa.shape[-1], self._Qg.shape[-1]
-        ca, cg = self.p - ra, self.q - rg  # the complements come first in the whole spectra
-        c = S[..., :1, :1]  # a complement entry: row 0 or column 0 is one
-        comp = [S[..., :, :ca]] if ca else []
-        comp += [S[..., :cg, :]] if cg else []
-        if any(bool(xp.any(x != c)) for x in comp):
+        ca, cg = self.p - self._Qa.shape[-1], self.q - self._Qg.shape[-1]  # the complements come first
+        bad = (ca and bool(xp.any(S[..., :, :ca] != S[..., :, :1]))) or (cg and bool(xp.any(S[..., :cg, :] != S[..., :1, :])))
+        if bad:
             raise ValueError(
                 "fn must be a function of the eigenvalue products: on this thin eigenbasis (KronEigh.from_rows) "
-                "every product with the complement is 0, and fn gave them different values"
+                "the products along a factor's complement are equal, and fn gave them different values"
             )
-        if c.ndim == 2:
-            c = float(c[0, 0])
-        return S[..., cg:, ca:], c
+        return S[..., max(cg - 1, 0):, max(ca - 1, 0):]
 
     @property
     def T(self) -> "KronEigh":
@@ -384,6 +425,8 @@ class KronEigh(KronShaped):
         return self
 
     def _apply_matrix(self, X):
+        if self._thin and self._shifts != (0.0, 0.0):
+            return self._shifted_apply(X, self._compressed_products(0.0))
         return self._from_eig(self._to_eig(X) * self._thin_products())
 
     def __matmul__(self, X):
@@ -542,12 +585,12 @@ class KronEigh(KronShaped):
         return make_linear_operator(self, fn, fn)
 
 
-def _padded(xp, w, n):
-    """Eigenvalues ``w`` (..., r) of a thin basis preceded by the ``n − r`` zeros of its complement."""
+def _padded(xp, w, n, c=0.0):
+    """Eigenvalues ``w`` (..., r) of a thin basis preceded by the ``n − r`` eigenvalues ``c`` of its complement."""
     r = w.shape[-1]
     if r == n:
         return w
-    return xp.concat([xp.zeros(tuple(w.shape[:-1]) + (n - r,), dtype=w.dtype), w], axis=-1)
+    return xp.concat([xp.full(tuple(w.shape[:-1]) + (n - r,), c, dtype=w.dtype), w], axis=-1)
 
 
 def _warm_bound(xp, a, g, damping: float) -> float:

@@ -107,10 +107,11 @@ def test_batched_rows_match_per_item(xp):
     rng = np.random.default_rng(4)
     a, g = rng.standard_normal((3, 2, 6)), rng.standard_normal((3, 7, 4))
     X = rng.standard_normal((3, 4, 6))
-    got = KronEigh.from_rows(*on(xp, a, g)).solve(on(xp, X), 0.1)
-    for i in range(3):
-        ref = KronEigh.from_rows(a[i], g[i]).solve(X[i], 0.1)
-        assert rel_err(got[i, ...], ref) < 1e-12
+    for shifts, damping in (((0.0, 0.0), 0.1), ((0.2, 0.1), 0.0)):
+        got = KronEigh.from_rows(*on(xp, a, g), 1.0, 1.0, *shifts).solve(on(xp, X), damping)
+        for i in range(3):
+            ref = KronEigh.from_rows(a[i], g[i], 1.0, 1.0, *shifts).solve(X[i], damping)
+            assert rel_err(got[i, ...], ref) < 1e-12
 
 
 def test_float32_single_batch_factor_is_more_accurate_than_dense():
@@ -162,3 +163,29 @@ def test_bad_rows_refused(bad, match):
         KronEigh.from_rows(*bad(a, g))
     with pytest.raises(ValueError, match="scale_a"):
         KronEigh.from_rows(a, g, scale_a=0.0)
+
+
+@pytest.mark.parametrize("na,p,ng,q", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shifts", [(0.3, 0.0), (0.0, 0.2), (0.05, 2.0)])
+def test_shifted_factors_against_dense(xp, na, p, ng, q, dtype, shifts):
+    """``(s_a aᵀa + shift_a I) ⊗ (s_g gᵀg + shift_g I)``: K-FAC's factored damping without a factorization."""
+    rng = np.random.default_rng(na * 100 + p * 10 + q + 1)
+    a, g = _rows(rng, na, p), _rows(rng, ng, q)
+    A, G = _factors(a, g, 0.5, 1.5)
+    A, G = A + shifts[0] * np.eye(p), G + shifts[1] * np.eye(q)
+    X = rng.standard_normal((q, p))
+    E = KronEigh.from_rows(*on(xp, a, g, dtype=dtype), 0.5, 1.5, *shifts)
+    K = np.kron(A, G)
+    damping = 1e-2 if 0.0 in shifts else 0.0
+    M = K + damping * np.eye(p * q)
+    cond = np.linalg.cond(M)
+    assert rel_err(E.solve(on(xp, X, dtype=dtype), damping), unvec(sl.solve(M, vec(X)), q, p)) < tol(dtype, cond)
+    ref = unvec(_dense_fn(A, G, lambda w: (w + damping) ** -0.5) @ vec(X), q, p)
+    assert rel_err(E.power(on(xp, X, dtype=dtype), -0.5, damping), ref) < tol(dtype, cond)
+    assert rel_err(E @ on(xp, X, dtype=dtype), unvec(K @ vec(X), q, p)) < tol(dtype)
+    ref = unvec(_dense_fn(A, G, lambda w: w / (w + 1.0)) @ vec(X), q, p)
+    assert rel_err(E.apply(on(xp, X, dtype=dtype), lambda d: d / (d + 1.0)), ref) < tol(dtype, 1e2)
+    ev = np.sort(to_np(E.eigvals(damping)).ravel())
+    assert np.max(np.abs(ev - np.sort(np.linalg.eigvalsh(M)))) <= tol(dtype) * ev.max()
+
