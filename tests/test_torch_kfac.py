@@ -151,13 +151,18 @@ def _pi(A, G):
 
 @pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
 @pytest.mark.parametrize("mode", ["exact", "factored"])
-def test_preconditioned_gradient_equals_dense_solve(make, mode):
+@pytest.mark.parametrize("N", [7, 3])
+def test_preconditioned_gradient_equals_dense_solve(make, mode, N):
+    """N = 3: every MLP layer and the CNN's linear layer have a factor with fewer rows than 0.8× its order, so
+    their inverses come from the rows (KronEigh.from_rows, thin); the others as before."""
     lam = 1e-2
     model = make()
-    x, y = batch(model)
+    x, y = batch(model, N=N)
     acts, errs, _ = per_example(model, x, y)
     pre = kt.KFAC(model, damping=lam, damping_mode=mode)
     _, before = run_step(model, pre, x, y)
+    from_rows = [i for i, op in pre._inv if isinstance(i, int) and op._thin]
+    assert from_rows == {(mlp, 7): [], (mlp, 3): [0, 1, 2], (cnn, 7): [3], (cnn, 3): [3]}[make, N]
     for m, (A, G), V in zip(layers_of(model), dense_factors(acts, errs), before):
         p, q = A.shape[0], G.shape[0]
         if mode == "exact":
@@ -306,14 +311,17 @@ def _train(model, pre, opt, batches, kind="cross_entropy"):
 
 
 @pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
-def test_state_dict_resume_is_bit_exact(make):
+@pytest.mark.parametrize("max_decay,N,mode", [(0.95, 7, "exact"), (0.0, 3, "exact"), (0.0, 3, "factored")])
+def test_state_dict_resume_is_bit_exact(make, max_decay, N, mode):
+    """max_decay = 0 with N = 3: one batch's factors, inverted from the rows (thin), which the state keeps."""
     def fresh():
         model = make()
-        pre = kt.KFAC(model, damping=1e-2, fisher="mc", loss="cross_entropy", refresh_period=2, update_period=1, seed=5)
+        pre = kt.KFAC(model, damping=1e-2, fisher="mc", loss="cross_entropy", refresh_period=2, update_period=1, seed=5,
+                      max_decay=max_decay, damping_mode=mode)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         return model, pre, opt
 
-    batches = [batch(make(), seed=s) for s in range(6)]
+    batches = [batch(make(), N=N, seed=s) for s in range(6)]
     model_a, pre_a, opt_a = fresh()
     _train(model_a, pre_a, opt_a, batches)
     model_b, pre_b, opt_b = fresh()

@@ -107,8 +107,11 @@ class KFAC(CurvatureHooks):
         self._estimator = kronlin.FactorEstimator(max_decay=self.max_decay, tridiagonal=structure == "tridiagonal",
                                                   append_one=False)
         self._scale = None         # c of the hooks' docstring at the last update
-        self._inv = None           # per-layer KronEigh (exact) or inverse Kron (factored), or a BlockTridiagInverse
+        self._inv = None           # [(layer indices, operator)]: KronEigh (exact or from rows), BlockDiagInverse, or
+        #                            one BlockTridiagInverse
         self._inv_factors = None   # the (scaled) factors the current inverse was built from
+        self._rows = None          # (acts, errs, N) of the last update when the averages are that one batch
+        self._inv_rows = None      # the rows the current inverse was built from (or None)
 
     def _check_chain(self):
         for ly in self.layers:
@@ -141,24 +144,28 @@ class KFAC(CurvatureHooks):
             if self.structure == "tridiagonal" and any(a.ndim != 2 for a in acts):
                 raise ValueError("structure='tridiagonal' needs (N, d) inputs for every layer (no weight sharing)")
         blocks = self._grad_blocks()
-        saved = (copy.copy(self._estimator), self._scale, self._inv, self._inv_factors)  # references, no array copies
+        saved = (copy.copy(self._estimator), self._scale, self._inv, self._inv_factors, self._rows,
+                 self._inv_rows)  # references, no array copies
         try:
             if update:
+                acts, errs = self._np(acts), self._np(errs)
+                one_batch = self._estimator.decay() == 0.0  # the averages become exactly this batch's statistics
                 try:
-                    self._estimator.update(self._np(acts), self._np(errs))
+                    self._estimator.update(acts, errs)
                 except FloatingPointError as exc:  # the core refuses such a batch naming acts[k]/grads[k]
                     raise FloatingPointError(
                         f"{self._layer_named_in(exc)} has non-finite statistics ({exc}): step refused, nothing was "
                         "changed; lower the learning rate or use float64"
                     ) from None
                 self._scale = self._curvature_scale(N)
+                self._rows = (acts, errs, N) if one_batch else None
             if self._inv is None or self._steps % self.refresh_period == 0:
                 self._refresh()
             solved = self._apply(blocks)
         except Exception:
             # refuse the step: the running averages and the inverse stay what they were
             self._estimator = saved[0]
-            self._scale, self._inv, self._inv_factors = saved[1:]
+            self._scale, self._inv, self._inv_factors, self._rows, self._inv_rows = saved[1:]
             raise
         for ly, V in zip(self.layers, solved):
             ly.set_grad(V)
@@ -177,45 +184,87 @@ class KFAC(CurvatureHooks):
             out["A_off"], out["G_off"] = est.A_off, scaled(est.G_off)
         return out
 
-    def _refresh(self, factors=None):
+    def _refresh(self, factors=None, rows=None):
+        """Rebuild the damped inverses from the current averages (or given ``factors`` and their ``rows``)."""
         f = self._current_factors() if factors is None else factors
+        rows = self._rows if factors is None else rows
         gamma = math.sqrt(self.damping)
+        n = len(self.layers)
         if self.structure == "tridiagonal":
-            self._inv = kronlin.BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
-                                                    gamma=gamma, pi="trace")
-        elif self.damping_mode == "exact":
-            inv = []
-            for ly, A, G in zip(self.layers, f["A_diag"], f["G_diag"]):
+            self._inv = [(list(range(n)), kronlin.BlockTridiagInverse(f["A_diag"], f["G_diag"], f["A_off"], f["G_off"],
+                                                                    gamma=gamma, pi="trace"))]
+            self._inv_factors, self._inv_rows = f, None
+            return
+        thin = self._thin_layers(rows)
+        parts = [(i, self._from_rows(i, f, rows, gamma)) for i in thin]
+        rest = [i for i in range(n) if i not in thin]
+        if rest and self.damping_mode == "exact":
+            for i in rest:
                 try:
                     # (A⊗G + λI)⁻¹ through the eigenbases: four GEMMs and a divide per application
-                    inv.append(kronlin.Kron(A, G).eigh())
+                    parts.append((i, kronlin.Kron(f["A_diag"][i], f["G_diag"][i]).eigh()))
                 except (ValueError, np.linalg.LinAlgError) as exc:
-                    raise type(exc)(f"layer {ly.name!r}: {exc}") from exc
-            self._inv = inv
-        else:
+                    raise type(exc)(f"layer {self.layers[i].name!r}: {exc}") from exc
+        elif rest:
             # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ formed once per refresh (potri), so that each step applies it with
             # two GEMMs; BlockDiagInverse factorizes layers of one shape as one stack (issue 13 item 3)
             try:
-                self._inv = kronlin.BlockDiagInverse(f["A_diag"], f["G_diag"], gamma=gamma, pi="trace")
+                parts.append((rest, kronlin.BlockDiagInverse([f["A_diag"][i] for i in rest],
+                                                             [f["G_diag"][i] for i in rest], gamma=gamma, pi="trace")))
             except (ValueError, np.linalg.LinAlgError) as exc:
-                raise type(exc)(f"{self._layer_named_in(exc)}: {exc}") from exc
-        self._inv_factors = f
+                raise type(exc)(f"{self._layer_named_in(exc, rest)}: {exc}") from exc
+        self._inv = parts
+        self._inv_factors, self._inv_rows = f, rows if thin else None
 
-    def _layer_named_in(self, exc) -> str:
+    def _thin_layers(self, rows):
+        """Layers whose factors are one batch's and have fewer rows than 0.8× their order (A's or G's): their
+        eigenbasis comes from the rows (:meth:`kronlin.KronEigh.from_rows`, far cheaper than ?syevd/potrf there)."""
+        if rows is None:
+            return []
+        acts, errs, _ = rows
+
+        def count(x):
+            return x.shape[0] * (x.shape[1] if x.ndim == 3 else 1)
+
+        return [i for i, (a, g) in enumerate(zip(acts, errs)) if any(5 * count(x) <= 4 * x.shape[-1] for x in (a, g))]
+
+    def _from_rows(self, i, f, rows, gamma):
+        """Layer ``i``'s damped inverse from its rows: ``A = āᵀā/N``, ``G = c·ĝᵀĝ/(N·T)`` (the estimator's split);
+        factored damping as the shifts ``πγ`` and ``γ/π`` (π from the factors' traces, as BlockDiagInverse's)."""
+        acts, errs, N = rows
+        a, g = acts[i], errs[i]
+        T = a.shape[1] if a.ndim == 3 else 1
+        a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+        shifts = (0.0, 0.0)
+        try:
+            if self.damping_mode == "factored":
+                pi = kronlin.pi_factor(f["A_diag"][i], f["G_diag"][i])
+                shifts = (pi * gamma, gamma / pi)
+            return kronlin.KronEigh.from_rows(a, g, 1.0 / N, self._scale / (N * T), *shifts)
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            raise type(exc)(f"layer {self.layers[i].name!r}: {exc}") from exc
+
+    def _layer_named_in(self, exc, layers=None) -> str:
         """``"layer 'name'"`` of the first block index the core's error names (``acts[k]``, ``grads[k]``,
-        ``A_diag[k]``, ``G_diag[k]``: the core knows positions, this binding the modules), else ``"a layer"``."""
+        ``A_diag[k]``, ``G_diag[k]``: the core knows positions, this binding the modules), else ``"a layer"``;
+        ``layers`` maps the core's positions to layer indices when it saw a subset."""
+        layers = list(range(len(self.layers))) if layers is None else layers
         m = re.search(r"(?:acts|grads|[AG]_diag)\[(\d+)\]", str(exc))
-        return f"layer {self.layers[int(m.group(1))].name!r}" if m and int(m.group(1)) < len(self.layers) else "a layer"
+        return f"layer {self.layers[layers[int(m.group(1))]].name!r}" if m and int(m.group(1)) < len(layers) else "a layer"
 
     def _apply(self, blocks):
         V = self._np(blocks)
-        if self.structure == "tridiagonal":
-            out = self._inv.apply(V)
-        elif self.damping_mode == "exact":
-            out = [inv.solve(v, damping=self.damping) for inv, v in zip(self._inv, V)]
-        else:
-            out = self._inv.apply(V)
-        return [from_array(x) for x, b in zip(out, blocks)]
+        out = [None] * len(V)
+        for idx, op in self._inv:
+            if isinstance(op, kronlin.KronEigh):  # exact: (A⊗G + λI)⁻¹; factored from rows: shifted, λ = 0
+                try:
+                    out[idx] = op.solve(V[idx], damping=self.damping if self.damping_mode == "exact" else 0.0)
+                except (ValueError, np.linalg.LinAlgError) as exc:  # singular (λ = 0): say which layer
+                    raise type(exc)(f"layer {self.layers[idx].name!r}: {exc}") from exc
+            else:
+                for i, x in zip(idx, op.apply([V[i] for i in idx])):
+                    out[i] = x
+        return [from_array(x) for x in out]
 
     # -- inspection -------------------------------------------------------------------------
     def factors(self, module):
@@ -247,10 +296,15 @@ class KFAC(CurvatureHooks):
         est = self._estimator.state_dict()
         stats = None if est["stats"] is None else {k: tens(v) for k, v in est["stats"].items()}
         inv = None if self._inv_factors is None else {k: tens(v) for k, v in self._inv_factors.items()}
+
+        def rows(r):  # one batch's rows (see _thin_layers): the next refresh and the current inverse use them
+            return None if r is None else {"acts": tens(r[0]), "errs": tens(r[1]), "N": r[2]}
+
+        inv_rows = "rows" if self._inv_rows is not None and self._inv_rows is self._rows else rows(self._inv_rows)
         return {"format": _STATE_FORMAT, "options": self._options(), "steps": self._steps,
                 "estimator_step": est["step"], "stats": stats, "scale": self._scale,
                 "positions": [ly.positions for ly in self.layers], "inverse_factors": inv,
-                "generator": self._generator.get_state()}
+                "rows": rows(self._rows), "inverse_rows": inv_rows, "generator": self._generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict` (the model's own state is restored separately)."""
@@ -274,8 +328,14 @@ class KFAC(CurvatureHooks):
         for ly, T in zip(self.layers, state["positions"]):
             ly.positions = int(T)
         self._generator.set_state(state["generator"])
-        self._inv = self._inv_factors = None
+        def rows(r):
+            return None if r is None else (arrs(r["acts"]), arrs(r["errs"]), int(r["N"]))
+
+        self._rows = rows(state.get("rows"))  # states written before the rows were kept have none
+        inv_rows = state.get("inverse_rows")
+        inv_rows = self._rows if inv_rows == "rows" else rows(inv_rows)
+        self._inv = self._inv_factors = self._inv_rows = None
         if state["inverse_factors"] is not None:
-            self._refresh({k: arrs(v) for k, v in state["inverse_factors"].items()})
+            self._refresh({k: arrs(v) for k, v in state["inverse_factors"].items()}, inv_rows)
         self._clear()
 
