@@ -31,6 +31,7 @@ forward + backward and factors), ``KFACInverseLinearOperator`` and ``inv @ grad`
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -49,7 +50,9 @@ def models(dtype):
     mlp = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
     cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
                         nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
-    return {"MLP 256-256-256-10": (mlp.to(dtype), (256,)), "CNN 3x16x16": (cnn.to(dtype), (3, 16, 16))}
+    wide = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    return {"MLP 256-256-256-10": (mlp.to(dtype), (256,)), "CNN 3x16x16": (cnn.to(dtype), (3, 16, 16)),
+            "MLP 784-512-512-10": (wide.to(dtype), (784,))}
 
 
 def fwd_bwd(model, x, y):
@@ -126,28 +129,40 @@ def median_time(fn, repeat):
 
 
 def timing(dtype, N, lam, repeat):
+    """Per model and damping mode, paired rounds (each runs every route once, in a shuffled order): the plain
+    forward + backward, kronlin.torch with its running average (``max_decay=0.95``, the default), kronlin.torch
+    with one batch's factors (``max_decay=0``: what curvlinops computes) and curvlinops.  Returns medians and
+    the median over rounds of each K-FAC part's ratio to curvlinops'."""
+    from _harness import shuffled_rounds
+
     rows = []
     for name, (model, shape) in models(dtype).items():
         g = torch.Generator().manual_seed(3)
         x = torch.randn((N,) + shape, generator=g, dtype=dtype)
         y = torch.randint(0, 10, (N,), generator=g)
-        t_sgd = median_time(lambda: fwd_bwd(model, x, y), repeat)
         for mode in ("exact", "factored"):
-            pre = kt.KFAC(model, damping=lam, damping_mode=mode)
+            copies = {k: copy.deepcopy(model) for k in ("avg", "one")}  # one preconditioner's hooks per model
+            pres = {k: kt.KFAC(copies[k], damping=lam, damping_mode=mode, max_decay=d)
+                    for k, d in (("avg", 0.95), ("one", 0.0))}
 
-            def ours():
-                fwd_bwd(model, x, y)
-                pre.step()
-
-            t_ours = median_time(ours, repeat)
-            pre.remove_hooks()
+            def ours(k):
+                def run():
+                    fwd_bwd(copies[k], x, y)
+                    pres[k].step()
+                return run
 
             def theirs():
                 grads = fwd_bwd(model, x, y)
                 curvlinops_step(model, x, y, grads, mode, lam)
 
-            t_theirs = median_time(theirs, repeat)
-            rows.append((name, mode, t_sgd, t_ours, t_theirs))
+            t = shuffled_rounds({"sgd": lambda: fwd_bwd(model, x, y), "avg": ours("avg"), "one": ours("one"),
+                                 "theirs": theirs}, repeat, warmup=1)
+            part = {k: [a - s for a, s in zip(t[k], t["sgd"])] for k in ("avg", "one", "theirs")}
+            speed = {k: statistics.median(c / o for c, o in zip(part["theirs"], part[k])) for k in ("avg", "one")}
+            rows.append((name, mode, *(statistics.median(t[k]) for k in ("sgd", "avg", "one", "theirs")),
+                         speed["avg"], speed["one"]))
+            for pre in pres.values():
+                pre.remove_hooks()
     return rows
 
 
@@ -258,16 +273,20 @@ def agreement_lines(lam):
 
 def timing_lines(dtype, batch, lam, repeat):
     rows = timing(dtype, batch, lam, repeat)
-    lines = [f"## Time per step, {str(dtype).replace('torch.', '')}, batch {batch} (ms, median of {repeat})", "",
-             "| model | damping | fwd+bwd (SGD) | kronlin.torch | curvlinops | K-FAC part: kronlin | "
-             "K-FAC part: curvlinops | kronlin speed-up (>1: faster) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for m, d, s, o, t in rows:
-        ko, kc = o - s, t - s
-        lines.append(f"| {m} | {d} | {s * 1e3:.2f} | {o * 1e3:.2f} | {t * 1e3:.2f} | {ko * 1e3:.2f} | {kc * 1e3:.2f} | "
-                     f"{kc / ko:.1f}x |")
-    lines += ["", "K-FAC part = step time − fwd+bwd: factors + inversion + application, refreshed every step (for "
-              "curvlinops also its own forward+backward, which its API cannot share with the training step's).", ""]
+    lines = [f"## Time per step, {str(dtype).replace('torch.', '')}, batch {batch} (ms, medians of {repeat} paired rounds)",
+             "", "| model | damping | fwd+bwd (SGD) | kronlin.torch, running average | kronlin.torch, one batch "
+             "(max_decay=0) | curvlinops | kronlin speed-up, running average | kronlin speed-up, one batch |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for m, d, s, avg, one, t, sp_avg, sp_one in rows:
+        lines.append(f"| {m} | {d} | {s * 1e3:.2f} | {avg * 1e3:.2f} | {one * 1e3:.2f} | {t * 1e3:.2f} | "
+                     f"{sp_avg:.1f}x | {sp_one:.1f}x |")
+    lines += ["", "Speed-up: curvlinops' K-FAC part over kronlin.torch's (>1: kronlin faster), the median over rounds of "
+              "the per-round ratio; K-FAC part = step time − the same round's fwd+bwd: factors + inversion + "
+              "application, refreshed every step (for curvlinops also its own forward+backward, which its API cannot "
+              "share with the training step's). \"One batch\" computes exactly curvlinops' factors (the batch's "
+              "statistics, no average), so one-batch layers with fewer rows than 0.8× a factor's order (0.4× with factored damping) are inverted "
+              "from the rows (KronEigh.from_rows); \"running average\" is K-FAC §5's estimate, which curvlinops does "
+              f"not keep. BLAS: {_blas()}; load average before: {os.getloadavg()[0]:.2f}.", ""]
     return lines
 
 

@@ -64,7 +64,12 @@ class KFAC(CurvatureHooks):
         Recompute the damped inverses (eigen/Cholesky factorizations) every this
         many steps (K-FAC §8's ``T₃``).
     max_decay : float
-        The cap of ``ε`` (0.95 in K-FAC).
+        The cap of ``ε`` (0.95 in K-FAC).  ``0`` keeps no average: every update's factors are that batch's
+        statistics (what curvlinops' ``KFACLinearOperator`` computes).  Whenever the factors are one
+        batch's (the first update, or ``max_decay=0``), a layer with a factor of fewer rows (``N``, or
+        ``N·T``) than ``0.8×`` its order (``0.4×`` with factored damping) is inverted from its rows by
+        :meth:`kronlin.KronEigh.from_rows` (an ``N × N`` eigendecomposition instead of the ``p × p`` one;
+        float32, ``N = 256``, a 2049-input layer: 10 ms against 610 ms), and the state keeps those rows.
     structure : {"blockdiag", "tridiagonal"}
         ``"tridiagonal"``: K-FAC §4.3's block-tridiagonal inverse
         (:class:`kronlin.BlockTridiagInverse`) for a sequential stack of
@@ -217,16 +222,21 @@ class KFAC(CurvatureHooks):
         self._inv_factors, self._inv_rows = f, rows if thin else None
 
     def _thin_layers(self, rows):
-        """Layers whose factors are one batch's and have fewer rows than 0.8× their order (A's or G's): their
-        eigenbasis comes from the rows (:meth:`kronlin.KronEigh.from_rows`, far cheaper than ?syevd/potrf there)."""
+        """Layers whose factors are one batch's, with a factor of fewer rows than ``ρ×`` its order: their inverse
+        comes from the rows (:meth:`kronlin.KronEigh.from_rows`).  ``ρ = 0.8`` for exact damping (the Gram
+        route's crossover against ``?syevd``); ``ρ = 0.4`` for factored damping, where the alternative is
+        ``potrf`` + ``potri`` (measured, float32, one thread, N = 256: 14 against 20 ms for refresh + apply of
+        a 785-wide A, 14 against 11 ms at 513)."""
         if rows is None:
             return []
         acts, errs, _ = rows
+        num, den = (4, 5) if self.damping_mode == "exact" else (2, 5)
 
         def count(x):
             return x.shape[0] * (x.shape[1] if x.ndim == 3 else 1)
 
-        return [i for i, (a, g) in enumerate(zip(acts, errs)) if any(5 * count(x) <= 4 * x.shape[-1] for x in (a, g))]
+        return [i for i, (a, g) in enumerate(zip(acts, errs))
+                if any(den * count(x) <= num * x.shape[-1] for x in (a, g))]
 
     def _from_rows(self, i, f, rows, gamma):
         """Layer ``i``'s damped inverse from its rows: ``A = āᵀā/N``, ``G = c·ĝᵀĝ/(N·T)`` (the estimator's split);
