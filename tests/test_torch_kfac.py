@@ -175,6 +175,26 @@ def test_preconditioned_gradient_equals_dense_solve(make, mode, N):
         close(vec(grad_block(m).numpy()), expected, SOLVE64)
 
 
+@pytest.mark.parametrize("N", [7, 2])
+def test_equal_shaped_layers_are_decomposed_as_one_stack(N):
+    """Exact damping: layers of equal (p, q) share one Kron(A_stack, G_stack).eigh() and one batched solve
+    (N = 2: one batch's factors, from the rows as one stack too); each layer's result is its dense solve."""
+    lam = 1e-2
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                          nn.Linear(6, 3)).double()
+    x, y = batch(model, N=N)
+    acts, errs, _ = per_example(model, x, y)
+    pre = kt.KFAC(model, damping=lam)
+    _, before = run_step(model, pre, x, y)
+    groups = sorted((i if isinstance(i, list) else [i]) for i, _ in pre._inv)
+    assert groups == [[0, 1, 2], [3]]
+    assert all(op._thin == (N == 2) for i, op in pre._inv if i != 3)
+    for m, (A, G), V in zip(layers_of(model), dense_factors(acts, errs), before):
+        M = np.kron(A, G) + lam * np.eye(A.shape[0] * G.shape[0])
+        close(vec(grad_block(m).numpy()), np.linalg.solve(M, vec(V.numpy())), SOLVE64)
+
+
 def test_linear_layer_on_sequences_uses_the_weight_sharing_factors():
     """nn.Linear on (N, T, d) inputs: A = (1/(N·T)) Σ ā āᵀ, G = (1/N) Σ ĝ ĝᵀ over examples and positions."""
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 
 from .._backend import Ctx, context
 
-__all__ = ["to_array", "from_array", "SUPPORTED_DTYPES"]
+__all__ = ["to_array", "from_array", "array_namespace", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -33,5 +33,9 @@ def from_array(x) -> torch.Tensor:
     The device follows ``x``: NumPy ↦ CPU, CuPy ↦ the CUDA device the array
     lives on, which is where the tensors the core was given live.
     """
-    xp = np if isinstance(x, np.ndarray) else sys.modules["cupy"]
-    return Ctx(xp, x.dtype, torch).out(x)
+    return Ctx(array_namespace(x), x.dtype, torch).out(x)
+
+
+def array_namespace(x):
+    """NumPy or CuPy: the library of an array the core computed (from :func:`to_array`'s tensors)."""
+    return np if isinstance(x, np.ndarray) else sys.modules["cupy"]

@@ -11,7 +11,7 @@ import numpy as np
 import kronlin
 from kronlin._validate import check_choice, check_positive_int, check_real_scalar
 
-from ._convert import from_array, to_array
+from ._convert import array_namespace, from_array, to_array
 from ._hooks import CurvatureHooks
 
 __all__ = ["KFAC"]
@@ -201,15 +201,10 @@ class KFAC(CurvatureHooks):
             self._inv_factors, self._inv_rows = f, None
             return
         thin = self._thin_layers(rows)
-        parts = [(i, self._from_rows(i, f, rows, gamma)) for i in thin]
+        parts = self._rows_parts(thin, f, rows, gamma)
         rest = [i for i in range(n) if i not in thin]
         if rest and self.damping_mode == "exact":
-            for i in rest:
-                try:
-                    # (A⊗G + λI)⁻¹ through the eigenbases: four GEMMs and a divide per application
-                    parts.append((i, kronlin.Kron(f["A_diag"][i], f["G_diag"][i]).eigh()))
-                except (ValueError, np.linalg.LinAlgError) as exc:
-                    raise type(exc)(f"layer {self.layers[i].name!r}: {exc}") from exc
+            parts += self._eigh_parts(rest, f)
         elif rest:
             # (A + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ formed once per refresh (potri), so that each step applies it with
             # two GEMMs; BlockDiagInverse factorizes layers of one shape as one stack (issue 13 item 3)
@@ -220,6 +215,30 @@ class KFAC(CurvatureHooks):
                 raise type(exc)(f"{self._layer_named_in(exc, rest)}: {exc}") from exc
         self._inv = parts
         self._inv_factors, self._inv_rows = f, rows if thin else None
+
+    def _eigh_parts(self, layers, f):
+        """``(A⊗G + λI)⁻¹`` through the eigenbases (four GEMMs and a divide per application); layers of equal
+        ``(p, q)`` as one stack, ``Kron(A_stack, G_stack).eigh()``, applied in one batched solve (issue 13
+        item 3).  A stack that fails is decomposed layer by layer, so that the error names the layer."""
+        groups: dict = {}
+        for i in layers:
+            groups.setdefault((f["A_diag"][i].shape, f["G_diag"][i].shape), []).append(i)
+        parts = []
+        for ks in groups.values():
+            if len(ks) > 1:
+                xp = array_namespace(f["A_diag"][ks[0]])
+                try:
+                    parts.append((ks, kronlin.Kron(xp.stack([f["A_diag"][i] for i in ks]),
+                                                   xp.stack([f["G_diag"][i] for i in ks])).eigh()))
+                    continue
+                except (ValueError, np.linalg.LinAlgError):
+                    pass
+            for i in ks:
+                try:
+                    parts.append((i, kronlin.Kron(f["A_diag"][i], f["G_diag"][i]).eigh()))
+                except (ValueError, np.linalg.LinAlgError) as exc:
+                    raise type(exc)(f"layer {self.layers[i].name!r}: {exc}") from exc
+        return parts
 
     def _thin_layers(self, rows):
         """Layers whose factors are one batch's, with a factor of fewer rows than ``ρ×`` its order: their inverse
@@ -238,21 +257,42 @@ class KFAC(CurvatureHooks):
         return [i for i, (a, g) in enumerate(zip(acts, errs))
                 if any(den * count(x) <= num * x.shape[-1] for x in (a, g))]
 
-    def _from_rows(self, i, f, rows, gamma):
-        """Layer ``i``'s damped inverse from its rows: ``A = āᵀā/N``, ``G = c·ĝᵀĝ/(N·T)`` (the estimator's split);
-        factored damping as the shifts ``πγ`` and ``γ/π`` (π from the factors' traces, as BlockDiagInverse's)."""
+    def _rows_parts(self, layers, f, rows, gamma):
+        """The damped inverses of ``layers`` from their rows: ``A = āᵀā/N``, ``G = c·ĝᵀĝ/(N·T)`` (the estimator's
+        split) by :meth:`kronlin.KronEigh.from_rows`; exact damping stacks layers of equal row shapes into one
+        call, factored damping is the shifts ``πγ`` and ``γ/π`` per layer (π from the factors' traces, as
+        BlockDiagInverse's)."""
+        if not layers:
+            return []
         acts, errs, N = rows
-        a, g = acts[i], errs[i]
-        T = a.shape[1] if a.ndim == 3 else 1
-        a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-        shifts = (0.0, 0.0)
-        try:
-            if self.damping_mode == "factored":
-                pi = kronlin.pi_factor(f["A_diag"][i], f["G_diag"][i])
-                shifts = (pi * gamma, gamma / pi)
-            return kronlin.KronEigh.from_rows(a, g, 1.0 / N, self._scale / (N * T), *shifts)
-        except (ValueError, np.linalg.LinAlgError) as exc:
-            raise type(exc)(f"layer {self.layers[i].name!r}: {exc}") from exc
+
+        def flat(x):
+            return x.reshape(-1, x.shape[-1])
+
+        groups: dict = {}
+        for i in layers:
+            key = (acts[i].shape, errs[i].shape) if self.damping_mode == "exact" else i
+            groups.setdefault(key, []).append(i)
+        parts = []
+        for ks in groups.values():
+            T = acts[ks[0]].shape[1] if acts[ks[0]].ndim == 3 else 1
+            scales = (1.0 / N, self._scale / (N * T))
+            try:
+                if len(ks) > 1:  # exact damping, equal shapes: the rows as a stack
+                    xp = array_namespace(acts[ks[0]])
+                    parts.append((ks, kronlin.KronEigh.from_rows(xp.stack([flat(acts[i]) for i in ks]),
+                                                                 xp.stack([flat(errs[i]) for i in ks]), *scales)))
+                    continue
+                (i,) = ks
+                shifts = (0.0, 0.0)
+                if self.damping_mode == "factored":
+                    pi = kronlin.pi_factor(f["A_diag"][i], f["G_diag"][i])
+                    shifts = (pi * gamma, gamma / pi)
+                parts.append((i, kronlin.KronEigh.from_rows(flat(acts[i]), flat(errs[i]), *scales, *shifts)))
+            except (ValueError, np.linalg.LinAlgError) as exc:
+                names = ", ".join(repr(self.layers[i].name) for i in ks)
+                raise type(exc)(f"layer{'s' if len(ks) > 1 else ''} {names}: {exc}") from exc
+        return parts
 
     def _layer_named_in(self, exc, layers=None) -> str:
         """``"layer 'name'"`` of the first block index the core's error names (``acts[k]``, ``grads[k]``,
@@ -267,10 +307,18 @@ class KFAC(CurvatureHooks):
         out = [None] * len(V)
         for idx, op in self._inv:
             if isinstance(op, kronlin.KronEigh):  # exact: (A⊗G + λI)⁻¹; factored from rows: shifted, λ = 0
+                lam = self.damping if self.damping_mode == "exact" else 0.0
                 try:
-                    out[idx] = op.solve(V[idx], damping=self.damping if self.damping_mode == "exact" else 0.0)
-                except (ValueError, np.linalg.LinAlgError) as exc:  # singular (λ = 0): say which layer
-                    raise type(exc)(f"layer {self.layers[idx].name!r}: {exc}") from exc
+                    if isinstance(idx, int):
+                        out[idx] = op.solve(V[idx], damping=lam)
+                        continue
+                    Y = op.solve(array_namespace(V[idx[0]]).stack([V[i] for i in idx]), damping=lam)
+                except (ValueError, np.linalg.LinAlgError) as exc:  # singular (λ = 0): say which layer(s)
+                    names = [self.layers[i].name for i in ([idx] if isinstance(idx, int) else idx)]
+                    raise type(exc)(f"layer{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}: "
+                                    f"{exc}") from exc
+                for j, i in enumerate(idx):
+                    out[i] = Y[j]
             else:
                 for i, x in zip(idx, op.apply([V[i] for i in idx])):
                     out[i] = x
