@@ -148,9 +148,12 @@ class KronEigh(KronShaped):
         (zero columns, paired with eigenvalue 0, stand for eigenvalues at the Gram matrix's rounding
         level); with a shift, every eigenvalue including the complement's is raised by it.  K-FAC's
         factored damping (§6.3) is ``from_rows(ā, g, 1/N, c/N, π·γ, γ/π).solve(X)``: the inverse of
-        ``(A + πγI) ⊗ (G + (γ/π)I)`` without forming or factorizing either.  Every method then acts on the whole ``A ⊗ G`` as with :meth:`Kron.eigh`: ``eigvals``
-        and ``logdet`` include the complement's zeros (so ``solve``/negative powers need ``damping > 0``),
-        ``solve``/``power``/``apply``/``@`` cost GEMMs of the thin sizes (module docstring).  Unpacking
+        ``(A + πγI) ⊗ (G + (γ/π)I)`` without forming or factorizing either.
+
+        Every method then acts on the whole ``A ⊗ G`` as with :meth:`Kron.eigh`: ``eigvals`` and
+        ``logdet`` include the complement's eigenvalues (without shifts these are zeros, so ``solve`` and
+        negative powers need ``damping > 0``), ``solve``/``power``/``apply``/``@`` cost GEMMs of the thin
+        sizes (module docstring; with ``damping = 0`` each factor is applied on its side).  Unpacking
         and the ``Qa``/``la`` properties give the thin arrays.  A factor with ``n >= p`` rows is
         decomposed as :meth:`Kron.eigh` does (from ``scale·aᵀa``), and so is one with more than ``0.8·p``
         rows, where the Gram route stops being faster (measured crossover ``n ≈ 0.85·p``, float32, one
@@ -365,7 +368,7 @@ class KronEigh(KronShaped):
         Y = self._to_eig(X)
         Y *= F - c
         out = self._from_eig(Y)
-        if not (isinstance(c, float) and c == 0.0):
+        if c != 0.0:
             out += c * X
         return out
 
@@ -431,8 +434,7 @@ class KronEigh(KronShaped):
         thin basis ``fn`` must be a function of the products, constant along a complement's directions."""
         S = xp.broadcast_to(scale, want)
         ca, cg = self.p - self._Qa.shape[-1], self.q - self._Qg.shape[-1]  # the complements come first
-        bad = (ca and bool(xp.any(S[..., :, :ca] != S[..., :, :1]))) or (cg and bool(xp.any(S[..., :cg, :] != S[..., :1, :])))
-        if bad:
+        if (ca and bool(xp.any(S[..., :, :ca] != S[..., :, :1]))) or (cg and bool(xp.any(S[..., :cg, :] != S[..., :1, :]))):
             raise ValueError(
                 "fn must be a function of the eigenvalue products: on this thin eigenbasis (KronEigh.from_rows) "
                 "the products along a factor's complement are equal, and fn gave them different values"
