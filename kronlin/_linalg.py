@@ -16,7 +16,7 @@ import numpy as np
 
 from ._backend import ModuleRefs, dtype_eps, is_cupy, is_numpy, mT
 from ._kernels.symmetric import mirror_lower
-from ._validate import LinAlgError, _symmetric_within_tol, shape_str, singular_tol
+from ._validate import LinAlgError, _symmetric_within_tol, all_finite, nonfinite_result, quiet_overflow, shape_str, singular_tol
 
 __all__ = ["Factor", "eigh", "generalized_eigh", "ritz", "PSD_CLIP_FACTOR"]
 
@@ -396,12 +396,15 @@ def rows_eigh(xp, X, scale: float, name: str):
     U : (..., p, r) eigenvectors: orthonormal columns, or zero columns where ``w`` is 0 (thin when ``r < p``)
     """
     n, p = X.shape[-2], X.shape[-1]
-    if 5 * n > 4 * p:  # measured crossover ~0.85·p (one thread, float32, p = 512): dense ?syevd of M
-        M = mT(X) @ X
-        M = (M + mT(M)) * (0.5 * scale)  # exactly symmetric
-        return eigh(xp, M, name)
-    K = X @ mT(X)
-    K = (K + mT(K)) * (0.5 * scale)
+    dense = 5 * n > 4 * p  # measured crossover ~0.85·p (one thread, float32, p = 512): dense ?syevd of M
+    with quiet_overflow(xp):
+        K = mT(X) @ X if dense else X @ mT(X)
+        K = (K + mT(K)) * (0.5 * scale)  # exactly symmetric
+    if not all_finite(xp, K):
+        fix = f"rescale {name} (or its scale)" + (", or use float64" if K.dtype == xp.float32 else "")
+        raise nonfinite_result(K, f"scale·{name}ᵀ{name}", fix)
+    if dense:
+        return eigh(xp, K, name)
     mu, V = eigh(xp, K, f"the Gram matrix {name}·{name}ᵀ")
     cut = dtype_eps(xp, mu.dtype) * xp.max(mu, axis=-1, keepdims=True)
     keep = mu > cut

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg as sl
@@ -163,6 +165,18 @@ def test_bad_rows_refused(bad, match):
         KronEigh.from_rows(*bad(a, g))
     with pytest.raises(ValueError, match="scale_a"):
         KronEigh.from_rows(a, g, scale_a=0.0)
+
+
+@pytest.mark.parametrize("dtype,big", [("float64", 1e200), ("float32", 1e25)])
+def test_overflowing_second_moment_raises(dtype, big):
+    """Finite rows whose second moment leaves the dtype: FloatingPointError naming the rows, no warning."""
+    rng = np.random.default_rng(9)
+    a, g = rng.standard_normal((3, 8)).astype(dtype), rng.standard_normal((9, 4)).astype(dtype)
+    for args, name in (((a * big, g), "aᵀa"), ((a, g * big), "gᵀg")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(FloatingPointError, match=name):
+                KronEigh.from_rows(*args)
 
 
 @pytest.mark.parametrize("na,p,ng,q", ROWS)
