@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._backend import context, is_numpy, mT
-from ._linalg import _diag
+from ._linalg import _diag, scaled_gram
 from ._validate import (
     all_finite,
     check_finite,
@@ -109,14 +109,15 @@ def batch_factors(acts, grads, append_one: bool = True, tridiagonal: bool = True
 def _second_moment(xp, X, c):
     """``c·XᵀX``, exactly symmetric.
 
-    NumPy computes ``X.T @ X`` of a contiguous 2-D ``X`` with BLAS ``syrk`` and
-    mirrors the triangle, so the product is symmetric as it comes (tested in
-    ``tests/test_factors.py``) and is scaled in place; other libraries' GEMMs
-    may differ from their transpose by round-off, and the result is
-    symmetrised.
+    NumPy: one ``?syrk`` with ``alpha = c`` and a compiled mirror
+    (:func:`kronlin._linalg.scaled_gram`).  Other libraries' GEMMs may differ
+    from their transpose by round-off, and the result is symmetrised.
     """
+    M = scaled_gram(xp, X, c)
+    if M is not None:
+        return M
     M = mT(X) @ X
-    if is_numpy(xp) and (X.flags.c_contiguous or X.flags.f_contiguous):
+    if is_numpy(xp) and (X.flags.c_contiguous or X.flags.f_contiguous):  # NumPy's syrk: symmetric as it comes
         M *= c
         return M
     S = M + mT(M)

@@ -35,3 +35,29 @@ def test_batched_and_lu_inverses():
     N = rng.standard_normal((5, 5)) + 5 * np.eye(5)  # not symmetric: LU
     f = Factor(np, N, "N")
     assert f.kind == "lu" and rel_err(f.inv(), np.linalg.inv(N)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("shape", [(7, 5), (3, 9), (1, 4), (256, 33)])
+def test_scaled_gram_is_c_xtx_exactly_symmetric(dtype, order, shape):
+    """One ?syrk with alpha = c and the compiled mirror: c·XᵀX to rounding, exactly symmetric, no copy of X."""
+    from kronlin._linalg import scaled_gram
+
+    rng = np.random.default_rng(sum(shape))
+    X = np.asarray(rng.standard_normal(shape), dtype=dtype, order=order)
+    M = scaled_gram(np, X, 0.3)
+    ref = 0.3 * X.astype(np.float64).T @ X.astype(np.float64)
+    assert M.dtype == np.dtype(dtype) and M.shape == (shape[1], shape[1])
+    assert np.array_equal(M, M.T)
+    assert np.max(np.abs(M - ref)) <= 10 * shape[0] * np.finfo(dtype).eps * np.max(np.abs(ref))
+
+
+def test_scaled_gram_leaves_other_inputs_to_the_caller():
+    from kronlin._linalg import scaled_gram
+
+    X = np.ones((6, 4))
+    assert scaled_gram(np, X[::2], 1.0) is None  # not contiguous
+    assert scaled_gram(np, np.ones((2, 3, 4)), 1.0) is None  # a stack
+    assert scaled_gram(np, np.ones((0, 4)), 1.0) is None  # no rows
+    assert scaled_gram(np, X.astype(np.float16), 1.0) is None
