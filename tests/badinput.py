@@ -597,15 +597,18 @@ def kron_eigh_calls(draw):
     dtype = draw(st.sampled_from(("float64", "float32")))
     eps = eps_of(dtype)
     rng, p, q, A, G = _operands(draw, dtype, True)
-    method = draw(st.sampled_from(("solve", "power", "apply", "@", "eigvals", "logdet", "linop", "KronEigh")))
+    method = draw(st.sampled_from(("solve", "power", "apply", "@", "eigvals", "logdet", "linop", "KronEigh",
+                                   "from_rows")))
     vals = {"A": A, "G": G, "X": _rhs_value(draw, rng, q, p, dtype), "damping": draw(st.sampled_from((0.0, 1e-3, 1.0))),
             "power": draw(st.sampled_from((-1.0, -0.5, -0.25, 2.0, 1.0))), "fn": lambda d: 1.0 / (d + 1.0),
             "psd": True, "x": rng.standard_normal(p * q)}
     kinds = {"A": "array", "G": "array", "X": None, "damping": None, "power": None, "fn": None, "psd": "flag", "x": None}
     if method in ("solve", "power", "apply", "@"):
         kinds["X"] = "array"
-    if method in ("solve", "power", "eigvals", "logdet", "linop"):
+    if method in ("solve", "power", "eigvals", "logdet", "linop", "from_rows"):
         kinds["damping"] = "scalar"
+    if method == "from_rows":
+        kinds["X"] = "array"
     if method in ("power", "linop"):
         kinds["power"] = "scalar"
     if method == "apply":
@@ -622,8 +625,18 @@ def kron_eigh_calls(draw):
                  {"Qa": "array", "la": "array", "Qg": "array", "lg": "array"}, dtype)
     else:
         b = None
+    c = None
+    if method == "from_rows":  # the constructor from rows: A = s_a·aᵀa + shift_a·I (thin when fewer rows than p)
+        na, ng = draw(st.integers(1, 2 * p)), draw(st.integers(1, 2 * q))
+        c = Args(draw, {"a": rng.standard_normal((na, p)).astype(dtype), "g": rng.standard_normal((ng, q)).astype(dtype),
+                        "scale_a": draw(st.sampled_from((1.0, 0.25))), "scale_g": 2.0,
+                        "shift_a": draw(st.sampled_from((0.0, 0.1))), "shift_g": draw(st.sampled_from((0.0, 0.3)))},
+                 {"a": "array", "g": "array", "scale_a": "scalar", "scale_g": "scalar", "shift_a": "scalar",
+                  "shift_g": "scalar"}, dtype)
 
     def operator():
+        if c is not None:
+            return kronlin.KronEigh.from_rows(c["a"], c["g"], c["scale_a"], c["scale_g"], c["shift_a"], c["shift_g"])
         if b is not None:
             return kronlin.KronEigh(b["Qa"], b["la"], b["Qg"], b["lg"])
         return kronlin.Kron(a["A"], a["G"]).eigh(psd=a["psd"])
@@ -644,12 +657,29 @@ def kron_eigh_calls(draw):
             return E.logdet(a["damping"])
         if method == "linop":
             return E.aslinearoperator(a["power"], a["damping"]).matvec(a["x"])
+        if method == "from_rows":
+            return E.solve(a["X"], a["damping"])
         return E.solve(a["X"])
 
     def ref():
         # eigenvectors are as accurate as their own dtype, whatever the others promote the computation to
         eps = max(ceps(*[b[k] for k in ("Qa", "la", "Qg", "lg")]), ceps(b["Qa"]), ceps(b["Qg"])) if b is not None else ceps(a["A"], a["G"])
-        if b is not None:
+        if c is not None:
+            eps = ceps(c["a"], c["g"])
+            sa, sg = scal(c["scale_a"], "scale_a", positive=True), scal(c["scale_g"], "scale_g", positive=True)
+            ha, hg = scal(c["shift_a"], "shift_a", lo=0), scal(c["shift_g"], "shift_g", lo=0)
+            fac = []
+            for nm, s_, h_ in (("a", sa, ha), ("g", sg, hg)):
+                R = unstack(num(c[nm], nm))
+                if R.ndim != 2 or not R.size or not np.all(np.isfinite(R)) or np.max(np.abs(R)) < np.finfo(np.float64).tiny:
+                    raise IllPosed(nm)
+                M = LD(s_) * (R.T @ R) + LD(h_) * np.eye(R.shape[1], dtype=LD)
+                if not representable(M, eps):
+                    raise IllPosed(nm, "scale_" + nm)
+                fac.append(M)
+            A, G = fac
+            names = ("a", "g", "scale_a", "scale_g", "shift_a", "shift_g")
+        elif b is not None:
             Qa, Qg, la, lg = (unstack(num(b[k], k), 2 if k[0] == "Q" else 1) for k in ("Qa", "Qg", "la", "lg"))
             for Q, w, nq, nw in ((Qa, la, "Qa", "la"), (Qg, lg, "Qg", "lg")):
                 if Q.ndim != 2 or Q.shape[0] != Q.shape[1] or w.shape != (Q.shape[0],) or not Q.size:
@@ -694,7 +724,7 @@ def kron_eigh_calls(draw):
         else:
             X, back = rhs(a["X"], "X", q, p)
         x = vecF(X)
-        power = -1.0 if method in ("solve", "KronEigh") else 1.0
+        power = -1.0 if method in ("solve", "KronEigh", "from_rows") else 1.0
         if method in ("power", "linop"):
             power = scal(a["power"], "power")
         if method == "apply":
@@ -732,7 +762,7 @@ def kron_eigh_calls(draw):
         bound = 30 * n * eps * max(kappa ** abs(power), 1.0) * np.max(np.abs(y)) + 0 * y
         return back(unvecF(y, q, p)), back(unvecF(bound, q, p))
 
-    bad = dict(a.bad, **(b.bad if b is not None else {}))
+    bad = dict(a.bad, **(b.bad if b is not None else {}), **(c.bad if c is not None else {}))
     return Call("KronEigh", f"KronEigh.{method}", fn, ref, bad, eps)
 
 
