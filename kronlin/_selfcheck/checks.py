@@ -165,6 +165,18 @@ def _check_eigh_solve(kl, P: Problem) -> Outcome:
     return _exact_damped_outcome(P, lambda: kl.Kron(P.A, P.G).eigh().solve(P.X, DAMPING))
 
 
+def _check_from_rows(kl, P: Problem) -> Outcome:
+    r = P.gram_rows
+    a, g = r["a"], r["g"]
+    call = lambda: kl.KronEigh.from_rows(a, g, 1.0 / a.shape[0], 1.0 / g.shape[0]).solve(P.X, DAMPING)  # noqa: E731
+    Y = call()
+    if P.dense:
+        ref = scipy.linalg.solve(np.kron(r["A"], r["G"]) + DAMPING * np.eye(P.n), P.x64, assume_a="pos")
+        return Outcome("dense", relerr(vec(Y), ref), r["kappa"], call)
+    resid = P.kmul(r["A"], r["G"], Y) + DAMPING * f64(Y)
+    return Outcome("resid", relerr(resid, P.X64), r["kappa"], call)
+
+
 def _check_power(kl, P: Problem) -> Outcome:
     call = lambda: kl.Kron(P.A, P.G).eigh().power(P.X, -0.5, DAMPING)  # noqa: E731
     Y = call()
@@ -386,6 +398,7 @@ CHECKS = (
     ("KronEigh.solve(X, d)", _check_eigh_solve),
     ("KronEigh.power(X, -1/2, d)", _check_power),
     ("KronEigh.apply(X, d**2)", _check_apply),
+    ("KronEigh.from_rows(a, g).solve", _check_from_rows),
     ("pi_factor(norm='trace')", _make_pi_check("trace")),
     ("pi_factor(norm='fro')", _make_pi_check("fro")),
     ("pi_factor(norm='spectral')", _make_pi_check("spectral")),

@@ -134,6 +134,8 @@ def extra_base(seed: int, p: int, q: int, A, G, An, Gn) -> dict:
         "damping": lmax / (WOODBURY_COND - 1.0),  # cond(λI + F) = (λmax + λ) / λ
         "U": [rng.standard_normal((de, da)) for *_, da, de in spec["layers"]],
     }
+    # KronEigh.from_rows: rows of one-batch factors, A from fewer rows than its order (a thin eigenbasis)
+    ext["rows"] = {"a": rng.standard_normal((max(1, p // 4), p)), "g": rng.standard_normal((max(1, q // 2), q))}
     return ext
 
 
@@ -286,6 +288,15 @@ class Problem:
     @cached_property
     def mlp(self) -> MLPProblem:
         return MLPProblem(self._ext["mlp"], self.dtype)
+
+    @cached_property
+    def gram_rows(self) -> dict:
+        """The rows of :meth:`KronEigh.from_rows`' check in the dtype, their factors ``A = aᵀa/n_a``,
+        ``G = gᵀg/n_g`` in float64 and the condition number of ``A ⊗ G + DAMPING·I`` (A is singular)."""
+        a, g = (self._ext["rows"][k].astype(self.dtype) for k in ("a", "g"))
+        A, G = (f64(x).T @ f64(x) / x.shape[0] for x in (a, g))
+        top = float(np.linalg.eigvalsh(A)[-1] * np.linalg.eigvalsh(G)[-1])
+        return {"a": a, "g": g, "A": A, "G": G, "kappa": (top + DAMPING) / DAMPING}
 
     @cached_property
     def woodbury(self) -> WoodburyProblem:
