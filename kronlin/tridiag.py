@@ -270,11 +270,6 @@ class BlockDiagInverse(_LayerBlocks):
                 check_finite(xp, V, f"V_list[{k}]")
             return V
 
-        def result(Y):
-            if check and not all_finite(xp, Y):
-                raise self._nonfinite(Y)
-            return Y
-
         out = [None] * self.n_layers
         for ks, IA, IG in getattr(self, "_inv_stacks", ()):  # operators pickled before it existed have none
             Vs = [V_list[k] for k in ks]
@@ -290,8 +285,16 @@ class BlockDiagInverse(_LayerBlocks):
                     raise self._nonfinite(Y)
                 for j, k in enumerate(ks):
                     out[k] = Y[j, ...]
-        return [result(blk.apply(checked(V, k))) if Y is None else Y
-                for k, (blk, V, Y) in enumerate(zip(self.blocks, V_list, out))]
+        for k, (blk, V, Y) in enumerate(zip(self.blocks, V_list, out)):
+            if Y is None:
+                with quiet_overflow(xp):
+                    Y = out[k] = blk.apply(V)
+                # as for a stack: a NaN or infinity of V reaches Y through the invertible G⁻¹ and A⁻ᵀ (no zero
+                # row or column), so the result alone is checked and V is searched only to name the culprit
+                if check and not all_finite(xp, Y):
+                    checked(V, k)
+                    raise self._nonfinite(Y)
+        return out
 
     def logdet(self):
         """``log det F̆`` (of the damped approximate Fisher, not of its inverse)."""
