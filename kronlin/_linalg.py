@@ -227,14 +227,18 @@ class Factor(ModuleRefs):
         self._sl = _scipy_linalg(xp)
         self.kind = "lu"
         if symmetric or (symmetric is None and _symmetric_within_tol(xp, M)):
-            if _np_lapack(xp, M) and (M.ndim == 2 or _stack_loop("cholesky", M)):
+            lapack = _np_lapack(xp, M) and (M.ndim == 2 or _stack_loop("cholesky", M))
+            if lapack:
                 L = _potrf(M)
             else:
                 try:
                     L = xp.linalg.cholesky(M)
                 except LinAlgError:
                     L = None
-            if L is not None and bool(xp.all(xp.isfinite(L))):
+            # ?potrf with info = 0 on a finite M gives a finite L (|L_ij| <= sqrt(M_ii)), and a NaN or infinity of
+            # M on the diagonal shows in L's diagonal: the diagonal decides there; other libraries may hand back
+            # NaN for a failed factorization, so all of L is checked
+            if L is not None and (all_finite(xp, _diag(xp, L)) if lapack else bool(xp.all(xp.isfinite(L)))):
                 d = _diag(xp, L) ** 2  # the pivots of the Cholesky factorization
                 if bool(xp.any(xp.min(d, axis=-1) <= singular_tol(dtype_eps(xp, M.dtype)) * xp.max(d, axis=-1))):
                     raise LinAlgError(

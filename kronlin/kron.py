@@ -12,7 +12,7 @@ solved in one batched LAPACK call instead of a Python loop.
 from __future__ import annotations
 
 from ._backend import context, mT, trace
-from ._linalg import Factor, eigh
+from ._linalg import Factor, _diag, eigh
 from ._operator import KronShaped, batch_shape_of
 from ._validate import (
     LinAlgError,
@@ -138,8 +138,11 @@ class Kron(KronShaped):
         """``(A ⊗ G)⁻¹ = A⁻¹ ⊗ G⁻¹`` as a new operator."""
         fa, fg = self._factors()
         Ai, Gi = fa.inv(), fg.inv()
-        for M, name in ((Ai, "A"), (Gi, "G")):  # a tiny factor's inverse overflows
-            check_result(self._ctx.xp, M, f"Kron.inv(): {name}⁻¹", f"{name} is too small in magnitude for its inverse: rescale {name}")
+        xp = self._ctx.xp
+        for M, f, name in ((Ai, fa, "A"), (Gi, fg, "G")):  # a tiny factor's inverse overflows
+            # an SPD inverse is PSD, |M_ij| <= sqrt(M_ii M_jj): its diagonal decides (O(n), not O(n²))
+            check_result(xp, _diag(xp, M) if f.kind == "cholesky" else M, f"Kron.inv(): {name}⁻¹",
+                         f"{name} is too small in magnitude for its inverse: rescale {name}")
         return Kron._trusted(self._ctx, Ai, Gi)
 
     def slogdet(self):
