@@ -117,12 +117,14 @@ class Kron(KronShaped):
     def _factors(self):
         fac = self._fac
         if fac is None:  # built into locals, published as one tuple: other threads see both or neither
-            xp = self._ctx.xp
-            check_not_subnormal(xp, self._A, "A")
-            check_not_subnormal(xp, self._G, "G")
-            fac = (Factor(xp, self._A, "A"), Factor(xp, self._G, "G"))
-            self._fac = fac
+            fac = self._fac = self._new_factors()
         return fac
+
+    def _new_factors(self):
+        xp = self._ctx.xp
+        check_not_subnormal(xp, self._A, "A")
+        check_not_subnormal(xp, self._G, "G")
+        return Factor(xp, self._A, "A"), Factor(xp, self._G, "G")
 
     _fa = property(lambda self: self._factors()[0], doc="The cached factorization of A.")
     _fg = property(lambda self: self._factors()[1], doc="The cached factorization of G.")
@@ -135,13 +137,19 @@ class Kron(KronShaped):
         return self._ret([mT(fa.solve(mT(Z)))], fmt)
 
     def inv(self) -> "Kron":
-        """``(A ⊗ G)⁻¹ = A⁻¹ ⊗ G⁻¹`` as a new operator."""
-        fa, fg = self._factors()
-        Ai, Gi = fa.inv(), fg.inv()
+        """``(A ⊗ G)⁻¹ = A⁻¹ ⊗ G⁻¹`` as a new operator.
+
+        Without cached factorizations (no ``solve``/``logdet`` before) the factors are factored for this
+        call only and inverted in the factorizations' own memory (``Factor.inv(overwrite=True)``): one
+        copy of each factor less; a later ``solve`` factors them then, as it would have anyway."""
+        cached = self._fac is not None
+        fa, fg = self._factors() if cached else self._new_factors()
+        kinds = (fa.kind, fg.kind)
+        Ai, Gi = fa.inv(overwrite=not cached), fg.inv(overwrite=not cached)
         xp = self._ctx.xp
-        for M, f, name in ((Ai, fa, "A"), (Gi, fg, "G")):  # a tiny factor's inverse overflows
+        for M, kind, name in ((Ai, kinds[0], "A"), (Gi, kinds[1], "G")):  # a tiny factor's inverse overflows
             # an SPD inverse is PSD, |M_ij| <= sqrt(M_ii M_jj): its diagonal decides (O(n), not O(n²))
-            check_result(xp, _diag(xp, M) if f.kind == "cholesky" else M, f"Kron.inv(): {name}⁻¹",
+            check_result(xp, _diag(xp, M) if kind == "cholesky" else M, f"Kron.inv(): {name}⁻¹",
                          f"{name} is too small in magnitude for its inverse: rescale {name}")
         return Kron._trusted(self._ctx, Ai, Gi)
 

@@ -209,3 +209,24 @@ def test_public_api_table():
     for meth in ("__matmul__", "matmat", "T", "solve", "inv", "logdet", "trace", "to_dense", "eigh",
                  "aslinearoperator"):
         assert hasattr(K, meth)
+
+
+@pytest.mark.parametrize("first", ["inv", "solve"])
+def test_inv_and_solve_in_either_order_share_nothing_they_should_not(first):
+    """inv() without a cached factorization factors for itself and inverts in place; a cached one (from
+    solve) is used and kept.  Either way both results are exact and repeatable."""
+    rng = np.random.default_rng(11)
+    A, G = spd(rng, 6, 30.0), spd(rng, 4, 30.0)
+    X = rng.standard_normal((4, 6))
+    K = Kron(A, G)
+    ref_inv, ref_sol = np.linalg.inv(np.kron(A, G)), unvec(np.linalg.solve(np.kron(A, G), vec(X)), 4, 6)
+    for _ in range(2):
+        if first == "inv":
+            Ki = K.inv()
+            Y = K.solve(X)
+        else:
+            Y = K.solve(X)
+            Ki = K.inv()
+        assert rel_err(Ki.to_dense(), ref_inv) < 1e-12
+        assert rel_err(Y, ref_sol) < 1e-12
+    assert K._fac is not None and all(f.kind == "cholesky" for f in K._fac)
