@@ -96,15 +96,22 @@ def _blas(name: str, dtype):
     return f
 
 
+#: Narrower rows go to NumPy's ``X.T @ X`` and a scaling pass: below ~128 columns the wrappers' call
+#: overheads outweigh the saved pass (256 rows, one thread: 9 columns 16 against 8 µs, 65: 57-79 against
+#: 37-67 µs, 129: 107-182 against 98-189 µs, 257: 278-482 against 337-627 µs, 785: 2.1-3.1 against 3.3-5.8 ms).
+SYRK_MIN_D = 128
+
+
 def scaled_gram(xp, X, c: float):
-    """``c·XᵀX`` of a 2-D NumPy float32/float64 ``X`` (C- or Fortran-contiguous), exactly symmetric; else None.
+    """``c·XᵀX`` of a 2-D NumPy float32/float64 ``X`` (C- or Fortran-contiguous, at least :data:`SYRK_MIN_D`
+    columns), exactly symmetric; else None.
 
     One BLAS ``?syrk`` with ``alpha = c`` on ``X``'s own memory (no transposing copy, no scaling pass),
     its triangle mirrored by the compiled :func:`_mirror_lower`.  NumPy's ``X.T @ X`` is ``?syrk`` too,
     but then mirrors and needs the scaling pass: at 256 × 785 float32, one thread, 1.65-1.8 against 2.1 ms
     (plus the pass) for the product alone.
     """
-    if not (_np_lapack(xp, X) and X.ndim == 2 and X.shape[0] > 0):
+    if not (_np_lapack(xp, X) and X.ndim == 2 and X.shape[0] > 0 and X.shape[1] >= SYRK_MIN_D):
         return None
     syrk = _blas("syrk", X.dtype)
     if X.flags.c_contiguous:  # Xᵀ (d, N) is Fortran-ordered: c·Xᵀ(Xᵀ)ᵀ, trans=0

@@ -39,7 +39,7 @@ def test_batched_and_lu_inverses():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("order", ["C", "F"])
-@pytest.mark.parametrize("shape", [(7, 5), (3, 9), (1, 4), (256, 33)])
+@pytest.mark.parametrize("shape", [(7, 130), (3, 200), (1, 128), (256, 129)])
 def test_scaled_gram_is_c_xtx_exactly_symmetric(dtype, order, shape):
     """One ?syrk with alpha = c and the compiled mirror: c·XᵀX to rounding, exactly symmetric, no copy of X."""
     from kronlin._linalg import scaled_gram
@@ -56,8 +56,9 @@ def test_scaled_gram_is_c_xtx_exactly_symmetric(dtype, order, shape):
 def test_scaled_gram_leaves_other_inputs_to_the_caller():
     from kronlin._linalg import scaled_gram
 
-    X = np.ones((6, 4))
+    X = np.ones((6, 200))
     assert scaled_gram(np, X[::2], 1.0) is None  # not contiguous
-    assert scaled_gram(np, np.ones((2, 3, 4)), 1.0) is None  # a stack
-    assert scaled_gram(np, np.ones((0, 4)), 1.0) is None  # no rows
+    assert scaled_gram(np, np.ones((2, 3, 200)), 1.0) is None  # a stack
+    assert scaled_gram(np, np.ones((0, 200)), 1.0) is None  # no rows
     assert scaled_gram(np, X.astype(np.float16), 1.0) is None
+    assert scaled_gram(np, np.ones((6, 127)), 1.0) is None  # narrow: NumPy's product is faster
