@@ -152,19 +152,20 @@ def _pi(A, G):
 @pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
 @pytest.mark.parametrize("mode", ["exact", "factored"])
 @pytest.mark.parametrize("N", [7, 2])
-def test_preconditioned_gradient_equals_dense_solve(make, mode, N):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_preconditioned_gradient_equals_dense_solve(make, mode, N, reduction):
     """N = 2: every MLP layer and the CNN's linear layer have a factor with fewer rows than 0.8× its order
     (0.4× for factored damping), so their inverses come from the rows (KronEigh.from_rows, thin); the others
     as before."""
     lam = 1e-2
     model = make()
     x, y = batch(model, N=N)
-    acts, errs, _ = per_example(model, x, y)
-    pre = kt.KFAC(model, damping=lam, damping_mode=mode)
-    _, before = run_step(model, pre, x, y)
+    acts, errs, _ = per_example(model, x, y, reduction=reduction)
+    pre = kt.KFAC(model, damping=lam, damping_mode=mode, reduction=reduction)
+    _, before = run_step(model, pre, x, y, reduction=reduction)
     from_rows = [i for i, op in pre._inv if isinstance(i, int) and op._thin]
     assert from_rows == {(mlp, 7): [], (mlp, 2): [0, 1, 2], (cnn, 7): [3], (cnn, 2): [3]}[make, N]
-    for m, (A, G), V in zip(layers_of(model), dense_factors(acts, errs), before):
+    for m, (A, G), V in zip(layers_of(model), dense_factors(acts, errs, N if reduction == "sum" else 1.0), before):
         p, q = A.shape[0], G.shape[0]
         if mode == "exact":
             M = np.kron(A, G) + lam * np.eye(p * q)

@@ -276,7 +276,7 @@ class KFAC(CurvatureHooks):
         parts = []
         for ks in groups.values():
             T = acts[ks[0]].shape[1] if acts[ks[0]].ndim == 3 else 1
-            scales = (1.0 / N, self._scale / (N * T))
+            scales = (1.0 / N, self._curvature_scale(N) / (N * T))  # c of the update the rows come from
             try:
                 if len(ks) > 1:  # exact damping, equal shapes: the rows as a stack
                     xp = array_namespace(acts[ks[0]])
