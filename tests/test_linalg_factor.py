@@ -62,3 +62,38 @@ def test_scaled_gram_leaves_other_inputs_to_the_caller():
     assert scaled_gram(np, np.ones((0, 200)), 1.0) is None  # no rows
     assert scaled_gram(np, X.astype(np.float16), 1.0) is None
     assert scaled_gram(np, np.ones((6, 127)), 1.0) is None  # narrow: NumPy's product is faster
+
+
+def test_singular_one_batch_factors_are_refused_whatever_their_rounding():
+    """Undamped K-FAC factors of fewer examples than their order are singular; their last pivot is rounding
+    noise, which the pivot-ratio test alone let through in 12 of these 600 random layer pairs (the bad-input
+    matrix found one; the "inverses" were noise of size 1/eps).  The condition estimate decides there: every
+    one is refused, on the Cholesky route and, where rounding makes a factor indefinite, the LU route."""
+    from numpy.linalg import LinAlgError
+
+    import kronlin
+
+    refused = 0
+    for seed in range(600):
+        rng = np.random.default_rng(seed)
+        N = int(rng.integers(1, 6))
+        d0, d1, d2 = (int(x) for x in rng.integers(1, 6, 3))
+        acts = [rng.standard_normal((N, d0)), rng.standard_normal((N, d1))]
+        grads = [rng.standard_normal((N, d1)), rng.standard_normal((N, d2))]
+        est = kronlin.FactorEstimator(tridiagonal=False).update(acts, grads)
+        if max(np.linalg.cond(M) for M in est.A_diag + est.G_diag) < 1e15:
+            continue  # regular to working precision (enough examples for every factor)
+        with pytest.raises(LinAlgError, match="singular"):
+            est.block_diag_inverse(gamma=0.0)
+        refused += 1
+    assert refused > 100
+
+
+def test_ill_conditioned_but_regular_factors_are_kept():
+    """The condition estimate runs where the pivot ratio is below sqrt(eps) and refuses only rcond <= 10·eps."""
+    rng = np.random.default_rng(13)
+    Q = np.linalg.qr(rng.standard_normal((8, 8)))[0]
+    M = (Q * np.logspace(0, -12, 8)) @ Q.T  # cond 1e12 < 1/(10·eps): regular in float64
+    f = Factor(np, (M + M.T) / 2, "M")
+    assert f.kind == "cholesky"
+    assert rel_err(f.solve(np.eye(8)) @ M, np.eye(8)) < 1e-3
