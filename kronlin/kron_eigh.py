@@ -184,7 +184,11 @@ class KronEigh(KronShaped):
         lg, Qg = rows_eigh(xp, g, scale_g, "g")
         if shifts != (0.0, 0.0):
             la, lg = la + shifts[0], lg + shifts[1]
-        return cls.__new__(cls)._init(ctx, Qa, la, Qg, lg, shifts)
+        try:
+            return cls.__new__(cls)._init(ctx, Qa, la, Qg, lg, shifts)
+        except ValueError as exc:  # the eigenvalue products overflow: say which arguments made them
+            raise ValueError(f"{exc}; here A = scale_a·aᵀa + shift_a·I and G = scale_g·gᵀg + shift_g·I: rescale the "
+                             f"rows a, g or scale_a, scale_g") from None
 
     @classmethod
     def _trusted(cls, ctx, Qa, la, Qg, lg):

@@ -671,8 +671,8 @@ def kron_eigh_calls(draw):
             fac = []
             for nm, s_, h_ in (("a", sa, ha), ("g", sg, hg)):
                 R = unstack(num(c[nm], nm))
-                if R.ndim != 2 or not R.size or not np.all(np.isfinite(R)) or np.max(np.abs(R)) < np.finfo(np.float64).tiny:
-                    raise IllPosed(nm)
+                if R.ndim != 2 or not R.size or not np.all(np.isfinite(R)) or 0 < np.max(np.abs(R)) < np.finfo(np.float64).tiny:
+                    raise IllPosed(nm)  # zero rows are fine (A = shift·I): subnormal ones are refused
                 M = LD(s_) * (R.T @ R) + LD(h_) * np.eye(R.shape[1], dtype=LD)
                 if not representable(M, eps):
                     raise IllPosed(nm, "scale_" + nm)

@@ -165,6 +165,16 @@ def test_bad_rows_refused(bad, match):
         KronEigh.from_rows(*bad(a, g))
     with pytest.raises(ValueError, match="scale_a"):
         KronEigh.from_rows(a, g, scale_a=0.0)
+    with pytest.raises(ValueError, match="scale_a, scale_g"):  # the products lg·la overflow, not the factors
+        KronEigh.from_rows(a, g, scale_a=1e300, scale_g=1e300)
+
+
+def test_zero_rows_are_a_zero_factor():
+    """All-zero rows give A = shift·I (a zero matrix is regular once damped), not an error."""
+    rng = np.random.default_rng(10)
+    X = rng.standard_normal((3, 5))
+    assert rel_err(KronEigh.from_rows(np.zeros((2, 5)), rng.standard_normal((4, 3))).solve(X, 0.5), X / 0.5) < 1e-15
+    assert rel_err(KronEigh.from_rows(np.zeros((2, 5)), np.zeros((1, 3)), shift_a=2.0, shift_g=0.5).solve(X), X) < 1e-15
 
 
 @pytest.mark.parametrize("dtype,big", [("float64", 1e200), ("float32", 1e25)])
