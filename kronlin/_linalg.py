@@ -480,7 +480,10 @@ def rows_eigh(xp, X, scale: float, name: str):
         fix = f"rescale {name} (or its scale)" + (", or use float64" if K.dtype == xp.float32 else "")
         raise nonfinite_result(K, f"scale·{name}ᵀ{name}", fix)
     if dense:
-        return eigh(xp, K, name)
+        w, Q = eigh(xp, K, name)
+        if n < p:  # rank <= n: the p − n smallest eigenvalues are zero, not the rounding noise eigh leaves there
+            w = xp.where(xp.arange(p) < p - n, xp.zeros_like(w), w)
+        return w, Q
     mu, V = eigh(xp, K, f"the Gram matrix {name}·{name}ᵀ")
     cut = dtype_eps(xp, mu.dtype) * xp.max(mu, axis=-1, keepdims=True)
     keep = mu > cut

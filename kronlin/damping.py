@@ -28,6 +28,7 @@ from ._validate import (
     check_nonneg_scalar,
     check_positive_scalar,
     check_result,
+    quiet_overflow,
     check_square,
     shape_str,
 )
@@ -55,8 +56,14 @@ def _factor_norms(xp, A, G, norm):
 
 def _pi(ctx, A, G, norm, nameA: str = "A", nameG: str = "G"):
     xp = ctx.xp
-    nA, nG, what = _factor_norms(xp, A, G, norm)
+    with quiet_overflow(xp):
+        nA, nG, what = _factor_norms(xp, A, G, norm)
     for val, name, M in ((nA, nameA, A), (nG, nameG, G)):
+        if not bool(xp.all(xp.isfinite(val))):  # else π would come out 0 or inf, silently
+            raise FloatingPointError(
+                f"the {what} of {name} (shape {shape_str(M)}) overflows {M.dtype}, so π cannot be formed; rescale "
+                f"{name} (the solution of a problem scaled by c is the solution divided by c), or pass pi"
+            )
         if not bool(xp.all(val > 0)):
             raise ValueError(
                 f"{name} (shape {shape_str(M)}) has {what} {float(xp.min(val)):.3g} <= 0, so π is undefined; "

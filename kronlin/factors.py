@@ -217,7 +217,7 @@ def _checked_stats(stats, tridiagonal: bool, bad, what: str, snapshot: bool):
         if len(lists[k]) != n_off:
             raise bad(f"{what}[{k!r}] must hold {n_off} matrices ({n} layers, tridiagonal={tridiagonal}); "
                       f"got {len(lists[k])}")  # fmt: skip
-    named = [(f"{k}[{i}]", M) for k in _KEYS for i, M in enumerate(lists[k])]
+    named = [(f"{what}[{k!r}][{i}] ({k}[{i}])", M) for k in _KEYS for i, M in enumerate(lists[k])]
     try:
         ctx, arrays = context(*named, snapshot=snapshot)
     except (TypeError, ValueError) as exc:

@@ -36,6 +36,7 @@ from ._linalg import eigh, ritz, rows_eigh
 from ._operator import KronShaped, batch_shape_of
 from ._validate import (
     LinAlgError,
+    all_finite,
     check_finite,
     check_nonempty,
     check_nonneg_scalar,
@@ -462,7 +463,14 @@ class KronEigh(KronShaped):
 
     def eigvals(self, damping: float = 0.0):
         """The ``(..., q, p)`` eigenvalues ``lg[i]·la[j] + damping`` of ``A ⊗ G + damping·I``."""
-        return self._out(self._products(check_nonneg_scalar(damping, "damping")))
+        damping = check_nonneg_scalar(damping, "damping")
+        d = self._products(damping)
+        if damping and not all_finite(self._ctx.xp, d):  # the damping alone may leave the dtype's range
+            raise FloatingPointError(
+                f"KronEigh.eigvals(damping={damping:g}): the eigenvalues lg·la + damping overflow {self.dtype}; pass a "
+                f"damping within its range (or rescale A, G and the damping together)"
+            )
+        return self._out(d)
 
     def logdet(self, damping: float = 0.0):
         """``log det(A ⊗ G + damping·I)``; raises if the operator is not positive definite."""

@@ -224,7 +224,7 @@ OVERFLOWING_RESULTS = {
                       r"A_diag\[0\] \(the second moment of acts\[0\]\) .*rescale acts\[0\]"),
     "FactorEstimator.update": (lambda: kronlin.FactorEstimator().update(_ACTS, [1e300 * e for e in _ERRS]),
                                r"G_diag\[0\] \(the second moment of grads\[0\]\)"),
-    "pi_factor": (lambda: kronlin.pi_factor(1e308 * np.eye(2), 1e308 * np.eye(3)), r"π = sqrt\(trace of A"),
+    "pi_factor": (lambda: kronlin.pi_factor(1e308 * np.eye(2), 1e308 * np.eye(3)), r"trace of A \(shape \(2, 2\)\) overflows"),
 }
 
 
