@@ -744,7 +744,17 @@ def kron_eigh_calls(draw):
             return back(unvecF(y, q, p)), back(unvecF(bnd, q, p))
         w = wK + LD(d)
         tol = 10 * eps * (2 * np.max(np.abs(wK)) + d)
-        if (power != int(power) and np.min(w) < 0) or (power < 0 and np.min(np.abs(w)) <= tol):
+        if c is not None and power < 0:
+            # rows give factors of any conditioning: KronEigh's documented policy decides (a product of the two
+            # spectra against its own rounding, |lg_i|·max|la| + |la_j|·max|lg|), under which a solve with
+            # cond(A ⊗ G) near 1/eps is still accurate product by product
+            la = np.linalg.eigvalsh(_split(A)[0]) * LD(2) ** _split(A)[1]
+            lg = np.linalg.eigvalsh(_split(G)[0]) * LD(2) ** _split(G)[1]
+            err = np.abs(lg)[:, None] * np.max(np.abs(la)) + np.abs(la)[None, :] * np.max(np.abs(lg)) + LD(d)
+            if np.any(np.abs(lg[:, None] * la[None, :] + LD(d)) <= 10 * eps * err):  # the policy (_validate.singular_tol)
+                raise IllPosed(*names, "damping", "power")
+            w = np.where(np.abs(w) <= tol, tol, w)  # the bound below then stays finite
+        elif (power != int(power) and np.min(w) < 0) or (power < 0 and np.min(np.abs(w)) <= tol):
             raise IllPosed(*names, "damping", "power")
         if abs(power) * max(abs(math.log(float(np.max(np.abs(w))))), abs(math.log(float(max(np.min(np.abs(w)), 1e-4900))))) > math.log(fmax(eps)) - 2:
             raise IllPosed("power", *names)
