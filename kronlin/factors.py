@@ -399,7 +399,7 @@ class FactorEstimator:
             raise bad(f"step {step} with {'no' if stats is None else ''} stats: stats are None exactly before the first update")
         ctx = loaded = None
         if stats is not None:
-            ctx, loaded = _checked_stats(stats, state["tridiagonal"], bad, "state['stats']", snapshot=True)
+            ctx, loaded = _checked_stats(stats, state["tridiagonal"], bad, "stats", snapshot=True)
         self.__init__(decay, state["tridiagonal"], state["append_one"])
         self.step = step
         if stats is not None:
