@@ -409,6 +409,11 @@ def mT(x):
         return x.swapaxes(-1, -2)
 
 
+def diagonal(xp, M):
+    """The diagonal(s) over the last two axes (``xp.linalg.diagonal``; CuPy 14 has only ``cupy.diagonal``)."""
+    return xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M, axis1=-2, axis2=-1)
+
+
 def trace(xp, M):
     """Trace over the last two axes (``xp.linalg.trace``; CuPy 14 has only ``cupy.trace``)."""
     if hasattr(xp.linalg, "trace"):

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from ._backend import ModuleRefs, dtype_eps, is_cupy, is_numpy, mT
+from ._backend import ModuleRefs, diagonal, dtype_eps, is_cupy, is_numpy, mT
 from ._kernels.symmetric import mirror_lower
 from ._validate import LinAlgError, _symmetric_within_tol, all_finite, nonfinite_result, quiet_overflow, shape_str, singular_tol
 
@@ -47,10 +47,6 @@ def _solve(xp, M, B):
     if tuple(B.shape[:-2]) != batch:
         B = xp.broadcast_to(B, batch + tuple(B.shape[-2:]))
     return xp.linalg.solve(M, B)
-
-
-def _diag(xp, M):
-    return xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M, axis1=-2, axis2=-1)
 
 
 # -- NumPy routes (issue 13, item 1) --------------------------------------------------------------------
@@ -275,8 +271,8 @@ class Factor(ModuleRefs):
             # ?potrf with info = 0 on a finite M gives a finite L (|L_ij| <= sqrt(M_ii)), and a NaN or infinity of
             # M on the diagonal shows in L's diagonal: the diagonal decides there; other libraries may hand back
             # NaN for a failed factorization, so all of L is checked
-            if L is not None and (all_finite(xp, _diag(xp, L)) if lapack else bool(xp.all(xp.isfinite(L)))):
-                d = _diag(xp, L) ** 2  # the pivots of the Cholesky factorization
+            if L is not None and (all_finite(xp, diagonal(xp, L)) if lapack else bool(xp.all(xp.isfinite(L)))):
+                d = diagonal(xp, L) ** 2  # the pivots of the Cholesky factorization
                 eps = dtype_eps(xp, M.dtype)
                 if bool(xp.any(xp.min(d, axis=-1) <= singular_tol(eps) * xp.max(d, axis=-1))) or (
                         _np_lapack(xp, M) and _condition_singular("pocon", M, L, d, eps)):
@@ -290,7 +286,7 @@ class Factor(ModuleRefs):
                 # an exactly zero pivot is reported below, with the argument's name
                 warnings.simplefilter("ignore")
                 lu, piv = self._sl.lu_factor(M, check_finite=False)
-            u = xp.abs(_diag(xp, lu))
+            u = xp.abs(diagonal(xp, lu))
             eps = dtype_eps(xp, M.dtype)
             # a pivot at or below eps·max|pivot| is singular to working precision (the one policy, _validate.singular_tol),
             # and so is a matrix whose condition estimate says so where the pivots leave a doubt (_condition_singular)
@@ -352,7 +348,7 @@ class Factor(ModuleRefs):
 
     def cond_estimate(self) -> float:
         """Cheap lower estimate of the 2-norm condition number of an SPD matrix: (max Lᵢᵢ / min Lᵢᵢ)²."""
-        d = self.xp.abs(_diag(self.xp, self._L))
+        d = self.xp.abs(diagonal(self.xp, self._L))
         return float(self.xp.max(d) / self.xp.min(d)) ** 2
 
     def inv(self, overwrite: bool = False):
@@ -393,11 +389,11 @@ class Factor(ModuleRefs):
         xp = self.xp
         self._check_live()
         if self.kind == "cholesky":
-            logabs = 2.0 * xp.sum(xp.log(_diag(xp, self._L)), axis=-1)
+            logabs = 2.0 * xp.sum(xp.log(diagonal(xp, self._L)), axis=-1)
             return xp.ones_like(logabs), logabs
         if self._lu is not None:
             lu, piv = self._lu
-            d = _diag(xp, lu)
+            d = diagonal(xp, lu)
             swaps = xp.sum(xp.astype(piv != xp.arange(self.n, dtype=piv.dtype), xp.int64), axis=-1)
             sign = xp.prod(xp.sign(d), axis=-1) * (1.0 - 2.0 * xp.astype(swaps % 2, d.dtype))
             return sign, xp.sum(xp.log(xp.abs(d)), axis=-1)

@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numpy.linalg import LinAlgError
 
-from ._backend import dtype_eps, is_numpy
+from ._backend import diagonal, dtype_eps, is_numpy
 from ._kernels.symmetric import asymmetry
 
 __all__ = [
@@ -255,7 +255,7 @@ def check_not_subnormal(xp, x, name: str) -> None:
     """
     floor = float(xp.finfo(x.dtype).smallest_normal)
     if x.ndim >= 2 and x.shape[-1] == x.shape[-2] and x.shape[-1] > 0:
-        d = xp.abs(xp.linalg.diagonal(x) if hasattr(xp.linalg, "diagonal") else xp.diagonal(x, axis1=-2, axis2=-1))
+        d = xp.abs(diagonal(xp, x))
         if bool(xp.all(xp.max(d, axis=-1) >= floor)):  # max|x| >= max|diag x|: no O(n²) pass needed
             return
     big = xp.maximum(xp.max(x, axis=(-2, -1)), -xp.min(x, axis=(-2, -1)))  # max|x| without an |x| temporary

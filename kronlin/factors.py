@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import context, is_numpy, mT
-from ._linalg import _diag, scaled_gram
+from ._backend import context, diagonal, is_numpy, mT
+from ._linalg import scaled_gram
 from ._validate import (
     all_finite,
     check_finite,
@@ -155,7 +155,7 @@ def _first_nonfinite(xp, stats) -> int | None:
     the ``O(N·d)`` input and ``O(d²)`` result passes.
     """
     for i, M in enumerate(stats["A_diag"] + stats["G_diag"]):
-        if not all_finite(xp, _diag(xp, M)):
+        if not all_finite(xp, diagonal(xp, M)):
             return i
     return None
 

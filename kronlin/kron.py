@@ -11,8 +11,8 @@ solved in one batched LAPACK call instead of a Python loop.
 
 from __future__ import annotations
 
-from ._backend import context, mT, trace
-from ._linalg import Factor, _diag, eigh
+from ._backend import context, diagonal, mT, trace
+from ._linalg import Factor, eigh
 from ._operator import KronShaped, batch_shape_of
 from ._validate import (
     LinAlgError,
@@ -149,7 +149,7 @@ class Kron(KronShaped):
         xp = self._ctx.xp
         for M, kind, name in ((Ai, kinds[0], "A"), (Gi, kinds[1], "G")):  # a tiny factor's inverse overflows
             # an SPD inverse is PSD, |M_ij| <= sqrt(M_ii M_jj): its diagonal decides (O(n), not O(n²))
-            check_result(xp, _diag(xp, M) if kind == "cholesky" else M, f"Kron.inv(): {name}⁻¹",
+            check_result(xp, diagonal(xp, M) if kind == "cholesky" else M, f"Kron.inv(): {name}⁻¹",
                          f"{name} is too small in magnitude for its inverse: rescale {name}")
         return Kron._trusted(self._ctx, Ai, Gi)
 
