@@ -228,10 +228,6 @@ class KronEigh(KronShaped):
         """The ``(..., q, p)`` eigenvalue products of the whole spectra (with a thin basis' zeros)."""
         return self._wg[..., :, None] * self._wa[..., None, :] + damping
 
-    def _thin_products(self):
-        """The products of the basis' own eigenvalues: ``(..., rg, ra)``."""
-        return self._lg[..., :, None] * self._la[..., None, :]
-
     def _compressed_products(self, damping):
         """The products with one complement row/column (first) for each thin factor: every distinct value."""
         xp = self._ctx.xp
@@ -345,9 +341,7 @@ class KronEigh(KronShaped):
             return self._from_eig(eig_scale(self._ctx.xp, self._to_eig(X), self._lg, self._la, damping, power))
         if damping == 0.0:  # (A ⊗ G)^power = A^power ⊗ G^power: each factor on its side, two thin GEMMs each
             return self._factor_power(self._factor_power(X, power, "A"), power, "G")
-        if self._shifts == (0.0, 0.0):  # f(damping) on every complement direction (checked > 0 for power < 0)
-            return self._thin_apply(X, (self._thin_products() + damping) ** power, float(damping) ** power)
-        return self._shifted_apply(X, self._compressed_products(damping) ** power)
+        return self._thin_apply(X, self._compressed_products(damping) ** power)
 
     def _factor_power(self, X, power: float, which: str):
         """``X (A^power)ᵀ`` (``which = "A"``) or ``G^power X``: ``Q diag(l^power) Qᵀ``, on a thin basis
@@ -367,27 +361,25 @@ class KronEigh(KronShaped):
             out += c * X
         return out
 
-    def _thin_apply(self, X, F, c):
-        """``c·X + Qg [(Qgᵀ X Qa) ⊙ (F − c)] Qaᵀ``: ``f(A ⊗ G)`` on a thin basis whose complement eigenvalues are 0,
-        ``F`` = f on the basis' products and ``c`` = f(0), the value on every complement direction."""
-        Y = self._to_eig(X)
-        Y *= F - c
-        out = self._from_eig(Y)
-        if c != 0.0:
-            out += c * X
-        return out
-
-    def _shifted_apply(self, X, S):
-        """``f(A ⊗ G)`` on a thin basis with shifted complements: ``S`` holds f of the products with one
-        complement row (G thin) and column (A thin) first.  Splitting ``f`` over the projectors
-        ``Pg_i``, ``Pa_j`` and the complements ``Pg⊥``, ``Pa⊥`` (``Σ_i Pg_i + Pg⊥ = I``):
+    def _thin_apply(self, X, S):
+        """``f(A ⊗ G)`` on a thin basis: ``S`` holds f of the products with one complement row (G thin) and
+        column (A thin) first (:meth:`_compressed_products`).  Splitting ``f`` over the projectors ``Pg_i``,
+        ``Pa_j`` and the complements ``Pg⊥``, ``Pa⊥`` (``Σ_i Pg_i + Pg⊥ = I``):
 
             f(A⊗G) X = F⊥⊥ X + Qg[(F_i⊥ − F⊥⊥) ⊙ QgᵀX] + [XQa ⊙ (F⊥j − F⊥⊥)]Qaᵀ
                        + Qg[(QgᵀXQa) ⊙ (F_ij − F_i⊥ − F⊥j + F⊥⊥)]Qaᵀ,
 
-        with the terms of a square (complement-free) factor folded into the others."""
+        with the terms of a square (complement-free) factor folded into the others.  Without shifts every
+        product with a complement direction is 0, so ``F_i⊥ = F⊥j = F⊥⊥ = c`` and two terms vanish."""
         Qa, Qg = self._Qa, self._Qg
         ta, tg = Qa.shape[-1] < self.p, Qg.shape[-1] < self.q
+        if self._shifts == (0.0, 0.0):  # c·X + Qg[(QgᵀXQa) ⊙ (F − c)]Qaᵀ
+            c = S[..., :1, :1]
+            Y = self._to_eig(X)
+            Y *= S[..., int(tg):, int(ta):] - c
+            out = self._from_eig(Y)
+            out += c * X
+            return out
         if ta and tg:
             c, fg, fa, F = S[..., :1, :1], S[..., 1:, :1], S[..., :1, 1:], S[..., 1:, 1:]
             W = mT(Qg) @ X
@@ -431,11 +423,11 @@ class KronEigh(KronShaped):
         if not bool(xp.all(xp.isfinite(scale))):
             raise ValueError("fn returned NaN or infinity for some eigenvalue products")
         if self._thin:
-            return self._ret([self._shifted_apply(X, self._thin_scale(xp, scale, want))], fmt)
+            return self._ret([self._thin_apply(X, self._thin_scale(xp, scale, want))], fmt)
         return self._ret([self._from_eig(Y)], fmt)
 
     def _thin_scale(self, xp, scale, want):
-        """``fn``'s values with one complement row/column per thin factor (see :meth:`_shifted_apply`): on a
+        """``fn``'s values with one complement row/column per thin factor (see :meth:`_thin_apply`): on a
         thin basis ``fn`` must be a function of the products, constant along a complement's directions."""
         S = xp.broadcast_to(scale, want)
         ca, cg = self.p - self._Qa.shape[-1], self.q - self._Qg.shape[-1]  # the complements come first
@@ -452,9 +444,9 @@ class KronEigh(KronShaped):
         return self
 
     def _apply_matrix(self, X):
-        if self._thin and self._shifts != (0.0, 0.0):
-            return self._shifted_apply(X, self._compressed_products(0.0))
-        return self._from_eig(self._to_eig(X) * self._thin_products())
+        if self._thin:
+            return self._scaled(X, 1.0, 0.0)  # A ⊗ G factor by factor
+        return self._from_eig(self._to_eig(X) * self._products())
 
     def __matmul__(self, X):
         """``(A ⊗ G) vec(X)`` through the eigenbasis."""
