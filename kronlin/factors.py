@@ -290,15 +290,19 @@ class FactorEstimator:
         eps = self.decay()  # 0 at the first update
         batch = _estimates(ctx.xp, A, G, N, self.tridiagonal, weight=1.0 - eps)
         _check_estimates(ctx.xp, batch, named, arrays)
-        if self._stats is not None:
-            for key in _KEYS:
-                new, old = ([tuple(M.shape) for M in s[key]] for s in (batch, self._stats))
-                if new != old:
-                    raise ValueError(
-                        f"acts and grads give {key} of shapes {new} but the running averages have {old}: the layer "
-                        f"shapes changed since the last update; pass the same layers, or start a new FactorEstimator"
-                    )
+        self._check_shapes(batch, lambda key, new, old: ValueError(
+            f"acts and grads give {key} of shapes {new} but the running averages have {old}: the layer shapes "
+            f"changed since the last update; pass the same layers, or start a new FactorEstimator"))
         return self._fold_in(batch, eps, ctx)
+
+    def _check_shapes(self, batch, error) -> None:
+        """Raise ``error(key, new shapes, averages' shapes)`` where ``batch`` does not match the averages."""
+        if self._stats is None:
+            return
+        for key in _KEYS:
+            new, old = ([tuple(M.shape) for M in s[key]] for s in (batch, self._stats))
+            if new != old:
+                raise error(key, new, old)
 
     def _fold_in(self, scaled, eps, ctx) -> "FactorEstimator":
         """Commit ``ε·old + scaled`` (``scaled``: fresh arrays of ``(1 − ε)·batch``, checked finite and shaped
@@ -332,11 +336,8 @@ class FactorEstimator:
             return ValueError(f"FactorEstimator.fold: {what}")
 
         ctx, new = _checked_stats(batch, self.tridiagonal, bad, "batch", snapshot=False)
-        if self._stats is not None:
-            for key in _KEYS:
-                got, have = ([tuple(M.shape) for M in s[key]] for s in (new, self._stats))
-                if got != have:
-                    raise bad(f"batch[{key!r}] has shapes {got} but the running averages have {have}")
+        self._check_shapes(new, lambda key, got, have: bad(
+            f"batch[{key!r}] has shapes {got} but the running averages have {have}"))
         eps = self.decay()  # 0 at the first fold: the scaled copies below are the averages
         return self._fold_in({k: [M * (1.0 - eps) for M in new[k]] for k in _KEYS}, eps, ctx)  # fresh arrays
 
