@@ -265,35 +265,27 @@ class BlockDiagInverse(_LayerBlocks):
         blocks and the results finite here (see :meth:`apply`)."""
         xp = self._ctx.xp
 
-        def checked(V, k):
-            if check:
-                check_finite(xp, V, f"V_list[{k}]")
-            return V
+        def checked(Y, ks):
+            # the inverses are invertible (no zero row or column of G⁻¹ or A⁻ᵀ), so a NaN or infinity of a block
+            # V reaches its result: the result alone is checked, the blocks are searched only to name the culprit
+            if check and not all_finite(xp, Y):
+                for k in ks:
+                    check_finite(xp, V_list[k], f"V_list[{k}]")
+                raise self._nonfinite(Y)
+            return Y
 
         out = [None] * self.n_layers
         for ks, IA, IG in getattr(self, "_inv_stacks", ()):  # operators pickled before it existed have none
             Vs = [V_list[k] for k in ks]
             if all(V.ndim == 2 and V.dtype == IA.dtype for V in Vs):
                 with quiet_overflow(xp):
-                    Y = IG @ xp.stack(Vs) @ IA
-                # the inverses are SPD (stacks are Cholesky only), so Y_kl has the term
-                # (G⁻¹)_kk V_kl (A⁻¹)_ll with positive diagonals: a NaN or infinity in V shows in Y, and
-                # the blocks are searched only to name one
-                if check and not all_finite(xp, Y):
-                    for k in ks:
-                        checked(V_list[k], k)
-                    raise self._nonfinite(Y)
+                    Y = checked(IG @ xp.stack(Vs) @ IA, ks)
                 for j, k in enumerate(ks):
                     out[k] = Y[j, ...]
-        for k, (blk, V, Y) in enumerate(zip(self.blocks, V_list, out)):
-            if Y is None:
+        for k, (blk, V) in enumerate(zip(self.blocks, V_list)):
+            if out[k] is None:
                 with quiet_overflow(xp):
-                    Y = out[k] = blk.apply(V)
-                # as for a stack: a NaN or infinity of V reaches Y through the invertible G⁻¹ and A⁻ᵀ (no zero
-                # row or column), so the result alone is checked and V is searched only to name the culprit
-                if check and not all_finite(xp, Y):
-                    checked(V, k)
-                    raise self._nonfinite(Y)
+                    out[k] = checked(blk.apply(V), [k])
         return out
 
     def logdet(self):
