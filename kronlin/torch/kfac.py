@@ -22,6 +22,13 @@ _STATE_FORMAT = "kronlin.torch.KFAC/1"
 _KEYS = ("A_diag", "G_diag", "A_off", "G_off")
 
 
+def _stacked(arrays, ks):
+    """``arrays[ks[0]]`` for one layer, else the layers' arrays as one stack (a group of equal shapes)."""
+    if len(ks) == 1:
+        return arrays[ks[0]]
+    return array_namespace(arrays[ks[0]]).stack([arrays[i] for i in ks])
+
+
 class KFAC(CurvatureHooks):
     r"""K-FAC preconditioner for the ``nn.Linear`` and ``nn.Conv2d`` layers of a torch model.
 
@@ -112,8 +119,8 @@ class KFAC(CurvatureHooks):
         self._estimator = kronlin.FactorEstimator(max_decay=self.max_decay, tridiagonal=structure == "tridiagonal",
                                                   append_one=False)
         self._scale = None         # c of the hooks' docstring at the last update
-        self._inv = None           # [(layer indices, operator)]: KronEigh (exact or from rows), BlockDiagInverse, or
-        #                            one BlockTridiagInverse
+        self._inv = None           # [(layer indices, operator)]: KronEigh (exact or from rows; a stack for several
+        #                            layers), BlockDiagInverse, or one BlockTridiagInverse
         self._inv_factors = None   # the (scaled) factors the current inverse was built from
         self._rows = None          # (acts, errs, N) of the last update when the averages are that one batch
         self._inv_rows = None      # the rows the current inverse was built from (or None)
@@ -223,21 +230,22 @@ class KFAC(CurvatureHooks):
         groups: dict = {}
         for i in layers:
             groups.setdefault((f["A_diag"][i].shape, f["G_diag"][i].shape), []).append(i)
+        def eigh(ks):
+            return kronlin.Kron(_stacked(f["A_diag"], ks), _stacked(f["G_diag"], ks)).eigh()
+
         parts = []
         for ks in groups.values():
             if len(ks) > 1:
-                xp = array_namespace(f["A_diag"][ks[0]])
                 try:
-                    parts.append((ks, kronlin.Kron(xp.stack([f["A_diag"][i] for i in ks]),
-                                                   xp.stack([f["G_diag"][i] for i in ks])).eigh()))
+                    parts.append((ks, eigh(ks)))
                     continue
                 except (ValueError, np.linalg.LinAlgError):
                     pass
             for i in ks:
                 try:
-                    parts.append((i, kronlin.Kron(f["A_diag"][i], f["G_diag"][i]).eigh()))
+                    parts.append(([i], eigh([i])))
                 except (ValueError, np.linalg.LinAlgError) as exc:
-                    raise type(exc)(f"layer {self.layers[i].name!r}: {exc}") from exc
+                    raise type(exc)(f"{self._layers_named([i])}: {exc}") from exc
         return parts
 
     def _thin_layers(self, rows):
@@ -265,10 +273,8 @@ class KFAC(CurvatureHooks):
         if not layers:
             return []
         acts, errs, N = rows
-
-        def flat(x):
-            return x.reshape(-1, x.shape[-1])
-
+        a_rows = {i: acts[i].reshape(-1, acts[i].shape[-1]) for i in layers}  # (N·T, d) rows
+        g_rows = {i: errs[i].reshape(-1, errs[i].shape[-1]) for i in layers}
         groups: dict = {}
         for i in layers:
             key = (acts[i].shape, errs[i].shape) if self.damping_mode == "exact" else i
@@ -278,21 +284,19 @@ class KFAC(CurvatureHooks):
             T = acts[ks[0]].shape[1] if acts[ks[0]].ndim == 3 else 1
             scales = (1.0 / N, self._curvature_scale(N) / (N * T))  # c of the update the rows come from
             try:
-                if len(ks) > 1:  # exact damping, equal shapes: the rows as a stack
-                    xp = array_namespace(acts[ks[0]])
-                    parts.append((ks, kronlin.KronEigh.from_rows(xp.stack([flat(acts[i]) for i in ks]),
-                                                                 xp.stack([flat(errs[i]) for i in ks]), *scales)))
-                    continue
-                (i,) = ks
                 shifts = (0.0, 0.0)
-                if self.damping_mode == "factored":
-                    pi = kronlin.pi_factor(f["A_diag"][i], f["G_diag"][i])
+                if self.damping_mode == "factored":  # one layer a group
+                    pi = kronlin.pi_factor(f["A_diag"][ks[0]], f["G_diag"][ks[0]])
                     shifts = (pi * gamma, gamma / pi)
-                parts.append((i, kronlin.KronEigh.from_rows(flat(acts[i]), flat(errs[i]), *scales, *shifts)))
+                parts.append((ks, kronlin.KronEigh.from_rows(_stacked(a_rows, ks), _stacked(g_rows, ks), *scales,
+                                                             *shifts)))
             except (ValueError, np.linalg.LinAlgError) as exc:
-                names = ", ".join(repr(self.layers[i].name) for i in ks)
-                raise type(exc)(f"layer{'s' if len(ks) > 1 else ''} {names}: {exc}") from exc
+                raise type(exc)(f"{self._layers_named(ks)}: {exc}") from exc
         return parts
+
+    def _layers_named(self, ks) -> str:
+        """``"layer 'a'"`` or ``"layers 'a', 'b'"`` for the layer indices ``ks`` (errors of a stacked call)."""
+        return f"layer{'s' if len(ks) > 1 else ''} " + ", ".join(repr(self.layers[i].name) for i in ks)
 
     def _layer_named_in(self, exc, layers=None) -> str:
         """``"layer 'name'"`` of the first block index the core's error names (``acts[k]``, ``grads[k]``,
@@ -305,23 +309,18 @@ class KFAC(CurvatureHooks):
     def _apply(self, blocks):
         V = self._np(blocks)
         out = [None] * len(V)
-        for idx, op in self._inv:
+        for ks, op in self._inv:
             if isinstance(op, kronlin.KronEigh):  # exact: (A⊗G + λI)⁻¹; factored from rows: shifted, λ = 0
                 lam = self.damping if self.damping_mode == "exact" else 0.0
                 try:
-                    if isinstance(idx, int):
-                        out[idx] = op.solve(V[idx], damping=lam)
-                        continue
-                    Y = op.solve(array_namespace(V[idx[0]]).stack([V[i] for i in idx]), damping=lam)
+                    Y = op.solve(_stacked(V, ks), damping=lam)
                 except (ValueError, np.linalg.LinAlgError) as exc:  # singular (λ = 0): say which layer(s)
-                    names = [self.layers[i].name for i in ([idx] if isinstance(idx, int) else idx)]
-                    raise type(exc)(f"layer{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}: "
-                                    f"{exc}") from exc
-                for j, i in enumerate(idx):
-                    out[i] = Y[j]
+                    raise type(exc)(f"{self._layers_named(ks)}: {exc}") from exc
+                ys = [Y] if len(ks) == 1 else [Y[j] for j in range(len(ks))]
             else:
-                for i, x in zip(idx, op.apply([V[i] for i in idx])):
-                    out[i] = x
+                ys = op.apply([V[i] for i in ks])
+            for i, y in zip(ks, ys):
+                out[i] = y
         return [from_array(x) for x in out]
 
     # -- inspection -------------------------------------------------------------------------
