@@ -409,6 +409,12 @@ def mT(x):
         return x.swapaxes(-1, -2)
 
 
+def native_float(x) -> bool:
+    """float32 or float64 in the machine's byte order: what compiled code and BLAS calls take directly
+    (a big-endian array, e.g. read from a portable file, goes the generic way)."""
+    return x.dtype.char in "fd" and x.dtype.isnative
+
+
 def diagonal(xp, M):
     """The diagonal(s) over the last two axes (``xp.linalg.diagonal``; CuPy 14 has only ``cupy.diagonal``)."""
     return xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M, axis1=-2, axis2=-1)

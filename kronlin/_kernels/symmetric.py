@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .._backend import is_numpy, mT
+from .._backend import is_numpy, mT, native_float
 from ._dispatch import kernel
 
 __all__ = ["asymmetry", "asymmetry_reference", "mirror_lower", "mirror_lower_reference"]
@@ -54,15 +54,9 @@ def asymmetry(xp, x) -> tuple[float, float]:
     if n <= 1 or math.prod(x.shape) == 0:
         return 0.0, 0.0  # nothing off the diagonal (an entry's finiteness is checked elsewhere)
     run = kernel(xp, "asymmetry")
-    if run is not None and _native_float(x) and x.flags.c_contiguous:
+    if run is not None and native_float(x) and x.flags.c_contiguous:
         return run(np.reshape(x, (-1, n, n)))
     return asymmetry_reference(xp, x)
-
-
-def _native_float(x) -> bool:
-    """float32 or float64 in the machine's byte order (what the compiled kernels take; a big-endian
-    array, e.g. read from a portable file, goes to the reference)."""
-    return x.dtype.char in "fd" and x.dtype.isnative
 
 
 def mirror_lower_reference(xp, S):
@@ -90,7 +84,7 @@ def mirror_lower(xp, S):
     if not is_numpy(xp):
         raise TypeError("mirror_lower works in place on NumPy arrays")
     run = kernel(xp, "mirror_lower")
-    if run is not None and _native_float(S) and S.flags.c_contiguous and S.size:
+    if run is not None and native_float(S) and S.flags.c_contiguous and S.size:
         run(np.reshape(S, (-1, S.shape[-1], S.shape[-1])))
         return S
     return mirror_lower_reference(xp, S)
