@@ -119,6 +119,23 @@ def scaled_gram(xp, X, c: float):
     return _mirror_lower(C.T)  # C's upper triangle (Fortran order) is the lower one of its C-ordered transpose
 
 
+def second_moment(xp, X, c: float):
+    """``c·XᵀX`` of rows ``X`` (..., n, d), exactly symmetric: :func:`scaled_gram` where it applies; NumPy's
+    ``X.T @ X`` of a contiguous 2-D ``X`` otherwise (BLAS ``syrk`` and a mirror inside, symmetric as it comes,
+    tested in ``tests/test_factors.py``), scaled in place; other libraries' products and stacks may differ
+    from their transpose by round-off, and are symmetrised."""
+    M = scaled_gram(xp, X, c)
+    if M is not None:
+        return M
+    M = mT(X) @ X
+    if is_numpy(xp) and X.ndim == 2 and (X.flags.c_contiguous or X.flags.f_contiguous):
+        M *= c
+        return M
+    S = M + mT(M)
+    S *= 0.5 * c
+    return S
+
+
 def _np_lapack(xp, M) -> bool:
     """Whether ``M`` takes the NumPy LAPACK routes (a non-empty float32/float64 NumPy array)."""
     return is_numpy(xp) and M.dtype in (np.float32, np.float64) and M.shape[-1] > 0
@@ -470,8 +487,7 @@ def rows_eigh(xp, X, scale: float, name: str):
     n, p = X.shape[-2], X.shape[-1]
     dense = 5 * n > 4 * p  # measured crossover ~0.85·p (one thread, float32, p = 512): dense ?syevd of M
     with quiet_overflow(xp):
-        K = mT(X) @ X if dense else X @ mT(X)
-        K = (K + mT(K)) * (0.5 * scale)  # exactly symmetric
+        K = second_moment(xp, X if dense else mT(X), scale)  # scale·XᵀX, or the Gram matrix scale·XXᵀ
     if not all_finite(xp, K):
         fix = f"rescale {name} (or its scale)" + (", or use float64" if K.dtype == xp.float32 else "")
         raise nonfinite_result(K, f"scale·{name}ᵀ{name}", fix)

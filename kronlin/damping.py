@@ -28,8 +28,8 @@ from ._validate import (
     check_nonneg_scalar,
     check_positive_scalar,
     check_result,
-    quiet_overflow,
     check_square,
+    quiet_overflow,
     shape_str,
 )
 from .kron import Kron

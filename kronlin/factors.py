@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import context, diagonal, is_numpy, mT, native_float
-from ._linalg import scaled_gram
+from ._backend import context, diagonal, mT, native_float
+from ._linalg import second_moment
 from ._validate import (
     all_finite,
     check_finite,
@@ -106,25 +106,6 @@ def batch_factors(acts, grads, append_one: bool = True, tridiagonal: bool = True
     return {k: [ctx.out(M) for M in v] for k, v in out.items()}
 
 
-def _second_moment(xp, X, c):
-    """``c·XᵀX``, exactly symmetric.
-
-    NumPy: one ``?syrk`` with ``alpha = c`` and a compiled mirror
-    (:func:`kronlin._linalg.scaled_gram`).  Other libraries' GEMMs may differ
-    from their transpose by round-off, and the result is symmetrised.
-    """
-    M = scaled_gram(xp, X, c)
-    if M is not None:
-        return M
-    M = mT(X) @ X
-    if is_numpy(xp) and (X.flags.c_contiguous or X.flags.f_contiguous):  # NumPy's syrk: symmetric as it comes
-        M *= c
-        return M
-    S = M + mT(M)
-    S *= 0.5 * c
-    return S
-
-
 def _estimates(xp, A, G, N, tridiagonal, weight=1.0):
     """``weight ×`` the batch estimates (``weight = 1 − ε`` folds the average's weight into the scaling pass)."""
     n = len(A)
@@ -132,8 +113,8 @@ def _estimates(xp, A, G, N, tridiagonal, weight=1.0):
     G = [(g2, T) for g2, T in (_rows(xp, g) for g in G)]  # (1/T) Σ_t on the gradient side
     with quiet_overflow(xp):  # a non-finite estimate is found and named by _check_estimates
         return {
-            "A_diag": [_second_moment(xp, a, weight / N) for a in A],
-            "G_diag": [_second_moment(xp, g, weight / (N * T)) for g, T in G],
+            "A_diag": [second_moment(xp, a, weight / N) for a in A],
+            "G_diag": [second_moment(xp, g, weight / (N * T)) for g, T in G],
             "A_off": [_scaled(mT(A[k]) @ A[k + 1], weight / N) for k in range(n - 1)] if tridiagonal else [],
             "G_off": [_scaled(mT(G[k][0]) @ G[k + 1][0], weight / N) for k in range(n - 1)] if tridiagonal else [],
         }
