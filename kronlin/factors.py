@@ -369,19 +369,20 @@ class FactorEstimator:
             raise bad(f"the state is missing {', '.join(repr(k) for k in missing)}")
         step, decay, stats = state["step"], state["max_decay"], state["stats"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise bad(f"step must be an integer >= 0; got {step!r}")
+            raise bad(f"state['step'] must be an integer >= 0; got {step!r}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise bad(f"max_decay must be a number in [0, 1); got {decay!r}")
+            raise bad(f"state['max_decay'] must be a number in [0, 1); got {decay!r}")
         for key in ("tridiagonal", "append_one"):
             if not isinstance(state[key], bool):
-                raise bad(f"{key} must be true or false; got {state[key]!r}")
+                raise bad(f"state[{key!r}] must be true or false; got {state[key]!r}")
         if stats is not None and not isinstance(stats, dict):
-            raise bad(f"stats must be None or a dict of factor lists; got {type(stats).__name__}")
+            raise bad(f"state['stats'] must be None or a dict of factor lists; got {type(stats).__name__}")
         if (stats is None) != (step == 0):
-            raise bad(f"step {step} with {'no' if stats is None else ''} stats: stats are None exactly before the first update")
+            raise bad(f"state['step'] = {step} with {'no' if stats is None else ''} state['stats']: the stats are None "
+                      "exactly before the first update")
         ctx = loaded = None
         if stats is not None:
-            ctx, loaded = _checked_stats(stats, state["tridiagonal"], bad, "stats", snapshot=True)
+            ctx, loaded = _checked_stats(stats, state["tridiagonal"], bad, "state['stats']", snapshot=True)
         self.__init__(decay, state["tridiagonal"], state["append_one"])
         self.step = step
         if stats is not None:

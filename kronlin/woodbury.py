@@ -529,6 +529,9 @@ class WoodburyFisher(Operator):
         -------
         list of arrays
             One ``(size, d_out, d_in)`` array per layer.
+
+        Raises ``ValueError`` when ``1/damping`` overflows the dtype, as :meth:`solve` does: the directions
+        ``F`` does not see have variance ``1/λ``, a covariance the dtype cannot hold.
         """
         if not isinstance(rng, np.random.Generator):
             raise TypeError(
@@ -537,7 +540,7 @@ class WoodburyFisher(Operator):
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
             raise ValueError(f"size must be a non-negative integer; got {size!r}")
         size = int(size)
-        self._require_damping("sample()")
+        self._require_damping("sample()", inverse=True)  # the covariance (λI + F)⁻¹ scales by 1/λ
         xp = self._ctx.xp
         np_dtype = np.float64 if self.dtype == xp.float64 else np.float32
         Ys = [xp.asarray(rng.standard_normal((size,) + ly.shape, dtype=np_dtype)) for ly in self._layers]

@@ -450,9 +450,11 @@ def rhs(X, name, q, p):
 def linop_rhs(x, q, p):
     """A vector handed to a LinearOperator as a ``(1, q, p)`` block, and the function back to a flat vector."""
     x = num(x, "x")
-    if x.shape != (p * q,) or not np.all(np.isfinite(x)):
+    # SciPy's LinearOperator.matvec takes (n,) or (n, 1) and answers in the same shape
+    if x.shape not in ((p * q,), (p * q, 1)) or not np.all(np.isfinite(x)):
         raise IllPosed("x")
-    return unvecF(x[None], q, p), lambda Y: vecF(Y)[0]
+    shape = x.shape
+    return unvecF(x.reshape(1, -1), q, p), lambda Y: vecF(Y)[0].reshape(shape)
 
 
 def eps_of(dtype):
@@ -561,9 +563,15 @@ def kron_calls(draw):
         if method in ("matmat", "rmatmat", "linop.matvec", "linop.rmatvec", "linop.matmat"):
             name = "V" if method.endswith("matmat") else "x"
             V = num(a[name], name)
+            # SciPy's LinearOperator.matvec/rmatvec also take (n, 1) and answer in that shape
+            column = method.startswith("linop.") and name == "x" and V.shape == (n, 1)
+            if column:
+                V = V[:, 0]
             if V.shape[0] != n or V.ndim != (2 if name == "V" else 1) or not np.all(np.isfinite(V)):
                 raise IllPosed(name)
             y, b = _matvec_ref(K, V.T if V.ndim == 2 else V[None], eps, "rmat" in method)
+            if column:
+                return y[0][:, None], b[0][:, None]
             return (y.T, b.T) if V.ndim == 2 else (y[0], b[0])
         if method == "inv":
             Ki = ld_inv(K)

@@ -370,7 +370,7 @@ def test_factor_estimator_arguments_and_state_validated():
     with pytest.raises(ValueError, match=r"^FactorEstimator.load_state_dict: the state is missing 'stats'"):
         kronlin.FactorEstimator().load_state_dict({"step": 1, "max_decay": 0.9, "tridiagonal": True,
                                                   "append_one": True})
-    with pytest.raises(ValueError, match=r"^FactorEstimator.load_state_dict: stats is missing 'G_diag'"):
+    with pytest.raises(ValueError, match=r"^FactorEstimator.load_state_dict: state\['stats'\] is missing 'G_diag'"):
         kronlin.FactorEstimator().load_state_dict({"step": 1, "max_decay": 0.9, "tridiagonal": True,
                                                   "append_one": True, "stats": {"A_diag": []}})
     rng = np.random.default_rng(0)

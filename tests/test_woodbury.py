@@ -314,6 +314,20 @@ def test_sample_reproducible_dtype_and_namespace(xp):
     assert [tuple(a.shape) for a in F.sample(np.random.default_rng(0), 0)] == [(0,) + s for s in F.layer_shapes]
 
 
+@pytest.mark.parametrize("dtype, lam", [("float64", 5e-324), ("float64", 1e-310), ("float32", 1e-39)])
+def test_sample_refuses_a_damping_whose_inverse_overflows(dtype, lam):
+    # the unseen directions have variance 1/λ: not representable, as in solve(), which refuses the same λ
+    rng = np.random.default_rng(2)
+    acts, errs = per_example_data(rng, NETS["mixed"], 3)
+    F = WoodburyFisher([a.astype(dtype) for a in acts], [e.astype(dtype) for e in errs], lam)
+    for call in (lambda: F.sample(np.random.default_rng(0), 2), lambda: F.solve(F.batch_gradient(acts, errs))):
+        with pytest.raises(ValueError, match=r"1/damping .* overflows"):
+            call()
+    # the smallest damping whose inverse is representable still samples, finitely
+    ok = F.with_damping(4.0 / float(np.finfo(dtype).max))
+    assert all(np.all(np.isfinite(d)) for d in ok.sample(np.random.default_rng(0), 2))
+
+
 # -- the weight-sharing Gram kernel -------------------------------------------------------
 KERNEL_SHAPES = [  # (N, S, T, d_in, d_out): edges of the 8/16-lane panels and register blocks
     (1, 1, 1, 1, 1),
