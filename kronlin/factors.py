@@ -218,7 +218,7 @@ def _checked_stats(stats, tridiagonal: bool, bad, what: str, snapshot: bool):
             if tuple(M.shape) != want:
                 raise bad(f"{name} has shape {shape_str(M)}; expected {want}")
             try:
-                check_finite(ctx.xp, M, f"{k}[{i}]")
+                check_finite(ctx.xp, M, name)
             except ValueError as exc:
                 raise bad(str(exc)) from None
     return ctx, loaded

@@ -545,6 +545,58 @@ def test_load_state_dict_rejects_another_configuration():
         pre.load_state_dict(other)
 
 
+def _bad_state_edits():
+    def rows_edit(s):
+        s["rows"] = {"acts": s["rows"]["acts"][:1], "errs": s["rows"]["errs"], "N": s["rows"]["N"]}
+
+    return [
+        (lambda s: s.pop("stats"), r"missing 'stats'"),
+        (lambda s: s.update(steps=-1), r"state\['steps'\]"),
+        (lambda s: s.update(steps="3"), r"state\['steps'\]"),
+        (lambda s: s.update(positions=[1]), r"state\['positions'\]"),
+        (lambda s: s.update(scale=float("nan")), r"state\['scale'\]"),
+        (lambda s: s.update(estimator_step=0), r"state\['estimator_step'\]"),
+        (lambda s: s.update(stats=[1]), r"state\['stats'\]"),
+        (lambda s: s["stats"]["A_diag"].__setitem__(1, torch.eye(3, dtype=torch.float64)), r"state\['stats'\]"),
+        (lambda s: s["stats"]["G_diag"][0].__setitem__((0, 0), float("nan")), r"state\['stats'\]\['G_diag'\]\[0\]"),
+        (lambda s: s["stats"].update(A_diag="x"), r"state\['stats'\]\['A_diag'\]"),
+        (lambda s: s["inverse_factors"]["G_diag"].pop(), r"state\['inverse_factors'\]"),
+        (lambda s: s["inverse_factors"]["A_diag"].__setitem__(0, torch.eye(2, dtype=torch.float64)),
+         r"state\['inverse_factors'\] gives layer '0'"),
+        (lambda s: s.update(inverse_factors={"A_diag": []}), r"state\['inverse_factors'\]"),
+        (rows_edit, r"state\['rows'\]"),
+        (lambda s: s.update(rows=[1]), r"state\['rows'\]"),
+        (lambda s: s.update(generator=torch.zeros(3)), r"generator"),
+    ]
+
+
+@pytest.mark.parametrize("edit, pattern", _bad_state_edits())
+def test_load_state_dict_names_a_malformed_entry_and_changes_nothing(edit, pattern):
+    """A malformed state raises ValueError naming the entry; the preconditioner then steps exactly as one that
+    never saw it (max_decay=0 with N = 2: the state holds the rows, the thin route's input)."""
+    batches = [batch(mlp(), N=2, seed=s) for s in range(3)]
+
+    def trained():
+        model = mlp()
+        pre = kt.KFAC(model, damping=1e-2, max_decay=0.0, damping_mode="factored")
+        run_step(model, pre, *batches[0])
+        return model, pre
+
+    model_a, pre_a = trained()
+    model_b, pre_b = trained()
+    state = pre_a.state_dict()
+    edit(state)
+    with pytest.raises(ValueError, match=pattern):
+        pre_b.load_state_dict(state)
+    for m_a, m_b in zip(layers_of(model_a), layers_of(model_b)):
+        assert all(torch.equal(s, t) for s, t in zip(pre_a.factors(m_a), pre_b.factors(m_b)))
+    assert pre_b.steps == pre_a.steps == 1
+    for model, pre in ((model_a, pre_a), (model_b, pre_b)):
+        run_step(model, pre, *batches[1])
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+
+
 def test_import_kronlin_does_not_import_torch(tmp_path):
     code = "import sys, kronlin; assert 'torch' not in sys.modules; import kronlin.torch; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

@@ -110,6 +110,14 @@ def test_natural_gradient_errors_and_state():
     assert torch.equal(again._generator.get_state(), pre._generator.get_state())
     with pytest.raises(ValueError, match="not a kronlin.torch.NaturalGradient"):
         again.load_state_dict({})
+    before = again._generator.get_state()
+    for edit, pattern in (({"steps": -1}, r"state\['steps'\]"), ({"steps": "1"}, r"state\['steps'\]"),
+                          ({"generator": torch.zeros(3)}, r"state\['generator'\]")):
+        with pytest.raises(ValueError, match=pattern):
+            again.load_state_dict({**state, "steps": 4, **edit})
+        assert again.steps == 1 and torch.equal(again._generator.get_state(), before)  # nothing changed
+    with pytest.raises(ValueError, match="missing 'generator'"):
+        again.load_state_dict({k: v for k, v in state.items() if k != "generator"})
 
 
 def test_float32_natural_gradient_stays_float32_and_matches_float64():

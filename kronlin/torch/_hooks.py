@@ -289,6 +289,28 @@ class CurvatureHooks:
             h.remove()
         self._handles = []
 
+    # -- checkpoints ------------------------------------------------------------------------
+    @staticmethod
+    def _checked_state(state, fmt: str, keys) -> int:
+        """``state['steps']`` of a :meth:`state_dict` of format ``fmt`` holding ``keys``; ``ValueError`` naming
+        what is wrong otherwise."""
+        if not isinstance(state, dict) or state.get("format") != fmt:
+            raise ValueError(f"not a {fmt} state dict")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"the state is missing {', '.join(repr(k) for k in missing)}")
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state['steps'] must be an integer >= 0; got {steps!r}")
+        return steps
+
+    def _load_generator(self, g) -> None:
+        """Restore the MC labels' generator (unchanged, and ``ValueError``, if ``g`` is not a generator state)."""
+        try:
+            self._generator.set_state(g)
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"state['generator'] is not a torch generator state ({exc})") from None
+
     # -- collection -------------------------------------------------------------------------
     def _layer_of(self, module) -> _Layer:
         try:

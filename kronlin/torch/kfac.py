@@ -7,6 +7,7 @@ import math
 import re
 
 import numpy as np
+import torch
 
 import kronlin
 from kronlin._validate import check_choice, check_positive_int, check_real_scalar
@@ -20,6 +21,8 @@ DAMPING_MODES = ("exact", "factored")
 STRUCTURES = ("blockdiag", "tridiagonal")
 _STATE_FORMAT = "kronlin.torch.KFAC/1"
 _KEYS = ("A_diag", "G_diag", "A_off", "G_off")
+_STATE_KEYS = ("options", "steps", "estimator_step", "stats", "scale", "positions", "inverse_factors", "rows",
+               "inverse_rows", "generator")
 
 
 def _stacked(arrays, ks):
@@ -364,35 +367,103 @@ class KFAC(CurvatureHooks):
                 "rows": rows(self._rows), "inverse_rows": inv_rows, "generator": self._generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict` (the model's own state is restored separately)."""
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"not a {_STATE_FORMAT} state dict")
+        """Resume from :meth:`state_dict` (the model's own state is restored separately).
+
+        A state of another configuration or a malformed one raises ``ValueError`` naming the entry
+        (``state['stats']['A_diag'][1]``, ``state['rows']``, ...) and changes nothing.
+        """
+        steps, positions, scale, estimator, own_rows, inv, inv_rows = self._checked_parts(state)
+        saved = (self._estimator, self._steps, self._scale, [ly.positions for ly in self.layers],
+                 self._generator.get_state(), self._rows, self._inv, self._inv_factors, self._inv_rows)
+        try:
+            self._estimator, self._steps, self._scale = estimator, steps, scale
+            for ly, T in zip(self.layers, positions):
+                ly.positions = T
+            self._load_generator(state["generator"])
+            self._rows = own_rows
+            self._inv = self._inv_factors = self._inv_rows = None
+            if inv is not None:
+                self._refresh(inv, inv_rows)
+        except Exception as exc:
+            self._estimator, self._steps, self._scale, pos, gen, self._rows, self._inv, self._inv_factors, \
+                self._inv_rows = saved
+            for ly, T in zip(self.layers, pos):
+                ly.positions = T
+            self._generator.set_state(gen)
+            if isinstance(exc, (TypeError, KeyError, IndexError)):  # e.g. a tridiagonal inverse without A_off
+                raise ValueError(f"state['inverse_factors'] or state['inverse_rows'] is malformed: {exc!r}") from exc
+            raise
+        self._clear()
+
+    def _checked_parts(self, state):
+        """The pieces of a :meth:`state_dict` for :meth:`load_state_dict`, each checked against this preconditioner
+        (``ValueError`` naming the entry): steps, positions, scale, a loaded estimator, the rows, the inverse's
+        factors and its rows."""
+        steps = self._checked_state(state, _STATE_FORMAT, _STATE_KEYS)
         mine, theirs = self._options(), state["options"]
         for key in ("fisher", "loss", "reduction", "structure", "layers", "shapes"):
-            if mine[key] != theirs[key]:
-                raise ValueError(f"the state was saved with {key}={theirs[key]!r}; this preconditioner has {mine[key]!r}")
+            if not isinstance(theirs, dict) or mine[key] != theirs.get(key):
+                got = theirs.get(key) if isinstance(theirs, dict) else theirs
+                raise ValueError(f"the state was saved with {key}={got!r}; this preconditioner has {mine[key]!r}")
+        positions = state["positions"]
+        if (not isinstance(positions, (list, tuple)) or len(positions) != len(self.layers)
+                or any(isinstance(T, bool) or not isinstance(T, int) or T < 1 for T in positions)):
+            raise ValueError(f"state['positions'] must hold one positive integer per layer ({len(self.layers)}); "
+                             f"got {positions!r}")
+        scale = state["scale"]
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale) or scale <= 0):
+            raise ValueError(f"state['scale'] must be None or a positive finite number; got {scale!r}")
+        device = self.layers[0].weight.device
 
-        def arrs(xs):
-            return [to_array(t.to(self.layers[0].weight.device)) for t in xs]
+        def arrs(xs, what):
+            if not isinstance(xs, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in xs):
+                raise ValueError(f"{what} must be a list of tensors")
+            return [to_array(t.to(device)) for t in xs]
+
+        def rows(r, what):
+            if r is None:
+                return None
+            if not isinstance(r, dict) or not {"acts", "errs", "N"} <= r.keys():
+                raise ValueError(f"{what} must be None or a dict with 'acts', 'errs' and 'N'")
+            acts, errs = arrs(r["acts"], f"{what}['acts']"), arrs(r["errs"], f"{what}['errs']")
+            if len(acts) != len(self.layers) or len(errs) != len(self.layers):
+                raise ValueError(f"{what} must hold one array per layer ({len(self.layers)}) in 'acts' and 'errs'")
+            return acts, errs, int(r["N"])
 
         stats = state["stats"]
-        self._estimator.load_state_dict({
+        if stats is not None and not isinstance(stats, dict):
+            raise ValueError(f"state['stats'] must be None or a dict of factor lists; got {type(stats).__name__}")
+        est_step = state["estimator_step"]
+        if isinstance(est_step, bool) or not isinstance(est_step, int) or est_step < 0 or (stats is None) != (est_step == 0):
+            raise ValueError(f"state['estimator_step'] must be an integer >= 0, 0 exactly when state['stats'] is None; "
+                             f"got {est_step!r}")
+
+        def check_shapes(f, what):  # the options' shapes match this model; the factors must match them too
+            for k, ly in enumerate(self.layers):
+                want = ((ly.shape[1],) * 2, (ly.shape[0],) * 2)
+                got = (tuple(f["A_diag"][k].shape), tuple(f["G_diag"][k].shape))
+                if got != want:
+                    raise ValueError(f"{what} gives layer {ly.name!r} factors of shapes {got}; it needs {want}")
+
+        estimator = kronlin.FactorEstimator(max_decay=self.max_decay, append_one=False).load_state_dict({
             "step": state["estimator_step"], "max_decay": self.max_decay,
             "tridiagonal": self.structure == "tridiagonal", "append_one": False,
-            "stats": None if stats is None else {k: arrs(v) for k, v in stats.items()},
+            "stats": None if stats is None else {k: arrs(v, f"state['stats'][{k!r}]") for k, v in stats.items()},
         })
-        self._steps, self._scale = int(state["steps"]), state["scale"]
-        for ly, T in zip(self.layers, state["positions"]):
-            ly.positions = int(T)
-        self._generator.set_state(state["generator"])
-        def rows(r):
-            return None if r is None else (arrs(r["acts"]), arrs(r["errs"]), int(r["N"]))
-
-        self._rows = rows(state.get("rows"))  # states written before the rows were kept have none
-        inv_rows = state.get("inverse_rows")
-        inv_rows = self._rows if inv_rows == "rows" else rows(inv_rows)
-        self._inv = self._inv_factors = self._inv_rows = None
-        if state["inverse_factors"] is not None:
-            self._refresh({k: arrs(v) for k, v in state["inverse_factors"].items()}, inv_rows)
-        self._clear()
+        if estimator.step:
+            check_shapes({"A_diag": estimator.A_diag, "G_diag": estimator.G_diag}, "state['stats']")
+        own_rows = rows(state["rows"], "state['rows']")  # states written before the rows were kept have None
+        inv_rows = state["inverse_rows"]
+        inv_rows = own_rows if inv_rows == "rows" else rows(inv_rows, "state['inverse_rows']")
+        inv = state["inverse_factors"]
+        if inv is not None:
+            if not isinstance(inv, dict) or not {"A_diag", "G_diag"} <= inv.keys():
+                raise ValueError("state['inverse_factors'] must be None or a dict of factor lists with 'A_diag' and "
+                                 "'G_diag'")
+            inv = {k: arrs(v, f"state['inverse_factors'][{k!r}]") for k, v in inv.items()}
+            if len(inv["A_diag"]) != len(self.layers) or len(inv["G_diag"]) != len(self.layers):
+                raise ValueError(f"state['inverse_factors'] must hold one factor per layer ({len(self.layers)})")
+            check_shapes(inv, "state['inverse_factors']")
+        return steps, positions, scale, estimator, own_rows, inv, inv_rows
 

@@ -77,8 +77,8 @@ class NaturalGradient(CurvatureHooks):
         return {"format": _STATE_FORMAT, "steps": self._steps, "generator": self._generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"not a {_STATE_FORMAT} state dict")
-        self._steps = int(state["steps"])
-        self._generator.set_state(state["generator"])
+        """Resume from :meth:`state_dict`; a malformed state raises ``ValueError`` and changes nothing."""
+        steps = self._checked_state(state, _STATE_FORMAT, ("steps", "generator"))
+        self._load_generator(state["generator"])
+        self._steps = steps
         self._clear()
