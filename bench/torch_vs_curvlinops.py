@@ -173,35 +173,53 @@ def overhead(repeat, refresh=10, N=256, sizes=(784, 512, 512, 10), lam=1e-2):
     the same run (NumPy/SciPy, the libraries kronlin computes with): the statistics ``āᵀā`` and
     ``ĝᵀĝ`` (two GEMMs), the preconditioner product ``G⁻¹ V A⁻¹`` (two GEMMs) and 1/refresh of
     the refresh (LAPACK ``potrf`` + ``potri`` of both damped factors).  float32, batch N, one thread.
+
+    Two K-FAC figures, each paired with the floor round by round:
+
+    * ``steady``: one preconditioner trained past its first refreshes, timed over blocks of ``refresh``
+      steps that each hold exactly one refresh (the amortised step of a training run);
+    * ``fresh``: a new preconditioner's first ``refresh`` steps (its first update is one batch's
+      statistics, inverted from the rows where a layer is wider than the batch, and that inverse is
+      applied for the whole block).
     """
+    import copy as _copy
+
     import scipy.linalg as sl
 
     torch.manual_seed(0)
     layers = []
     for a, b in zip(sizes, sizes[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
+    model_sgd = nn.Sequential(*layers[:-1])
     g = torch.Generator().manual_seed(4)
     batches = [(torch.randn(N, sizes[0], generator=g), torch.randint(0, sizes[-1], (N,), generator=g))
                for _ in range(4)]
 
-    def run(pre, opt, steps):
-        t = time.perf_counter()
-        for i in range(steps):
-            x, y = batches[i % len(batches)]
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            if pre is not None:
-                pre.step()
-            opt.step()
-        return (time.perf_counter() - t) / steps
+    def trainer(model, pre):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-    load = os.getloadavg()[0]
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    pre = kt.KFAC(model, damping=lam, damping_mode="factored", refresh_period=refresh)
-    run(pre, opt, refresh)  # warm-up (and the first refresh)
-    pre.remove_hooks()
-    run(None, opt, 5)
+        def run(steps):
+            t = time.perf_counter()
+            for i in range(steps):
+                x, y = batches[i % len(batches)]
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                if pre is not None:
+                    pre.step()
+                opt.step()
+            return (time.perf_counter() - t) / steps
+        return run
+
+    def kfac(model):
+        return kt.KFAC(model, damping=lam, damping_mode="factored", refresh_period=refresh)
+
+    load = os.getloadavg()
+    sgd = trainer(model_sgd, None)
+    model_steady = _copy.deepcopy(model_sgd)
+    steady = trainer(model_steady, kfac(model_steady))
+    steady(3 * refresh)  # past the first refreshes: the averages are full-rank, the inverses potrf + potri
+    model_fresh = _copy.deepcopy(model_sgd)
+    sgd(5)
     rng = np.random.default_rng(0)
     potrf, potri = sl.lapack.get_lapack_funcs(("potrf", "potri"), (np.ones((2, 2), np.float32),))
     work = []
@@ -214,29 +232,35 @@ def overhead(repeat, refresh=10, N=256, sizes=(784, 512, 512, 10), lam=1e-2):
         V = rng.standard_normal((q, p), dtype=np.float32)
         work.append((lambda a=a, e=e: (a.T @ a, e.T @ e), lambda Gi=Gi, V=V, Ai=Ai: Gi @ V @ Ai,
                      lambda A=A, G=G: (potri(potrf(A, lower=1)[0], lower=1), potri(potrf(G, lower=1)[0], lower=1))))
-    # paired: every round times SGD, the floor's parts and K-FAC back to back (alternating K-FAC first / last);
-    # the figure is the median over rounds of K-FAC / floor (the machine's load moves between rounds)
-    rounds = {"sgd": [], "kfac": [], "stats": [], "apply": [], "refresh_amortised": [], "ratio": []}
+
+    def fresh():
+        pre = kfac(model_fresh)
+        try:
+            return trainer(model_fresh, pre)(refresh)
+        finally:
+            pre.remove_hooks()
+
+    # paired: every round times SGD and the floor's parts, the steady K-FAC block and a fresh K-FAC block, in an
+    # order that rotates; the figures are medians over rounds of K-FAC / floor (the machine's load moves)
+    rounds = {k: [] for k in ("sgd", "stats", "apply", "refresh_amortised", "steady", "fresh")}
     for r in range(repeat):
-        order = ("kfac", "floor") if r % 2 else ("floor", "kfac")
-        for what in order:
-            if what == "kfac":
-                pre = kt.KFAC(model, damping=lam, damping_mode="factored", refresh_period=refresh)
-                rounds["kfac"].append(run(pre, opt, refresh))
-                pre.remove_hooks()
-            else:
-                rounds["sgd"].append(run(None, opt, refresh))
+        order = ("floor", "steady", "fresh")
+        for what in order[r % 3:] + order[:r % 3]:
+            if what == "floor":
+                rounds["sgd"].append(sgd(refresh))
                 rounds["stats"].append(sum(median_time(w[0], 5) for w in work))
                 rounds["apply"].append(sum(median_time(w[1], 5) for w in work))
                 rounds["refresh_amortised"].append(sum(median_time(w[2], 3) for w in work) / refresh)
-        floor_r = rounds["sgd"][-1] + rounds["stats"][-1] + rounds["apply"][-1] + rounds["refresh_amortised"][-1]
-        rounds["ratio"].append(rounds["kfac"][-1] / floor_r)
+            else:
+                rounds[what].append(steady(refresh) if what == "steady" else fresh())
+    floors = [sum(rounds[k][r] for k in ("sgd", "stats", "apply", "refresh_amortised")) for r in range(repeat)]
     med = {k: statistics.median(v) for k, v in rounds.items()}
-    parts = {k: med[k] for k in ("stats", "apply", "refresh_amortised")}
-    t_sgd, t_kfac = med["sgd"], med["kfac"]
-    floor = t_sgd + sum(parts.values())
-    return {"sizes": sizes, "N": N, "refresh": refresh, "sgd": t_sgd, "kfac": t_kfac, "floor": floor, "load": load,
-            "ratio": med["ratio"], "ratio_range": (min(rounds["ratio"]), max(rounds["ratio"])), **parts}
+    out = {"sizes": sizes, "N": N, "refresh": refresh, "load": load[0], "floor": statistics.median(floors), **med}
+    for k in ("steady", "fresh"):
+        ratios = [t / f for t, f in zip(rounds[k], floors)]
+        out[k + "_ratio"], out[k + "_range"] = statistics.median(ratios), (min(ratios), max(ratios))
+        out[k + "_sgd"] = statistics.median(t / s for t, s in zip(rounds[k], rounds["sgd"]))
+    return out
 
 
 def mse_ratio(C=5, N=32):
@@ -292,16 +316,21 @@ def timing_lines(dtype, batch, lam, repeat):
 
 def overhead_lines(repeat):
     o = overhead(repeat)
-    return [f"## Amortised K-FAC step vs SGD and its GEMM floor (MLP {'-'.join(map(str, o['sizes']))}, batch {o['N']}, "
-            f"float32, factored damping, refresh every {o['refresh']})", "",
-            "| SGD step | KFAC step | KFAC / SGD | floor | KFAC / floor (median of paired rounds, range) | "
-            "floor parts: stats, apply, refresh/T |",
-            "| --- | --- | --- | --- | --- | --- |",
-            f"| {o['sgd'] * 1e3:.2f} ms | {o['kfac'] * 1e3:.2f} ms | {o['kfac'] / o['sgd']:.2f}x | {o['floor'] * 1e3:.2f} ms | "
-            f"{o['ratio']:.2f}x ({o['ratio_range'][0]:.2f}–{o['ratio_range'][1]:.2f}) | {o['stats'] * 1e3:.2f}, "
-            f"{o['apply'] * 1e3:.2f}, {o['refresh_amortised'] * 1e3:.2f} ms |",
-            "", f"Paired: {repeat} rounds, each timing SGD, the floor's parts and K-FAC back to back (alternating "
-            f"order); times are medians over the rounds. BLAS: {_blas()}; load average before: {o['load']:.2f}.", ""]
+    lines = [f"## Amortised K-FAC step vs SGD and its GEMM floor (MLP {'-'.join(map(str, o['sizes']))}, batch {o['N']}, "
+             f"float32, factored damping, refresh every {o['refresh']})", "",
+             f"Floor: SGD step {o['sgd'] * 1e3:.2f} ms + statistics {o['stats'] * 1e3:.2f} ms + preconditioner products "
+             f"{o['apply'] * 1e3:.2f} ms + refresh/T {o['refresh_amortised'] * 1e3:.2f} ms = {o['floor'] * 1e3:.2f} ms "
+             "(medians).", "",
+             "| K-FAC | step | K-FAC / SGD | K-FAC / floor (median of paired rounds, range) |",
+             "| --- | --- | --- | --- |"]
+    for k, what in (("steady", f"steady state (one preconditioner, blocks of {o['refresh']} steps, one refresh each)"),
+                    ("fresh", f"a fresh preconditioner's first {o['refresh']} steps")):
+        lines.append(f"| {what} | {o[k] * 1e3:.2f} ms | {o[k + '_sgd']:.2f}x | **{o[k + '_ratio']:.2f}x** "
+                     f"({o[k + '_range'][0]:.2f}–{o[k + '_range'][1]:.2f}) |")
+    lines += ["", f"Paired: {repeat} rounds, each timing SGD with the floor's parts, the steady block and the fresh block "
+              f"back to back (the order rotates); times are medians over the rounds. BLAS: {_blas()}; load average "
+              f"before: {o['load']:.2f}.", ""]
+    return lines
 
 
 def main(argv=None):

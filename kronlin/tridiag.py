@@ -249,10 +249,11 @@ class BlockDiagInverse(_LayerBlocks):
 
     def apply(self, V_list):
         """The inverse applied to per-layer blocks ``(..., d_i, d_{i-1}+1)`` (or a flat ``(..., P)`` array)."""
-        if not (isinstance(V_list, (list, tuple)) and getattr(self, "_inv_stacks", None)):
+        if not isinstance(V_list, (list, tuple)):
             return super().apply(V_list)
-        # equal-shaped layers: their results are checked finite once per stack, which covers their blocks
-        # too (see _apply; at 200 × 64² one call per block and result cost 30% of the products)
+        # the results are checked finite (once per stack of equal-shaped layers), which covers the blocks too
+        # (see _apply): one pass over the data less (at 200 × 64² one call per block and result cost 30% of
+        # the products; on the 784-512-512-10 MLP's blocks, float32, 0.4 ms of 12)
         Vs = self._rhs_list(V_list, "V_list", finite=False)
         return self._ret(self._apply(Vs, check=True), "list", checked=True)
 

@@ -476,10 +476,13 @@ def test_step_before_backward_and_layers_without_data():
         pre.factors(nn.Linear(2, 2))
 
 
-def test_non_finite_statistics_refuse_the_step_and_name_the_layer():
+@pytest.mark.parametrize("mode", ["exact", "factored"])
+def test_non_finite_statistics_refuse_the_step_and_name_the_layer(mode):
+    """The binding leaves the finiteness tests to the core (factor diagonals, preconditioned blocks) and names
+    the layer when the core refuses: both damping modes, whose operators check differently."""
     model = mlp()
     x, y = batch(model)
-    pre = kt.KFAC(model)
+    pre = kt.KFAC(model, damping_mode=mode)
     run_step(model, pre, x, y)
     factors = [t.clone() for t in pre.factors(model[2])]
     x = x.clone()

@@ -343,8 +343,9 @@ class CurvatureHooks:
             raise TypeError(f"kronlin.torch supports layers of one dtype, float32 or float64; got {sorted(map(str, dts))}")
         return next(iter(dts))
 
-    def _collect(self):
-        """Per-layer ``(acts, errs)`` tensors in kronlin's layout, checked; and the batch size ``N``."""
+    def _collect(self, check: bool = True):
+        """Per-layer ``(acts, errs)`` tensors in kronlin's layout and the batch size ``N``; ``check``: raise
+        naming the layer if one is not finite (else the caller must, see :meth:`_check_collected`)."""
         acts, errs, N = [], [], None
         for ly in self.layers:
             # only forward passes the user's backward went through count (an extra forward under
@@ -369,21 +370,34 @@ class CurvatureHooks:
             ly.positions = a.shape[1] if a.ndim == 3 else 1
             if self.fisher == "empirical" and self.reduction == "mean":
                 g = g * N  # autograd's gradients of a mean are ĝ/N
+            acts.append(a)
+            errs.append(g)
+        if check:
+            self._check_collected(acts, errs)
+        return acts, errs, N
+
+    def _check_collected(self, acts, errs) -> None:
+        """``FloatingPointError`` naming the first layer with a non-finite input or output gradient."""
+        for ly, a, g in zip(self.layers, acts, errs):
             for what, t in (("inputs", a), ("output gradients", g)):
                 if not _all_finite(t):
                     raise FloatingPointError(
                         f"layer {ly.name!r} has non-finite {what} (inf or nan): step refused, nothing was changed"
                     )
-            acts.append(a)
-            errs.append(g)
-        return acts, errs, N
 
-    def _grad_blocks(self):
+    def _grad_blocks(self, check: bool = True):
+        """Every layer's ``[∇W | ∇b]``; ``check``: raise naming the layer if one is not finite (else the
+        caller must, see :meth:`_check_blocks`)."""
         blocks = [ly.grad_block() for ly in self.layers]
+        if check:
+            self._check_blocks(blocks)
+        return blocks
+
+    def _check_blocks(self, blocks) -> None:
+        """``FloatingPointError`` naming the first layer with a non-finite gradient block."""
         for ly, V in zip(self.layers, blocks):
             if not _all_finite(V):
                 raise FloatingPointError(f"layer {ly.name!r} has a non-finite gradient: step refused, nothing was changed")
-        return blocks
 
     def _curvature_scale(self, N: int) -> float:
         """``c`` of the module docstring: 1 for a mean-reduced loss, N for a summed one."""

@@ -154,20 +154,26 @@ class KFAC(CurvatureHooks):
         self._check_backward()
         self._dtype()
         update = self._collecting()
+        # the data are checked finite by the core, on what it computes from them (a NaN or infinity of an input
+        # reaches its factor's diagonal, one of a gradient block its preconditioned block): one pass over each
+        # array less; the binding searches them, to name the layer, only when the core refuses
         if update:
-            acts, errs, N = self._collect()
-            if self.structure == "tridiagonal" and any(a.ndim != 2 for a in acts):
+            acts_t, errs_t, N = self._collect(check=False)
+            if self.structure == "tridiagonal" and any(a.ndim != 2 for a in acts_t):
                 raise ValueError("structure='tridiagonal' needs (N, d) inputs for every layer (no weight sharing)")
-        blocks = self._grad_blocks()
+        blocks = self._grad_blocks(check=False)
         saved = (copy.copy(self._estimator), self._scale, self._inv, self._inv_factors, self._rows,
                  self._inv_rows)  # references, no array copies
         try:
             if update:
-                acts, errs = self._np(acts), self._np(errs)
+                acts, errs = self._np(acts_t), self._np(errs_t)
                 one_batch = self._estimator.decay() == 0.0  # the averages become exactly this batch's statistics
                 try:
                     self._estimator.update(acts, errs)
-                except FloatingPointError as exc:  # the core refuses such a batch naming acts[k]/grads[k]
+                except (ValueError, FloatingPointError) as exc:  # the core names acts[k]/grads[k]
+                    self._check_collected(acts_t, errs_t)  # a non-finite input: say which layer
+                    if not isinstance(exc, FloatingPointError):
+                        raise
                     raise FloatingPointError(
                         f"{self._layer_named_in(exc)} has non-finite statistics ({exc}): step refused, nothing was "
                         "changed; lower the learning rate or use float64"
@@ -176,7 +182,11 @@ class KFAC(CurvatureHooks):
                 self._rows = (acts, errs, N) if one_batch else None
             if self._inv is None or self._steps % self.refresh_period == 0:
                 self._refresh()
-            solved = self._apply(blocks)
+            try:
+                solved = self._apply(blocks)
+            except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+                self._check_blocks(blocks)  # a non-finite gradient: say which layer
+                raise
         except Exception:
             # refuse the step: the running averages and the inverse stay what they were
             self._estimator = saved[0]
