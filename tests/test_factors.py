@@ -192,7 +192,7 @@ def test_fold_refuses_a_malformed_batch_and_changes_nothing():
         ({k: v for k, v in good.items() if k != "G_off"}, r"batch is missing 'G_off'"),
         ({**good, "A_diag": [np.eye(5)]}, r"batch\['A_diag'\] has shapes \[\(5, 5\)\] but the running averages have \[\(4, 4\)\]"),
         ({**good, "A_diag": [np.ones((4, 3))]}, r"batch\['A_diag'\]\[0\] \(A_diag\[0\]\) has shape \(4, 3\); expected \(4, 4\)"),
-        (nan, r"G_diag\[0\] \(shape \(2, 2\)\) contains NaN"),
+        (nan, r"batch\['G_diag'\]\[0\] \(G_diag\[0\]\) \(shape \(2, 2\)\) contains NaN"),
         ({**good, "A_off": [np.eye(4)]}, r"batch\['A_off'\] must hold 0 matrices"),
     ]
     for batch, match in cases:
