@@ -569,6 +569,7 @@ def _bad_state_edits():
         (lambda s: s.update(inverse_factors={"A_diag": []}), r"state\['inverse_factors'\]"),
         (rows_edit, r"state\['rows'\]"),
         (lambda s: s.update(rows=[1]), r"state\['rows'\]"),
+        (lambda s: s["rows"].update(N="2"), r"state\['rows'\]\['N'\]"),
         (lambda s: s.update(generator=torch.zeros(3)), r"generator"),
     ]
 

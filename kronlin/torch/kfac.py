@@ -436,16 +436,19 @@ class KFAC(CurvatureHooks):
                 return None
             if not isinstance(r, dict) or not {"acts", "errs", "N"} <= r.keys():
                 raise ValueError(f"{what} must be None or a dict with 'acts', 'errs' and 'N'")
-            acts, errs = arrs(r["acts"], f"{what}['acts']"), arrs(r["errs"], f"{what}['errs']")
+            acts, errs, N = arrs(r["acts"], f"{what}['acts']"), arrs(r["errs"], f"{what}['errs']"), r["N"]
             if len(acts) != len(self.layers) or len(errs) != len(self.layers):
                 raise ValueError(f"{what} must hold one array per layer ({len(self.layers)}) in 'acts' and 'errs'")
-            return acts, errs, int(r["N"])
+            if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+                raise ValueError(f"{what}['N'] must be a positive integer; got {N!r}")
+            return acts, errs, N
 
         stats = state["stats"]
         if stats is not None and not isinstance(stats, dict):
             raise ValueError(f"state['stats'] must be None or a dict of factor lists; got {type(stats).__name__}")
         est_step = state["estimator_step"]
-        if isinstance(est_step, bool) or not isinstance(est_step, int) or est_step < 0 or (stats is None) != (est_step == 0):
+        if (isinstance(est_step, bool) or not isinstance(est_step, int) or est_step < 0
+                or (stats is None) != (est_step == 0)):
             raise ValueError(f"state['estimator_step'] must be an integer >= 0, 0 exactly when state['stats'] is None; "
                              f"got {est_step!r}")
 
