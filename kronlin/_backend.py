@@ -371,12 +371,15 @@ def context(*named, snapshot: bool = False):
     xp = foreign = first = None
     infos = []
     for name, x in named:
-        ns, fr = _namespace_of(x, name)
-        plain = isinstance(x, _PLAIN)
+        if type(x) is np.ndarray:  # the common case, decided without the general dispatch (5 → 1.5 µs an array)
+            ns, fr, plain = np, None, False
+        else:
+            ns, fr = _namespace_of(x, name)
+            plain = isinstance(x, _PLAIN)
         if not plain:
             if first is None:
                 xp, foreign, first = ns, fr, name
-            elif _ns_name(ns) != _ns_name(xp):
+            elif ns is not xp and _ns_name(ns) != _ns_name(xp):
                 raise TypeError(
                     f"{name} is a {_ns_name(ns)} array but {first} is a {_ns_name(xp)} array; "
                     f"pass arrays of one library"
@@ -386,14 +389,19 @@ def context(*named, snapshot: bool = False):
         xp = np
     arrays = []
     for name, x, fr, plain in infos:
+        if xp is np and type(x) is np.ndarray and x.dtype.char in "fd":  # float32/float64 NumPy: as it is
+            arrays.append(x)
+            continue
         arr = _plain_array(xp, x, name) if plain else _convert(x, xp, fr, name)
         _check_dtype(arr, name, xp)
         arrays.append(arr)
     if not arrays:
         raise TypeError("no array arguments given")
+    dtypes = {arr.dtype for arr in arrays}
     dtype = _float_dtype(xp, arrays[0].dtype)
-    for arr in arrays[1:]:
-        dtype = xp.result_type(dtype, _float_dtype(xp, arr.dtype))
+    if len(dtypes) > 1 or dtype != arrays[0].dtype:
+        for arr in arrays[1:]:
+            dtype = xp.result_type(dtype, _float_dtype(xp, arr.dtype))
     arrays = [
         xp.astype(a, dtype) if a.dtype != dtype else owned_copy(xp, a) if snapshot and not isinstance(x, _PLAIN) else a
         for a, (_, x, _, _) in zip(arrays, infos)
