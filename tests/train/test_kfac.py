@@ -563,6 +563,35 @@ def test_old_per_layer_estimator_checkpoints_still_resume():
     assert [opt2.step(X, Y)["loss"] for X, Y in batches[3:]] == ref
 
 
+def test_non_finite_sampled_gradients_reject_the_step_and_other_errors_are_raised(monkeypatch):
+    """The estimator decides finiteness (on the factors' diagonals) without a pass over the data beforehand:
+    a NaN in the sampled pass is a refused batch, with every average unchanged; an error of the estimator on
+    finite data is a bug and propagates."""
+    net, loss = tiny_mlp(), get_loss("softmax_ce")
+    X, Y = batch(net, 9)
+    opt = KFAC(net, loss)
+    opt.step(X, Y)
+    before = opt.state_dict()["extra"]["curvature"]
+    real_grad = opt.loss.grad
+    def nan_when_sampled(out, Ys):  # the training labels Y pass, the sampled ones give NaN
+        return real_grad(out, Ys) * (1.0 if Ys is Y else np.nan)
+
+    monkeypatch.setattr(opt.loss, "grad", nan_when_sampled)
+    info = opt.step(X, Y)
+    assert not info["accepted"] and info["reason"] == "non-finite curvature statistics"
+    after = opt.state_dict()["extra"]["curvature"]
+    for k in before[0]["stats"]:
+        assert all(np.array_equal(a, b) for a, b in zip(before[0]["stats"][k], after[0]["stats"][k]))
+    monkeypatch.setattr(opt.loss, "grad", real_grad)
+
+    def broken(acts, grads):
+        raise ValueError("acts[0] has shape (9, 3) but the averages have (9, 4)")
+
+    monkeypatch.setattr(opt._est, "update", broken)
+    with pytest.raises(ValueError, match="the averages have"):
+        opt.step(X, Y)
+
+
 def test_overflowing_statistics_reject_the_step_and_change_no_average(monkeypatch):
     """kronlin refuses second moments that overflow (FloatingPointError) and leaves the averages as they were;
     K-FAC rejects the step instead of raising out of step()."""

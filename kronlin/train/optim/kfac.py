@@ -614,14 +614,20 @@ class KFAC(KroneckerOptimizer):
         else:  # second_factor=False with exact damping: G is not used, the sampled pass is skipped
             g = [np.zeros(s.shape[:-1] + (1,)) for s in trace.s]
         acts, errs = list(trace.a), list(g)  # conv layers stay (N, T, d): the estimator forms KFC's factors
-        if not self._all(all_finite(acts) and all_finite(errs)):
-            return False
         try:
             if self.dp is not None:  # the global batch's factors (one packed all-reduce), folded into the average
+                # the ranks agree on refusing before the all-reduce (a rank that raised alone would leave the
+                # others waiting in it)
+                if not self._all(all_finite(acts) and all_finite(errs)):
+                    return False
                 self.dp.fold_factors(self._est, acts, errs, self.tridiagonal)
             else:
-                self._est.update(acts, errs)
+                self._est.update(acts, errs)  # decides finiteness on the factors' diagonals: no pass over the data
         except FloatingPointError:  # finite inputs whose second moments overflow: kronlin refuses, nothing changed
+            return False
+        except ValueError:  # a non-finite input (named by the core) is a refused batch; anything else is a bug
+            if all_finite(acts) and all_finite(errs):
+                raise
             return False
         return True
 
