@@ -163,8 +163,20 @@ def test_asymmetry_cpu_matches_reference(cpu_ext, dtype, shape, asym):
     assert (got[0] > 0) == (asym != 0.0)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("where", [(37, 5), (5, 37), (130, 64), (64, 130), (299, 298), (298, 299), (200, 199)])
+def test_asymmetry_cpu_finds_one_entry_anywhere(cpu_ext, dtype, where):
+    """One entry off symmetry at places the kernel reaches differently (its vector lanes, the pairs left over
+    in a row, the diagonal tile's triangle, either side of the diagonal): the same maximum as the reference."""
+    S = _stack((1, 300, 300), dtype, 5)
+    S[(0,) + where] += 0.25
+    got = cpu_ext.asymmetry(S)
+    assert got == asymmetry_reference(np, S)
+    assert got[0] == float(abs(S[(0,) + where] - S[(0,) + where[::-1]]))
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("where", [(0, 0), (5, 70), (70, 5)])
+@pytest.mark.parametrize("where", [(0, 0), (5, 70), (70, 5), (3, 40), (79, 78)])
 def test_nonfinite_entry_gives_nan_in_both_paths(cpu_ext, bad, where):
     S = _stack((1, 80, 80), "float64")
     S[(0,) + where] = bad
