@@ -176,6 +176,16 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+def check_seed(value, name: str = "seed") -> int:
+    """A random seed: an integer in ``[0, 2**63)`` (what NumPy's and torch's generators both take); floats,
+    bools and strings are refused rather than truncated or converted."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63); got {value!r}")
+    return int(value)
+
+
 def check_flag(value, name: str) -> bool:
     """A switch: ``True`` or ``False`` (NumPy bools too); a string such as ``"no"`` is not silently true."""
     if isinstance(value, (bool, np.bool_)):

@@ -432,6 +432,18 @@ def test_option_types_checked_like_the_core(cls, key, value):
         cls(mlp(), **{key: value})
 
 
+@pytest.mark.parametrize("cls", [kt.KFAC, kt.NaturalGradient])
+@pytest.mark.parametrize("seed, error", [(None, TypeError), ("1", TypeError), (2.5, TypeError), (True, TypeError),
+                                         (-1, ValueError), (2**63, ValueError), (float("nan"), TypeError)])
+def test_seed_checked(cls, seed, error):
+    """The MC labels' seed is an integer: a float was truncated, a bool taken as 0/1, None an unnamed error."""
+    model = mlp()
+    with pytest.raises(error, match="seed must be"):
+        cls(model, seed=seed)
+    assert all(not m._forward_hooks for m in model.modules())  # nothing left behind
+    assert cls(model, seed=np.int64(3)).seed == 3
+
+
 def test_max_decay_type_checked():
     with pytest.raises(TypeError, match="max_decay must be a real scalar"):
         kt.KFAC(mlp(), max_decay="0.9")

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .._validate import check_choice, check_nonneg_scalar
+from .._validate import check_choice, check_nonneg_scalar, check_seed
 from ._convert import SUPPORTED_DTYPES, to_array
 
 __all__ = ["CurvatureHooks"]
@@ -215,9 +215,9 @@ class CurvatureHooks:
             )
         self._by_module = {ly.module: ly for ly in self.layers}
         self._phase = "user"
+        self.seed = check_seed(seed)
         self._generator = torch.Generator(device="cpu")
-        self._generator.manual_seed(int(seed))
-        self.seed = int(seed)
+        self._generator.manual_seed(self.seed)
         self.sampled_targets = None  # the labels of the last MC draw (for inspection and tests)
         self._steps = 0
         self._handles = [ly.module.register_forward_hook(self._forward_hook(ly)) for ly in self.layers]
