@@ -51,6 +51,7 @@ import copy
 import numpy as np
 
 from ..._validate import all_finite as _finite
+from ..._validate import check_seed
 
 from .hparams import check_hparams
 
@@ -82,8 +83,8 @@ class Optimizer:
         self.net = net
         self.loss = loss
         self.hparams = {**self.defaults, **hparams}
-        self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        self.seed = check_seed(seed)  # None would seed from the OS: a run that cannot be repeated
+        self.rng = np.random.default_rng(self.seed)
         self.iteration = 0
         self.n_rejected = 0
         self._avg = None  # Polyak average of the iterates (K-FAC §13), for optimizers with ``polyak``
