@@ -4,9 +4,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "cpu/cholesky_cpu.h"
 #include "cpu/eig_scale_cpu.h"
 #include "cpu/woodbury_gram_cpu.h"
 #include "cpu/gsylv_cpu.h"
@@ -157,6 +159,56 @@ void mirror_lower(py::array x) {
   }
 }
 
+// The Cholesky family (kronlin/_kernels/cholesky.py): C-contiguous (B, n, n) float stacks and the addresses of
+// SciPy's ?potrf / ?potri (scipy.linalg.cython_lapack) for their dtype; returns LAPACK's info per matrix.
+template <typename T>
+kronlin::lapack_chol_fn<T> lapack_fn(std::uintptr_t address) {
+  require(address != 0, "a LAPACK routine's address is 0");
+  return reinterpret_cast<kronlin::lapack_chol_fn<T>>(address);
+}
+
+py::array_t<std::int32_t> potrf_stack(py::array S, py::array out, std::uintptr_t potrf) {
+  require_square_stack(S);
+  require_square_stack(out);
+  require(out.writeable(), "out must be writeable");
+  require(same_dtype(S, out) && S.shape(0) == out.shape(0) && S.shape(1) == out.shape(1),
+          "S and out must have one dtype and shape");
+  require(S.shape(1) < (std::int64_t(1) << 31), "the order exceeds LAPACK's 32-bit integers");
+  const auto B = S.shape(0), n = S.shape(1);
+  py::array_t<std::int32_t> info(B);
+  auto* inf = info.mutable_data();
+  const bool f64 = has_dtype<double>(S);
+  const void* s = S.data();
+  void* o = out.mutable_data();
+  py::gil_scoped_release release;
+  if (f64) {
+    kronlin::potrf_stack_cpu<double>(static_cast<const double*>(s), static_cast<double*>(o), B, n,
+                                     lapack_fn<double>(potrf), inf);
+  } else {
+    kronlin::potrf_stack_cpu<float>(static_cast<const float*>(s), static_cast<float*>(o), B, n,
+                                    lapack_fn<float>(potrf), inf);
+  }
+  return info;
+}
+
+py::array_t<std::int32_t> potri_stack(py::array L, std::uintptr_t potri) {
+  require_square_stack(L);
+  require(L.writeable(), "the stack must be writeable");
+  require(L.shape(1) < (std::int64_t(1) << 31), "the order exceeds LAPACK's 32-bit integers");
+  const auto B = L.shape(0), n = L.shape(1);
+  py::array_t<std::int32_t> info(B);
+  auto* inf = info.mutable_data();
+  const bool f64 = has_dtype<double>(L);
+  void* l = L.mutable_data();
+  py::gil_scoped_release release;
+  if (f64) {
+    kronlin::potri_stack_cpu<double>(static_cast<double*>(l), B, n, lapack_fn<double>(potri), inf);
+  } else {
+    kronlin::potri_stack_cpu<float>(static_cast<float*>(l), B, n, lapack_fn<float>(potri), inf);
+  }
+  return info;
+}
+
 int openmp_max_threads() {
 #if defined(KRONLIN_HAVE_OPENMP)
   return omp_get_max_threads();
@@ -175,6 +227,12 @@ PYBIND11_MODULE(_C, m) {
         "(max|x - x^T|, max|x|) over a C-contiguous (B, n, n) float stack; (nan, nan) if an entry is not finite.");
   m.def("mirror_lower", &mirror_lower, py::arg("x"),
         "In place: the lower triangle of each matrix of a C-contiguous (B, n, n) float stack copied onto the upper one.");
+  m.def("potrf_stack", &potrf_stack, py::arg("S"), py::arg("out"), py::arg("potrf"),
+        "out[b] = the lower Cholesky factor of S[b] (C-contiguous (B, n, n) float stacks) by the ?potrf at address "
+        "potrf (scipy.linalg.cython_lapack); returns LAPACK's info per matrix.");
+  m.def("potri_stack", &potri_stack, py::arg("L"), py::arg("potri"),
+        "In place: the lower Cholesky factors L[b] become (L L^T)^-1, exactly symmetric, by the ?potri at address "
+        "potri; returns LAPACK's info per matrix.");
   m.def("gsylv_backsub", &gsylv_backsub, py::arg("S1"), py::arg("T1"), py::arg("S2"), py::arg("T2"), py::arg("W"),
         py::arg("sign"),
         "In place: W (B, q, p) becomes Y with S1 Y S2^T + sign T1 Y T2^T = W (real generalized Schur form); "

@@ -21,6 +21,15 @@ def mirror_lower(x: npt.NDArray[np.floating]) -> None:
     """In place: the lower triangle of each matrix of a C-contiguous (B, n, n) stack (float32 or
     float64) copied onto the upper one."""
 
+def potrf_stack(S: npt.NDArray[np.floating], out: npt.NDArray[np.floating], potrf: int) -> npt.NDArray[np.int32]:
+    """``out[b]`` = the lower Cholesky factor (C order, zeros above) of ``S[b]``'s lower triangle, by the
+    ``?potrf`` at address ``potrf`` (``scipy.linalg.cython_lapack``); C-contiguous (B, n, n) stacks of one
+    dtype (float32 or float64); returns LAPACK's info per matrix."""
+
+def potri_stack(L: npt.NDArray[np.floating], potri: int) -> npt.NDArray[np.int32]:
+    """In place: the lower Cholesky factors ``L[b]`` become ``(L Lᵀ)⁻¹``, exactly symmetric, by the ``?potri``
+    at address ``potri``; returns LAPACK's info per matrix."""
+
 def gsylv_backsub(
     S1: npt.NDArray[np.floating],
     T1: npt.NDArray[np.floating],

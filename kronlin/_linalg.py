@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 
 from ._backend import ModuleRefs, diagonal, dtype_eps, is_cupy, is_numpy, mT
+from ._kernels.cholesky import compiled_stacks, in_place, potrf_stack, potri_stack
 from ._kernels.symmetric import mirror_lower
 from ._validate import LinAlgError, _symmetric_within_tol, all_finite, nonfinite_result, quiet_overflow, shape_str, singular_tol
 
@@ -62,7 +63,9 @@ _LAPACK_FUNCS: dict = {}
 #: of NumPy's stacked call (bench/results/decomp_routes_stacks.md, paired, loop / NumPy): float32 eigh
 #: 200 x 64² 0.79, 50 x 256² 0.64; float64 eigh 1.02 and 0.83-1.07 across runs (a tie: NumPy's stacked
 #: call is kept); Cholesky float32 0.58 and 0.42, float64 1.33 and 0.63; SPD inverse (?potrf + ?potri
-#: against the batched triangular solves used before) 0.45-0.61 everywhere.
+#: against the batched triangular solves used before) 0.45-0.61 everywhere.  With the compiled loop
+#: (kronlin._kernels.cholesky) Cholesky stacks always loop: 0.88 / 0.57 / 0.45 of NumPy's stacked call at
+#: float64 200 × 64², 50 × 256², 20 × 512² and 0.54 / 0.31 / 0.20 in float32 (paired, one thread).
 _STACK_LOOP_MIN_N = {
     ("eigh", "float32"): 0, ("eigh", "float64"): 2**62,
     ("cholesky", "float32"): 0, ("cholesky", "float64"): 256,
@@ -142,7 +145,11 @@ def _np_lapack(xp, M) -> bool:
 
 
 def _stack_loop(kind: str, M) -> bool:
-    return M.ndim > 2 and M.shape[-1] >= _STACK_LOOP_MIN_N[kind, M.dtype.name]
+    if M.ndim <= 2:
+        return False
+    if kind != "eigh" and compiled_stacks(M):  # the compiled loop: 0.2-0.88× NumPy's stacked Cholesky, every size
+        return True
+    return M.shape[-1] >= _STACK_LOOP_MIN_N[kind, M.dtype.name]
 
 
 def _flat(M):
@@ -179,15 +186,10 @@ def _potrf(M):
         # Fortran-ordered, so U.T is L in C order (no transposing copy)
         U, info = potrf(M.T, lower=0, clean=1)
         return None if info != 0 else U.T
-    # one bulk copy, then each matrix factored in place (its transpose is Fortran-ordered, so LAPACK writes
-    # the upper factor Lᵀ into it): no per-matrix copy in and out of the wrapper
-    L = np.array(M, order="C", copy=True)
-    for l_ in _flat(L):
-        U, info = potrf(l_.T, lower=0, clean=1, overwrite_a=1)
-        if info != 0:
-            return None
-        _in_place(U, l_)
-    return L
+    # each matrix factored in its own copy (its transpose is Fortran-ordered, so LAPACK writes the upper
+    # factor Lᵀ into it): kronlin._kernels.cholesky, compiled or a loop of these same wrapper calls
+    L, info = potrf_stack(np.reshape(M, (-1,) + tuple(M.shape[-2:])))
+    return None if info.any() else np.reshape(L, M.shape)
 
 
 def _condition_singular(kind: str, M, F, d, eps) -> bool:
@@ -220,12 +222,6 @@ def _condition_singular(kind: str, M, F, d, eps) -> bool:
     return False
 
 
-def _in_place(R, x) -> None:
-    """Make sure the LAPACK result ``R`` (Fortran-ordered, asked to overwrite ``x.T``) is in ``x``."""
-    if not np.shares_memory(R, x):  # the wrapper copied after all (it does not for aligned Fortran arrays)
-        x[...] = R.T
-
-
 def _potri_sym(L, overwrite: bool = False):
     """``(L Lᵀ)⁻¹``, exactly symmetric, from the lower Cholesky factor by ``?potri``; None if LAPACK fails.
     ``overwrite``: in ``L``'s own memory (the factor is lost), else in a copy."""
@@ -235,22 +231,17 @@ def _potri_sym(L, overwrite: bool = False):
     if info != 0:
         return None
     if overwrite:
-        _in_place(C, L)
+        in_place(C, L)
         return _mirror_lower(L)
     return _mirror_lower(C.T)
 
 
 def _potri_stack(L, overwrite: bool = False):
-    """``_potri_sym`` of every matrix of a stack: ``?potri`` per matrix, in place on ``L`` (``overwrite``)
-    or on one bulk copy, then one mirror over the stack."""
-    potri = _lapack("potri", L.dtype)
-    T = L if overwrite else np.array(L, order="C", copy=True)  # each matrix inverted in place (see _potrf)
-    for t_ in _flat(T):
-        C, info = potri(t_.T, lower=0, overwrite_c=1)
-        if info != 0:
-            return None
-        _in_place(C, t_)  # C-ordered: the inverse's lower triangle, above it the factor's zeros
-    return _mirror_lower(T)
+    """``_potri_sym`` of every matrix of a stack, in place on ``L`` (``overwrite``) or on one copy:
+    ``?potri`` per matrix and its mirror (:mod:`kronlin._kernels.cholesky`, compiled or a Python loop)."""
+    T = L if overwrite and L.flags.c_contiguous else np.array(L, order="C", copy=True)
+    info = potri_stack(np.reshape(T, (-1,) + tuple(T.shape[-2:])))
+    return None if info.any() else T
 
 
 def _mirror_lower(S):

@@ -101,6 +101,8 @@ def _symmetric_within_tol(xp, x) -> bool:
 def check_symmetric(xp, x, name: str) -> None:
     """``x`` (..., n, n) must be symmetric to round-off (see :data:`SYM_RTOL_FACTOR`)."""
     asym, tol = _asymmetry(xp, x)
+    if asym != asym:  # asymmetry() is NaN for a NaN or infinite entry: refused as check_finite refuses it
+        check_finite(xp, x, name)
     if asym > tol:
         raise ValueError(
             f"{name} (shape {shape_str(x)}) must be symmetric: max|{name} - {name}ᵀ| = {asym:.3g} exceeds "

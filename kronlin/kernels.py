@@ -16,7 +16,10 @@ tests that compare the two, users checking what their build runs:
   :func:`asymmetry_reference` and :func:`mirror_lower` /
   :func:`mirror_lower_reference` (the symmetry check of every symmetric input
   and the mirror after LAPACK ``potri``); every one takes the array namespace
-  ``xp`` first;
+  ``xp`` first; and :func:`potrf_stack` / :func:`potrf_stack_reference`,
+  :func:`potri_stack` / :func:`potri_stack_reference` (the Cholesky factors and
+  SPD inverses of NumPy stacks, SciPy's LAPACK called from one C++ loop; these
+  take the stack only);
 * :func:`kernel` (a compiled function bound to its backend, or ``None``) and
   :func:`compiled` (the compiled module serving a namespace, or ``None``);
 * :func:`disabled`, a context manager that forces the references, and
@@ -43,6 +46,7 @@ from __future__ import annotations
 from . import _ext
 from ._ext import disabled, enabled
 from ._kernels._dispatch import Kernel, kernel, module_for
+from ._kernels.cholesky import potrf_stack, potrf_stack_reference, potri_stack, potri_stack_reference
 from ._kernels.eig_scale import eig_scale, eig_scale_reference
 from ._kernels.gsylv import gsylv_backsub, gsylv_backsub_reference
 from ._kernels.symmetric import asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference
@@ -68,6 +72,10 @@ __all__ = [
     "mirror_lower",
     "mirror_lower_reference",
     "openmp_max_threads",
+    "potrf_stack",
+    "potrf_stack_reference",
+    "potri_stack",
+    "potri_stack_reference",
 ]
 
 #: True when ``KRONLIN_DISABLE_EXT`` was set (not ``0``/``false``/``no``) when kronlin was imported.

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
+import kronlin
 from kronlin import Kron, _ext, kernels
-from kronlin._kernels import _dispatch
+from kronlin._kernels import _dispatch, cholesky
 from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
 from kronlin._kernels.symmetric import asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference
 from kronlin._kernels.woodbury_gram import gram_shared, gram_shared_reference
@@ -273,3 +274,69 @@ def test_bindings_take_equivalent_dtypes_not_only_the_canonical_one(cpu_ext):
     with kernels.disabled():
         ref = asymmetry(np, S)
     assert asymmetry(np, S.astype(">f8")) == ref  # the dispatch takes the reference for it
+
+
+# -- the Cholesky family (csrc/cpu/cholesky_cpu.cpp) ------------------------------------------------------------
+CHOL_SHAPES = [(1, 1, 1), (3, 2, 2), (200, 8, 8), (5, 63, 63), (4, 64, 64), (2, 130, 130)]
+
+
+def _spd_stack(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal(shape[:-1] + (2 * shape[-1],))
+    return (X @ np.swapaxes(X, -1, -2) / shape[-1] + 0.1 * np.eye(shape[-1])).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", CHOL_SHAPES)
+def test_cholesky_stack_kernels_match_references_bit_for_bit(cpu_ext, dtype, shape):
+    """The kernels make the references' LAPACK calls (SciPy's own routines) on the same layout: equal results,
+    an exactly symmetric inverse, the input untouched; and they are the inverse (checked against float64)."""
+    S = _spd_stack(shape, dtype, sum(shape))
+    S0 = S.copy()
+    L, info = cholesky.potrf_stack(S)
+    with kernels.disabled():
+        L_ref, info_ref = cholesky.potrf_stack(S)
+    assert not info.any() and not info_ref.any() and info.dtype == np.int32
+    assert np.array_equal(L, L_ref) and np.array_equal(S, S0)
+    assert np.array_equal(np.triu(L, 1), np.zeros_like(L))  # C-ordered lower factors, zeros above
+    Inv, Inv_ref = L.copy(), L_ref.copy()
+    assert not cholesky.potri_stack(Inv).any()
+    with kernels.disabled():
+        assert not cholesky.potri_stack(Inv_ref).any()
+    assert np.array_equal(Inv, Inv_ref) and np.array_equal(Inv, np.swapaxes(Inv, -1, -2))
+    exact = np.linalg.inv(S.astype(np.float64))
+    tol = 50 * np.finfo(dtype).eps * np.linalg.cond(S.astype(np.float64)).max()  # an inverse's relative error
+    assert np.abs(Inv - exact).max() <= tol * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cholesky_stack_kernels_report_the_matrix_that_is_not_positive_definite(cpu_ext, dtype):
+    S = _spd_stack((6, 9, 9), dtype, 4)
+    S[3, 4, 4] = -50.0  # the fourth matrix is indefinite; its leading 5×5 minor is the first that fails
+    L, info = cholesky.potrf_stack(S)
+    with kernels.disabled():
+        _, info_ref = cholesky.potrf_stack(S)
+    assert info[3] == info_ref[3] == 5 and np.flatnonzero(info).tolist() == [3]
+    assert np.flatnonzero(info_ref).tolist() == [3]  # the reference stops there
+    assert kronlin._linalg._potrf(S) is None  # what Factor sees: not positive definite, so LU
+
+
+def test_cholesky_stack_kernels_refuse_bad_layouts_and_addresses(cpu_ext):
+    S = _spd_stack((2, 4, 4), "float64")
+    address = cholesky.lapack_address("dpotrf")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cpu_ext.potrf_stack(np.swapaxes(S, 1, 2), np.empty_like(S), address)
+    with pytest.raises(ValueError, match="one dtype and shape"):
+        cpu_ext.potrf_stack(S, np.empty((2, 4, 4), np.float32), address)
+    with pytest.raises(ValueError, match="address is 0"):
+        cpu_ext.potri_stack(S.copy(), 0)
+    # the dispatch takes the reference for what the kernel does not take: the same answers
+    for x in (np.asfortranarray(S), S.astype(">f8")):
+        L, info = cholesky.potrf_stack(x)
+        assert not info.any() and np.allclose(L, np.linalg.cholesky(S), rtol=1e-13, atol=1e-13)
+
+
+def test_lapack_addresses_are_scipys_c_routines():
+    for name in ("spotrf", "dpotrf", "spotri", "dpotri"):
+        assert isinstance(cholesky.lapack_address(name), int)
+    assert cholesky.lapack_address("nope") is None

@@ -53,6 +53,26 @@ def test_symmetry_checked_with_tolerance_never_symmetrised():
         Kron(EYE3, np.array([[1.0, 0.5], [0.4, 1.0]])).eigh()
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("shape", [(3, 3), (4, 70, 70)])
+def test_check_symmetric_refuses_a_non_finite_entry(bad, shape):
+    """The symmetry test alone refuses NaN and infinity (its maxima are NaN then, which no tolerance compares
+    to): callers may skip a separate finiteness pass, as BlockDiagInverse does for its stacks."""
+    from kronlin._validate import check_symmetric
+
+    S = np.zeros(shape)
+    S[..., -1, 1] = S[..., 1, -1] = bad  # symmetric, not finite
+    with pytest.raises(ValueError, match=r"^S \(shape .*\) contains NaN or infinity"):
+        check_symmetric(np, S, "S")
+
+
+def test_block_diag_inverse_names_a_non_finite_factor_of_a_stack():
+    A = [np.eye(3), np.eye(3), np.eye(3)]
+    A[1] = np.diag([1.0, np.nan, 1.0])
+    with pytest.raises(ValueError, match=r"^A_diag\[1\] \(shape \(3, 3\)\) contains NaN or infinity"):
+        kronlin.BlockDiagInverse(A, [np.eye(2)] * 3, gamma=0.1)
+
+
 def test_not_psd_names_argument_and_suggests_damping():
     with pytest.raises(np.linalg.LinAlgError, match=r"^G \(shape \(2, 2\)\) is not positive semi-definite.*add damping"):
         Kron(EYE3, np.diag([1.0, -1.0])).eigh()
