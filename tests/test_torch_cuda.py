@@ -11,7 +11,6 @@ missing-CuPy error is tested everywhere with an object that says it lives on a C
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import numpy as np
@@ -24,7 +23,7 @@ F = torch.nn.functional
 import kronlin.torch as kt  # noqa: E402
 from kronlin._backend import context  # noqa: E402
 from torch_helpers import (  # noqa: E402
-    batch, close, cnn, dense_factors, grad_block, layers_of, mlp, per_example, run_step, single_thread, vec,
+    batch, close, cnn, dense_factors, grad_block, layers_of, mlp, per_example, resumed_run, run_step, single_thread, vec,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
@@ -147,27 +146,7 @@ def test_cuda_state_dict_resume_is_bit_exact(cuda, max_decay, N, mode):
         pre = kt.KFAC(model, damping=1e-2, refresh_period=2, max_decay=max_decay, damping_mode=mode)
         return model, pre, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
-    def train(model, pre, opt, batches):
-        for x, y in batches:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            pre.step()
-            opt.step()
-
     batches = [tuple(t.to(cuda) for t in batch(mlp(), N=N, seed=s)) for s in range(6)]
-    model_a, pre_a, opt_a = fresh()
-    train(model_a, pre_a, opt_a, batches)
-    model_b, pre_b, opt_b = fresh()
-    train(model_b, pre_b, opt_b, batches[:3])
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "pre": pre_b.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    pre_b.remove_hooks()
-    model_c, pre_c, opt_c = fresh()
-    model_c.load_state_dict(ckpt["model"])
-    opt_c.load_state_dict(ckpt["opt"])
-    pre_c.load_state_dict(ckpt["pre"])
-    train(model_c, pre_c, opt_c, batches[3:])
+    (model_a, _), (model_c, _) = resumed_run(fresh, batches, 3)
     for pa, pc in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(pa, pc)

@@ -9,7 +9,6 @@ mean-reduced loss and ``c = N`` for a summed one.
 
 from __future__ import annotations
 
-import io
 import math
 import subprocess
 import sys
@@ -24,8 +23,8 @@ F = torch.nn.functional
 import kronlin  # noqa: E402
 import kronlin.torch as kt  # noqa: E402
 from torch_helpers import (  # noqa: E402
-    batch, close, cnn, dense_factors, example_loss, grad_block, layers_of, mlp, per_example, plain_copy, run_step,
-    single_thread, vec,
+    batch, close, cnn, dense_factors, example_loss, grad_block, layers_of, mlp, per_example, plain_copy, resumed_run,
+    run_step, single_thread, vec,
 )
 
 # torch warns that padding="same" with an even kernel (the asymmetric case the CNN below tests on
@@ -324,14 +323,6 @@ def test_float32_model_stays_float32_and_matches_float64():
 # ---------------------------------------------------------------------------------------------
 # checkpoints and training
 # ---------------------------------------------------------------------------------------------
-def _train(model, pre, opt, batches, kind="cross_entropy"):
-    for x, y in batches:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        pre.step()
-        opt.step()
-
-
 @pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
 @pytest.mark.parametrize("max_decay,N,mode", [(0.95, 7, "exact"), (0.0, 2, "exact"), (0.0, 2, "factored")])
 def test_state_dict_resume_is_bit_exact(make, max_decay, N, mode):
@@ -344,21 +335,7 @@ def test_state_dict_resume_is_bit_exact(make, max_decay, N, mode):
         return model, pre, opt
 
     batches = [batch(make(), N=N, seed=s) for s in range(6)]
-    model_a, pre_a, opt_a = fresh()
-    _train(model_a, pre_a, opt_a, batches)
-    model_b, pre_b, opt_b = fresh()
-    _train(model_b, pre_b, opt_b, batches[:3])
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "pre": pre_b.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    pre_b.remove_hooks()
-    model_c, pre_c, opt_c = fresh()
-    model_c.load_state_dict(ckpt["model"])
-    opt_c.load_state_dict(ckpt["opt"])
-    pre_c.load_state_dict(ckpt["pre"])
-    assert pre_c.steps == 3
-    _train(model_c, pre_c, opt_c, batches[3:])
+    (model_a, pre_a), (model_c, pre_c) = resumed_run(fresh, batches, 3)
     for pa, pc in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(pa, pc)
     for m_a, m_c in zip(layers_of(model_a), layers_of(model_c)):

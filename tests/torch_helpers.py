@@ -167,3 +167,37 @@ def close(actual, expected, rtol):
 
 def vec(M):
     return np.asarray(M).T.reshape(-1)
+
+
+def train(model, pre, opt, batches):
+    """Cross-entropy training steps with the preconditioner ``pre`` and the torch optimizer ``opt``."""
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
+
+
+def resumed_run(fresh, batches, split):
+    """``(uninterrupted, resumed)``: ``(model, pre)`` trained on every batch, and ``(model, pre)`` trained on
+    ``batches[:split]``, saved with ``torch.save`` (model, optimizer, preconditioner), loaded into a fresh
+    triple and trained on the rest.  ``fresh()`` returns a new ``(model, pre, opt)``."""
+    import io
+
+    model_a, pre_a, opt_a = fresh()
+    train(model_a, pre_a, opt_a, batches)
+    model_b, pre_b, opt_b = fresh()
+    train(model_b, pre_b, opt_b, batches[:split])
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "pre": pre_b.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    pre_b.remove_hooks()
+    model_c, pre_c, opt_c = fresh()
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    pre_c.load_state_dict(ckpt["pre"])
+    assert pre_c.steps == split
+    train(model_c, pre_c, opt_c, batches[split:])
+    return (model_a, pre_a), (model_c, pre_c)
+

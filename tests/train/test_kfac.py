@@ -563,6 +563,14 @@ def test_old_per_layer_estimator_checkpoints_still_resume():
     assert [opt2.step(X, Y)["loss"] for X, Y in batches[3:]] == ref
 
 
+def _assert_refused_and_unchanged(opt, info, before):
+    """The step was refused for its statistics, and every running average is what it was (``before``)."""
+    assert not info["accepted"] and info["reason"] == "non-finite curvature statistics"
+    after = opt.state_dict()["extra"]["curvature"]
+    for k in before[0]["stats"]:
+        assert all(np.array_equal(a, b) for a, b in zip(before[0]["stats"][k], after[0]["stats"][k]))
+
+
 def test_non_finite_sampled_gradients_reject_the_step_and_other_errors_are_raised(monkeypatch):
     """The estimator decides finiteness (on the factors' diagonals) without a pass over the data beforehand:
     a NaN in the sampled pass is a refused batch, with every average unchanged; an error of the estimator on
@@ -577,11 +585,7 @@ def test_non_finite_sampled_gradients_reject_the_step_and_other_errors_are_raise
         return real_grad(out, Ys) * (1.0 if Ys is Y else np.nan)
 
     monkeypatch.setattr(opt.loss, "grad", nan_when_sampled)
-    info = opt.step(X, Y)
-    assert not info["accepted"] and info["reason"] == "non-finite curvature statistics"
-    after = opt.state_dict()["extra"]["curvature"]
-    for k in before[0]["stats"]:
-        assert all(np.array_equal(a, b) for a, b in zip(before[0]["stats"][k], after[0]["stats"][k]))
+    _assert_refused_and_unchanged(opt, opt.step(X, Y), before)
     monkeypatch.setattr(opt.loss, "grad", real_grad)
 
     def broken(acts, grads):
@@ -605,8 +609,4 @@ def test_overflowing_statistics_reject_the_step_and_change_no_average(monkeypatc
         raise FloatingPointError("A_diag[1] (the second moment of acts[1]) is not finite")
 
     monkeypatch.setattr(opt._est, "update", overflow)
-    info = opt.step(X, Y)
-    assert not info["accepted"] and info["reason"] == "non-finite curvature statistics"
-    after = opt.state_dict()["extra"]["curvature"]
-    for k in before[0]["stats"]:
-        assert all(np.array_equal(a, b) for a, b in zip(before[0]["stats"][k], after[0]["stats"][k]))
+    _assert_refused_and_unchanged(opt, opt.step(X, Y), before)
