@@ -43,14 +43,15 @@ def lapack_address(name: str) -> int | None:
         from scipy.linalg import cython_lapack
 
         capsule = cython_lapack.__pyx_capi__[name]
-        api = ctypes.pythonapi
-        api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = ctypes.c_char_p, [ctypes.py_object]
-        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        signature = api.PyCapsule_GetName(capsule)
+        # private prototypes: setting restype/argtypes on ctypes.pythonapi's shared functions would change
+        # them for every other user in the process
+        get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+        get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+            ("PyCapsule_GetPointer", ctypes.pythonapi))
+        signature = get_name(capsule)
         text = signature.decode()
         if text.startswith("void (char *, int *, ") and text.endswith(" *, int *, int *)"):
-            address = api.PyCapsule_GetPointer(capsule, signature) or None
+            address = get_pointer(capsule, signature) or None
     except (ImportError, AttributeError, KeyError, ValueError):  # pragma: no cover - SciPy without the C API
         address = None
     _ADDRESSES[name] = address
