@@ -101,14 +101,15 @@ def _blas(name: str, dtype):
 SYRK_MIN_D = 128
 
 
-def scaled_gram(xp, X, c: float):
+def scaled_gram(xp, X, c: float, lower_only: bool = False):
     """``c·XᵀX`` of a 2-D NumPy float32/float64 ``X`` (C- or Fortran-contiguous, at least :data:`SYRK_MIN_D`
     columns), exactly symmetric; else None.
 
     One BLAS ``?syrk`` with ``alpha = c`` on ``X``'s own memory (no transposing copy, no scaling pass),
     its triangle mirrored by the compiled :func:`_mirror_lower`.  NumPy's ``X.T @ X`` is ``?syrk`` too,
     but then mirrors and needs the scaling pass: at 256 × 785 float32, one thread, 1.65-1.8 against 2.1 ms
-    (plus the pass) for the product alone.
+    (plus the pass) for the product alone.  ``lower_only``: no mirror, only the lower triangle (C order) is
+    the product, zeros above it (for a caller that mirrors once later, see ``FactorEstimator``).
     """
     if not (_np_lapack(xp, X) and X.ndim == 2 and X.shape[0] > 0 and X.shape[1] >= SYRK_MIN_D):
         return None
@@ -119,15 +120,17 @@ def scaled_gram(xp, X, c: float):
         C = syrk(c, X, trans=1, lower=0)
     else:
         return None
-    return _mirror_lower(C.T)  # C's upper triangle (Fortran order) is the lower one of its C-ordered transpose
+    # C's upper triangle (Fortran order) is the lower one of its C-ordered transpose
+    return C.T if lower_only else _mirror_lower(C.T)
 
 
-def second_moment(xp, X, c: float):
+def second_moment(xp, X, c: float, lower_only: bool = False):
     """``c·XᵀX`` of rows ``X`` (..., n, d), exactly symmetric: :func:`scaled_gram` where it applies; NumPy's
     ``X.T @ X`` of a contiguous 2-D ``X`` otherwise (BLAS ``syrk`` and a mirror inside, symmetric as it comes,
     tested in ``tests/test_factors.py``), scaled in place; other libraries' products and stacks may differ
-    from their transpose by round-off, and are symmetrised."""
-    M = scaled_gram(xp, X, c)
+    from their transpose by round-off, and are symmetrised.  ``lower_only``: only the lower triangle need
+    be the product (:func:`scaled_gram` then skips its mirror)."""
+    M = scaled_gram(xp, X, c, lower_only)
     if M is not None:
         return M
     M = mT(X) @ X

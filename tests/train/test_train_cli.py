@@ -100,11 +100,14 @@ def test_ctrl_c_checkpoints_and_exits_130(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SGD, "step", step)
     ck = tmp_path / "ck.npz"
+    # the handler the run must put back: Python's default, or SIG_IGN where the test process was started in the
+    # background by a non-interactive shell (which ignores SIGINT for it)
+    before = signal.getsignal(signal.SIGINT)
     rc = cli.main(RUN + ["--opt", "sgd", "--steps", "20", "--checkpoint", str(ck), "--out", str(tmp_path / "r.json")])
     assert rc == 130
     assert not (tmp_path / "r.json").exists()  # no partial record
     assert load_checkpoint(ck)["iteration"] == 5
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_resume_checks_config(tmp_path, capsys):
