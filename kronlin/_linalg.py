@@ -180,9 +180,10 @@ def _syevd(M):
     return W, Q
 
 
-def _potrf(M):
+def _potrf(M, overwrite: bool = False):
     """The lower Cholesky factor (C-contiguous, upper triangle zero) of ``M``'s lower triangle by ``?potrf``;
-    None when ``M`` is not positive definite.  Stacks loop over the matrices."""
+    None when ``M`` is not positive definite.  Stacks loop over the matrices; ``overwrite``: a C-contiguous
+    stack is factored in its own memory (consumed, whatever the outcome)."""
     potrf = _lapack("potrf", M.dtype)
     if M.ndim == 2:
         # Mᵀ is Fortran-ordered: its upper triangle is M's lower one, and the upper factor U = Lᵀ comes back
@@ -191,7 +192,7 @@ def _potrf(M):
         return None if info != 0 else U.T
     # each matrix factored in its own copy (its transpose is Fortran-ordered, so LAPACK writes the upper
     # factor Lᵀ into it): kronlin._kernels.cholesky, compiled or a loop of these same wrapper calls
-    L, info = potrf_stack(np.reshape(M, (-1,) + tuple(M.shape[-2:])))
+    L, info = potrf_stack(np.reshape(M, (-1,) + tuple(M.shape[-2:])), overwrite)
     return None if info.any() else np.reshape(L, M.shape)
 
 
@@ -262,8 +263,12 @@ class Factor(ModuleRefs):
     ``(sign, log|det M|)``.
     """
 
-    def __init__(self, xp, M, name: str, symmetric: bool | None = None):
-        """``symmetric``: None tests ``M`` for symmetry to round-off; True when the caller already has."""
+    def __init__(self, xp, M, name: str, symmetric: bool | None = None, overwrite: bool = False):
+        """``symmetric``: None tests ``M`` for symmetry to round-off; True when the caller already has.
+
+        ``overwrite`` (a caller that owns a NumPy stack ``M`` and can rebuild it): the Cholesky factorization
+        is done in ``M``'s own memory, and instead of falling back to LU, or judging a doubtful pivot ratio
+        by ``M``'s condition estimate, the constructor raises ``LinAlgError`` (``M`` is consumed then)."""
         self.xp, self.name, self.n = xp, name, int(M.shape[-1])
         # the constructor builds everything before the caller publishes the object (thread safety)
         self.batched = M.ndim > 2
@@ -272,8 +277,9 @@ class Factor(ModuleRefs):
         self.kind = "lu"
         if symmetric or (symmetric is None and _symmetric_within_tol(xp, M)):
             lapack = _np_lapack(xp, M) and (M.ndim == 2 or _stack_loop("cholesky", M))
+            overwrite = overwrite and lapack and self.batched and M.flags.c_contiguous
             if lapack:
-                L = _potrf(M)
+                L = _potrf(M, overwrite)
             else:
                 try:
                     L = xp.linalg.cholesky(M)
@@ -285,6 +291,8 @@ class Factor(ModuleRefs):
             if L is not None and (all_finite(xp, diagonal(xp, L)) if lapack else bool(xp.all(xp.isfinite(L)))):
                 d = diagonal(xp, L) ** 2  # the pivots of the Cholesky factorization
                 eps = dtype_eps(xp, M.dtype)
+                if overwrite and bool(xp.any(xp.min(d, axis=-1) <= math.sqrt(eps) * xp.max(d, axis=-1))):
+                    raise LinAlgError(f"{name}: a doubtful pivot ratio, judged by the caller without overwrite")
                 if bool(xp.any(xp.min(d, axis=-1) <= singular_tol(eps) * xp.max(d, axis=-1))) or (
                         _np_lapack(xp, M) and _condition_singular("pocon", M, L, d, eps)):
                     raise LinAlgError(
@@ -292,6 +300,8 @@ class Factor(ModuleRefs):
                         f"precision; add damping to make it invertible"
                     )
                 self.kind, self._L = "cholesky", L
+            elif overwrite:  # M is consumed: no LU on it
+                raise LinAlgError(f"{name} (shape {shape_str(M)}) is not positive definite")
         if self.kind == "lu" and self._sl is not None and (is_numpy(xp) or not self.batched):
             with warnings.catch_warnings():
                 # an exactly zero pivot is reported below, with the argument's name

@@ -19,7 +19,7 @@ void potrf_stack_cpu(const T* S, T* out, std::int64_t B, std::int64_t n, lapack_
     const T* s = S + b * n * n;
     T* o = out + b * n * n;
     for (std::int64_t i = 0; i < n; ++i) {  // the lower triangle, and zeros above it (the reference's clean=1)
-      std::memcpy(o + i * n, s + i * n, sizeof(T) * static_cast<std::size_t>(i + 1));
+      if (o != s) std::memcpy(o + i * n, s + i * n, sizeof(T) * static_cast<std::size_t>(i + 1));
       std::memset(o + i * n + i + 1, 0, sizeof(T) * static_cast<std::size_t>(n - i - 1));
     }
     int inf = 0;

@@ -12,7 +12,7 @@ using lapack_chol_fn = void (*)(char* uplo, int* n, T* a, int* lda, int* info);
 // For each matrix b of a C-contiguous (B, n, n) stack S: out[b] = its lower Cholesky factor L (C order, the
 // upper triangle zero), by ?potrf on the Fortran view (uplo 'U': the C lower triangle).  info[b] is
 // LAPACK's info (0, or the order of the leading minor that is not positive definite; out[b] then holds
-// LAPACK's partial result).  S and out may not overlap.
+// LAPACK's partial result).  out is S (in place) or does not overlap it.
 template <typename T>
 void potrf_stack_cpu(const T* S, T* out, std::int64_t B, std::int64_t n, lapack_chol_fn<T> potrf, std::int32_t* info);
 

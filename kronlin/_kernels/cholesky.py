@@ -78,13 +78,13 @@ def in_place(R, x) -> None:
         x[...] = R.T
 
 
-def potrf_stack_reference(S):
+def potrf_stack_reference(S, overwrite: bool = False):
     """``(L, info)``: the loop of SciPy ``?potrf`` calls the compiled kernel replaces (a matrix with
     ``info != 0`` ends the loop; the matrices after it keep their copy of ``S``)."""
     from scipy.linalg import lapack
 
     potrf = lapack.get_lapack_funcs("potrf", dtype=S.dtype)
-    L = np.array(S, order="C", copy=True)
+    L = S if overwrite and S.flags.c_contiguous else np.array(S, order="C", copy=True)
     info = np.zeros(L.shape[0], dtype=np.int32)
     for b, l_ in enumerate(L):
         U, info[b] = potrf(l_.T, lower=0, clean=1, overwrite_a=1)
@@ -94,15 +94,17 @@ def potrf_stack_reference(S):
     return L, info
 
 
-def potrf_stack(S):
+def potrf_stack(S, overwrite: bool = False):
     """``(L, info)``: the lower Cholesky factors (C order, upper triangles zero) of a ``(B, n, n)`` NumPy float
     stack, and LAPACK's info per matrix (nonzero: that matrix is not positive definite, and ``L`` is
-    undefined there)."""
+    undefined there).  ``overwrite``: in ``S``'s own memory where it is C-contiguous (no fresh stack, whose
+    first-touch page faults cost about as much as the copy on these machines); ``S`` is then consumed,
+    whatever the info."""
     compiled = _compiled("potrf_stack", S)
     if compiled is None:
-        return potrf_stack_reference(S)
+        return potrf_stack_reference(S, overwrite)
     run, address = compiled
-    L = np.empty_like(S, order="C")
+    L = S if overwrite else np.empty_like(S, order="C")
     return L, run(S, L, address)
 
 
