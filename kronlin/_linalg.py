@@ -183,12 +183,12 @@ def _syevd(M):
 def _potrf(M, overwrite: bool = False):
     """The lower Cholesky factor (C-contiguous, upper triangle zero) of ``M``'s lower triangle by ``?potrf``;
     None when ``M`` is not positive definite.  Stacks loop over the matrices; ``overwrite``: a C-contiguous
-    stack is factored in its own memory (consumed, whatever the outcome)."""
+    ``M`` is factored in its own memory (consumed, whatever the outcome)."""
     potrf = _lapack("potrf", M.dtype)
     if M.ndim == 2:
         # Mᵀ is Fortran-ordered: its upper triangle is M's lower one, and the upper factor U = Lᵀ comes back
         # Fortran-ordered, so U.T is L in C order (no transposing copy)
-        U, info = potrf(M.T, lower=0, clean=1)
+        U, info = potrf(M.T, lower=0, clean=1, overwrite_a=int(overwrite))
         return None if info != 0 else U.T
     # each matrix factored in its own copy (its transpose is Fortran-ordered, so LAPACK writes the upper
     # factor Lᵀ into it): kronlin._kernels.cholesky, compiled or a loop of these same wrapper calls
@@ -266,9 +266,10 @@ class Factor(ModuleRefs):
     def __init__(self, xp, M, name: str, symmetric: bool | None = None, overwrite: bool = False):
         """``symmetric``: None tests ``M`` for symmetry to round-off; True when the caller already has.
 
-        ``overwrite`` (a caller that owns a NumPy stack ``M`` and can rebuild it): the Cholesky factorization
-        is done in ``M``'s own memory, and instead of falling back to LU, or judging a doubtful pivot ratio
-        by ``M``'s condition estimate, the constructor raises ``LinAlgError`` (``M`` is consumed then)."""
+        ``overwrite`` (a caller that owns the NumPy matrix or stack ``M`` and can rebuild it): the Cholesky
+        factorization is done in ``M``'s own memory, and instead of falling back to LU, or judging a doubtful
+        pivot ratio by ``M``'s condition estimate, the constructor raises ``LinAlgError`` (``M`` is consumed
+        then)."""
         self.xp, self.name, self.n = xp, name, int(M.shape[-1])
         # the constructor builds everything before the caller publishes the object (thread safety)
         self.batched = M.ndim > 2
@@ -277,7 +278,7 @@ class Factor(ModuleRefs):
         self.kind = "lu"
         if symmetric or (symmetric is None and _symmetric_within_tol(xp, M)):
             lapack = _np_lapack(xp, M) and (M.ndim == 2 or _stack_loop("cholesky", M))
-            overwrite = overwrite and lapack and self.batched and M.flags.c_contiguous
+            overwrite = overwrite and lapack and M.flags.c_contiguous
             if lapack:
                 L = _potrf(M, overwrite)
             else:

@@ -229,8 +229,7 @@ class BlockDiagInverse(_LayerBlocks):
             except LinAlgError:
                 if sources is not None:  # the stacks may be consumed: the layers again, from the inputs
                     for k in ks:
-                        self._Ad[k], self._Gd[k] = _damped(self._ctx, sources[0][k], sources[1][k], self.gamma,
-                                                           self.pi, [k])
+                        self._redamp(k, sources)
                 continue
             if fa.kind != "cholesky" or fg.kind != "cholesky":
                 continue
@@ -242,15 +241,33 @@ class BlockDiagInverse(_LayerBlocks):
                 self.blocks[k] = _KronInverse(IA[j, ...], IG[j, ...], float(logdet[j]))
             inv_stacks.append((ks, IA, IG))
         self._inv_stacks = inv_stacks
-        for k, (a, g) in enumerate(zip(self._Ad, self._Gd)):
+        for k in range(self.n_layers):
             if self.blocks[k] is None:
-                # symmetric: checked in _setup (damping adds to the diagonal only)
-                self.blocks[k] = _KronInverse.of(Factor(xp, a, f"A_diag[{k}] (damped)", symmetric=True),
-                                                 Factor(xp, g, f"G_diag[{k}] (damped)", symmetric=True),
-                                                 overwrite=True)  # fmt: skip
+                self.blocks[k] = self._layer_inverse(k, sources)
         # the damped factors served the factorizations only (the stacked ones hold the inverses now): not kept
         self._Ad = self._Gd = None
         self._stacks = []
+
+    def _redamp(self, k, sources) -> None:
+        """Layer ``k``'s damped factors again from the validated inputs (a factorization consumed them)."""
+        self._Ad[k], self._Gd[k] = _damped(self._ctx, sources[0][k], sources[1][k], self.gamma, self.pi, [k])
+
+    def _layer_inverse(self, k, sources):
+        """Layer ``k``'s inverse pair: Cholesky in the damped factors' own memory where the inputs can rebuild
+        them (a fresh copy per factor is a fresh page-faulted buffer), else, and after a failure, the general
+        way (LU for an indefinite factor, errors that name the layer)."""
+        xp = self._ctx.xp
+        names = (f"A_diag[{k}] (damped)", f"G_diag[{k}] (damped)")
+        if sources is not None:
+            try:
+                fa = Factor(xp, self._Ad[k], names[0], symmetric=True, overwrite=True)
+                fg = Factor(xp, self._Gd[k], names[1], symmetric=True, overwrite=True)
+                return _KronInverse.of(fa, fg, overwrite=True)
+            except LinAlgError:
+                self._redamp(k, sources)
+        # symmetric: checked in _setup (damping adds to the diagonal only)
+        return _KronInverse.of(Factor(xp, self._Ad[k], names[0], symmetric=True),
+                               Factor(xp, self._Gd[k], names[1], symmetric=True), overwrite=True)
 
     def update(self, A_diag, G_diag, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (e.g. every T₃ iterations)."""

@@ -67,35 +67,37 @@ def test_stack_with_an_indefinite_factor_falls_back_per_layer():
 
 
 @pytest.mark.parametrize("case", ["indefinite", "doubtful pivots", "singular"])
-def test_a_stack_factorized_in_place_is_rebuilt_from_the_inputs(case):
-    """Stacks are factorized in their own memory; one whose Cholesky fails (indefinite), whose pivot ratio is
-    below sqrt(eps) (judged again layer by layer, with the condition estimate), or that is singular, is damped
-    again from the inputs: the same results and errors as layer by layer, the inputs untouched, and no
-    reference to them kept."""
+@pytest.mark.parametrize("k", [3, 5])
+def test_factors_factorized_in_place_are_rebuilt_from_the_inputs(case, k):
+    """Damped factors are factorized in their own memory: a stack (layer 3 is in one) or a lone layer's pair
+    (layer 5) whose Cholesky fails (indefinite), whose pivot ratio is below sqrt(eps) (judged again with the
+    condition estimate), or that is singular, is damped again from the inputs: the same results and errors
+    as the layer alone, the inputs untouched, and no reference to them kept."""
     rng = np.random.default_rng(4)
     As, Gs = _layers(rng)
+    p = As[k].shape[0]
     if case == "indefinite":
-        As[3] = As[3] - 2.0 * np.eye(8) * np.abs(np.linalg.eigvalsh(As[3])).max()
+        As[k] = As[k] - 2.0 * np.eye(p) * np.abs(np.linalg.eigvalsh(As[k])).max()
     elif case == "doubtful pivots":  # PD, condition 1e9: pivot ratio ~1e-9 < sqrt(eps), above the singular tolerance
-        Q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
-        As[3] = (Q * np.logspace(0, -9, 8)) @ Q.T
-        As[3] = (As[3] + As[3].T) / 2
-    else:  # rank 7 of 8, undamped: singular
-        X = rng.standard_normal((7, 8))
-        As[3] = X.T @ X
+        Q, _ = np.linalg.qr(rng.standard_normal((p, p)))
+        As[k] = (Q * np.logspace(0, -9, p)) @ Q.T
+        As[k] = (As[k] + As[k].T) / 2
+    else:  # rank p - 1, undamped: singular
+        X = rng.standard_normal((p - 1, p))
+        As[k] = X.T @ X
     kept = [M.copy() for M in As + Gs]
     Vs = [rng.standard_normal(s) for s in SHAPES]
     if case == "singular":
-        with pytest.raises(np.linalg.LinAlgError, match=r"A_diag\[3\]"):
+        with pytest.raises(np.linalg.LinAlgError, match=rf"A_diag\[{k}\]"):
             BlockDiagInverse(As, Gs)
     else:
         op = BlockDiagInverse(As, Gs)
         got = op.apply(Vs)
-        for k in range(len(SHAPES)):
-            ref = unvec(np.kron(sl.inv(As[k]), sl.inv(Gs[k])) @ vec(Vs[k]), *SHAPES[k])
-            assert rel_err(got[k], ref) < tol("float64", 1e9 if k == 3 else 1e3)
-            one = BlockDiagInverse([As[k]], [Gs[k]]).apply([Vs[k]])[0]
-            assert rel_err(got[k], one) < tol("float64", 1e9 if k == 3 else 30.0)
+        for j in range(len(SHAPES)):
+            ref = unvec(np.kron(sl.inv(As[j]), sl.inv(Gs[j])) @ vec(Vs[j]), *SHAPES[j])
+            assert rel_err(got[j], ref) < tol("float64", 1e9 if j == k else 1e3)
+            one = BlockDiagInverse([As[j]], [Gs[j]]).apply([Vs[j]])[0]
+            assert rel_err(got[j], one) < tol("float64", 1e9 if j == k else 30.0)
         assert not hasattr(op, "_sources")
     assert all(np.array_equal(a, b) for a, b in zip(As + Gs, kept))
 
