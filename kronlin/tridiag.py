@@ -168,9 +168,9 @@ class _LayerBlocks(Operator):
             self._stacks.append((ks, st[0], st[1]))
             for j, k in enumerate(ks):
                 self._Ad[k], self._Gd[k] = st[0][j, ...], st[1][j, ...]
-        # the validated inputs, for BlockDiagInverse._build to rebuild a stack it consumed (held only until then)
-        self._sources = (Ad, Gd)
-        return Ao, Go
+        # the off-diagonal factors (copies), and the validated inputs, from which BlockDiagInverse._build
+        # rebuilds what a factorization consumed (not stored: no reference to the caller's arrays stays)
+        return Ao, Go, (Ad, Gd)
 
     def _forward(self, Xs):
         return self._apply(Xs)
@@ -206,10 +206,9 @@ class BlockDiagInverse(_LayerBlocks):
     """
 
     def __init__(self, A_diag, G_diag, gamma=0.0, pi="trace"):
-        self._setup(A_diag, G_diag, [], [], gamma, pi)
-        self._build()
+        self._build(self._setup(A_diag, G_diag, [], [], gamma, pi)[2])
 
-    def _build(self):
+    def _build(self, sources):
         """The layers' inverses; layers of one shape are factorized and inverted as one stack (issue 13 item 3;
         LAPACK per matrix inside, the checks and mirrors vectorized), a stack that is not all positive
         definite layer by layer (LU, and errors that name the layer).
@@ -217,20 +216,20 @@ class BlockDiagInverse(_LayerBlocks):
         A stack is factorized and inverted in its own memory (the damped stacks are this operator's copies):
         no fresh stack, whose first-touch page faults cost about as much as the copy (200 × 64² float32:
         0.91× the time).  A stack whose Cholesky fails, or whose pivots leave a doubt, is consumed by then;
-        its layers are damped again from the inputs and go the layer-by-layer way."""
+        its layers are damped again from the inputs (``sources``, the validated ``A_diag``, ``G_diag``) and go
+        the layer-by-layer way.  Libraries other than NumPy factorize copies (``Factor`` ignores ``overwrite``),
+        so their stacks are left as they were."""
         xp = self._ctx.xp
-        sources = self.__dict__.pop("_sources", None)
         self.blocks = [None] * self.n_layers
         inv_stacks = []  # (ks, A⁻ᵀ stack, G⁻¹ stack): one batched product per group in apply
         for ks, SA, SG in self._stacks:
             try:
                 # symmetric: checked in _setup (damping adds to the diagonal only)
-                fa = Factor(xp, SA, "A_diag (damped)", symmetric=True, overwrite=sources is not None)
-                fg = Factor(xp, SG, "G_diag (damped)", symmetric=True, overwrite=sources is not None)
+                fa = Factor(xp, SA, "A_diag (damped)", symmetric=True, overwrite=True)
+                fg = Factor(xp, SG, "G_diag (damped)", symmetric=True, overwrite=True)
             except LinAlgError:
-                if sources is not None:  # the stacks may be consumed: the layers again, from the inputs
-                    for k in ks:
-                        self._redamp(k, sources)
+                for k in ks:  # the stacks may be consumed: the layers again, from the inputs
+                    self._redamp(k, sources)
                 continue
             if fa.kind != "cholesky" or fg.kind != "cholesky":
                 continue
@@ -259,13 +258,12 @@ class BlockDiagInverse(_LayerBlocks):
         way (LU for an indefinite factor, errors that name the layer)."""
         xp = self._ctx.xp
         names = (f"A_diag[{k}] (damped)", f"G_diag[{k}] (damped)")
-        if sources is not None:
-            try:
-                fa = Factor(xp, self._Ad[k], names[0], symmetric=True, overwrite=True)
-                fg = Factor(xp, self._Gd[k], names[1], symmetric=True, overwrite=True)
-                return _KronInverse.of(fa, fg, overwrite=True)
-            except LinAlgError:
-                self._redamp(k, sources)
+        try:
+            fa = Factor(xp, self._Ad[k], names[0], symmetric=True, overwrite=True)
+            fg = Factor(xp, self._Gd[k], names[1], symmetric=True, overwrite=True)
+            return _KronInverse.of(fa, fg, overwrite=True)
+        except LinAlgError:
+            self._redamp(k, sources)
         # symmetric: checked in _setup (damping adds to the diagonal only)
         return _KronInverse.of(Factor(xp, self._Ad[k], names[0], symmetric=True),
                                Factor(xp, self._Gd[k], names[1], symmetric=True), overwrite=True)
@@ -273,10 +271,11 @@ class BlockDiagInverse(_LayerBlocks):
     def update(self, A_diag, G_diag, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (e.g. every T₃ iterations)."""
         shapes = self.shapes
-        self._setup(A_diag, G_diag, [], [], self.gamma if gamma is None else gamma, self.pi if pi is None else pi)
+        sources = self._setup(A_diag, G_diag, [], [], self.gamma if gamma is None else gamma,
+                              self.pi if pi is None else pi)[2]
         if self.shapes != shapes:
             raise ValueError(f"update() needs the original layer shapes {shapes}; got {self.shapes}")
-        self._build()
+        self._build(sources)
         return self
 
     def apply(self, V_list):
@@ -442,8 +441,7 @@ class BlockTridiagInverse(_LayerBlocks):
     def _prepare(self, A_diag, G_diag, A_off, G_off, gamma, pi, method):
         """Validation and factored damping of every layer (the same on every caller, so parts fit together)."""
         self.method = check_choice(method, ("eig", "smith"), "method")
-        Ao, Go = self._setup(A_diag, G_diag, A_off, G_off, gamma, pi)
-        del self._sources  # kept for BlockDiagInverse only: no reference to the caller's arrays stays
+        Ao, Go, _ = self._setup(A_diag, G_diag, A_off, G_off, gamma, pi)
         self._check_off(Ao, Go)
         self._Ao, self._Go = Ao, Go
 
