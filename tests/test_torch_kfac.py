@@ -590,6 +590,30 @@ def test_load_state_dict_names_a_malformed_entry_and_changes_nothing(edit, patte
         assert torch.equal(pa.grad, pb.grad)
 
 
+def test_a_state_written_before_the_rows_were_kept_still_loads():
+    """States of the same format from before the one-batch rows were saved have no 'rows' / 'inverse_rows':
+    they load (no rows: every inverse from the factors) and step as the preconditioner they came from."""
+    batches = [batch(mlp(), seed=s) for s in range(3)]
+
+    def trained():
+        model = mlp()
+        pre = kt.KFAC(model, damping=1e-2, refresh_period=2)
+        for b in batches[:2]:
+            run_step(model, pre, *b)
+        return model, pre
+
+    model_a, pre_a = trained()
+    model_b, pre_b = trained()
+    state = pre_a.state_dict()
+    assert state["rows"] is None and state["inverse_rows"] is None  # a running average: no rows to lose
+    del state["rows"], state["inverse_rows"]
+    pre_b.load_state_dict(state)
+    for model, pre in ((model_a, pre_a), (model_b, pre_b)):
+        run_step(model, pre, *batches[2])
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+
+
 def test_import_kronlin_does_not_import_torch(tmp_path):
     code = "import sys, kronlin; assert 'torch' not in sys.modules; import kronlin.torch; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

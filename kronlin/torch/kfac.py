@@ -21,8 +21,8 @@ DAMPING_MODES = ("exact", "factored")
 STRUCTURES = ("blockdiag", "tridiagonal")
 _STATE_FORMAT = "kronlin.torch.KFAC/1"
 _KEYS = ("A_diag", "G_diag", "A_off", "G_off")
-_STATE_KEYS = ("options", "steps", "estimator_step", "stats", "scale", "positions", "inverse_factors", "rows",
-               "inverse_rows", "generator")
+_STATE_KEYS = ("options", "steps", "estimator_step", "stats", "scale", "positions", "inverse_factors", "generator")
+# and, since the one-batch inverses from the rows, "rows" and "inverse_rows" (states written before have neither)
 
 
 def _stacked(arrays, ks):
@@ -453,21 +453,23 @@ class KFAC(CurvatureHooks):
                              f"got {est_step!r}")
 
         def check_shapes(f, what):  # the options' shapes match this model; the factors must match them too
+            if len(f["A_diag"]) != len(self.layers) or len(f["G_diag"]) != len(self.layers):
+                raise ValueError(f"{what} must hold one factor per layer ({len(self.layers)})")
             for k, ly in enumerate(self.layers):
                 want = ((ly.shape[1],) * 2, (ly.shape[0],) * 2)
                 got = (tuple(f["A_diag"][k].shape), tuple(f["G_diag"][k].shape))
                 if got != want:
                     raise ValueError(f"{what} gives layer {ly.name!r} factors of shapes {got}; it needs {want}")
 
+        stats = None if stats is None else {k: arrs(v, f"state['stats'][{k!r}]") for k, v in stats.items()}
         estimator = kronlin.FactorEstimator(max_decay=self.max_decay, append_one=False).load_state_dict({
             "step": state["estimator_step"], "max_decay": self.max_decay,
-            "tridiagonal": self.structure == "tridiagonal", "append_one": False,
-            "stats": None if stats is None else {k: arrs(v, f"state['stats'][{k!r}]") for k, v in stats.items()},
+            "tridiagonal": self.structure == "tridiagonal", "append_one": False, "stats": stats,
         })
-        if estimator.step:
-            check_shapes({"A_diag": estimator.A_diag, "G_diag": estimator.G_diag}, "state['stats']")
-        own_rows = rows(state["rows"], "state['rows']")  # states written before the rows were kept have None
-        inv_rows = state["inverse_rows"]
+        if stats is not None:  # well-formed now (the estimator checked them): their shapes against the layers
+            check_shapes(stats, "state['stats']")
+        own_rows = rows(state.get("rows"), "state['rows']")  # states written before the rows were kept have none
+        inv_rows = state.get("inverse_rows")
         inv_rows = own_rows if inv_rows == "rows" else rows(inv_rows, "state['inverse_rows']")
         inv = state["inverse_factors"]
         if inv is not None:
@@ -475,8 +477,6 @@ class KFAC(CurvatureHooks):
                 raise ValueError("state['inverse_factors'] must be None or a dict of factor lists with 'A_diag' and "
                                  "'G_diag'")
             inv = {k: arrs(v, f"state['inverse_factors'][{k!r}]") for k, v in inv.items()}
-            if len(inv["A_diag"]) != len(self.layers) or len(inv["G_diag"]) != len(self.layers):
-                raise ValueError(f"state['inverse_factors'] must hold one factor per layer ({len(self.layers)})")
             check_shapes(inv, "state['inverse_factors']")
         return steps, positions, scale, estimator, own_rows, inv, inv_rows
 
