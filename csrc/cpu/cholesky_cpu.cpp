@@ -5,6 +5,7 @@
 // calls, a bulk copy before and a mirror pass after (bench/results/block_stacks.md); here the copy and the
 // mirror happen matrix by matrix while the matrix is in cache.
 #include "cpu/cholesky_cpu.h"
+#include "cpu/symmetric_cpu.h"
 
 #include <cstring>
 
@@ -38,9 +39,7 @@ void potri_stack_cpu(T* L, std::int64_t B, std::int64_t n, lapack_chol_fn<T> pot
     potri(&uplo, &N, m, &lda, &inf);
     info[b] = inf;
     if (inf != 0) continue;
-    for (std::int64_t i = 0; i < n; ++i) {  // the inverse's lower triangle onto its upper one
-      for (std::int64_t j = i + 1; j < n; ++j) m[i * n + j] = m[j * n + i];
-    }
+    mirror_lower_cpu<T>(m, 1, n);  // the inverse's lower triangle onto its upper one, while in cache
   }
 }
 
