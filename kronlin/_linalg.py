@@ -184,16 +184,21 @@ def _potrf(M, overwrite: bool = False):
     """The lower Cholesky factor (C-contiguous, upper triangle zero) of ``M``'s lower triangle by ``?potrf``;
     None when ``M`` is not positive definite.  Stacks loop over the matrices; ``overwrite``: a C-contiguous
     ``M`` is factored in its own memory (consumed, whatever the outcome)."""
-    potrf = _lapack("potrf", M.dtype)
     if M.ndim == 2:
         # Mᵀ is Fortran-ordered: its upper triangle is M's lower one, and the upper factor U = Lᵀ comes back
         # Fortran-ordered, so U.T is L in C order (no transposing copy)
-        U, info = potrf(M.T, lower=0, clean=1, overwrite_a=int(overwrite))
+        U, info = _lapack("potrf", M.dtype)(M.T, lower=0, clean=1, overwrite_a=int(overwrite))
         return None if info != 0 else U.T
     # each matrix factored in its own copy (its transpose is Fortran-ordered, so LAPACK writes the upper
     # factor Lᵀ into it): kronlin._kernels.cholesky, compiled or a loop of these same wrapper calls
     L, info = potrf_stack(np.reshape(M, (-1,) + tuple(M.shape[-2:])), overwrite)
     return None if info.any() else np.reshape(L, M.shape)
+
+
+def _doubtful(xp, d, eps):
+    """Per matrix: whether the pivot ratio ``min d / max d`` is at or below ``sqrt(eps)``, where it no longer
+    shows that the matrix is regular (see :func:`_condition_singular`)."""
+    return xp.min(d, axis=-1) <= math.sqrt(eps) * xp.max(d, axis=-1)
 
 
 def _condition_singular(kind: str, M, F, d, eps) -> bool:
@@ -210,8 +215,7 @@ def _condition_singular(kind: str, M, F, d, eps) -> bool:
     so a well-conditioned matrix costs nothing more.  (A float32 matrix whose condition is beyond ``1/eps``
     only after rounding its entries can still pass: the factor is exact for a nearby matrix.)
     """
-    ratio = np.min(d, axis=-1) / np.max(d, axis=-1)
-    suspect = np.reshape(ratio <= math.sqrt(eps), (-1,))
+    suspect = np.reshape(_doubtful(np, d, eps), (-1,))
     if not suspect.any():
         return False
     con = _lapack(kind, M.dtype)
@@ -292,7 +296,7 @@ class Factor(ModuleRefs):
             if L is not None and (all_finite(xp, diagonal(xp, L)) if lapack else bool(xp.all(xp.isfinite(L)))):
                 d = diagonal(xp, L) ** 2  # the pivots of the Cholesky factorization
                 eps = dtype_eps(xp, M.dtype)
-                if overwrite and bool(xp.any(xp.min(d, axis=-1) <= math.sqrt(eps) * xp.max(d, axis=-1))):
+                if overwrite and bool(xp.any(_doubtful(xp, d, eps))):  # M is L now: no condition estimate
                     raise LinAlgError(f"{name}: a doubtful pivot ratio, judged by the caller without overwrite")
                 if bool(xp.any(xp.min(d, axis=-1) <= singular_tol(eps) * xp.max(d, axis=-1))) or (
                         _np_lapack(xp, M) and _condition_singular("pocon", M, L, d, eps)):
