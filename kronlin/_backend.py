@@ -80,7 +80,8 @@ class Ctx:
             if not x.flags.writeable:
                 x = x.copy()
         elif _ns_name(self.foreign) == "jax":
-            x = self.xp.ascontiguousarray(x)
+            # compact for JAX's DLPack import; ascontiguousarray alone makes a 0-d result 1-d
+            x = self.xp.ascontiguousarray(x).reshape(x.shape)
         return self.foreign.from_dlpack(x)
 
     def out_copy(self, x):
