@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from ._backend import ModuleRefs, diagonal, dtype_eps, is_cupy, is_numpy, mT
+from ._backend import ModuleRefs, diagonal, dtype_eps, is_cupy, is_numpy, mT, to_numpy
 from ._kernels.cholesky import compiled_stacks, in_place, potrf_stack, potri_stack
 from ._kernels.symmetric import mirror_lower
 from ._validate import LinAlgError, _symmetric_within_tol, all_finite, nonfinite_result, quiet_overflow, shape_str, singular_tol
@@ -140,6 +140,11 @@ def second_moment(xp, X, c: float, lower_only: bool = False):
     S = M + mT(M)
     S *= 0.5 * c
     return S
+
+
+#: CuPy Cholesky stacks of at least this order solve their triangular systems matrix by matrix (trsm);
+#: smaller ones keep the batched LU solve, whose one launch beats a launch per matrix.
+CUPY_TRSM_LOOP_MIN_N = 256
 
 
 def _np_lapack(xp, M) -> bool:
@@ -370,6 +375,10 @@ class Factor(ModuleRefs):
         xp, sl, L = self.xp, self._sl, self._L
         if sl is not None and (is_numpy(xp) or not self.batched):
             return sl.solve_triangular(L, B, lower=True, trans="T" if trans else "N", check_finite=False)
+        if sl is not None and self.n >= CUPY_TRSM_LOOP_MIN_N:
+            # CuPy's solve_triangular (one trsm) takes single matrices: loop over the stack rather than
+            # solving the triangular system by a general LU (getrf + getrs, about three times the flops)
+            return _tri_solve_loop(xp, sl, L, B, trans)
         return _solve(xp, mT(L) if trans else L, B)
 
     def cond_estimate(self) -> float:
@@ -402,10 +411,14 @@ class Factor(ModuleRefs):
         eye = xp.eye(self.n, dtype=self._M.dtype)
         if self.batched:
             eye = xp.broadcast_to(eye, self._M.shape)
-        M = self.solve(eye)
         if self.kind == "cholesky":
-            M = (M + mT(M)) / 2
-        return M
+            # M⁻¹ = L⁻ᵀ L⁻¹ (potri's formula): one triangular solve and a GEMM.  The two triangular solves
+            # against I this replaces took 21.4 ms against 3.6 ms at 2049² float32 on an H200 (CuPy's
+            # transposed solve_triangular is the slow part; bench/results/gpu-eigh-routes.md)
+            Li = self.tri_solve(eye)
+            C = mT(Li) @ Li
+            return (C + mT(C)) / 2
+        return self.solve(eye)
 
     def _check_live(self):
         if self.kind == "consumed":
@@ -427,13 +440,81 @@ class Factor(ModuleRefs):
         return res[0], res[1]
 
 
+def cupy_stacks_eigh(B: int, n: int, dtype) -> bool:
+    """Whether CuPy decomposes a stack of ``B`` symmetric ``n × n`` matrices in one stacked call.
+
+    CuPy's stacked ``eigh`` is cuSOLVER's batched Jacobi (``syevjBatched``, documented for ``n ≤ 32``):
+    all matrices in one launch, but its cost grows fast with ``n`` and above 32 it stops short of
+    convergence (reconstruction error 2e-5 at 200 × 64² and 3.5e-4 at 50 × 256² in float32, against
+    about 1e-6 for ``syevd``); one ``syevd`` call per matrix pays a launch sequence each.  Measured on an
+    H200 (bench/results/gpu-eigh-routes.md, CuPy 14.2, CUDA 13; stacked / loop, ms, float32): 2 × 64²
+    1.2 / 1.7, 16 × 64² 1.2 / 12.6, 2 × 128² 3.2 / 2.9, 16 × 128² 3.3 / 22.8, 16 × 256² 13.4 / 31.2,
+    2 × 2049² (K-FAC's two hidden layers of a 2048-wide MLP) 398 / 26.  So: the stacked call up to 64,
+    up to 128 from 4 matrices, else the loop; every stacked result is checked (:func:`_eigh_stack_checked`).
+    """
+    del dtype  # the same rule in both precisions (float64 measured alike: 16 × 128² 7.7 / 25.0)
+    return n <= 64 or (n <= 128 and B >= 4)
+
+
+#: Backward-error bound of a checked stacked eigendecomposition, in units of ``n · eps``: LAPACK's own
+#: test suite accepts eigensolvers whose scaled residuals stay below 30 (its THRESH).
+EIGH_STACK_TOL = 8
+
+
+def _eigh_stack_checked(xp, M, stacked, single):
+    """``stacked(M)`` for a stack, each matrix's result kept only where
+    ``‖M − QΛQᵀ‖_F ≤ τ‖M‖_F`` and ``‖QᵀQ − I‖_F ≤ τ√n`` with ``τ = EIGH_STACK_TOL · n · eps``;
+    the others (and non-finite results) are decomposed again by ``single`` one at a time."""
+    n = M.shape[-1]
+    w, Q = stacked(M)
+    tau = EIGH_STACK_TOL * n * dtype_eps(xp, M.dtype)
+    E = (Q * w[..., None, :]) @ mT(Q) - M
+    O = mT(Q) @ Q - xp.eye(n, dtype=Q.dtype)
+    fro = lambda X: xp.sqrt(xp.sum(X * X, axis=(-2, -1)))  # noqa: E731
+    good = (fro(E) <= tau * fro(M)) & (fro(O) <= tau * math.sqrt(n))
+    bad = np.flatnonzero(~np.asarray(to_numpy(xp.reshape(good, (-1,)))))
+    if bad.size:
+        wf, Qf = xp.reshape(w, (-1, n)), xp.reshape(Q, (-1, n, n))
+        Mf = xp.reshape(M, (-1, n, n))
+        for i in bad.tolist():
+            wf[i, ...], Qf[i, ...] = single(Mf[i])
+        w, Q = xp.reshape(wf, tuple(w.shape)), xp.reshape(Qf, tuple(Q.shape))
+    return w, Q
+
+
+def _tri_solve_loop(xp, sl, L, B, trans: bool):
+    """``L⁻¹ B`` (``trans``: ``L⁻ᵀ B``) for a stack of lower-triangular ``L``, one ``sl.solve_triangular``
+    per matrix, the batch dimensions of ``L`` and ``B`` broadcast."""
+    batch = tuple(np.broadcast_shapes(tuple(L.shape[:-2]), tuple(B.shape[:-2])))
+    Lf = xp.reshape(xp.broadcast_to(L, batch + tuple(L.shape[-2:])), (-1,) + tuple(L.shape[-2:]))
+    Bf = xp.reshape(xp.broadcast_to(B, batch + tuple(B.shape[-2:])), (-1,) + tuple(B.shape[-2:]))
+    out = [sl.solve_triangular(Lf[i], Bf[i], lower=True, trans="T" if trans else "N") for i in range(Lf.shape[0])]
+    return xp.reshape(xp.stack(out), batch + tuple(B.shape[-2:]))
+
+
+def _eigh_loop(xp, M):
+    """``xp.linalg.eigh`` matrix by matrix over a stack, the results stacked again."""
+    flat = xp.reshape(M, (-1,) + tuple(M.shape[-2:]))
+    parts = [xp.linalg.eigh(flat[i]) for i in range(flat.shape[0])]
+    w = xp.stack([p[0] for p in parts])
+    Q = xp.stack([p[1] for p in parts])
+    return xp.reshape(w, tuple(M.shape[:-1])), xp.reshape(Q, tuple(M.shape))
+
+
 def _eigh_raw(xp, M):
-    """``(w, Q)`` by ``?syevd`` on the NumPy routes, else ``xp.linalg.eigh``; ``LinAlgError`` on failure."""
+    """``(w, Q)`` by ``?syevd`` on the NumPy routes, else ``xp.linalg.eigh`` (CuPy: stacked or per matrix,
+    :func:`cupy_stacks_eigh`); ``LinAlgError`` on failure."""
     if _np_lapack(xp, M) and (M.ndim == 2 or _stack_loop("eigh", M)):
         out = _syevd(M)
         if out is None:
             raise LinAlgError("?syevd did not converge")
         return out
+    if M.ndim > 2 and M.shape[-1] > 0 and is_cupy(xp):
+        B = math.prod(M.shape[:-2])
+        if B > 1:
+            if cupy_stacks_eigh(B, M.shape[-1], M.dtype):
+                return _eigh_stack_checked(xp, M, xp.linalg.eigh, xp.linalg.eigh)
+            return _eigh_loop(xp, M)
     return xp.linalg.eigh(M)
 
 

@@ -26,6 +26,113 @@ def test_cholesky_inverse_is_exact_symmetric_and_accurate(xp, dtype, n):
     assert np.linalg.norm(M @ Minv.astype(np.float64) - np.eye(n)) / np.sqrt(n) < tol
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("B, n", [(3, 6), (2, 260)])
+def test_stacked_cholesky_inverse_on_each_route(xp, dtype, B, n):
+    # n = 260 is above CUPY_TRSM_LOOP_MIN_N: on CuPy the triangular solves loop over the stack
+    rng = np.random.default_rng(n)
+    S = np.stack([spd(rng, n, cond=1e2) for _ in range(B)])
+    f = Factor(xp, on(xp, S, dtype=dtype), "S")
+    assert f.kind == "cholesky" and f.batched
+    Sinv = to_np(f.inv())
+    assert Sinv.dtype == dtype and np.array_equal(Sinv, np.swapaxes(Sinv, -1, -2))
+    tol = 1e-4 if dtype == "float32" else 1e-12  # eps · cond · modest n in each dtype
+    assert rel_err(Sinv, np.linalg.inv(S)) < tol
+    X = rng.standard_normal((B, n, 3))
+    assert rel_err(to_np(f.solve(on(xp, X, dtype=dtype))), np.linalg.solve(S, X)) < tol
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_tri_solve_loop_broadcasts_like_the_batched_solve(trans):
+    import scipy.linalg
+
+    from kronlin._linalg import _tri_solve_loop
+
+    rng = np.random.default_rng(0)
+    L = np.tril(rng.standard_normal((2, 1, 5, 5))) + 4 * np.eye(5)
+    Bm = rng.standard_normal((3, 5, 2))
+    got = _tri_solve_loop(np, scipy.linalg, L, Bm, trans)
+    Lb = np.broadcast_to(L, (2, 3, 5, 5))
+    want = np.linalg.solve(np.swapaxes(Lb, -1, -2) if trans else Lb, np.broadcast_to(Bm, (2, 3, 5, 2)))
+    assert got.shape == (2, 3, 5, 2) and rel_err(got, want) < 1e-13
+
+
+def test_eigh_loop_equals_the_stacked_call():
+    from kronlin._linalg import _eigh_loop
+
+    rng = np.random.default_rng(1)
+    M = np.stack([spd(rng, 7) for _ in range(6)]).reshape(2, 3, 7, 7)
+    w, Q = _eigh_loop(np, M)
+    w0, _ = np.linalg.eigh(M)
+    assert w.shape == (2, 3, 7) and Q.shape == M.shape and rel_err(w, w0) < 1e-13
+    assert rel_err((Q * w[..., None, :]) @ np.swapaxes(Q, -1, -2), M) < 1e-13
+
+
+def test_cupy_stacked_eigh_rule_follows_the_measurements():
+    from kronlin._linalg import cupy_stacks_eigh
+
+    # bench/results/gpu-eigh-routes.md: stacked syevj wins for many small matrices, the syevd loop for
+    # few or large ones (2 x 2049², K-FAC's two hidden layers of a 2048-wide MLP: 398 against 26 ms)
+    assert cupy_stacks_eigh(200, 64, np.float32) and cupy_stacks_eigh(2, 64, np.float64)
+    assert cupy_stacks_eigh(16, 128, np.float32) and not cupy_stacks_eigh(2, 128, np.float32)
+    assert not cupy_stacks_eigh(16, 256, np.float32) and not cupy_stacks_eigh(2, 2049, np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_stacked_eigh_result_outside_the_bound_is_recomputed(dtype):
+    from kronlin._linalg import EIGH_STACK_TOL, _eigh_stack_checked
+
+    rng = np.random.default_rng(2)
+    n = 9
+    M = np.stack([spd(rng, n) for _ in range(6)]).astype(dtype).reshape(2, 3, n, n)
+    eps = np.finfo(dtype).eps
+    calls = []
+
+    def sloppy(S):  # an unconverged batched solver: [0, 1] off by 30 n eps, [1, 2] non-finite
+        w, Q = np.linalg.eigh(S)
+        w[0, 1] *= 1 + 30 * n * eps
+        w[1, 2, 0] = np.nan
+        return w, Q
+
+    def single(S):
+        calls.append(S.copy())
+        return np.linalg.eigh(S)
+
+    w, Q = _eigh_stack_checked(np, M, sloppy, single)
+    assert len(calls) == 2 and np.array_equal(calls[0], M[0, 1]) and np.array_equal(calls[1], M[1, 2])
+    w0, Q0 = np.linalg.eigh(M)
+    assert np.array_equal(w, w0) and np.array_equal(Q, Q0)  # the kept ones untouched, the others redone
+    # the bound is the one stated: a result just inside it is kept
+    calls.clear()
+
+    def close(S):
+        w, Q = np.linalg.eigh(S)
+        return w * (1 + EIGH_STACK_TOL * n * eps / 4), Q
+
+    _eigh_stack_checked(np, M, close, single)
+    assert calls == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("B, n", [(3, 40), (2, 130), (20, 100)])
+def test_stacked_eigh_on_each_route(xp, dtype, B, n):
+    # on CuPy (3, 40) and (20, 100) take the checked stacked call, (2, 130) the per-matrix loop; the
+    # guarantee is the check's: backward error and orthogonality within EIGH_STACK_TOL · n · eps
+    from kronlin._linalg import EIGH_STACK_TOL, eigh
+
+    rng = np.random.default_rng(B * n)
+    S = np.stack([spd(rng, n, cond=1e2) for _ in range(B)])
+    w, Q = (to_np(a).astype(np.float64) for a in eigh(xp, on(xp, S, dtype=dtype), "S"))
+    assert w.shape == (B, n) and Q.shape == S.shape
+    tau = EIGH_STACK_TOL * n * np.finfo(dtype).eps
+    Sd = S.astype(dtype).astype(np.float64)  # the matrices as the decomposition saw them
+    fro = np.linalg.norm(Sd, axis=(1, 2))
+    assert np.all(np.linalg.norm((Q * w[:, None, :]) @ np.swapaxes(Q, -1, -2) - Sd, axis=(1, 2)) <= tau * fro)
+    assert np.all(np.linalg.norm(np.swapaxes(Q, -1, -2) @ Q - np.eye(n), axis=(1, 2)) <= tau * np.sqrt(n))
+    # Weyl: each eigenvalue within the backward error (plus the orthogonality defect's share)
+    assert np.all(np.abs(w - np.linalg.eigh(Sd)[0]) <= 3 * tau * fro[:, None])
+
+
 def test_batched_and_lu_inverses():
     rng = np.random.default_rng(3)
     S = np.stack([spd(rng, 6) for _ in range(3)])
