@@ -10,7 +10,9 @@ call and its floor alternated and paired):
 * batched eigendecompositions of 200 × 64² and 50 × 256² factors: kronlin's
   route, ``cupy.linalg.eigh`` on the stack, a Python loop, torch's batched eigh;
 * ``eigh``'s float32 failure path: matrices near float32's range, raw cuSOLVER
-  against kronlin (which retries in float64 and must never return NaN).
+  against kronlin (which retries in float64 and must never return NaN);
+* the CuPy decomposition routes kronlin chooses between (stacked or looped ``eigh``, SPD inverses);
+* kronlin.torch's amortised KFAC step on CUDA against the SGD step (issue 16).
 
 Writes ``gpu-<date>.json`` and ``gpu-<date>.md`` into ``--out`` and prints the
 markdown table last.  Without CuPy or a CUDA device it writes nothing, prints
@@ -331,12 +333,126 @@ def eigh_failure_path(quick: bool) -> list:
     return out
 
 
+def cupy_routes(quick: bool) -> list:
+    """The CuPy decomposition routes kronlin chooses between (``kronlin._linalg``), with kronlin's own call.
+
+    * ``eigh`` of a stack: CuPy's stacked call (cuSOLVER ``syevjBatched``) against a loop of ``syevd``,
+      and the stacked call's reconstruction error ``max ‖QΛQᵀ − M‖_F / ‖M‖_F`` (``syevjBatched`` is
+      documented for n ≤ 32);
+    * the SPD inverse of a stack: kronlin's ``Factor.inv``, the batched LU solve of ``L`` against ``I``,
+      a loop of one ``solve_triangular``, and ``cupy.linalg.inv``.
+
+    Times: CUDA events, medians of 5 after a warm-up, float32 and float64.
+    """
+    import cupy as cp
+    import cupyx.scipy.linalg as csl
+
+    from kronlin._linalg import Factor, cupy_stacks_eigh, eigh
+
+    def ms(fn, reps=5):
+        fn()
+        return float(np.median([_event_ms(fn) for _ in range(reps)]))
+
+    rng = np.random.default_rng(5)
+    sizes = ((2, 64), (16, 128), (2, 256), (16, 256)) if quick else (
+        (2, 64), (200, 64), (2, 128), (4, 128), (16, 128), (2, 256), (16, 256), (2, 1024), (2, 2049))
+    out = []
+    for B, n in sizes:
+        X = rng.standard_normal((B, n, n))
+        S = X @ X.transpose(0, 2, 1) / n + np.eye(n)
+        for dtype in (cp.float32, cp.float64):
+            M = cp.asarray(S, dtype=dtype)
+            L = cp.linalg.cholesky(M)
+            eye = cp.broadcast_to(cp.eye(n, dtype=dtype), M.shape)
+            w, Q = cp.linalg.eigh(M)
+            recon = (Q * w[:, None, :]) @ Q.transpose(0, 2, 1) - M
+            err = float(cp.max(cp.linalg.norm(recon, axis=(1, 2)) / cp.linalg.norm(M, axis=(1, 2))))
+            row = {"B": B, "n": n, "dtype": np.dtype(dtype).name, "kronlin_stacks": cupy_stacks_eigh(B, n, dtype),
+                   "eigh_stacked_ms": ms(lambda: cp.linalg.eigh(M)),
+                   "eigh_loop_ms": ms(lambda: [cp.linalg.eigh(M[i]) for i in range(B)]),
+                   "eigh_kronlin_ms": ms(lambda: eigh(cp, M, "M")),
+                   "eigh_stacked_recon_err": err,
+                   "inv_kronlin_ms": ms(lambda: Factor(cp, M, "M").inv()),
+                   "inv_lu_ms": ms(lambda: cp.linalg.solve(L, eye)),
+                   "inv_trsm_loop_ms": ms(lambda: [csl.solve_triangular(L[i], eye[i], lower=True) for i in range(B)]),
+                   "inv_cupy_ms": ms(lambda: cp.linalg.inv(M))}
+            out.append(row)
+            del M, L, eye, w, Q, recon
+        cp.get_default_memory_pool().free_all_blocks()
+    return out
+
+
+def torch_kfac_step(quick: bool) -> list:
+    """kronlin.torch on CUDA: the amortised KFAC step (refresh every 10) against the plain SGD step.
+
+    Both train the same MLP from the same weights on the same batches (resident on the device); a block
+    of 10 steps is timed wall-clock with the device synchronised at its ends, SGD and KFAC alternated
+    (paired rounds, median of the per-round ratios).  KFAC is past its first refreshes (steady state).
+    """
+    import copy as _copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import kronlin.torch as kt
+
+    if not torch.cuda.is_available():
+        return [{"skipped": "torch has no CUDA device"}]
+    dev, out = torch.device("cuda"), []
+    shapes = [((784, 512, 512, 10), 256)] + ([] if quick else [((2048, 2048, 2048, 10), 1024)])
+    for sizes, N in shapes:
+        for mode in ("factored", "exact"):
+            torch.manual_seed(0)
+            layers = []
+            for a, b in zip(sizes, sizes[1:]):
+                layers += [nn.Linear(a, b), nn.ReLU()]
+            base = nn.Sequential(*layers[:-1]).to(dev)
+            g = torch.Generator(device=dev).manual_seed(1)
+            batches = [(torch.randn(N, sizes[0], device=dev, generator=g),
+                        torch.randint(0, sizes[-1], (N,), device=dev, generator=g)) for _ in range(4)]
+
+            def trainer(model, pre, steps=10):
+                opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+                def run():
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    for i in range(steps):
+                        x, y = batches[i % len(batches)]
+                        opt.zero_grad(set_to_none=True)
+                        F.cross_entropy(model(x), y).backward()
+                        if pre is not None:
+                            pre.step()
+                        opt.step()
+                    torch.cuda.synchronize()
+                    return (time.perf_counter() - t) * 1e3 / steps
+                return run
+
+            m_kfac = _copy.deepcopy(base)
+            kfac = trainer(m_kfac, kt.KFAC(m_kfac, damping=1e-2, damping_mode=mode, refresh_period=10))
+            sgd = trainer(base, None)
+            for _ in range(3):  # warm-up: cuBLAS/cuSOLVER handles, the first refreshes
+                kfac(), sgd()
+            rounds = 5 if quick else 9
+            k_ms, s_ms = [], []
+            for _ in range(rounds):
+                k_ms.append(kfac())
+                s_ms.append(sgd())
+            out.append({"sizes": "-".join(map(str, sizes)), "N": N, "damping_mode": mode, "dtype": "float32",
+                        "kfac_ms": float(np.median(k_ms)), "sgd_ms": float(np.median(s_ms)),
+                        "ratio": float(np.median(np.array(k_ms) / np.array(s_ms))), "rounds": rounds})
+    return out
+
+
 SECTIONS = {
     "solve_vs_gemms": solve_vs_gemms,
     "eig_scale": eig_scale_vs_composition,
     "gram": gram_vs_composition,
     "batched_eigh": batched_eigh,
     "eigh_failure": eigh_failure_path,
+    "cupy_routes": cupy_routes,
+    "torch_kfac": torch_kfac_step,
 }
 
 
@@ -400,6 +516,30 @@ def markdown(rec: dict) -> str:
                 continue
             L.append(f"| {r['case']} | {_fmt(r['cusolver_float32_nonfinite'])} | {_fmt(r['cusolver_error'])} | "
                      f"{_fmt(r['kronlin_nonfinite'])} | {_fmt(r['kronlin_rel_err'], '.1e')} | {_fmt(r['kronlin_raised'])} |")
+        L.append("")
+    if isinstance(s.get("cupy_routes"), list):
+        L += ["## CuPy decomposition routes (kronlin._linalg), ms", "",
+              "eigh: CuPy's stacked call (syevjBatched) / a loop of syevd / kronlin's route (checked stacked call "
+              "or loop); the stacked call's reconstruction error. SPD inverse: kronlin / batched LU solve of L / "
+              "loop of solve_triangular / cupy.linalg.inv.", "",
+              "| B × n² | dtype | kronlin stacks | eigh stacked | eigh loop | eigh kronlin | stacked recon. err | "
+              "inv kronlin | inv LU | inv trsm loop | cupy inv |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += [f"| {r['B']} × {r['n']}² | {r['dtype']} | {r['kronlin_stacks']} | {r['eigh_stacked_ms']:.2f} | "
+              f"{r['eigh_loop_ms']:.2f} | {r['eigh_kronlin_ms']:.2f} | {r['eigh_stacked_recon_err']:.1e} | "
+              f"{r['inv_kronlin_ms']:.2f} | {r['inv_lu_ms']:.2f} | {r['inv_trsm_loop_ms']:.2f} | {r['inv_cupy_ms']:.2f} |"
+              for r in s["cupy_routes"]]
+        L.append("")
+    if isinstance(s.get("torch_kfac"), list):
+        L += ["## kronlin.torch KFAC step on CUDA against the SGD step (float32, refresh every 10, steady state)", "",
+              "Wall clock over blocks of 10 steps, device synchronised at the ends; SGD and KFAC alternated, "
+              "ratio = median of the per-round ratios.", "",
+              "| MLP | batch | damping | SGD step ms | KFAC step ms | KFAC / SGD |", "|---|---|---|---|---|---|"]
+        for r in s["torch_kfac"]:
+            if "skipped" in r:
+                L.append(f"| skipped: {r['skipped']} | | | | | |")
+                continue
+            L.append(f"| {r['sizes']} | {r['N']} | {r['damping_mode']} | {r['sgd_ms']:.2f} | {r['kfac_ms']:.2f} | "
+                     f"{r['ratio']:.2f}x |")
         L.append("")
     for name, v in s.items():
         if isinstance(v, dict) and "error" in v:
