@@ -1,6 +1,7 @@
 """The main job's K-FAC step against SGD's, paired in one process (issue 13's "K-FAC step ≤ 2× SGD's").
 
-    python bench/main_job_ratio.py        # writes bench/results/main_job_ratio.{json,md}
+    python bench/main_job_ratio.py             # writes bench/results/main_job_ratio.{json,md}
+    python bench/main_job_ratio.py --variants  # also K-FAC §8's subsets τ₁, τ₂: time and training quality
 
 ``python -m kronlin.train compare`` trains digits-ae with K-FAC and with SGD
 (Nesterov momentum) from the same weights and batches.  Timing the two runs in
@@ -16,6 +17,7 @@ One BLAS thread.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,7 +27,8 @@ import time
 import scipy.linalg  # noqa: F401  (SciPy's OpenBLAS loaded before threadpool_limits, so the limit covers it)
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from kronlin.train.cli import COMPARE_DEFAULT_TASK, DEFAULT_BATCH, draw_batches, make_config, setup
+from kronlin.train.cli import (COMPARE_DEFAULT_STEPS, COMPARE_DEFAULT_TASK, DEFAULT_BATCH, draw_batches, make_config,
+                              run_training, setup)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "main_job_ratio")
@@ -34,9 +37,16 @@ ROUNDS = int(os.environ.get("ROUNDS", "15"))
 WARMUP = int(os.environ.get("WARMUP", "40"))
 
 
-def trainer(opt: str):
+#: K-FAC §8's subsets (the paper's §13 experiments used τ₁ = 1/8, τ₂ = 1/4): the statistics on ⌈τ₁N⌉ examples,
+#: the quadratic model's Fisher products on ⌈τ₂N⌉
+VARIANTS = {"kfac τ₁=1/8": {"tau1": 0.125}, "kfac τ₂=1/4": {"tau2": 0.25},
+            "kfac τ₁=1/8, τ₂=1/4": {"tau1": 0.125, "tau2": 0.25}}
+SEEDS = (0, 1, 2)
+
+
+def trainer(opt: str, hp=None):
     """A function running ``k`` more iterations of ``opt`` on the main job's task; returns seconds per iteration."""
-    config = make_config(COMPARE_DEFAULT_TASK, opt, seed=0, batch=DEFAULT_BATCH, steps=10**9)
+    config = make_config(COMPARE_DEFAULT_TASK, opt, seed=0, batch=DEFAULT_BATCH, steps=10**9, hp=hp)
     task, net, data_rng, optimizer = setup(config)
 
     def run(k: int) -> float:
@@ -49,24 +59,45 @@ def trainer(opt: str):
     return run
 
 
-def main() -> dict:
+def quality(hp_by_name: dict) -> dict:
+    """The main job's 1000-iteration run of K-FAC per setting and seed: final loss, mean of the last 10%, best."""
+    out = {}
+    with threadpool_limits(1):
+        for name, hp in hp_by_name.items():
+            for seed in SEEDS:
+                rec = run_training(make_config(COMPARE_DEFAULT_TASK, "kfac", seed=seed, batch=DEFAULT_BATCH,
+                                               steps=COMPARE_DEFAULT_STEPS, hp=hp))  # fmt: skip
+                loss = [float(v) for v in rec["loss"]]
+                tail = loss[-max(1, len(loss) // 10):]
+                out.setdefault(name, []).append({"seed": seed, "final": loss[-1], "tail_mean": statistics.fmean(tail),
+                                                 "best": min(loss)})  # fmt: skip
+    return out
+
+
+def main(variants: bool = False) -> dict:
     load = os.getloadavg()
     with threadpool_limits(1):
         runs = {"kfac": trainer("kfac"), "sgd": trainer("sgd")}
+        if variants:
+            runs.update({name: trainer("kfac", hp) for name, hp in VARIANTS.items()})
         for run in runs.values():
             run(WARMUP)
         times = {k: [] for k in runs}
         for r in range(ROUNDS):
-            for k in (("kfac", "sgd") if r % 2 else ("sgd", "kfac")):
+            names = list(runs)
+            for k in names[r % len(names):] + names[:r % len(names)]:  # the order rotates
                 times[k].append(runs[k](BLOCK))
         blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')})"
                 for i in threadpool_info() if i.get("user_api") == "blas"]
     ratios = [a / b for a, b in zip(times["kfac"], times["sgd"])]
+    variant_ratios = {k: statistics.median(a / b for a, b in zip(times[k], times["sgd"])) for k in VARIANTS if k in times}
     out = {"task": COMPARE_DEFAULT_TASK, "batch": DEFAULT_BATCH, "block": BLOCK, "rounds": ROUNDS, "warmup": WARMUP,
            "ms_per_iteration": {k: 1e3 * statistics.median(v) for k, v in times.items()},
            "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)], "ratios": ratios,
            "times": times, "blas": blas, "load_before": load, "load_after": os.getloadavg(),
-           "python": platform.python_version()}
+           "python": platform.python_version(), "variant_ratios": variant_ratios}
+    if variants:
+        out["quality"] = quality({"kfac (τ₁ = τ₂ = 1)": {}, **VARIANTS})
     with open(OUT + ".json", "w") as fh:
         json.dump(out, fh, indent=1)
     ms = out["ms_per_iteration"]
@@ -74,12 +105,25 @@ def main() -> dict:
         "# The main job's K-FAC step against SGD's, paired in one process", "",
         f"`python bench/main_job_ratio.py`: {out['task']}, batch {out['batch']}, one BLAS thread ({', '.join(blas)}); "
         f"{WARMUP} warm-up iterations each, then {ROUNDS} rounds of {BLOCK} iterations of each optimizer (order "
-        f"alternating); load average {load[0]:.2f} before, {out['load_after'][0]:.2f} after.", "",
+        f"{'rotating' if variants else 'alternating'}); load average {load[0]:.2f} before, {out['load_after'][0]:.2f} after.", "",
         "| K-FAC ms/iteration | SGD ms/iteration | K-FAC / SGD (median of per-round ratios) | range | target |",
         "| ---: | ---: | ---: | --- | --- |",
         f"| {ms['kfac']:.2f} | {ms['sgd']:.2f} | **{out['ratio']:.2f}×** | {out['ratio_range'][0]:.2f}–"
         f"{out['ratio_range'][1]:.2f} | ≤ 2 (issue 13) |", "",
     ]
+    if variants:
+        md += ["## K-FAC §8's subsets", "",
+               "Paired in the same rounds as the table above (every optimizer once per round, the order rotating). "
+               f"Quality: `python -m kronlin.train compare`'s K-FAC run ({COMPARE_DEFAULT_STEPS} iterations, mini-batch "
+               "training loss) for seeds " + ", ".join(map(str, SEEDS)) + ".", "",
+               "| K-FAC | ms/iteration | / SGD (median of per-round ratios) | final loss per seed | best loss per seed |",
+               "| --- | ---: | ---: | --- | --- |"]
+        for name, q in out["quality"].items():
+            key = "kfac" if name.startswith("kfac (") else name
+            ratio = out["ratio"] if key == "kfac" else variant_ratios[key]
+            md.append(f"| {name} | {ms[key]:.2f} | {ratio:.2f}× | " + " / ".join(f"{r['final']:.4g}" for r in q)
+                      + " | " + " / ".join(f"{r['best']:.4g}" for r in q) + " |")
+        md.append("")
     with open(OUT + ".md", "w") as fh:
         fh.write("\n".join(md))
     print("\n".join(md))
@@ -87,4 +131,6 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", action="store_true", help="also K-FAC §8's subsets: time and training quality")
+    main(ap.parse_args().variants)
