@@ -24,7 +24,7 @@ import kronlin  # noqa: E402
 import kronlin.torch as kt  # noqa: E402
 from torch_helpers import (  # noqa: E402
     batch, close, cnn, dense_factors, example_loss, grad_block, layers_of, mlp, per_example, plain_copy, resumed_run,
-    run_step, single_thread, vec,
+    run_step, single_thread, train, vec,
 )
 
 # torch warns that padding="same" with an even kernel (the asymmetric case the CNN below tests on
@@ -638,3 +638,43 @@ def test_a_thread_limit_set_after_import_covers_the_core_lapack():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_copy_of_the_model_neither_feeds_the_preconditioner_nor_carries_it(fisher):
+    """copy.deepcopy(model) (an EMA or evaluation copy) and torch.save(model) copy the modules' hooks: the
+    copies' hooks are inert, so training a copy changes nothing of the preconditioner of the original (its
+    statistics, its MC labels), and a whole-model checkpoint pickles without it."""
+    import copy
+    import io
+
+    batches = [batch(mlp(), seed=s) for s in range(4)]
+
+    def fresh():
+        model = mlp()
+        pre = kt.KFAC(model, damping=1e-2, fisher=fisher, loss="cross_entropy", seed=5)
+        return model, pre, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    model_a, pre_a, opt_a = fresh()
+    train(model_a, pre_a, opt_a, batches)
+    model_b, pre_b, opt_b = fresh()
+    twin = copy.deepcopy(model_b)
+    buf = io.BytesIO()
+    torch.save(model_b, buf)  # a local-function hook would not pickle; a bound one would drag pre_b along
+    assert len(buf.getvalue()) < 20_000
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    for x, y in batches:
+        for other in (twin, loaded):  # trained between the original's passes, with gradients
+            twin_opt.zero_grad(set_to_none=True)
+            F.cross_entropy(other(x), y).backward()
+            twin_opt.step()
+        train(model_b, pre_b, opt_b, [(x, y)])
+    for ma, mb in zip(layers_of(model_a), layers_of(model_b)):
+        assert all(torch.equal(u, v) for u, v in zip(pre_a.factors(ma), pre_b.factors(mb)))
+        assert torch.equal(ma.weight, mb.weight)
+    if fisher == "mc":
+        assert torch.equal(pre_a.sampled_targets, pre_b.sampled_targets)
+    pre_b.remove_hooks()  # the original's hooks go; the copies' inert ones stay inert
+    assert not any(m._forward_hooks for m in model_b.modules())

@@ -55,6 +55,41 @@ REDUCTIONS = ("mean", "sum")
 LOSSES = ("cross_entropy", "mse")
 
 
+class _Inert:
+    """What a copy of a preconditioner's hook becomes: a forward hook that does nothing."""
+
+    __slots__ = ()
+
+    def __call__(self, module, inputs, output):
+        return None
+
+
+class _Hook:
+    """A forward hook of a preconditioner, registered on the user's model.
+
+    A copy of the model (``copy.deepcopy``, or ``torch.save(model)`` and ``torch.load``: an EMA or evaluation
+    copy, a whole-model checkpoint) carries its modules' hooks along.  Copied as they are, the hooks would
+    feed the copy's forward and backward passes into this preconditioner's statistics (and, for
+    ``fisher="mc"``, draw labels from its generator), and pickling them would pickle the preconditioner with
+    the model or fail on a local function.  So a copy of a ``_Hook`` is an :class:`_Inert` one: the copy of
+    the model trains unhooked, and the preconditioner stays with the model it was built on.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, module, inputs, output):
+        return self.fn(module, inputs, output)
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+    def __deepcopy__(self, memo):
+        return _Inert()
+
+
 class _Record:
     """One forward call of a layer: its input, and the output gradients seen for it."""
 
@@ -220,9 +255,9 @@ class CurvatureHooks:
         self._generator.manual_seed(self.seed)
         self.sampled_targets = None  # the labels of the last MC draw (for inspection and tests)
         self._steps = 0
-        self._handles = [ly.module.register_forward_hook(self._forward_hook(ly)) for ly in self.layers]
+        self._handles = [ly.module.register_forward_hook(_Hook(self._forward_hook(ly))) for ly in self.layers]
         if fisher == "mc":
-            self._handles.append(model.register_forward_hook(self._model_hook))
+            self._handles.append(model.register_forward_hook(_Hook(self._model_hook)))
 
     @property
     def steps(self) -> int:
