@@ -98,3 +98,30 @@ def shuffled_rounds(routes: dict, rounds: int, warmup: int = 0, args: tuple = ()
                 times[name].append(dt)
     return times
 
+
+
+def torch_trainer(model, pre, batches, sync=None):
+    """``run(steps)``: ``steps`` cross-entropy SGD steps (lr 1e-3) of the torch ``model`` on ``batches`` (cycled),
+    each preconditioned by ``pre.step()`` unless ``pre`` is None; returns seconds per step.  ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs before the clock starts and before it stops."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def run(steps: int) -> float:
+        if sync is not None:
+            sync()
+        t = time.perf_counter()
+        for i in range(steps):
+            x, y = batches[i % len(batches)]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            if pre is not None:
+                pre.step()
+            opt.step()
+        if sync is not None:
+            sync()
+        return (time.perf_counter() - t) / steps
+
+    return run

@@ -392,9 +392,9 @@ def torch_kfac_step(quick: bool) -> list:
     import copy as _copy
 
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
+    from _harness import torch_trainer
     import kronlin.torch as kt
 
     if not torch.cuda.is_available():
@@ -413,21 +413,8 @@ def torch_kfac_step(quick: bool) -> list:
                         torch.randint(0, sizes[-1], (N,), device=dev, generator=g)) for _ in range(4)]
 
             def trainer(model, pre, steps=10):
-                opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-                def run():
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    for i in range(steps):
-                        x, y = batches[i % len(batches)]
-                        opt.zero_grad(set_to_none=True)
-                        F.cross_entropy(model(x), y).backward()
-                        if pre is not None:
-                            pre.step()
-                        opt.step()
-                    torch.cuda.synchronize()
-                    return (time.perf_counter() - t) * 1e3 / steps
-                return run
+                run = torch_trainer(model, pre, batches, torch.cuda.synchronize)
+                return lambda: 1e3 * run(steps)  # ms per step over a block of 10
 
             m_kfac = _copy.deepcopy(base)
             kfac = trainer(m_kfac, kt.KFAC(m_kfac, damping=1e-2, damping_mode=mode, refresh_period=10))

@@ -195,20 +195,10 @@ def overhead(repeat, refresh=10, N=256, sizes=(784, 512, 512, 10), lam=1e-2):
     batches = [(torch.randn(N, sizes[0], generator=g), torch.randint(0, sizes[-1], (N,), generator=g))
                for _ in range(4)]
 
-    def trainer(model, pre):
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    from _harness import torch_trainer
 
-        def run(steps):
-            t = time.perf_counter()
-            for i in range(steps):
-                x, y = batches[i % len(batches)]
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                if pre is not None:
-                    pre.step()
-                opt.step()
-            return (time.perf_counter() - t) / steps
-        return run
+    def trainer(model, pre):
+        return torch_trainer(model, pre, batches)
 
     def kfac(model):
         return kt.KFAC(model, damping=lam, damping_mode="factored", refresh_period=refresh)
