@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import scipy.linalg  # noqa: F401  (SciPy's OpenBLAS loaded before threadpool_limits, so the limit covers it)
+
 HERE = Path(__file__).resolve().parent
 SETTINGS = {  # name: (torch threads or None for torch's default, BLAS threads or None for the libraries')
     "defaults (torch and BLAS as they start)": (None, None),
