@@ -678,3 +678,103 @@ def test_a_copy_of_the_model_neither_feeds_the_preconditioner_nor_carries_it(fis
         assert torch.equal(pre_a.sampled_targets, pre_b.sampled_targets)
     pre_b.remove_hooks()  # the original's hooks go; the copies' inert ones stay inert
     assert not any(m._forward_hooks for m in model_b.modules())
+
+
+@pytest.mark.parametrize("fisher, reduction, damping_mode", [
+    ("empirical", "mean", "exact"), ("empirical", "sum", "factored"), ("mc", "mean", "factored")])
+def test_accumulated_micro_batches_equal_one_batch(fisher, reduction, damping_mode):
+    """accumulation_steps=3: three forward/backward passes (PyTorch's recipe: each micro-batch's mean loss / 3,
+    or its sum) give the factors and the preconditioned gradient of the whole batch in one pass."""
+    model = mlp()
+    x, y = batch(model, N=9)
+    parts = [(x[:2], y[:2]), (x[2:6], y[2:6]), (x[6:], y[6:])]  # unequal micro-batches
+
+    def loss_of(f, t, k):
+        # "mean": PyTorch's recipe, each micro-batch's mean over K (the hooks see ĝ/(n_k·K) and rescale by n_k·K,
+        # so the factors are exact for unequal sizes too); "sum": each micro-batch's sum
+        total = F.cross_entropy(f, t, reduction=reduction)
+        return total / k if reduction == "mean" else total
+
+    one = plain_copy(model, mlp)
+    pre_one = kt.KFAC(one, damping=1e-2, damping_mode=damping_mode, fisher=fisher, loss="cross_entropy",
+                      reduction=reduction, seed=4)
+    # the one-batch reference: labels for MC are drawn per forward pass, so the reference takes the
+    # accumulated run's draws (below) and compares factors built from the same rows
+    pre_acc = kt.KFAC(model, damping=1e-2, damping_mode=damping_mode, fisher=fisher, loss="cross_entropy",
+                      reduction=reduction, seed=4, accumulation_steps=3)
+    model.zero_grad(set_to_none=True)
+    drawn = []
+    for xs, ys in parts:
+        loss_of(model(xs), ys, 3).backward()
+        if fisher == "mc":
+            drawn.append(pre_acc.sampled_targets.clone())
+    acc_grads = [grad_block(m) for m in layers_of(model)]
+    pre_acc.step()
+    # the same batch in one pass, preconditioning the accumulated gradient (for unequal micro-batches the
+    # recipe's gradient is not the batch mean's; the factors are the batch's either way)
+    one.zero_grad(set_to_none=True)
+    F.cross_entropy(one(x), y, reduction=reduction).backward()
+    for m, G in zip(layers_of(one), acc_grads):
+        Gw = G[:, : m.weight.reshape(m.weight.shape[0], -1).shape[1]]
+        m.weight.grad.copy_(Gw.reshape(m.weight.shape))
+        if m.bias is not None:
+            m.bias.grad.copy_(G[:, -1])
+    if fisher == "mc":
+        pre_one.remove_hooks()
+        acts, errs, _ = per_example(one, x, torch.cat(drawn), "cross_entropy", reduction)
+        c = 1.0 if reduction == "mean" else x.shape[0]
+        for m, (A, G) in zip(layers_of(model), dense_factors(acts, errs, c)):
+            close(pre_acc.factors(m)[0].numpy(), A, RTOL64)
+            close(pre_acc.factors(m)[1].numpy(), G, RTOL64)
+        return
+    pre_one.step()
+    for ma, mo in zip(layers_of(model), layers_of(one)):
+        for u, v in zip(pre_acc.factors(ma), pre_one.factors(mo)):
+            close(u.numpy(), v.numpy(), RTOL64)
+        close(grad_block(ma).numpy(), grad_block(mo).numpy(), SOLVE64)
+
+
+def test_accumulation_counts_are_checked_and_reuse_in_one_pass_is_refused():
+    model = mlp()
+    x, y = batch(model, N=6)
+    pre = kt.KFAC(model, damping=1e-2, accumulation_steps=2)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"ran 1 time with .* accumulation_steps=2: call step\(\) after every 2"):
+        pre.step()
+    pre.remove_hooks()
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        kt.KFAC(mlp(), accumulation_steps=0)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        kt.NaturalGradient(mlp(), damping=1.0, accumulation_steps=1.5)
+
+    class Twice(nn.Module):  # one Linear applied twice in one forward pass
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3).double()
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    net = Twice()
+    pre = kt.KFAC(net, damping=1e-2, accumulation_steps=2)
+    z = torch.randn(4, 3, dtype=torch.float64)
+    F.cross_entropy(net(z), torch.tensor([0, 1, 2, 0])).backward()
+    with pytest.raises(RuntimeError, match="several times in one forward pass"):
+        pre.step()
+
+
+def test_natural_gradient_accumulates_like_one_batch():
+    model, one = mlp(), mlp()
+    x, y = batch(model, N=8)
+    ng = kt.NaturalGradient(model, damping=0.3, accumulation_steps=2)
+    model.zero_grad(set_to_none=True)
+    for sl in (slice(0, 4), slice(4, 8)):
+        (F.cross_entropy(model(x[sl]), y[sl]) / 2).backward()
+    ng.step()
+    ref = kt.NaturalGradient(one, damping=0.3)
+    one.zero_grad(set_to_none=True)
+    F.cross_entropy(one(x), y).backward()  # equal micro-batches: the recipe's gradient is the batch mean's
+    ref.step()
+    for ma, mo in zip(layers_of(model), layers_of(one)):
+        close(grad_block(ma).numpy(), grad_block(mo).numpy(), SOLVE64)

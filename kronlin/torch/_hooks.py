@@ -45,7 +45,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .._validate import check_choice, check_nonneg_scalar, check_seed
+from .._validate import check_choice, check_nonneg_scalar, check_positive_int, check_seed
 from ._convert import SUPPORTED_DTYPES, to_array
 
 __all__ = ["CurvatureHooks"]
@@ -56,11 +56,11 @@ LOSSES = ("cross_entropy", "mse")
 
 
 class _Inert:
-    """What a copy of a preconditioner's hook becomes: a forward hook that does nothing."""
+    """What a copy of a preconditioner's hook becomes: a (pre-)forward hook that does nothing."""
 
     __slots__ = ()
 
-    def __call__(self, module, inputs, output):
+    def __call__(self, *args):
         return None
 
 
@@ -80,8 +80,8 @@ class _Hook:
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, module, inputs, output):
-        return self.fn(module, inputs, output)
+    def __call__(self, *args):
+        return self.fn(*args)
 
     def __reduce__(self):
         return (_Inert, ())
@@ -91,12 +91,13 @@ class _Hook:
 
 
 class _Record:
-    """One forward call of a layer: its input, and the output gradients seen for it."""
+    """One forward call of a layer: its input, the model's forward pass it belongs to, and the output
+    gradients seen for it."""
 
-    __slots__ = ("inp", "grad", "seen")
+    __slots__ = ("inp", "forward", "grad", "seen")
 
-    def __init__(self, inp):
-        self.inp, self.grad, self.seen = inp, None, False
+    def __init__(self, inp, forward: int):
+        self.inp, self.forward, self.grad, self.seen = inp, forward, None, False
 
 
 def _conv_pads(module: nn.Conv2d):
@@ -232,10 +233,11 @@ def _parse_loss(loss, reduction):
 class CurvatureHooks:
     """Hook management, data collection and checks shared by the torch preconditioners."""
 
-    def __init__(self, model, damping, fisher, loss, reduction, seed):
+    def __init__(self, model, damping, fisher, loss, reduction, seed, accumulation_steps=1):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         damping = check_nonneg_scalar(damping, "damping")
+        self.accumulation_steps = check_positive_int(accumulation_steps, "accumulation_steps")
         check_choice(fisher, FISHERS, "fisher")
         self.loss, self.reduction = _parse_loss(loss, reduction)
         if fisher == "mc" and self.loss is None:
@@ -255,7 +257,9 @@ class CurvatureHooks:
         self._generator.manual_seed(self.seed)
         self.sampled_targets = None  # the labels of the last MC draw (for inspection and tests)
         self._steps = 0
-        self._handles = [ly.module.register_forward_hook(_Hook(self._forward_hook(ly))) for ly in self.layers]
+        self._forwards = 0  # the model's forward passes so far (a record's pass tells accumulation from reuse)
+        self._handles = [model.register_forward_pre_hook(_Hook(self._count_forward))]
+        self._handles += [ly.module.register_forward_hook(_Hook(self._forward_hook(ly))) for ly in self.layers]
         if fisher == "mc":
             self._handles.append(model.register_forward_hook(_Hook(self._model_hook)))
 
@@ -270,11 +274,14 @@ class CurvatureHooks:
         return True
 
     # -- hooks --------------------------------------------------------------------------------
+    def _count_forward(self, module, inputs):
+        self._forwards += 1
+
     def _forward_hook(self, layer: _Layer):
         def hook(module, inputs, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
-            rec = _Record(inputs[0].detach() if self._collecting() else None)
+            rec = _Record(inputs[0].detach() if self._collecting() else None, self._forwards)
             layer.records.append(rec)
             # a tensor hook on the output, not a module backward hook: it survives in-place
             # activations applied to the output (pytorch issue 61519)
@@ -379,9 +386,11 @@ class CurvatureHooks:
         return next(iter(dts))
 
     def _collect(self, check: bool = True):
-        """Per-layer ``(acts, errs)`` tensors in kronlin's layout and the batch size ``N``; ``check``: raise
-        naming the layer if one is not finite (else the caller must, see :meth:`_check_collected`)."""
+        """Per-layer ``(acts, errs)`` tensors in kronlin's layout and the batch size ``N`` (all micro-batches of
+        an accumulated step together); ``check``: raise naming the layer if one is not finite (else the caller
+        must, see :meth:`_check_collected`)."""
         acts, errs, N = [], [], None
+        K = self.accumulation_steps
         for ly in self.layers:
             # only forward passes the user's backward went through count (an extra forward under
             # grad, e.g. for logging, draws MC labels too but is never back-propagated)
@@ -391,20 +400,37 @@ class CurvatureHooks:
                     f"layer {ly.name!r} saw no data: no output gradient of the "
                     f"{'sampled' if self.fisher == 'mc' else 'loss'} labels reached it since the last step()"
                 )
-            if len(recs) > 1:
+            if len({r.forward for r in recs}) < len(recs):
+                raise RuntimeError(f"layer {ly.name!r} ran several times in one forward pass with gradients: a layer "
+                                   "applied several times in one forward pass is not supported")  # fmt: skip
+            if len(recs) != K:
                 raise RuntimeError(
-                    f"layer {ly.name!r} ran {len(recs)} times with gradients since the last step(): call step() after "
-                    "each backward pass (a layer applied several times in one forward pass is not supported)"
+                    f"layer {ly.name!r} ran {len(recs)} time{'s' if len(recs) > 1 else ''} with gradients since the "
+                    f"last step(), but "
+                    f"accumulation_steps={K}: call step() after "
+                    + ("each backward pass" if K == 1 else f"every {K} forward and backward passes")
+                    + " (gradient accumulation: pass accumulation_steps)"
                 )
-            a, g = ly.acts(recs[0].inp), ly.errs(recs[0].grad)
+            parts_a, parts_g = [], []
+            for r in recs:
+                a, g = ly.acts(r.inp), ly.errs(r.grad)
+                if self.fisher == "empirical" and self.reduction == "mean":
+                    # autograd's gradients of a mean over n examples, divided by K when accumulating, are ĝ/(n·K)
+                    g = g * (a.shape[0] * K)
+                parts_a.append(a)
+                parts_g.append(g)
+            if len({tuple(a.shape[1:]) for a in parts_a}) > 1:
+                raise RuntimeError(f"layer {ly.name!r} saw micro-batches of different shapes "
+                                   f"{[tuple(a.shape) for a in parts_a]}: accumulated micro-batches must agree "
+                                   "in everything but their number of examples")  # fmt: skip
+            a = parts_a[0] if K == 1 else torch.cat(parts_a)
+            g = parts_g[0] if K == 1 else torch.cat(parts_g)
             n = a.shape[0]
             if N is None:
                 N = n
             elif n != N:
                 raise RuntimeError(f"layer {ly.name!r} saw {n} examples but {self.layers[0].name!r} saw {N}")
             ly.positions = a.shape[1] if a.ndim == 3 else 1
-            if self.fisher == "empirical" and self.reduction == "mean":
-                g = g * N  # autograd's gradients of a mean are ĝ/N
             acts.append(a)
             errs.append(g)
         if check:

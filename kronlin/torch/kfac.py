@@ -87,6 +87,11 @@ class KFAC(CurvatureHooks):
         the diagonal factors, §6.3).
     seed : int
         Seed of the generator that samples the MC labels.
+    accumulation_steps : int
+        Gradient accumulation: :meth:`step` follows this many forward and backward passes (micro-batches),
+        whose examples together are the step's batch.  With ``reduction="mean"`` each micro-batch's loss is
+        its mean divided by ``accumulation_steps`` (PyTorch's accumulation recipe: the accumulated ``.grad``
+        is the batch mean's gradient); with ``"sum"`` it is its sum.  Another count of passes is refused.
 
     Notes
     -----
@@ -100,7 +105,7 @@ class KFAC(CurvatureHooks):
 
     def __init__(self, model, damping: float = 1e-3, *, damping_mode: str = "exact", fisher: str = "empirical",
                  loss=None, reduction: str = "mean", update_period: int = 1, refresh_period: int = 1,
-                 max_decay: float = 0.95, structure: str = "blockdiag", seed: int = 0):
+                 max_decay: float = 0.95, structure: str = "blockdiag", seed: int = 0, accumulation_steps: int = 1):
         check_choice(damping_mode, DAMPING_MODES, "damping_mode")
         check_choice(structure, STRUCTURES, "structure")
         if structure == "tridiagonal" and damping_mode != "factored":
@@ -112,7 +117,7 @@ class KFAC(CurvatureHooks):
         if not 0.0 <= max_decay < 1.0:
             raise ValueError(f"max_decay must be in [0, 1); got {max_decay!r}")
         self.damping_mode, self.structure, self.max_decay = damping_mode, structure, max_decay
-        super().__init__(model, damping, fisher, loss, reduction, seed)
+        super().__init__(model, damping, fisher, loss, reduction, seed, accumulation_steps)
         if structure == "tridiagonal":
             try:
                 self._check_chain()

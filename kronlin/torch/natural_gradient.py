@@ -47,13 +47,16 @@ class NaturalGradient(CurvatureHooks):
     reduction : {"mean", "sum"}
     seed : int
         Seed of the generator that samples the MC labels.
+    accumulation_steps : int
+        Gradient accumulation, as for :class:`kronlin.torch.KFAC`: :meth:`step` follows this many forward and
+        backward passes, whose examples together are the batch of ``F``.
     """
 
     def __init__(self, model, damping: float = 1e-3, *, fisher: str = "empirical", loss=None,
-                 reduction: str = "mean", seed: int = 0):
+                 reduction: str = "mean", seed: int = 0, accumulation_steps: int = 1):
         # λ > 0: the batch Fisher has rank at most N, so λI + F is singular without it
         damping = check_positive_scalar(damping, "damping")
-        super().__init__(model, damping, fisher, loss, reduction, seed)
+        super().__init__(model, damping, fisher, loss, reduction, seed, accumulation_steps)
 
     def fisher_operator(self):
         """The :class:`kronlin.WoodburyFisher` ``λI + F`` of the data collected since the last step."""
