@@ -468,10 +468,13 @@ def _eigh_stack_checked(xp, M, stacked, single):
     n = M.shape[-1]
     w, Q = stacked(M)
     tau = EIGH_STACK_TOL * n * dtype_eps(xp, M.dtype)
-    E = (Q * w[..., None, :]) @ mT(Q) - M
+    # in units of each matrix's largest entry, so that the squares below cannot overflow (float32 beyond 1e19)
+    s = xp.max(xp.abs(M), axis=(-2, -1), keepdims=True)
+    s = xp.where(s > 0, s, xp.ones_like(s))
+    E = ((Q * (w[..., None, :] / s)) @ mT(Q)) - M / s
     O = mT(Q) @ Q - xp.eye(n, dtype=Q.dtype)
     fro = lambda X: xp.sqrt(xp.sum(X * X, axis=(-2, -1)))  # noqa: E731
-    good = (fro(E) <= tau * fro(M)) & (fro(O) <= tau * math.sqrt(n))
+    good = (fro(E) <= tau * fro(M / s)) & (fro(O) <= tau * math.sqrt(n))
     bad = np.flatnonzero(~np.asarray(to_numpy(xp.reshape(good, (-1,)))))
     if bad.size:
         wf, Qf = xp.reshape(w, (-1, n)), xp.reshape(Q, (-1, n, n))

@@ -111,6 +111,10 @@ def test_a_stacked_eigh_result_outside_the_bound_is_recomputed(dtype):
 
     _eigh_stack_checked(np, M, close, single)
     assert calls == []
+    # entries whose squares overflow (float32 beyond 1e19): the check works in units of the largest entry
+    big = M * np.asarray(1e30 if dtype == "float32" else 1e200, dtype)
+    w, Q = _eigh_stack_checked(np, big, sloppy, single)
+    assert len(calls) == 2 and np.all(np.isfinite(w))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
