@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import context, diagonal, is_numpy, mT, native_float
+from ._backend import context, diagonal, is_numpy, mT, native_float, to_numpy
 from ._kernels.symmetric import mirror_lower
 from ._linalg import second_moment
 from ._validate import (
@@ -137,7 +137,13 @@ def _first_nonfinite(xp, stats) -> int | None:
     diagonal entry non-finite too.  So one ``O(d)`` pass per factor replaces
     the ``O(N·d)`` input and ``O(d²)`` result passes.
     """
-    for i, M in enumerate(stats["A_diag"] + stats["G_diag"]):
+    mats = stats["A_diag"] + stats["G_diag"]
+    if not is_numpy(xp) and len(mats) > 1:
+        # one device-to-host synchronisation for all the factors (on CuPy each all_finite is one)
+        ok = to_numpy(xp.stack([xp.all(xp.isfinite(diagonal(xp, M))) for M in mats]))
+        bad = np.flatnonzero(~ok)
+        return int(bad[0]) if bad.size else None
+    for i, M in enumerate(mats):
         if not all_finite(xp, diagonal(xp, M)):
             return i
     return None

@@ -201,3 +201,22 @@ def test_fold_refuses_a_malformed_batch_and_changes_nothing():
     assert est.step == 1
     for M, K in zip(est.A_diag + est.G_diag, kept):
         assert np.array_equal(M, K)
+
+
+@pytest.mark.parametrize("what", ["acts", "grads"])
+def test_nonfinite_input_is_named_on_every_backend(xp, what):
+    """Other libraries than NumPy test all the factors' diagonals in one reduction (one device-to-host
+    synchronisation on CuPy); the error names the same input, for every layer position."""
+    rng = np.random.default_rng(3)
+    acts = [rng.standard_normal((6, d)) for d in (3, 4, 2)]
+    grads = [rng.standard_normal((6, d)) for d in (4, 2, 5)]
+    for k in range(3):
+        arrs = {"acts": [a.copy() for a in acts], "grads": [g.copy() for g in grads]}
+        arrs[what][k][2, 0] = np.inf
+        est = FactorEstimator(tridiagonal=False)
+        with pytest.raises(ValueError, match=rf"^{what}\[{k}\] \(shape .*\) contains NaN or infinity"):
+            est.update([on(xp, a) for a in arrs["acts"]], [on(xp, g) for g in arrs["grads"]])
+        assert est.step == 0
+    huge = [a * 1e200 for a in acts]  # finite inputs whose second moments overflow: the statistics are named
+    with pytest.raises(FloatingPointError, match=r"A_diag\[0\] \(the second moment of acts\[0\]\)"):
+        FactorEstimator().update([on(xp, a) for a in huge], [on(xp, g) for g in grads])
