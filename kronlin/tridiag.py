@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import context, is_numpy, mT, owned_copy
+from ._backend import context, is_numpy, mT, owned_copy, to_numpy
 from ._linalg import Factor
 from ._operator import Operator
 from ._validate import (
@@ -298,14 +298,21 @@ class BlockDiagInverse(_LayerBlocks):
         libraries make one batched product (one launch).  ``check``: check the blocks and the results finite
         here (see :meth:`apply`)."""
         xp = self._ctx.xp
+        # off NumPy the results are tested together at the end: one device-to-host synchronisation (CuPy)
+        deferred = [] if check and not is_numpy(xp) else None
+
+        def refuse(Y, ks):
+            for k in ks:
+                check_finite(xp, V_list[k], f"V_list[{k}]")
+            raise self._nonfinite(Y)
 
         def checked(Y, ks):
             # the inverses are invertible (no zero row or column of G⁻¹ or A⁻ᵀ), so a NaN or infinity of a block
             # V reaches its result: the result alone is checked, the blocks are searched only to name the culprit
-            if check and not all_finite(xp, Y):
-                for k in ks:
-                    check_finite(xp, V_list[k], f"V_list[{k}]")
-                raise self._nonfinite(Y)
+            if deferred is not None:
+                deferred.append((Y, ks))
+            elif check and not all_finite(xp, Y):
+                refuse(Y, ks)
             return Y
 
         def checked_all(Ys, ks):
@@ -332,6 +339,11 @@ class BlockDiagInverse(_LayerBlocks):
             if out[k] is None:
                 with quiet_overflow(xp):
                     out[k] = checked(blk.apply(V), [k])
+        if deferred:
+            ok = to_numpy(xp.stack([xp.all(xp.isfinite(Y)) for Y, _ in deferred]))
+            for (Y, ks), good in zip(deferred, ok):
+                if not good:
+                    refuse(Y, ks)
         return out
 
     def logdet(self):

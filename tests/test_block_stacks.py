@@ -143,27 +143,29 @@ def test_stacked_apply_matches_the_layers_for_batched_and_mixed_rhs(lead, v_dtyp
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("k", [1, 3, 4])  # in the stack of three, in the pair
-def test_stacked_apply_names_a_nonfinite_block(bad, k):
+def test_stacked_apply_names_a_nonfinite_block(xp, bad, k):
     """The stacked groups check their results only (SPD inverses carry a NaN or infinity of a block
-    into the result); the error still names the block, as the per-layer check does."""
+    into the result); the error still names the block, as the per-layer check does.  Off NumPy all results
+    are tested in one reduction at the end (one synchronisation on CuPy)."""
     rng = np.random.default_rng(4)
     As, Gs = _layers(rng)
-    op = BlockDiagInverse(As, Gs, gamma=0.1)
+    op = BlockDiagInverse([on(xp, A) for A in As], [on(xp, G) for G in Gs], gamma=0.1)
     Vs = [rng.standard_normal(s) for s in SHAPES]
     Vs[k][1, 2] = bad
     with pytest.raises(ValueError, match=rf"^V_list\[{k}\] \(shape \({SHAPES[k][0]}, {SHAPES[k][1]}\)\) contains NaN"):
-        op.apply(Vs)
+        op.apply([on(xp, V) for V in Vs])
 
 
-def test_stacked_apply_overflow_is_a_floating_point_error():
+def test_stacked_apply_overflow_is_a_floating_point_error(xp):
     rng = np.random.default_rng(5)
     As, Gs = _layers(rng)
     As, Gs = [1e-3 * A for A in As], [1e-3 * G for G in Gs]  # small factors: the inverse amplifies by ~1e6
-    op = BlockDiagInverse([A.astype(np.float32) for A in As], [G.astype(np.float32) for G in Gs], gamma=1e-3)
+    op = BlockDiagInverse([on(xp, A, dtype="float32") for A in As], [on(xp, G, dtype="float32") for G in Gs],
+                          gamma=1e-3)
     Vs = [rng.standard_normal(s) for s in SHAPES]
     # scale block 0 so that G⁻¹ V A⁻ᵀ reaches 1e39 (computed in float64) while V stays finite in float32
     ref = BlockDiagInverse(As[:1], Gs[:1], gamma=1e-3).apply(Vs[:1])[0]
     Vs[0] *= 1e39 / np.abs(ref).max()
     assert np.abs(Vs[0]).max() < np.finfo(np.float32).max
     with pytest.raises(FloatingPointError, match=r"BlockDiagInverse\.apply\(\) is not finite"):
-        op.apply([V.astype(np.float32) for V in Vs])
+        op.apply([on(xp, V, dtype="float32") for V in Vs])
