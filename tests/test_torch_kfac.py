@@ -677,7 +677,7 @@ def test_a_copy_of_the_model_neither_feeds_the_preconditioner_nor_carries_it(fis
     if fisher == "mc":
         assert torch.equal(pre_a.sampled_targets, pre_b.sampled_targets)
     pre_b.remove_hooks()  # the original's hooks go; the copies' inert ones stay inert
-    assert not any(m._forward_hooks for m in model_b.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model_b.modules())
 
 
 @pytest.mark.parametrize("fisher, reduction, damping_mode", [
