@@ -339,8 +339,8 @@ def cupy_routes(quick: bool) -> list:
     * ``eigh`` of a stack: CuPy's stacked call (cuSOLVER ``syevjBatched``) against a loop of ``syevd``,
       and the stacked call's reconstruction error ``max ‖QΛQᵀ − M‖_F / ‖M‖_F`` (``syevjBatched`` is
       documented for n ≤ 32);
-    * the SPD inverse of a stack: kronlin's ``Factor.inv``, the batched LU solve of ``L`` against ``I``,
-      a loop of one ``solve_triangular``, and ``cupy.linalg.inv``.
+    * the SPD inverse of a stack: kronlin's, the batched LU solve of ``L`` against ``I``, a loop of one
+      ``solve_triangular``, and ``cupy.linalg.inv``.
 
     kronlin's own calls go through the public operator: ``Kron(M, M).eigh()`` and ``Kron(M, M).inv()`` decompose
     the stack twice, so their times are halved.  Times: CUDA events, medians of 5 after a warm-up, float32 and
@@ -508,9 +508,9 @@ def markdown(rec: dict) -> str:
         L.append("")
     if isinstance(s.get("cupy_routes"), list):
         L += ["## CuPy decomposition routes (kronlin._linalg), ms", "",
-              "eigh: CuPy's stacked call (syevjBatched) / a loop of syevd / kronlin's route (the checked stacked call "
-              "for n ≤ 64, and n ≤ 128 from 4 matrices; else the loop); the stacked call's reconstruction error. SPD inverse: kronlin / batched LU solve of L / "
-              "loop of solve_triangular / cupy.linalg.inv.", "",
+              "eigh: CuPy's stacked call (syevjBatched) / a loop of syevd / kronlin's route (the checked stacked "
+              "call for n ≤ 64, and n ≤ 128 from 4 matrices; else the loop); the stacked call's reconstruction "
+              "error. SPD inverse: kronlin / batched LU solve of L / loop of solve_triangular / cupy.linalg.inv.", "",
               "| B × n² | dtype | eigh stacked | eigh loop | eigh kronlin | stacked recon. err | "
               "inv kronlin | inv LU | inv trsm loop | cupy inv |", "|---|---|---|---|---|---|---|---|---|---|"]
         L += [f"| {r['B']} × {r['n']}² | {r['dtype']} | {r['eigh_stacked_ms']:.2f} | "
