@@ -743,6 +743,17 @@ def test_accumulation_counts_are_checked_and_reuse_in_one_pass_is_refused():
     with pytest.raises(RuntimeError, match=r"ran 1 time with .* accumulation_steps=2: call step\(\) after every 2"):
         pre.step()
     pre.remove_hooks()
+    # steps that fold no statistics in (update_period) count the passes too
+    pre = kt.KFAC(model, damping=1e-2, accumulation_steps=2, update_period=2)
+    model.zero_grad(set_to_none=True)
+    for sl in (slice(0, 3), slice(3, 6)):
+        (F.cross_entropy(model(x[sl]), y[sl]) / 2).backward()
+    pre.step()  # step 0 folds the statistics in; step 1 only preconditions
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"ran 1 time with .* accumulation_steps=2"):
+        pre.step()
+    pre.remove_hooks()
     with pytest.raises(ValueError, match="accumulation_steps"):
         kt.KFAC(mlp(), accumulation_steps=0)
     with pytest.raises(ValueError, match="accumulation_steps"):

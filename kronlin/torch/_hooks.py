@@ -378,6 +378,21 @@ class CurvatureHooks:
                 f"layer(s) {missing} saw no data: no forward and backward pass went through them since the last "
                 "step(); exclude them (requires_grad=False) or use them in the forward pass"
             )
+        K = self.accumulation_steps
+        for ly in self.layers:
+            # only forward passes the user's backward went through count (an extra forward under
+            # grad, e.g. for logging, draws MC labels too but is never back-propagated)
+            passes = [r.forward for r in ly.records if r.seen]
+            if len(set(passes)) < len(passes):
+                raise RuntimeError(f"layer {ly.name!r} ran several times in one forward pass with gradients: a layer "
+                                   "applied several times in one forward pass is not supported")  # fmt: skip
+            if len(passes) != K:
+                raise RuntimeError(
+                    f"layer {ly.name!r} ran {len(passes)} time{'s' if len(passes) > 1 else ''} with gradients since "
+                    f"the last step(), but accumulation_steps={K}: call step() after "
+                    + ("each backward pass" if K == 1 else f"every {K} forward and backward passes")
+                    + " (gradient accumulation: pass accumulation_steps)"
+                )
 
     def _dtype(self) -> torch.dtype:
         dts = {ly.weight.dtype for ly in self.layers}
@@ -392,24 +407,12 @@ class CurvatureHooks:
         acts, errs, N = [], [], None
         K = self.accumulation_steps
         for ly in self.layers:
-            # only forward passes the user's backward went through count (an extra forward under
-            # grad, e.g. for logging, draws MC labels too but is never back-propagated)
-            recs = [r for r in ly.records if r.grad is not None and r.seen]
-            if not recs:
+            # the passes the user's backward went through, counted by _check_backward
+            recs = [r for r in ly.records if r.seen]
+            if any(r.grad is None for r in recs):
                 raise RuntimeError(
                     f"layer {ly.name!r} saw no data: no output gradient of the "
                     f"{'sampled' if self.fisher == 'mc' else 'loss'} labels reached it since the last step()"
-                )
-            if len({r.forward for r in recs}) < len(recs):
-                raise RuntimeError(f"layer {ly.name!r} ran several times in one forward pass with gradients: a layer "
-                                   "applied several times in one forward pass is not supported")  # fmt: skip
-            if len(recs) != K:
-                raise RuntimeError(
-                    f"layer {ly.name!r} ran {len(recs)} time{'s' if len(recs) > 1 else ''} with gradients since the "
-                    f"last step(), but "
-                    f"accumulation_steps={K}: call step() after "
-                    + ("each backward pass" if K == 1 else f"every {K} forward and backward passes")
-                    + " (gradient accumulation: pass accumulation_steps)"
                 )
             parts_a, parts_g = [], []
             for r in recs:
