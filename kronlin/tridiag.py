@@ -75,6 +75,23 @@ def _plus_diagonal(xp, M, v, in_place: bool):
     return M + xp.reshape(v, (-1, 1, 1) if M.ndim == 3 else ()) * xp.eye(n, dtype=M.dtype)
 
 
+def _stack_pair(xp, As, Gs):
+    """``(stack(As), stack(Gs))``; NumPy: two views of one allocation.
+
+    The pair lives and dies together (the damped copies, then the inverses, of one group), and one buffer
+    of their joint size is what glibc's malloc keeps for the next refresh: freeing two stacks of half the
+    size each at the top of the heap reaches its trim threshold (twice the largest chunk freed so far), so
+    every build page-faulted its stacks in again (200 × 64² float32: 4.2 ms of a 26 ms build)."""
+    if not is_numpy(xp) or As[0].dtype != Gs[0].dtype:
+        return xp.stack(As), xp.stack(Gs)
+    B, p, q = len(As), As[0].shape[-1], Gs[0].shape[-1]
+    buf = np.empty(B * (p * p + q * q), dtype=As[0].dtype)
+    SA, SG = buf[: B * p * p].reshape(B, p, p), buf[B * p * p :].reshape(B, q, q)
+    np.stack(As, out=SA)
+    np.stack(Gs, out=SG)
+    return SA, SG
+
+
 def _by_shape(shapes) -> list:
     """Indices with equal shapes, grouped in order of first appearance (issue 13 item 3: one stacked call each)."""
     groups: dict = {}
@@ -137,7 +154,7 @@ class _LayerBlocks(Operator):
         for ks in _by_shape(self.shapes):
             SA = SG = None
             if len(ks) > 1:
-                SA, SG = xp.stack([Ad[k] for k in ks]), xp.stack([Gd[k] for k in ks])
+                SA, SG = _stack_pair(xp, [Ad[k] for k in ks], [Gd[k] for k in ks])
                 try:
                     for S in (SA, SG):
                         check_symmetric(xp, S, "a stack")  # refuses a non-finite entry too (one pass for both)

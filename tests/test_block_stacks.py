@@ -169,3 +169,18 @@ def test_stacked_apply_overflow_is_a_floating_point_error(xp):
     assert np.abs(Vs[0]).max() < np.finfo(np.float32).max
     with pytest.raises(FloatingPointError, match=r"BlockDiagInverse\.apply\(\) is not finite"):
         op.apply([on(xp, V, dtype="float32") for V in Vs])
+
+
+def test_a_groups_two_stacks_share_one_allocation():
+    """NumPy: the damped A and G stacks of a group are views of one buffer (what glibc keeps for the next
+    refresh; two halves freed together were trimmed and page-faulted in again), equal to np.stack."""
+    from kronlin.tridiag import _stack_pair
+
+    rng = np.random.default_rng(6)
+    As = [rng.standard_normal((4, 4)) for _ in range(3)]
+    Gs = [rng.standard_normal((2, 2)) for _ in range(3)]
+    SA, SG = _stack_pair(np, As, Gs)
+    assert np.array_equal(SA, np.stack(As)) and np.array_equal(SG, np.stack(Gs))
+    assert SA.base is not None and SA.base is SG.base and SA.flags.c_contiguous and SG.flags.c_contiguous
+    SA2, SG2 = _stack_pair(np, As, [G.astype(np.float32) for G in Gs])  # two dtypes: two stacks
+    assert SA2.dtype == np.float64 and SG2.dtype == np.float32 and np.array_equal(SG2, np.stack(Gs).astype(np.float32))
