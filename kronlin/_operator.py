@@ -86,17 +86,18 @@ class Operator(ModuleRefs):
         return (n, n)
 
     # -- right-hand sides ----------------------------------------------------------
-    def _rhs(self, X, name: str = "X"):
+    def _rhs(self, X, name: str = "X", finite: bool = True):
         """Validate ``X`` and return ``(blocks, fmt)``.
 
         ``blocks`` is a list of ``(..., q, p)`` arrays in the compute namespace
         (one per block); ``fmt`` is ``"matrix"``, ``"list"`` or ``"flat"`` and
-        tells :meth:`_ret` how to hand results back.
+        tells :meth:`_ret` how to hand results back.  ``finite=False`` leaves the
+        finiteness check to the caller (see :meth:`_rhs_list`).
         """
         ctx = self._ctx
         if self._layered:
             if isinstance(X, (list, tuple)):
-                return self._rhs_list(X, name), "list"
+                return self._rhs_list(X, name, finite), "list"
             X = ctx.asarray(X, name)
             P = self.n_params
             if X.ndim < 1 or X.shape[-1] != P:
@@ -108,7 +109,8 @@ class Operator(ModuleRefs):
             X = ctx.asarray(X, name)
             q, p = self._blocks[0]
             if X.ndim >= 2 and X.shape[-1] == p and X.shape[-2] == q:  # the common case first
-                check_finite(ctx.xp, X, name)
+                if finite:
+                    check_finite(ctx.xp, X, name)
                 return [X], "matrix"
             P = p * q
             if X.ndim == 1 and X.shape[0] != P:
@@ -121,7 +123,8 @@ class Operator(ModuleRefs):
                     f"{name} must have shape (..., q, p) = (..., {q}, {p}) or be a flat column-stacked "
                     f"array (..., p*q) with p*q = {P}; got shape {shape_str(X)}"
                 )
-        check_finite(ctx.xp, X, name)
+        if finite:
+            check_finite(ctx.xp, X, name)
         return self._unflatten(X), "flat"
 
     def _rhs_list(self, Xs, name: str, finite: bool = True):

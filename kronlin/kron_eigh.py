@@ -45,6 +45,7 @@ from ._validate import (
     check_real_scalar,
     check_square,
     check_symmetric,
+    quiet_overflow,
     shape_str,
     singular_tol,
 )
@@ -322,9 +323,17 @@ class KronEigh(KronShaped):
         """
         damping = check_nonneg_scalar(damping, "damping")
         power = check_real_scalar(power, "power")
-        (X,), fmt = self._rhs(X)
+        # X is checked through the result: the orthonormal bases carry a NaN or infinity of X into it (no
+        # row of Qᵀ is zero; 0·NaN and 0·inf are NaN), so one pass (one host synchronisation on CuPy) less,
+        # and X is searched only to name it
+        (B,), fmt = self._rhs(X, finite=False)
         self._check_denominators(power, damping)
-        return self._ret([self._scaled(X, power, damping)], fmt)
+        with quiet_overflow(self._ctx.xp):  # a non-finite X or an overflow is reported below
+            Y = self._scaled(B, power, damping)
+        if not all_finite(self._ctx.xp, Y):
+            self._rhs(X)  # raises on a non-finite X, as the check before the product did
+            raise self._nonfinite(Y)
+        return self._ret([Y], fmt, checked=True)
 
     def solve(self, X, damping: float = 0.0):
         """Exactly ``(A ⊗ G + damping·I)⁻¹ vec(X)`` (K-FAC eq. 6 with Tikhonov damping)."""

@@ -171,3 +171,33 @@ def test_extension_and_reference_paths_agree():
             with _ext.disabled():
                 ref = E.power(X.astype(dtype), power, 0.1)
             assert rel_err(fast, ref) < (1e-14 if dtype == "float64" else 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["full", "thin", "thin-shifted"])
+@pytest.mark.parametrize("damping, power", [(0.0, -1.0), (0.3, -1.0), (0.3, -0.5), (0.0, 1.0)])
+def test_a_nonfinite_right_hand_side_is_named_wherever_it_sits(xp, kind, damping, power):
+    """solve/power check X through the result (the orthonormal bases carry a NaN or infinity of any entry
+    into it): every position, NaN and ±inf, on full and thin (from the rows) bases, is refused naming X."""
+    rng = np.random.default_rng(7)
+    p, q = 5, 3
+    if kind == "full":
+        E = Kron(on(xp, spd(rng, p)), on(xp, spd(rng, q))).eigh()
+    else:
+        shift = (0.2, 0.1) if kind == "thin-shifted" else (0.0, 0.0)
+        a, g = rng.standard_normal((2, p)), rng.standard_normal((2, q))
+        E = KronEigh.from_rows(on(xp, a), on(xp, g), shift_a=shift[0], shift_g=shift[1])
+        if shift == (0.0, 0.0) and damping == 0.0:
+            pytest.skip("singular without damping or shifts")
+    X = rng.standard_normal((q, p))
+    assert np.all(np.isfinite(to_np(E.power(on(xp, X), power, damping))))
+    for bad in (np.nan, np.inf, -np.inf):
+        for i in range(q):
+            for j in range(p):
+                Xb = X.copy()
+                Xb[i, j] = bad
+                with pytest.raises(ValueError, match=r"^X \(shape \(3, 5\)\) contains NaN or infinity"):
+                    E.power(on(xp, Xb), power, damping)
+        flat = X.T.reshape(-1).copy()  # a flat column-stacked vector: the message shows its own shape
+        flat[4] = bad
+        with pytest.raises(ValueError, match=r"^X \(shape \(15\)\) contains NaN or infinity"):
+            E.solve(on(xp, flat), damping=max(damping, 0.1))
