@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numpy.linalg import LinAlgError
 
-from ._backend import diagonal, dtype_eps, is_numpy
+from ._backend import diagonal, dtype_eps, is_numpy, to_numpy
 from ._kernels.symmetric import asymmetry
 
 __all__ = [
@@ -76,6 +76,26 @@ def all_finite(xp, x) -> bool:
     if is_numpy(xp):
         return bool(np.isfinite(x).all())
     return bool(xp.all(xp.isfinite(x)))
+
+
+def first_nonfinite(xp, arrays) -> int | None:
+    """The index of the first of ``arrays`` (one namespace ``xp``) that holds a NaN or infinity, else None.
+
+    One host decision for all of them.  NumPy sums them first: a finite total proves every array finite
+    (one pass each, no temporary), and a non-finite one (a NaN, an infinity, or an overflow of the total
+    alone) sends each array to the exact test of :func:`all_finite`.  Other libraries test them in one
+    reduction: on CuPy one device-to-host synchronisation, where a test per array is one each.
+    """
+    if not arrays:
+        return None
+    if is_numpy(xp):
+        with np.errstate(over="ignore", invalid="ignore"):
+            if math.isfinite(float(sum(np.sum(x) for x in arrays))):
+                return None
+        return next((i for i, x in enumerate(arrays) if not all_finite(xp, x)), None)
+    ok = to_numpy(xp.stack([xp.all(xp.isfinite(x)) for x in arrays]))
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if bad.size else None
 
 
 def check_finite(xp, x, name: str) -> None:

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import context, diagonal, is_numpy, mT, native_float, to_numpy
+from ._backend import context, diagonal, is_numpy, mT, native_float
 from ._kernels.symmetric import mirror_lower
 from ._linalg import second_moment
 from ._validate import (
-    all_finite,
     check_finite,
+    first_nonfinite,
     check_flag,
     check_nonneg_scalar,
     nonfinite_result,
@@ -137,16 +137,7 @@ def _first_nonfinite(xp, stats) -> int | None:
     diagonal entry non-finite too.  So one ``O(d)`` pass per factor replaces
     the ``O(N·d)`` input and ``O(d²)`` result passes.
     """
-    mats = stats["A_diag"] + stats["G_diag"]
-    if not is_numpy(xp) and len(mats) > 1:
-        # one device-to-host synchronisation for all the factors (on CuPy each all_finite is one)
-        ok = to_numpy(xp.stack([xp.all(xp.isfinite(diagonal(xp, M))) for M in mats]))
-        bad = np.flatnonzero(~ok)
-        return int(bad[0]) if bad.size else None
-    for i, M in enumerate(mats):
-        if not all_finite(xp, diagonal(xp, M)):
-            return i
-    return None
+    return first_nonfinite(xp, [diagonal(xp, M) for M in stats["A_diag"] + stats["G_diag"]])
 
 
 def _check_estimates(xp, stats, named, arrays):

@@ -183,3 +183,21 @@ def test_kron_eigh_accepts_float32_eigenvectors_promoted_by_float64_eigenvalues(
     w, Q = np.linalg.eigh((lambda X: X @ X.T + np.eye(4))(rng.standard_normal((4, 4))).astype(np.float32))
     E = KronEigh(Q, w.tolist(), np.eye(2, dtype=np.float32), [1.0, 2.0])
     assert E.dtype == np.float64
+
+
+def test_first_nonfinite_decides_once_and_has_no_false_alarm(xp):
+    """One decision for many arrays: the first non-finite one by index; finite arrays whose total overflows
+    (NumPy's sum prefilter) are still finite."""
+    from kronlin._validate import first_nonfinite
+
+    from helpers import on
+
+    big = np.full((3, 3), np.finfo(np.float64).max / 2)
+    arrs = [np.ones((2, 2)), big, big, np.ones(4)]
+    assert first_nonfinite(xp, [on(xp, a) for a in arrs]) is None
+    assert first_nonfinite(xp, []) is None
+    for k, bad in ((3, np.nan), (1, np.inf), (0, -np.inf)):
+        b = [a.copy() for a in arrs]
+        b[k].flat[0] = bad
+        b[3].flat[-1] = np.nan  # a later one too: the first is named
+        assert first_nonfinite(xp, [on(xp, a) for a in b]) == k
