@@ -40,13 +40,19 @@ def _scipy_linalg(xp):
     return None
 
 
-def _solve(xp, M, B):
-    """``xp.linalg.solve(M, B)`` with the batch dimensions broadcast (CuPy's ``solve`` does not broadcast)."""
+def _broadcast_batch(xp, M, B):
+    """``(M, B, batch)``: the matrices ``M`` and right-hand sides ``B`` broadcast to their common batch shape."""
     batch = tuple(np.broadcast_shapes(tuple(M.shape[:-2]), tuple(B.shape[:-2])))
     if tuple(M.shape[:-2]) != batch:
         M = xp.broadcast_to(M, batch + tuple(M.shape[-2:]))
     if tuple(B.shape[:-2]) != batch:
         B = xp.broadcast_to(B, batch + tuple(B.shape[-2:]))
+    return M, B, batch
+
+
+def _solve(xp, M, B):
+    """``xp.linalg.solve(M, B)`` with the batch dimensions broadcast (CuPy's ``solve`` does not broadcast)."""
+    M, B, _ = _broadcast_batch(xp, M, B)
     return xp.linalg.solve(M, B)
 
 
@@ -160,8 +166,9 @@ def _stack_loop(kind: str, M) -> bool:
     return M.shape[-1] >= _STACK_LOOP_MIN_N[kind, M.dtype.name]
 
 
-def _flat(M):
-    return np.reshape(M, (-1,) + tuple(M.shape[-2:]))
+def _flat(M, xp=np):
+    """A stack of matrices (..., m, n) as one batch dimension (-1, m, n)."""
+    return xp.reshape(M, (-1,) + tuple(M.shape[-2:]))
 
 
 def _syevd(M):
@@ -196,7 +203,7 @@ def _potrf(M, overwrite: bool = False):
         return None if info != 0 else U.T
     # each matrix factored in its own copy (its transpose is Fortran-ordered, so LAPACK writes the upper
     # factor Lᵀ into it): kronlin._kernels.cholesky, compiled or a loop of these same wrapper calls
-    L, info = potrf_stack(np.reshape(M, (-1,) + tuple(M.shape[-2:])), overwrite)
+    L, info = potrf_stack(_flat(M), overwrite)
     return None if info.any() else np.reshape(L, M.shape)
 
 
@@ -253,7 +260,7 @@ def _potri_stack(L, overwrite: bool = False):
     """``_potri_sym`` of every matrix of a stack, in place on ``L`` (``overwrite``) or on one copy:
     ``?potri`` per matrix and its mirror (:mod:`kronlin._kernels.cholesky`, compiled or a Python loop)."""
     T = L if overwrite and L.flags.c_contiguous else np.array(L, order="C", copy=True)
-    info = potri_stack(np.reshape(T, (-1,) + tuple(T.shape[-2:])))
+    info = potri_stack(_flat(T))
     return None if info.any() else T
 
 
@@ -477,8 +484,7 @@ def _eigh_stack_checked(xp, M, stacked, single):
     good = (fro(E) <= tau * fro(M / s)) & (fro(O) <= tau * math.sqrt(n))
     bad = np.flatnonzero(~np.asarray(to_numpy(xp.reshape(good, (-1,)))))
     if bad.size:
-        wf, Qf = xp.reshape(w, (-1, n)), xp.reshape(Q, (-1, n, n))
-        Mf = xp.reshape(M, (-1, n, n))
+        wf, Qf, Mf = xp.reshape(w, (-1, n)), _flat(Q, xp), _flat(M, xp)
         for i in bad.tolist():
             wf[i, ...], Qf[i, ...] = single(Mf[i])
         w, Q = xp.reshape(wf, tuple(w.shape)), xp.reshape(Qf, tuple(Q.shape))
@@ -488,16 +494,15 @@ def _eigh_stack_checked(xp, M, stacked, single):
 def _tri_solve_loop(xp, sl, L, B, trans: bool):
     """``L⁻¹ B`` (``trans``: ``L⁻ᵀ B``) for a stack of lower-triangular ``L``, one ``sl.solve_triangular``
     per matrix, the batch dimensions of ``L`` and ``B`` broadcast."""
-    batch = tuple(np.broadcast_shapes(tuple(L.shape[:-2]), tuple(B.shape[:-2])))
-    Lf = xp.reshape(xp.broadcast_to(L, batch + tuple(L.shape[-2:])), (-1,) + tuple(L.shape[-2:]))
-    Bf = xp.reshape(xp.broadcast_to(B, batch + tuple(B.shape[-2:])), (-1,) + tuple(B.shape[-2:]))
+    L, B, batch = _broadcast_batch(xp, L, B)
+    Lf, Bf = _flat(L, xp), _flat(B, xp)
     out = [sl.solve_triangular(Lf[i], Bf[i], lower=True, trans="T" if trans else "N") for i in range(Lf.shape[0])]
     return xp.reshape(xp.stack(out), batch + tuple(B.shape[-2:]))
 
 
 def _eigh_loop(xp, M):
     """``xp.linalg.eigh`` matrix by matrix over a stack, the results stacked again."""
-    flat = xp.reshape(M, (-1,) + tuple(M.shape[-2:]))
+    flat = _flat(M, xp)
     parts = [xp.linalg.eigh(flat[i]) for i in range(flat.shape[0])]
     w = xp.stack([p[0] for p in parts])
     Q = xp.stack([p[1] for p in parts])
