@@ -125,3 +125,20 @@ def torch_trainer(model, pre, batches, sync=None):
         return (time.perf_counter() - t) / steps
 
     return run
+
+
+def torch_mlp_task(sizes, N: int, device="cpu", seed: int = 0, batch_seed: int = 1, n_batches: int = 4):
+    """``(model, batches)``: the ReLU MLP with layer widths ``sizes`` (weights from ``torch.manual_seed(seed)``)
+    and ``n_batches`` classification batches ``(x, y)`` of ``N`` examples, all on ``device``."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1]).to(device)
+    g = torch.Generator(device=device).manual_seed(batch_seed)
+    batches = [(torch.randn(N, sizes[0], device=device, generator=g),
+                torch.randint(0, sizes[-1], (N,), device=device, generator=g)) for _ in range(n_batches)]
+    return model, batches

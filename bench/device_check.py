@@ -394,9 +394,8 @@ def torch_kfac_step(quick: bool) -> list:
     import copy as _copy
 
     import torch
-    from torch import nn
 
-    from _harness import torch_trainer
+    from _harness import torch_mlp_task, torch_trainer
     import kronlin.torch as kt
 
     if not torch.cuda.is_available():
@@ -405,14 +404,7 @@ def torch_kfac_step(quick: bool) -> list:
     shapes = [((784, 512, 512, 10), 256)] + ([] if quick else [((2048, 2048, 2048, 10), 1024)])
     for sizes, N in shapes:
         for mode in ("factored", "exact"):
-            torch.manual_seed(0)
-            layers = []
-            for a, b in zip(sizes, sizes[1:]):
-                layers += [nn.Linear(a, b), nn.ReLU()]
-            base = nn.Sequential(*layers[:-1]).to(dev)
-            g = torch.Generator(device=dev).manual_seed(1)
-            batches = [(torch.randn(N, sizes[0], device=dev, generator=g),
-                        torch.randint(0, sizes[-1], (N,), device=dev, generator=g)) for _ in range(4)]
+            base, batches = torch_mlp_task(sizes, N, device=dev)
 
             def trainer(model, pre, steps=10):
                 run = torch_trainer(model, pre, batches, torch.cuda.synchronize)

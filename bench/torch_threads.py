@@ -34,21 +34,13 @@ def child(torch_threads, blas_threads, sizes, N, rounds) -> dict:
 
     import torch
     from threadpoolctl import threadpool_info, threadpool_limits
-    from torch import nn
 
-    from _harness import torch_trainer
+    from _harness import torch_mlp_task, torch_trainer
     import kronlin.torch as kt
 
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
-    torch.manual_seed(0)
-    layers = []
-    for a, b in zip(sizes, sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    base = nn.Sequential(*layers[:-1])
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(N, sizes[0], generator=g), torch.randint(0, sizes[-1], (N,), generator=g))
-               for _ in range(4)]  # fmt: skip
+    base, batches = torch_mlp_task(sizes, N)
     model = copy.deepcopy(base)
     kfac = torch_trainer(model, kt.KFAC(model, damping=1e-2, damping_mode="factored", refresh_period=10), batches)
     sgd = torch_trainer(base, None, batches)

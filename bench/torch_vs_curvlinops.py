@@ -186,16 +186,9 @@ def overhead(repeat, refresh=10, N=256, sizes=(784, 512, 512, 10), lam=1e-2):
 
     import scipy.linalg as sl
 
-    torch.manual_seed(0)
-    layers = []
-    for a, b in zip(sizes, sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    model_sgd = nn.Sequential(*layers[:-1])
-    g = torch.Generator().manual_seed(4)
-    batches = [(torch.randn(N, sizes[0], generator=g), torch.randint(0, sizes[-1], (N,), generator=g))
-               for _ in range(4)]
+    from _harness import torch_mlp_task, torch_trainer
 
-    from _harness import torch_trainer
+    model_sgd, batches = torch_mlp_task(sizes, N, batch_seed=4)
 
     def trainer(model, pre):
         return torch_trainer(model, pre, batches)
