@@ -120,11 +120,12 @@ class Kron(KronShaped):
             fac = self._fac = self._new_factors()
         return fac
 
-    def _new_factors(self):
+    def _new_factors(self, judge_by_inverse: bool = False):
         xp = self._ctx.xp
         check_not_subnormal(xp, self._A, "A")
         check_not_subnormal(xp, self._G, "G")
-        return Factor(xp, self._A, "A"), Factor(xp, self._G, "G")
+        return (Factor(xp, self._A, "A", judge_by_inverse=judge_by_inverse),
+                Factor(xp, self._G, "G", judge_by_inverse=judge_by_inverse))
 
     _fa = property(lambda self: self._factors()[0], doc="The cached factorization of A.")
     _fg = property(lambda self: self._factors()[1], doc="The cached factorization of G.")
@@ -141,9 +142,11 @@ class Kron(KronShaped):
 
         Without cached factorizations (no ``solve``/``logdet`` before) the factors are factored for this
         call only and inverted in the factorizations' own memory (``Factor.inv(overwrite=True)``): one
-        copy of each factor less; a later ``solve`` factors them then, as it would have anyway."""
+        copy of each factor less; a later ``solve`` factors them then, as it would have anyway.  Such a
+        factor whose pivots leave a doubt is judged singular or not by the condition of the inverse it
+        gives (``judge_by_inverse``), not by a condition estimate first."""
         cached = self._fac is not None
-        fa, fg = self._factors() if cached else self._new_factors()
+        fa, fg = self._factors() if cached else self._new_factors(judge_by_inverse=True)
         kinds = (fa.kind, fg.kind)
         Ai, Gi = fa.inv(overwrite=not cached), fg.inv(overwrite=not cached)
         xp = self._ctx.xp

@@ -281,8 +281,9 @@ class BlockDiagInverse(_LayerBlocks):
         except LinAlgError:
             self._redamp(k, sources)
         # symmetric: checked in _setup (damping adds to the diagonal only)
-        return _KronInverse.of(Factor(xp, self._Ad[k], names[0], symmetric=True),
-                               Factor(xp, self._Gd[k], names[1], symmetric=True), overwrite=True)
+        return _KronInverse.of(Factor(xp, self._Ad[k], names[0], symmetric=True, judge_by_inverse=True),
+                               Factor(xp, self._Gd[k], names[1], symmetric=True, judge_by_inverse=True),
+                               overwrite=True)
 
     def update(self, A_diag, G_diag, gamma=None, pi=None):
         """Refresh with new statistics of the same shapes (e.g. every T₃ iterations)."""

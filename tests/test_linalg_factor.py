@@ -208,3 +208,74 @@ def test_ill_conditioned_but_regular_factors_are_kept():
     f = Factor(np, (M + M.T) / 2, "M")
     assert f.kind == "cholesky"
     assert rel_err(f.solve(np.eye(8)) @ M, np.eye(8)) < 1e-3
+
+
+def _rank_deficient(rng, n, r, dtype):
+    """``B Bᵀ`` of rank ``r < n``: PSD and singular; its Cholesky's last pivots are rounding noise."""
+    B = rng.standard_normal((n, r))
+    return (B @ B.T).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_inverse_verdict_refuses_what_the_condition_estimate_refuses(dtype, monkeypatch):
+    """``Kron.inv()`` judges a doubtful pivot ratio by the inverse it computes (``judge_by_inverse``): every
+    rank-deficient matrix whose pivots pass the ratio test is refused there, as ``solve`` (``?pocon``)
+    refuses it, and the verdict stands for every later call on the factor."""
+    from numpy.linalg import LinAlgError
+
+    import kronlin
+    from kronlin import _linalg
+
+    verdicts = []
+    spy = _linalg._inverse_singular
+    monkeypatch.setattr(_linalg, "_inverse_singular", lambda *a: verdicts.append(spy(*a)) or verdicts[-1])
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        n = int(rng.integers(3, 40))
+        M = _rank_deficient(rng, n, int(rng.integers(1, n)), dtype)
+        try:
+            Factor(np, M, "M")  # the condition estimate's verdict
+        except LinAlgError:
+            pocon_refuses = True
+        else:
+            pocon_refuses = False
+        calls = len(verdicts)
+        with pytest.raises(LinAlgError, match="A .*singular to working precision"):
+            kronlin.Kron(M, np.ones((1, 1), dtype)).inv()
+        f = Factor(np, M, "M", judge_by_inverse=True) if len(verdicts) > calls else None
+        if f is not None:  # the pivots left a doubt: the inverse decided, and a solve agrees afterwards
+            assert pocon_refuses
+            with pytest.raises(LinAlgError, match="singular"):
+                f.inv()
+            with pytest.raises(LinAlgError, match="singular"):  # the verdict stands
+                f.solve(np.eye(n, dtype=dtype))
+    assert sum(verdicts) >= 10  # the inverse decided in enough cases for the test to mean something
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ill_conditioned_regular_inverse_skips_the_condition_estimate(dtype, monkeypatch):
+    """A regular matrix whose pivot ratio is below sqrt(eps) is inverted without ``?pocon`` and accurately;
+    a solve on the same kind of factor runs the estimate first (and keeps the matrix)."""
+    import kronlin
+    from kronlin import _linalg
+
+    estimates = []
+    real = _linalg._condition_singular
+    monkeypatch.setattr(_linalg, "_condition_singular", lambda *a: estimates.append(a[0]) or real(*a))
+    eps = np.finfo(dtype).eps
+    cond = 1e-2 / eps  # pivot ratio 1/cond, below sqrt(eps); the 1-norm rcond above 10·eps
+    n = 4
+    rng = np.random.default_rng(5)
+    Q = np.eye(n)
+    Q[:-1, :-1] = np.linalg.qr(rng.standard_normal((n - 1, n - 1)))[0]  # the last coordinate kept apart:
+    M64 = (Q * np.array([1.0, 0.5, 0.3, 1 / cond])) @ Q.T  # the last pivot is the smallest eigenvalue
+    M = ((M64 + M64.T) / 2).astype(dtype)
+    Minv = kronlin.Kron(M, np.ones((1, 1), dtype)).inv().A
+    assert estimates == []
+    # a backward-stable inverse: relative residual of order cond·eps
+    res = np.linalg.norm(M.astype(np.float64) @ Minv.astype(np.float64) - np.eye(n)) / np.sqrt(n)
+    assert res < n * cond * eps
+    f = Factor(np, M, "M", judge_by_inverse=True)
+    assert f._suspect is not None  # the pivots did leave a doubt
+    f.solve(np.eye(n, dtype=dtype))
+    assert estimates == ["pocon"]  # which keeps it too

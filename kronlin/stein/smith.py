@@ -89,8 +89,8 @@ class SmithStein(ModuleRefs):
             raise ValueError(f"tol is a relative stopping tolerance and must be < 1 (default 4·eps); got {tol!r}")
         default = MAX_SQUARINGS if squared else 100_000
         self.max_iter = default if max_iter is None else check_positive_int(max_iter, "max_iter")
-        self._Ainv = Factor(xp, A, "A").inv()
-        self._Binv = Factor(xp, B, "B").inv()
+        self._Ainv = Factor(xp, A, "A", judge_by_inverse=True).inv()
+        self._Binv = Factor(xp, B, "B", judge_by_inverse=True).inv()
         M = self._Binv @ D
         N = self._Ainv @ C
         self.M, self.N = M, N
