@@ -59,6 +59,46 @@ def trainer(opt: str, hp=None):
     return run
 
 
+def work_model(tau1: float = 1.0, tau2: float = 1.0) -> dict:
+    """The arithmetic of one step of SGD and of K-FAC's extra parts on the main job's network, in MFLOP,
+    counted from the layer shapes (``(d_out, d_in + 1)`` per layer, batch ``N``; a GEMM ``2mnk``, a Gram
+    ``?syrk`` ``N·n(n+1)``, a Cholesky inverse ``n³``):
+
+    * both: two forward passes (the gradient's and the loss at the new weights, which decides acceptance),
+      the backward pass's ``g Wᵀ`` products and the weight gradients ``gᵀā``;
+    * K-FAC (§5, §6.4, §7, §8): the second backward pass at sampled targets and the factor statistics
+      ``āᵀā``, ``gᵀg`` (on ``⌈τ₁N⌉`` rows); one ``J v`` (a forward-mode pass: ``ā Vᵀ`` and ``dx Wᵀ`` per
+      layer) per candidate proposal and one for the previous update ``δ₀`` (on ``⌈τ₂N⌉`` rows); the
+      block-diagonal inverse applied per candidate (``G⁻¹ V A⁻¹``); the inverses rebuilt ``1/T₃ + 2/T₂``
+      times a step (a refresh, and the two other γ candidates every ``T₂``).
+
+    Elementwise work (activations, the losses, the checks) and Python are left out: the model is the
+    ratio the GEMMs alone would give.
+    """
+    import math as _math
+
+    config = make_config(COMPARE_DEFAULT_TASK, "kfac", seed=0, batch=DEFAULT_BATCH, steps=1)
+    _, net, _, opt = setup(config)
+    N, hp = config["batch"], opt.hparams
+    shapes = [(int(o), int(d1)) for o, d1 in net.shapes]  # (d_out, d_in + 1)
+    forward = sum(2 * N * o * d1 for o, d1 in shapes)
+    back_dx = sum(2 * N * o * (d1 - 1) for o, d1 in shapes[1:])
+    weight_grads = sum(2 * N * o * d1 for o, d1 in shapes)
+    n1, n2 = _math.ceil(tau1 * N), _math.ceil(tau2 * N)
+    candidates = 1 + 2 / hp["T2"]
+    parts = {
+        "sgd step (2 forward, backward, weight gradients)": 2 * forward + back_dx + weight_grads,
+        "sampled backward pass": back_dx * n1 / N,
+        "factor statistics": sum(n1 * (d1 * (d1 + 1) + o * (o + 1)) for o, d1 in shapes),
+        "J v products (quadratic model)": (candidates + 1) * (forward + back_dx) * n2 / N,
+        "inverse applied": candidates * sum(2 * (o * o * d1 + o * d1 * d1) for o, d1 in shapes),
+        "inverses rebuilt": (1 / hp["T3"] + 2 / hp["T2"]) * sum(d1**3 + o**3 for o, d1 in shapes),
+    }
+    parts = {k: v / 1e6 for k, v in parts.items()}
+    sgd = parts["sgd step (2 forward, backward, weight gradients)"]
+    return {"mflop": parts, "ratio": sum(parts.values()) / sgd}
+
+
 def quality(hp_by_name: dict) -> dict:
     """The main job's 1000-iteration run of K-FAC per setting and seed: final loss, mean of the last 10%, best."""
     out = {}
@@ -96,6 +136,7 @@ def main(variants: bool = False) -> dict:
            "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)], "ratios": ratios,
            "times": times, "blas": blas, "load_before": load, "load_after": os.getloadavg(),
            "python": platform.python_version(), "variant_ratios": variant_ratios}
+    out["work_model"] = {"kfac": work_model(), **{k: work_model(**hp) for k, hp in VARIANTS.items()}}
     if variants:
         out["quality"] = quality({"kfac (τ₁ = τ₂ = 1)": {}, **VARIANTS})
     with open(OUT + ".json", "w") as fh:
@@ -111,6 +152,17 @@ def main(variants: bool = False) -> dict:
         f"| {ms['kfac']:.2f} | {ms['sgd']:.2f} | **{out['ratio']:.2f}×** | {out['ratio_range'][0]:.2f}–"
         f"{out['ratio_range'][1]:.2f} | ≤ 2 (issue 13) |", "",
     ]
+    wm = out["work_model"]
+    md += ["## The arithmetic alone", "",
+           "`work_model()`: one step's MFLOP counted from the layer shapes (GEMMs, Grams, Cholesky inverses; "
+           "elementwise work and Python left out). The K-FAC/SGD ratio of the arithmetic is the ratio a step "
+           "free of every overhead would have.", "",
+           "| part | MFLOP/step |", "| --- | ---: |"]
+    md += [f"| {k} | {v:.1f} |" for k, v in wm["kfac"]["mflop"].items()]
+    md += ["", "| K-FAC | arithmetic K-FAC / SGD | measured K-FAC / SGD |", "| --- | ---: | ---: |",
+           f"| kfac (τ₁ = τ₂ = 1) | {wm['kfac']['ratio']:.2f}× | {out['ratio']:.2f}× |"]
+    md += [f"| {k} | {wm[k]['ratio']:.2f}× | {variant_ratios[k]:.2f}× |" for k in VARIANTS if k in variant_ratios]
+    md.append("")
     if variants:
         md += ["## K-FAC §8's subsets", "",
                "Paired in the same rounds as the table above (every optimizer once per round, the order rotating). "
