@@ -140,7 +140,9 @@ def test_dispatch_chooses_per_namespace(cpu_ext):
 
 
 # -- the symmetric-matrix family (csrc/cpu/symmetric_cpu.cpp) ------------------------------------------------
-SYM_SHAPES = [(1, 2, 2), (1, 63, 63), (1, 64, 64), (1, 65, 65), (3, 129, 129), (2, 300, 300), (200, 8, 8)]
+# orders on both sides of the 64-entry tiles, and every remainder of the 4 x 4 / 2 x 2 register transposes
+SYM_SHAPES = [(1, 2, 2), (2, 7, 7), (1, 63, 63), (1, 64, 64), (1, 65, 65), (3, 129, 129), (1, 130, 130), (2, 300, 300),
+              (200, 8, 8)]
 
 
 def _stack(shape, dtype, seed=0, asym=0.0):
