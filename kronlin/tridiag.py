@@ -162,8 +162,7 @@ class _LayerBlocks(Operator):
             if SA is None:
                 for k in ks:
                     for M, name in ((Ad[k], names[k]), (Gd[k], names[n + k])):
-                        check_finite(xp, M, name)
-                        check_symmetric(xp, M, name)
+                        check_symmetric(xp, M, name)  # refuses a non-finite entry too (one pass for both)
             groups.append((ks, SA, SG))
         for name, M in zip(names[2 * n:], Ao + Go):
             check_finite(xp, M, name)
