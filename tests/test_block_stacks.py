@@ -184,3 +184,22 @@ def test_a_groups_two_stacks_share_one_allocation():
     assert SA.base is not None and SA.base is SG.base and SA.flags.c_contiguous and SG.flags.c_contiguous
     SA2, SG2 = _stack_pair(np, As, [G.astype(np.float32) for G in Gs])  # two dtypes: two stacks
     assert SA2.dtype == np.float64 and SG2.dtype == np.float32 and np.array_equal(SG2, np.stack(Gs).astype(np.float32))
+
+
+def test_stacked_apply_results_are_independent_arrays():
+    """A group's results are rows of one result stack: writing into one leaves the other layers' results and
+    the operator alone, and every call returns new arrays (nothing is reused across calls)."""
+    rng = np.random.default_rng(6)
+    As, Gs = _layers(rng)
+    op = BlockDiagInverse(As, Gs, gamma=0.1)
+    Vs = [rng.standard_normal(s) for s in SHAPES]
+    first = op.apply(Vs)
+    kept = [y.copy() for y in first]
+    second = op.apply(Vs)
+    for y in first:
+        y[...] = np.nan  # the caller owns its results
+    for k, (y, ref) in enumerate(zip(second, kept)):
+        np.testing.assert_array_equal(y, ref)
+        assert not any(np.shares_memory(y, z) for z in first)
+        assert y.shape == SHAPES[k] and y.flags.writeable
+    np.testing.assert_array_equal(op.apply(Vs)[0], kept[0])
