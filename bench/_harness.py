@@ -81,16 +81,19 @@ def load_package(pkg_dir, name: str):
     return mod
 
 
-def shuffled_rounds(routes: dict, rounds: int, warmup: int = 0, args: tuple = ()) -> dict:
+def shuffled_rounds(routes: dict, rounds: int, warmup: int = 0, args: tuple = (), before=None) -> dict:
     """Per-round times (seconds) of every route: each round runs each route once, in a fresh random order,
     on the same ``args``, so that the routes of one round share the machine's state (the paired ratios
     ``t_route / t_floor`` of a round are then immune to load that changes between rounds).  The first
-    ``warmup`` rounds are not kept."""
+    ``warmup`` rounds are not kept.  ``before``: called, untimed, before every timed call (e.g.
+    :func:`evict_caches`)."""
     times = {k: [] for k in routes}
     for r in range(warmup + rounds):
         order = list(routes)
         random.shuffle(order)
         for name in order:
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             routes[name](*args)
             dt = time.perf_counter() - t0
@@ -98,6 +101,22 @@ def shuffled_rounds(routes: dict, rounds: int, warmup: int = 0, args: tuple = ()
                 times[name].append(dt)
     return times
 
+
+
+#: Larger than this machine's L2 (2 MiB a core) many times over
+_EVICT = None
+
+
+def evict_caches(nbytes: int = 32 << 20) -> None:
+    """Write ``nbytes`` of scratch memory, pushing what the last timed call left in the CPU caches out of them:
+    the next call starts cold, as an optimizer's apply does after a training step's forward and backward
+    passes, and no route reads inputs that another route has just brought into cache."""
+    global _EVICT
+    import numpy as np
+
+    if _EVICT is None or _EVICT.nbytes != nbytes:
+        _EVICT = np.zeros(nbytes // 8)
+    np.add(_EVICT, 1.0, out=_EVICT)
 
 
 def torch_trainer(model, pre, batches, sync=None):
