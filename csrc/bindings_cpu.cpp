@@ -7,7 +7,9 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "cpu/block_apply_cpu.h"
 #include "cpu/cholesky_cpu.h"
 #include "cpu/eig_scale_cpu.h"
 #include "cpu/woodbury_gram_cpu.h"
@@ -209,6 +211,53 @@ py::array_t<std::int32_t> potri_stack(py::array L, std::uintptr_t potri) {
   return info;
 }
 
+// The block-apply family (kronlin/_kernels/block_apply.py): Y[b] = G[b] V[b] At[b] by the ?gemm at address gemm
+// (scipy.linalg.cython_blas); returns the first b whose result is not finite, or -1.
+template <typename T>
+kronlin::blas_gemm_fn<T> gemm_fn(std::uintptr_t address) {
+  require(address != 0, "a BLAS routine's address is 0");
+  return reinterpret_cast<kronlin::blas_gemm_fn<T>>(address);
+}
+
+std::int64_t block_apply(py::array G, py::list V, py::array At, py::array Y, std::uintptr_t gemm) {
+  require(G.ndim() == 3 && At.ndim() == 3 && Y.ndim() == 3, "expected G (B, q, q), At (B, p, p) and Y (B, q, p)");
+  const auto B = Y.shape(0), q = Y.shape(1), p = Y.shape(2);
+  require(G.shape(0) == B && G.shape(1) == q && G.shape(2) == q, "G must be (B, q, q) with Y (B, q, p)");
+  require(At.shape(0) == B && At.shape(1) == p && At.shape(2) == p, "At must be (B, p, p) with Y (B, q, p)");
+  require(c_contiguous(G) && c_contiguous(At) && c_contiguous(Y), "G, At and Y must be C-contiguous");
+  require(Y.writeable(), "Y must be writeable");
+  require(same_dtype(G, Y) && same_dtype(At, Y), "G, At and Y must share one dtype");
+  const bool f64 = has_dtype<double>(Y);
+  if (!f64 && !has_dtype<float>(Y)) throw std::invalid_argument("kronlin._C: dtype must be float32 or float64");
+  require(q < (std::int64_t(1) << 31) && p < (std::int64_t(1) << 31), "the orders exceed BLAS's 32-bit integers");
+  require(static_cast<std::int64_t>(py::len(V)) == B, "V must hold one matrix per matrix of the stacks");
+  std::vector<py::array> keep;  // the references that keep V's arrays alive without the GIL
+  std::vector<const void*> ptrs(static_cast<std::size_t>(B));
+  keep.reserve(static_cast<std::size_t>(B));
+  for (std::int64_t b = 0; b < B; ++b) {
+    py::handle h = V[static_cast<std::size_t>(b)];
+    require(py::isinstance<py::array>(h), "V must hold NumPy arrays");
+    auto v = py::reinterpret_borrow<py::array>(h);
+    require(v.ndim() == 2 && v.shape(0) == q && v.shape(1) == p && c_contiguous(v) && same_dtype(v, Y),
+            "every V[b] must be a C-contiguous (q, p) matrix of Y's dtype");
+    ptrs[static_cast<std::size_t>(b)] = v.data();
+    keep.push_back(v);
+  }
+  const void* g = G.data();
+  const void* at = At.data();
+  void* y = Y.mutable_data();
+  py::gil_scoped_release release;
+  if (f64) {
+    return kronlin::block_apply_cpu<double>(static_cast<const double*>(g),
+                                            reinterpret_cast<const double* const*>(ptrs.data()),
+                                            static_cast<const double*>(at), static_cast<double*>(y), B, q, p,
+                                            gemm_fn<double>(gemm));
+  }
+  return kronlin::block_apply_cpu<float>(static_cast<const float*>(g), reinterpret_cast<const float* const*>(ptrs.data()),
+                                         static_cast<const float*>(at), static_cast<float*>(y), B, q, p,
+                                         gemm_fn<float>(gemm));
+}
+
 int openmp_max_threads() {
 #if defined(KRONLIN_HAVE_OPENMP)
   return omp_get_max_threads();
@@ -233,6 +282,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("potri_stack", &potri_stack, py::arg("L"), py::arg("potri"),
         "In place: the lower Cholesky factors L[b] become (L L^T)^-1, exactly symmetric, by the ?potri at address "
         "potri; returns LAPACK's info per matrix.");
+  m.def("block_apply", &block_apply, py::arg("G"), py::arg("V"), py::arg("At"), py::arg("Y"), py::arg("gemm"),
+        "Y[b] = G[b] @ V[b] @ At[b] (C-contiguous float stacks G (B, q, q), At (B, p, p), Y (B, q, p); V a list of B "
+        "(q, p) matrices) by the ?gemm at address gemm; returns the first b whose Y[b] is not finite, or -1.");
   m.def("gsylv_backsub", &gsylv_backsub, py::arg("S1"), py::arg("T1"), py::arg("S2"), py::arg("T2"), py::arg("W"),
         py::arg("sign"),
         "In place: W (B, q, p) becomes Y with S1 Y S2^T + sign T1 Y T2^T = W (real generalized Schur form); "

@@ -30,6 +30,18 @@ def potri_stack(L: npt.NDArray[np.floating], potri: int) -> npt.NDArray[np.int32
     """In place: the lower Cholesky factors ``L[b]`` become ``(L Lᵀ)⁻¹``, exactly symmetric, by the ``?potri``
     at address ``potri``; returns LAPACK's info per matrix."""
 
+def block_apply(
+    G: npt.NDArray[np.floating],
+    V: list[npt.NDArray[np.floating]],
+    At: npt.NDArray[np.floating],
+    Y: npt.NDArray[np.floating],
+    gemm: int,
+) -> int:
+    """``Y[b] = G[b] @ V[b] @ At[b]`` for C-contiguous stacks ``G`` (B, q, q), ``At`` (B, p, p), ``Y`` (B, q, p)
+    and a list ``V`` of B C-contiguous (q, p) matrices, one dtype (float32 or float64), by the ``?gemm`` at
+    address ``gemm`` (``scipy.linalg.cython_blas``); returns the first ``b`` whose ``Y[b]`` holds a NaN or an
+    infinity, or -1."""
+
 def gsylv_backsub(
     S1: npt.NDArray[np.floating],
     T1: npt.NDArray[np.floating],

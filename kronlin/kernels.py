@@ -19,7 +19,10 @@ tests that compare the two, users checking what their build runs:
   ``xp`` first; and :func:`potrf_stack` / :func:`potrf_stack_reference`,
   :func:`potri_stack` / :func:`potri_stack_reference` (the Cholesky factors and
   SPD inverses of NumPy stacks, SciPy's LAPACK called from one C++ loop; these
-  take the stack only);
+  take the stack only), and :func:`block_apply` / :func:`block_apply_reference`
+  (``BlockDiagInverse.apply``'s products ``G⁻¹ V A⁻ᵀ`` of a group of equal-shaped
+  layers and the finiteness test of their results, SciPy's ``?gemm`` from one
+  C++ loop; NumPy arrays only, no namespace argument);
 * :func:`kernel` (a compiled function bound to its backend, or ``None``) and
   :func:`compiled` (the compiled module serving a namespace, or ``None``);
 * :func:`disabled`, a context manager that forces the references, and
@@ -46,6 +49,7 @@ from __future__ import annotations
 from . import _ext
 from ._ext import disabled, enabled
 from ._kernels._dispatch import Kernel, kernel, module_for
+from ._kernels.block_apply import block_apply, block_apply_reference
 from ._kernels.cholesky import potrf_stack, potrf_stack_reference, potri_stack, potri_stack_reference
 from ._kernels.eig_scale import eig_scale, eig_scale_reference
 from ._kernels.gsylv import gsylv_backsub, gsylv_backsub_reference
@@ -57,6 +61,8 @@ __all__ = [
     "Kernel",
     "asymmetry",
     "asymmetry_reference",
+    "block_apply",
+    "block_apply_reference",
     "compiled",
     "disabled",
     "eig_scale",

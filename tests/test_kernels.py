@@ -11,6 +11,7 @@ import pytest
 import kronlin
 from kronlin import Kron, _ext, kernels
 from kronlin._kernels import _dispatch, cholesky
+from kronlin._kernels.block_apply import COMPILED_MAX_ORDER, block_apply, gemm_address
 from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
 from kronlin._kernels.symmetric import asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference
 from kronlin._kernels.woodbury_gram import gram_shared, gram_shared_reference
@@ -342,3 +343,91 @@ def test_lapack_addresses_are_scipys_c_routines():
     for name in ("spotrf", "dpotrf", "spotri", "dpotri"):
         assert isinstance(cholesky.lapack_address(name), int)
     assert cholesky.lapack_address("nope") is None
+
+
+# -- the block-apply family (csrc/cpu/block_apply_cpu.cpp) -----------------------------------------------
+def _blocks(B, q, p, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((B, q, q)).astype(dtype)
+    At = rng.standard_normal((B, p, p)).astype(dtype)
+    V = [rng.standard_normal((q, p)).astype(dtype) for _ in range(B)]
+    return G, V, At
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("B, q, p", [(1, 1, 1), (3, 5, 7), (200, 8, 8), (4, 64, 33), (2, 130, 65)])
+def test_block_apply_cpu_matches_reference_and_products(cpu_ext, dtype, B, q, p):
+    G, V, At = _blocks(B, q, p, dtype, B + q + p)
+    Y = np.empty((B, q, p), dtype=dtype)  # the kernel itself, at every order (the dispatch stops at 96)
+    bad = cpu_ext.block_apply(G, V, At, Y, gemm_address(dtype))
+    bad = None if bad < 0 else bad
+    assert np.array_equal(block_apply(G, V, At)[0], Y) or max(q, p) > COMPILED_MAX_ORDER
+    with kernels.disabled():
+        Y_ref, bad_ref = block_apply(G, V, At)
+    assert bad is None and bad_ref is None and Y.dtype == np.dtype(dtype) and Y.shape == (B, q, p)
+    exact = np.stack([G[b].astype(np.float64) @ V[b] @ At[b] for b in range(B)])
+    # two GEMMs of inner sizes q and p: rounding of order (q + p)·eps relative to the products' scale
+    scale = np.stack([np.abs(G[b]).astype(np.float64) @ np.abs(V[b]) @ np.abs(At[b]) for b in range(B)])
+    eps = np.finfo(dtype).eps
+    for got in (Y, Y_ref):
+        assert np.all(np.abs(got - exact) <= 2 * (q + p) * eps * scale)
+    # NumPy's and SciPy's OpenBLAS builds may order the sums differently: agreement to rounding
+    assert np.all(np.abs(Y - Y_ref) <= 2 * (q + p) * eps * scale)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, 5, 11])
+def test_block_apply_cpu_reports_the_first_nonfinite_result(cpu_ext, bad, where):
+    G, V, At = _blocks(12, 6, 9, "float64", 3)
+    V[where][2, 3] = bad
+    V[11][0, 0] = bad  # a later one too: the first is reported
+    for ctx in (contextlib.nullcontext(), kernels.disabled()):
+        with ctx:
+            Y, b = block_apply(G, V, At)
+        assert b == where
+        assert np.all(np.isfinite(Y[:where]))
+    # an overflow of finite blocks is found the same way
+    G, V, At = _blocks(4, 6, 9, "float32", 5)
+    V[2] *= np.float32(1e36)
+    G[2] *= np.float32(1e4)  # G V reaches about 1e40, beyond float32's 3.4e38
+    assert np.all(np.isfinite(V[2])) and np.all(np.isfinite(G[2]))
+    for ctx in (contextlib.nullcontext(), kernels.disabled()):
+        with ctx:
+            assert block_apply(G, V, At)[1] == 2
+
+
+def test_block_apply_cpu_refuses_bad_arguments_and_the_dispatch_falls_back(cpu_ext):
+    G, V, At = _blocks(3, 4, 5, "float64")
+    Y = np.empty((3, 4, 5))
+    address = gemm_address(np.float64)
+    assert isinstance(address, int) and isinstance(gemm_address(np.float32), int) and gemm_address(np.int64) is None
+    with pytest.raises(ValueError, match="one matrix per matrix"):
+        cpu_ext.block_apply(G, V[:2], At, Y, address)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cpu_ext.block_apply(G, [np.asfortranarray(v) for v in V], At, Y, address)
+    with pytest.raises(ValueError, match="NumPy arrays"):
+        cpu_ext.block_apply(G, [v.tolist() for v in V], At, Y, address)
+    with pytest.raises(ValueError, match="share one dtype"):
+        cpu_ext.block_apply(G.astype(np.float32), V, At, Y, address)
+    with pytest.raises(ValueError, match="address is 0"):
+        cpu_ext.block_apply(G, V, At, Y, 0)
+    # what the kernel does not take goes to the reference, with the same answers
+    ref = np.stack([g @ v @ a for g, v, a in zip(G, V, At)])
+    for Vx in ([np.asfortranarray(v) for v in V], [v[:, ::1].astype(">f8") for v in V]):
+        got, bad = block_apply(G, Vx, At)
+        assert bad is None and np.allclose(got, ref, rtol=1e-13, atol=1e-13)
+
+
+def test_block_apply_dispatch_compiles_small_blocks_only(cpu_ext, monkeypatch):
+    """The compiled loop serves blocks up to COMPILED_MAX_ORDER wide, the NumPy loop the wider ones."""
+    from kronlin._kernels import block_apply as family
+
+    calls = []
+    real = family.block_apply_reference
+    monkeypatch.setattr(family, "block_apply_reference", lambda *a: calls.append(a[0].shape) or real(*a))
+    G, V, At = _blocks(3, COMPILED_MAX_ORDER, 8, "float32")
+    family.block_apply(G, V, At)
+    assert calls == []
+    G, V, At = _blocks(3, COMPILED_MAX_ORDER + 1, 8, "float32")
+    family.block_apply(G, V, At)
+    assert calls == [G.shape]

@@ -19,43 +19,22 @@ mirror cost 10-30% of the LAPACK time (bench/results/block_stacks.md).
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 
 from .._backend import native_float
 from ._dispatch import kernel
+from ._scipy_capi import routine_address
 from .symmetric import mirror_lower
 
 __all__ = ["compiled_stacks", "potrf_stack", "potrf_stack_reference", "potri_stack", "potri_stack_reference", "in_place"]
-
-_ADDRESSES: dict = {}
 
 
 def lapack_address(name: str) -> int | None:
     """The address of SciPy's C-callable LAPACK routine ``name`` (``"spotrf"``, ...), or None when
     ``scipy.linalg.cython_lapack`` does not export it with the ``(char*, int*, T*, int*, int*)`` signature
     the kernels call."""
-    if name in _ADDRESSES:
-        return _ADDRESSES[name]
-    address = None
-    try:
-        from scipy.linalg import cython_lapack
-
-        capsule = cython_lapack.__pyx_capi__[name]
-        # private prototypes: setting restype/argtypes on ctypes.pythonapi's shared functions would change
-        # them for every other user in the process
-        get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
-        get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
-            ("PyCapsule_GetPointer", ctypes.pythonapi))
-        signature = get_name(capsule)
-        text = signature.decode()
-        if text.startswith("void (char *, int *, ") and text.endswith(" *, int *, int *)"):
-            address = get_pointer(capsule, signature) or None
-    except (ImportError, AttributeError, KeyError, ValueError):  # pragma: no cover - SciPy without the C API
-        address = None
-    _ADDRESSES[name] = address
-    return address
+    return routine_address("cython_lapack", name,
+                           lambda sig: sig.startswith("void (char *, int *, ") and sig.endswith(" *, int *, int *)"))
 
 
 def _compiled(name: str, M):
