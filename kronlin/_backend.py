@@ -99,14 +99,18 @@ class Ctx:
             return x[()] if x.ndim == 0 else x
         return self.out(x)
 
-    def asarray(self, x, name: str):
+    def asarray(self, x, name: str, index: int | None = None):
         """Convert a later argument (a right-hand side) into this context's namespace.
 
         Its dtype is promoted with the context's: a float64 right-hand side
-        against a float32 operator computes (and returns) float64.
+        against a float32 operator computes (and returns) float64.  ``index``:
+        the argument is ``name[index]`` (one of a list; the name is built only
+        for an error).
         """
         if self.xp is np and type(x) is np.ndarray and self.foreign is None and x.dtype == self.dtype:
             return x  # the common case, decided without the namespace lookups (per-layer blocks: 200 calls an apply)
+        if index is not None:
+            name = f"{name}[{index}]"
         ns, fr = _namespace_of(x, name)
         plain = isinstance(x, _PLAIN)
         if fr is not None and (fr is not self.foreign and (self.foreign is None or _ns_name(fr) != _ns_name(self.foreign))):

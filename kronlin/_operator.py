@@ -136,13 +136,14 @@ class Operator(ModuleRefs):
                 f"{name} must hold one array per layer ({n} layers of shapes {self.layer_shapes}); got {len(Xs)}"
             )
         out = []
-        for k, (x, (q, p)) in enumerate(zip(Xs, self._blocks)):
-            x = self._ctx.asarray(x, f"{name}[{k}]")
-            if x.ndim < 2 or tuple(x.shape[-2:]) != (q, p):
-                raise ValueError(f"{name}[{k}] must have shape (..., d_out, d_in) = (..., {q}, {p}) for layer {k}; "
-                                 f"got shape {shape_str(x)}")
+        ctx = self._ctx
+        for k, (x, qp) in enumerate(zip(Xs, self._blocks)):
+            x = ctx.asarray(x, name, k)
+            if tuple(x.shape[-2:]) != tuple(qp):  # (a matrix or a stack: fewer dimensions never match)
+                raise ValueError(f"{name}[{k}] must have shape (..., d_out, d_in) = (..., {qp[0]}, {qp[1]}) for layer "
+                                 f"{k}; got shape {shape_str(x)}")
             if finite:
-                check_finite(self._ctx.xp, x, f"{name}[{k}]")
+                check_finite(ctx.xp, x, f"{name}[{k}]")
             out.append(x)
         leads = {tuple(x.shape[:-2]) for x in out}
         try:  # (np.broadcast_shapes builds an array per shape: 0.15 ms for 200 layers, when one shape is all)
