@@ -147,6 +147,39 @@ py::tuple asymmetry(py::array x) {
   return py::make_tuple(asym, scale);
 }
 
+py::tuple stack_asymmetry(py::list xs, py::array out) {
+  require_square_stack(out);
+  require(out.writeable(), "out must be writeable");
+  const auto B = out.shape(0), n = out.shape(1);
+  require(static_cast<std::int64_t>(py::len(xs)) == B, "xs must hold one matrix per matrix of out");
+  std::vector<py::array> keep;  // the references that keep the matrices alive without the GIL
+  std::vector<const void*> ptrs(static_cast<std::size_t>(B));
+  keep.reserve(static_cast<std::size_t>(B));
+  for (std::int64_t b = 0; b < B; ++b) {
+    py::handle h = xs[static_cast<std::size_t>(b)];
+    require(py::isinstance<py::array>(h), "xs must hold NumPy arrays");
+    auto x = py::reinterpret_borrow<py::array>(h);
+    require(x.ndim() == 2 && x.shape(0) == n && x.shape(1) == n && c_contiguous(x) && same_dtype(x, out),
+            "every xs[b] must be a C-contiguous (n, n) matrix of out's dtype");
+    ptrs[static_cast<std::size_t>(b)] = x.data();
+    keep.push_back(x);
+  }
+  double asym = 0.0, scale = 0.0;
+  const bool f64 = has_dtype<double>(out);
+  void* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    if (f64) {
+      kronlin::stack_asymmetry_cpu<double>(reinterpret_cast<const double* const*>(ptrs.data()), B, n,
+                                           static_cast<double*>(o), &asym, &scale);
+    } else {
+      kronlin::stack_asymmetry_cpu<float>(reinterpret_cast<const float* const*>(ptrs.data()), B, n,
+                                          static_cast<float*>(o), &asym, &scale);
+    }
+  }
+  return py::make_tuple(asym, scale);
+}
+
 void mirror_lower(py::array x) {
   require_square_stack(x);
   require(x.writeable(), "the stack must be writeable");
@@ -274,6 +307,9 @@ PYBIND11_MODULE(_C, m) {
         "In place: Y[b, i, j] *= (lg[b, i] * la[b, j] + shift) ** power on C-contiguous float arrays.");
   m.def("asymmetry", &asymmetry, py::arg("x"),
         "(max|x - x^T|, max|x|) over a C-contiguous (B, n, n) float stack; (nan, nan) if an entry is not finite.");
+  m.def("stack_asymmetry", &stack_asymmetry, py::arg("xs"), py::arg("out"),
+        "out[b] = xs[b] (a list of B C-contiguous (n, n) float matrices into a C-contiguous (B, n, n) stack), and "
+        "(max|out - out^T|, max|out|) measured while each matrix is in cache; (nan, nan) if an entry is not finite.");
   m.def("mirror_lower", &mirror_lower, py::arg("x"),
         "In place: the lower triangle of each matrix of a C-contiguous (B, n, n) float stack copied onto the upper one.");
   m.def("potrf_stack", &potrf_stack, py::arg("S"), py::arg("out"), py::arg("potrf"),

@@ -104,11 +104,11 @@ def check_finite(xp, x, name: str) -> None:
         raise ValueError(f"{name} (shape {shape_str(x)}) contains NaN or infinity; kronlin needs finite input")
 
 
-def _asymmetry(xp, x):
+def _asymmetry(xp, x, measured=None):
     """``(max|x - xᵀ|, tolerance)`` of a square (stack of) matrices (one tiled pass,
-    :func:`kronlin._kernels.symmetric.asymmetry`; ``(nan, nan)`` for a non-finite entry, which
-    no comparison accepts)."""
-    asym, scale = asymmetry(xp, x)
+    :func:`kronlin._kernels.symmetric.asymmetry`, or its ``(asym, scale)`` already ``measured``;
+    ``(nan, nan)`` for a non-finite entry, which no comparison accepts)."""
+    asym, scale = asymmetry(xp, x) if measured is None else measured
     return asym, SYM_RTOL_FACTOR * dtype_eps(xp, x.dtype) * scale
 
 
@@ -117,9 +117,10 @@ def _symmetric_within_tol(xp, x) -> bool:
     return asym <= tol
 
 
-def check_symmetric(xp, x, name: str) -> None:
-    """``x`` (..., n, n) must be symmetric to round-off (see :data:`SYM_RTOL_FACTOR`)."""
-    asym, tol = _asymmetry(xp, x)
+def check_symmetric(xp, x, name: str, measured=None) -> None:
+    """``x`` (..., n, n) must be symmetric to round-off (see :data:`SYM_RTOL_FACTOR`); ``measured``: its
+    ``(asym, scale)`` from :func:`kronlin._kernels.symmetric.stack_asymmetry`, which built it."""
+    asym, tol = _asymmetry(xp, x, measured)
     if asym != asym:  # asymmetry() is NaN for a NaN or infinite entry: refused as check_finite refuses it
         check_finite(xp, x, name)
     if asym > tol:

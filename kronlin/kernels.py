@@ -13,10 +13,11 @@ tests that compare the two, users checking what their build runs:
   (the weight-sharing Gram of ``WoodburyFisher``), :func:`gsylv_backsub` /
   :func:`gsylv_backsub_reference` (the back-substitution of
   ``KronSumInverse(method="schur")``), :func:`asymmetry` /
-  :func:`asymmetry_reference` and :func:`mirror_lower` /
-  :func:`mirror_lower_reference` (the symmetry check of every symmetric input
-  and the mirror after LAPACK ``potri``); every one takes the array namespace
-  ``xp`` first; and :func:`potrf_stack` / :func:`potrf_stack_reference`,
+  :func:`asymmetry_reference`, :func:`stack_asymmetry` /
+  :func:`stack_asymmetry_reference` (matrices stacked and measured in one pass)
+  and :func:`mirror_lower` / :func:`mirror_lower_reference` (the symmetry check
+  of every symmetric input and the mirror after LAPACK ``potri``); every one
+  takes the array namespace ``xp`` first; and :func:`potrf_stack` / :func:`potrf_stack_reference`,
   :func:`potri_stack` / :func:`potri_stack_reference` (the Cholesky factors and
   SPD inverses of NumPy stacks, SciPy's LAPACK called from one C++ loop; these
   take the stack only), and :func:`block_apply` / :func:`block_apply_reference`
@@ -53,7 +54,8 @@ from ._kernels.block_apply import block_apply, block_apply_reference
 from ._kernels.cholesky import potrf_stack, potrf_stack_reference, potri_stack, potri_stack_reference
 from ._kernels.eig_scale import eig_scale, eig_scale_reference
 from ._kernels.gsylv import gsylv_backsub, gsylv_backsub_reference
-from ._kernels.symmetric import asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference
+from ._kernels.symmetric import (asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference, stack_asymmetry,
+                                 stack_asymmetry_reference)
 from ._kernels.woodbury_gram import gram_shared, gram_shared_grad, gram_shared_reference
 
 __all__ = [
@@ -82,6 +84,8 @@ __all__ = [
     "potrf_stack_reference",
     "potri_stack",
     "potri_stack_reference",
+    "stack_asymmetry",
+    "stack_asymmetry_reference",
 ]
 
 #: True when ``KRONLIN_DISABLE_EXT`` was set (not ``0``/``false``/``no``) when kronlin was imported.

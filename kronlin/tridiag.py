@@ -26,6 +26,7 @@ import numpy as np
 
 from ._backend import context, is_numpy, mT, owned_copy
 from ._kernels.block_apply import block_apply
+from ._kernels.symmetric import stack_asymmetry
 from ._linalg import Factor
 from ._operator import Operator
 from ._validate import (
@@ -76,20 +77,19 @@ def _plus_diagonal(xp, M, v, in_place: bool):
 
 
 def _stack_pair(xp, As, Gs):
-    """``(stack(As), stack(Gs))``; NumPy: two views of one allocation.
+    """``(stack(As), stack(Gs), measured)``; NumPy: two views of one allocation, and ``measured`` their
+    ``(asym, scale)`` pairs, taken while each matrix is copied in (``stack_asymmetry``; None elsewhere).
 
     The pair lives and dies together (the damped copies, then the inverses, of one group), and one buffer
     of their joint size is what glibc's malloc keeps for the next refresh: freeing two stacks of half the
     size each at the top of the heap reaches its trim threshold (twice the largest chunk freed so far), so
     every build page-faulted its stacks in again (200 × 64² float32: 4.2 ms of a 26 ms build)."""
     if not is_numpy(xp) or As[0].dtype != Gs[0].dtype:
-        return xp.stack(As), xp.stack(Gs)
+        return xp.stack(As), xp.stack(Gs), None
     B, p, q = len(As), As[0].shape[-1], Gs[0].shape[-1]
     buf = np.empty(B * (p * p + q * q), dtype=As[0].dtype)
     SA, SG = buf[: B * p * p].reshape(B, p, p), buf[B * p * p :].reshape(B, q, q)
-    np.stack(As, out=SA)
-    np.stack(Gs, out=SG)
-    return SA, SG
+    return SA, SG, (stack_asymmetry(np, As, SA), stack_asymmetry(np, Gs, SG))
 
 
 def _by_shape(shapes) -> list:
@@ -154,10 +154,10 @@ class _LayerBlocks(Operator):
         for ks in _by_shape(self.shapes):
             SA = SG = None
             if len(ks) > 1:
-                SA, SG = _stack_pair(xp, [Ad[k] for k in ks], [Gd[k] for k in ks])
+                SA, SG, measured = _stack_pair(xp, [Ad[k] for k in ks], [Gd[k] for k in ks])
                 try:
-                    for S in (SA, SG):
-                        check_symmetric(xp, S, "a stack")  # refuses a non-finite entry too (one pass for both)
+                    for S, m in zip((SA, SG), measured or (None, None)):
+                        check_symmetric(xp, S, "a stack", m)  # refuses a non-finite entry too (one pass for both)
                 except ValueError:
                     SA = SG = None
             if SA is None:

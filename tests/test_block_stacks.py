@@ -11,6 +11,7 @@ import pytest
 import scipy.linalg as sl
 
 from kronlin import BlockDiagInverse, pi_factor
+from kronlin._kernels.symmetric import asymmetry_reference
 
 from helpers import DTYPES, on, rel_err, to_np, tol
 from kronlin.testing import spd, unvec, vec
@@ -179,11 +180,14 @@ def test_a_groups_two_stacks_share_one_allocation():
     rng = np.random.default_rng(6)
     As = [rng.standard_normal((4, 4)) for _ in range(3)]
     Gs = [rng.standard_normal((2, 2)) for _ in range(3)]
-    SA, SG = _stack_pair(np, As, Gs)
+    SA, SG, measured = _stack_pair(np, As, Gs)
     assert np.array_equal(SA, np.stack(As)) and np.array_equal(SG, np.stack(Gs))
     assert SA.base is not None and SA.base is SG.base and SA.flags.c_contiguous and SG.flags.c_contiguous
-    SA2, SG2 = _stack_pair(np, As, [G.astype(np.float32) for G in Gs])  # two dtypes: two stacks
+    # each stack's symmetry measured while it was copied in: what the symmetry test of the stack gives
+    assert measured == (asymmetry_reference(np, SA), asymmetry_reference(np, SG))
+    SA2, SG2, measured2 = _stack_pair(np, As, [G.astype(np.float32) for G in Gs])  # two dtypes: two stacks
     assert SA2.dtype == np.float64 and SG2.dtype == np.float32 and np.array_equal(SG2, np.stack(Gs).astype(np.float32))
+    assert measured2 is None
 
 
 def test_stacked_apply_results_are_independent_arrays():

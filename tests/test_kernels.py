@@ -13,7 +13,8 @@ from kronlin import Kron, _ext, kernels
 from kronlin._kernels import _dispatch, cholesky
 from kronlin._kernels.block_apply import COMPILED_MAX_ORDER, block_apply, gemm_address
 from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
-from kronlin._kernels.symmetric import asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference
+from kronlin._kernels.symmetric import (asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference,
+                                        stack_asymmetry)
 from kronlin._kernels.woodbury_gram import gram_shared, gram_shared_reference
 from kronlin._validate import check_symmetric
 from kronlin.testing import spd
@@ -431,3 +432,36 @@ def test_block_apply_dispatch_compiles_small_blocks_only(cpu_ext, monkeypatch):
     G, V, At = _blocks(3, COMPILED_MAX_ORDER + 1, 8, "float32")
     family.block_apply(G, V, At)
     assert calls == [G.shape]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", SYM_SHAPES)
+@pytest.mark.parametrize("asym", [0.0, 0.37])
+def test_stack_asymmetry_cpu_matches_stacking_then_measuring(cpu_ext, dtype, shape, asym):
+    S = _stack(shape, dtype, sum(shape) + 1, asym)
+    Ms = [np.ascontiguousarray(M) for M in S]
+    out = np.empty_like(S)
+    got = stack_asymmetry(np, Ms, out)
+    assert np.array_equal(out, S)
+    assert got == asymmetry_reference(np, S)  # exact maxima: equal, not close
+    with kernels.disabled():
+        out2 = np.empty_like(S)
+        assert stack_asymmetry(np, Ms, out2) == got and np.array_equal(out2, S)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_stack_asymmetry_cpu_nonfinite_and_bad_arguments(cpu_ext, bad):
+    S = _stack((3, 70, 70), "float64")
+    S[2, 5, 66] = bad
+    got = cpu_ext.stack_asymmetry(list(S), np.empty_like(S))
+    assert math.isnan(got[0]) and math.isnan(got[1])
+    with pytest.raises(ValueError, match="one matrix per matrix"):
+        cpu_ext.stack_asymmetry(list(S[:2]), np.empty_like(S))
+    with pytest.raises(ValueError, match=r"C-contiguous \(n, n\) matrix of out's dtype"):
+        cpu_ext.stack_asymmetry([M.astype(np.float32) for M in S], np.empty_like(S))
+    with pytest.raises(ValueError, match="NumPy arrays"):
+        cpu_ext.stack_asymmetry([M.tolist() for M in S], np.empty_like(S))
+    # what the kernel does not take goes to the reference: the same measure
+    T = _stack((3, 9, 9), "float64")
+    out = np.empty_like(T)
+    assert stack_asymmetry(np, [np.asfortranarray(M) for M in T], out) == asymmetry_reference(np, T)

@@ -178,6 +178,31 @@ void tile_row(const T* m, std::int64_t n, std::int64_t i0, std::int64_t i1, T* b
   }
 }
 
+// The maxima of tile row i0 of matrix m (its pairs against their mirror images, and its diagonal for the
+// scale) folded into a_max, s_max and nan.
+template <typename T>
+void tile_row_maxima(const T* m, std::int64_t n, std::int64_t i0, T& a_max, T& s_max, bool& nan) {
+  const std::int64_t i1 = std::min(i0 + kTile, n);
+  T buf[kTile * kTile];
+  Maxima<T> acc;
+  tile_row(m, n, i0, i1, buf, acc);
+  // the diagonal entries pair with themselves: they count for the scale only (|d - d| = 0, or NaN)
+  for (std::int64_t i = i0; i < i1; ++i) acc.one(m[i * n + i], m[i * n + i]);
+  T a_w, s_w;
+  bool bad;
+  acc.result(a_w, s_w, bad);
+  a_max = std::max(a_max, a_w);
+  s_max = std::max(s_max, s_w);
+  nan = nan || bad;
+}
+
+template <typename T>
+void report(T a_max, T s_max, bool nan, double* asym, double* scale) {
+  const bool finite = !nan && std::isfinite(s_max);  // a NaN shows in some |a - b|, an infinity in s_max
+  *asym = finite ? static_cast<double>(a_max) : NAN;
+  *scale = finite ? static_cast<double>(s_max) : NAN;
+}
+
 }  // namespace
 
 template <typename T>
@@ -191,23 +216,25 @@ void asymmetry_cpu(const T* x, std::int64_t B, std::int64_t n, double* asym, dou
     if (B * n * n >= kParallelThreshold)
 #endif
   for (std::int64_t w = 0; w < work; ++w) {
-    const T* m = x + (w / tiles) * n * n;
-    const std::int64_t i0 = (w % tiles) * kTile, i1 = std::min(i0 + kTile, n);
-    T buf[kTile * kTile];
-    Maxima<T> acc;
-    tile_row(m, n, i0, i1, buf, acc);
-    // the diagonal entries pair with themselves: they count for the scale only (|d - d| = 0, or NaN)
-    for (std::int64_t i = i0; i < i1; ++i) acc.one(m[i * n + i], m[i * n + i]);
-    T a_w, s_w;
-    bool bad;
-    acc.result(a_w, s_w, bad);
-    a_max = std::max(a_max, a_w);
-    s_max = std::max(s_max, s_w);
-    nan = nan || bad;
+    tile_row_maxima(x + (w / tiles) * n * n, n, (w % tiles) * kTile, a_max, s_max, nan);
   }
-  const bool finite = !nan && std::isfinite(s_max);  // a NaN shows in some |a - b|, an infinity in s_max
-  *asym = finite ? static_cast<double>(a_max) : NAN;
-  *scale = finite ? static_cast<double>(s_max) : NAN;
+  report(a_max, s_max, nan, asym, scale);
+}
+
+template <typename T>
+void stack_asymmetry_cpu(const T* const* xs, std::int64_t B, std::int64_t n, T* out, double* asym, double* scale) {
+  T a_max = 0, s_max = 0;
+  bool nan = false;
+#if defined(KRONLIN_HAVE_OPENMP)
+#pragma omp parallel for schedule(static) reduction(max : a_max, s_max) reduction(|| : nan) \
+    if (B * n * n >= kParallelThreshold)
+#endif
+  for (std::int64_t b = 0; b < B; ++b) {
+    T* m = out + b * n * n;
+    std::memcpy(m, xs[b], static_cast<std::size_t>(n * n) * sizeof(T));
+    for (std::int64_t i0 = 0; i0 < n; i0 += kTile) tile_row_maxima(m, n, i0, a_max, s_max, nan);  // in cache
+  }
+  report(a_max, s_max, nan, asym, scale);
 }
 
 template <typename T>
@@ -258,6 +285,9 @@ void mirror_lower_cpu(T* x, std::int64_t B, std::int64_t n) {
 
 template void asymmetry_cpu<float>(const float*, std::int64_t, std::int64_t, double*, double*);
 template void asymmetry_cpu<double>(const double*, std::int64_t, std::int64_t, double*, double*);
+template void stack_asymmetry_cpu<float>(const float* const*, std::int64_t, std::int64_t, float*, double*, double*);
+template void stack_asymmetry_cpu<double>(const double* const*, std::int64_t, std::int64_t, double*, double*,
+                                          double*);
 template void mirror_lower_cpu<float>(float*, std::int64_t, std::int64_t);
 template void mirror_lower_cpu<double>(double*, std::int64_t, std::int64_t);
 
