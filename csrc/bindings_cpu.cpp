@@ -147,33 +147,48 @@ py::tuple asymmetry(py::array x) {
   return py::make_tuple(asym, scale);
 }
 
+// The data of a list of B C-contiguous (rows, cols) NumPy matrices of `like`'s dtype (`what` names the list in
+// errors), with the references that keep them alive while the GIL is released.
+struct MatrixList {
+  std::vector<py::array> keep;
+  std::vector<const void*> data;
+};
+
+MatrixList matrix_list(const py::list& xs, std::int64_t B, std::int64_t rows, std::int64_t cols, const py::array& like,
+                       const std::string& what) {
+  require(static_cast<std::int64_t>(py::len(xs)) == B, what + " must hold one matrix per matrix of the stacks");
+  MatrixList out;
+  out.keep.reserve(static_cast<std::size_t>(B));
+  out.data.reserve(static_cast<std::size_t>(B));
+  for (std::int64_t b = 0; b < B; ++b) {
+    py::handle h = xs[static_cast<std::size_t>(b)];
+    require(py::isinstance<py::array>(h), what + " must hold NumPy arrays");
+    auto x = py::reinterpret_borrow<py::array>(h);
+    require(x.ndim() == 2 && x.shape(0) == rows && x.shape(1) == cols && c_contiguous(x) && same_dtype(x, like),
+            "every " + what + "[b] must be a C-contiguous (" + std::to_string(rows) + ", " + std::to_string(cols) +
+                ") matrix of the stacks' dtype");
+    out.data.push_back(x.data());
+    out.keep.push_back(x);
+  }
+  return out;
+}
+
 py::tuple stack_asymmetry(py::list xs, py::array out) {
   require_square_stack(out);
   require(out.writeable(), "out must be writeable");
   const auto B = out.shape(0), n = out.shape(1);
-  require(static_cast<std::int64_t>(py::len(xs)) == B, "xs must hold one matrix per matrix of out");
-  std::vector<py::array> keep;  // the references that keep the matrices alive without the GIL
-  std::vector<const void*> ptrs(static_cast<std::size_t>(B));
-  keep.reserve(static_cast<std::size_t>(B));
-  for (std::int64_t b = 0; b < B; ++b) {
-    py::handle h = xs[static_cast<std::size_t>(b)];
-    require(py::isinstance<py::array>(h), "xs must hold NumPy arrays");
-    auto x = py::reinterpret_borrow<py::array>(h);
-    require(x.ndim() == 2 && x.shape(0) == n && x.shape(1) == n && c_contiguous(x) && same_dtype(x, out),
-            "every xs[b] must be a C-contiguous (n, n) matrix of out's dtype");
-    ptrs[static_cast<std::size_t>(b)] = x.data();
-    keep.push_back(x);
-  }
+  const MatrixList xl = matrix_list(xs, B, n, n, out, "xs");
+  const void* const* ptrs = xl.data.data();
   double asym = 0.0, scale = 0.0;
   const bool f64 = has_dtype<double>(out);
   void* o = out.mutable_data();
   {
     py::gil_scoped_release release;
     if (f64) {
-      kronlin::stack_asymmetry_cpu<double>(reinterpret_cast<const double* const*>(ptrs.data()), B, n,
+      kronlin::stack_asymmetry_cpu<double>(reinterpret_cast<const double* const*>(ptrs), B, n,
                                            static_cast<double*>(o), &asym, &scale);
     } else {
-      kronlin::stack_asymmetry_cpu<float>(reinterpret_cast<const float* const*>(ptrs.data()), B, n,
+      kronlin::stack_asymmetry_cpu<float>(reinterpret_cast<const float* const*>(ptrs), B, n,
                                           static_cast<float*>(o), &asym, &scale);
     }
   }
@@ -263,30 +278,19 @@ std::int64_t block_apply(py::array G, py::list V, py::array At, py::array Y, std
   const bool f64 = has_dtype<double>(Y);
   if (!f64 && !has_dtype<float>(Y)) throw std::invalid_argument("kronlin._C: dtype must be float32 or float64");
   require(q < (std::int64_t(1) << 31) && p < (std::int64_t(1) << 31), "the orders exceed BLAS's 32-bit integers");
-  require(static_cast<std::int64_t>(py::len(V)) == B, "V must hold one matrix per matrix of the stacks");
-  std::vector<py::array> keep;  // the references that keep V's arrays alive without the GIL
-  std::vector<const void*> ptrs(static_cast<std::size_t>(B));
-  keep.reserve(static_cast<std::size_t>(B));
-  for (std::int64_t b = 0; b < B; ++b) {
-    py::handle h = V[static_cast<std::size_t>(b)];
-    require(py::isinstance<py::array>(h), "V must hold NumPy arrays");
-    auto v = py::reinterpret_borrow<py::array>(h);
-    require(v.ndim() == 2 && v.shape(0) == q && v.shape(1) == p && c_contiguous(v) && same_dtype(v, Y),
-            "every V[b] must be a C-contiguous (q, p) matrix of Y's dtype");
-    ptrs[static_cast<std::size_t>(b)] = v.data();
-    keep.push_back(v);
-  }
+  const MatrixList vl = matrix_list(V, B, q, p, Y, "V");
+  const void* const* ptrs = vl.data.data();
   const void* g = G.data();
   const void* at = At.data();
   void* y = Y.mutable_data();
   py::gil_scoped_release release;
   if (f64) {
     return kronlin::block_apply_cpu<double>(static_cast<const double*>(g),
-                                            reinterpret_cast<const double* const*>(ptrs.data()),
+                                            reinterpret_cast<const double* const*>(ptrs),
                                             static_cast<const double*>(at), static_cast<double*>(y), B, q, p,
                                             gemm_fn<double>(gemm));
   }
-  return kronlin::block_apply_cpu<float>(static_cast<const float*>(g), reinterpret_cast<const float* const*>(ptrs.data()),
+  return kronlin::block_apply_cpu<float>(static_cast<const float*>(g), reinterpret_cast<const float* const*>(ptrs),
                                          static_cast<const float*>(at), static_cast<float*>(y), B, q, p,
                                          gemm_fn<float>(gemm));
 }

@@ -457,7 +457,7 @@ def test_stack_asymmetry_cpu_nonfinite_and_bad_arguments(cpu_ext, bad):
     assert math.isnan(got[0]) and math.isnan(got[1])
     with pytest.raises(ValueError, match="one matrix per matrix"):
         cpu_ext.stack_asymmetry(list(S[:2]), np.empty_like(S))
-    with pytest.raises(ValueError, match=r"C-contiguous \(n, n\) matrix of out's dtype"):
+    with pytest.raises(ValueError, match=r"every xs\[b\] must be a C-contiguous \(70, 70\) matrix of the stacks' dtype"):
         cpu_ext.stack_asymmetry([M.astype(np.float32) for M in S], np.empty_like(S))
     with pytest.raises(ValueError, match="NumPy arrays"):
         cpu_ext.stack_asymmetry([M.tolist() for M in S], np.empty_like(S))
