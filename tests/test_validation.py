@@ -201,3 +201,18 @@ def test_first_nonfinite_decides_once_and_has_no_false_alarm(xp):
         b[k].flat[0] = bad
         b[3].flat[-1] = np.nan  # a later one too: the first is named
         assert first_nonfinite(xp, [on(xp, a) for a in b]) == k
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_one_by_one_factors_are_refused_when_not_finite(bad):
+    """The symmetry test is the finiteness test of a factor (one pass for both), at order 1 too, where there
+    is nothing off the diagonal to compare: a single layer, a stacked group of 1 × 1 layers, a refresh."""
+    import kronlin
+
+    with pytest.raises(ValueError, match=r"A_diag\[0\] \(shape \(1, 1\)\) contains NaN or infinity"):
+        kronlin.BlockDiagInverse([np.array([[bad]]), np.eye(2)], [np.eye(2), np.eye(3)], gamma=0.1)
+    with pytest.raises(ValueError, match=r"G_diag\[1\] \(shape \(1, 1\)\) contains NaN or infinity"):
+        kronlin.BlockDiagInverse([np.eye(1), np.eye(1)], [np.eye(1), np.array([[bad]])], gamma=0.1)
+    eig = kronlin.Kron(np.eye(1), np.eye(2)).eigh()
+    with pytest.raises(ValueError, match=r"A \(shape \(1, 1\)\) contains NaN or infinity"):
+        eig.refresh(np.array([[bad]]), np.eye(2), damping=0.1)

@@ -52,8 +52,10 @@ def asymmetry_reference(xp, x) -> tuple[float, float]:
 def asymmetry(xp, x) -> tuple[float, float]:
     """``(max|x − xᵀ|, max|x|)`` of a square ``(..., n, n)`` array; ``(nan, nan)`` if any entry is not finite."""
     n = x.shape[-1]
-    if n <= 1 or math.prod(x.shape) == 0:
-        return 0.0, 0.0  # nothing off the diagonal (an entry's finiteness is checked elsewhere)
+    if math.prod(x.shape) == 0:
+        return 0.0, 0.0
+    if n <= 1:  # nothing off the diagonal; a NaN or infinity still gives (nan, nan), as at every other order
+        return asymmetry_reference(xp, x)
     run = kernel(xp, "asymmetry")
     if run is not None and native_float(x) and x.flags.c_contiguous:
         return run(np.reshape(x, (-1, n, n)))
