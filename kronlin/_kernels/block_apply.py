@@ -15,6 +15,8 @@ different OpenBLAS builds (NumPy's and SciPy's), so they agree to rounding, not 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .._backend import native_float
@@ -49,7 +51,9 @@ def block_apply_reference(G, V, At):
         for b, v in enumerate(V):
             np.matmul(G[b], v, out=tmp)
             np.matmul(tmp, At[b], out=Y[b])
-    bad = np.flatnonzero(~np.isfinite(Y).reshape(B, -1).all(axis=1))
+        if math.isfinite(float(np.sum(Y))):  # one pass, no temporary: the common case decided
+            return Y, None
+    bad = np.flatnonzero(~np.isfinite(Y).reshape(B, -1).all(axis=1))  # a NaN, an infinity, or a total's overflow
     return Y, (int(bad[0]) if bad.size else None)
 
 
