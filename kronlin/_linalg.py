@@ -667,7 +667,7 @@ def rows_eigh(xp, X, scale: float, name: str):
     """
     n, p = X.shape[-2], X.shape[-1]
     dense = 5 * n > 4 * p  # measured crossover ~0.85·p (one thread, float32, p = 512): dense ?syevd of M
-    with quiet_overflow(xp):
+    with quiet_overflow():
         K = second_moment(xp, X if dense else mT(X), scale)  # scale·XᵀX, or the Gram matrix scale·XXᵀ
     if not all_finite(xp, K):
         fix = f"rescale {name} (or its scale)" + (", or use float64" if K.dtype == xp.float32 else "")

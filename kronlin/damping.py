@@ -56,7 +56,7 @@ def _factor_norms(xp, A, G, norm):
 
 def _pi(ctx, A, G, norm, nameA: str = "A", nameG: str = "G"):
     xp = ctx.xp
-    with quiet_overflow(xp):
+    with quiet_overflow():
         nA, nG, what = _factor_norms(xp, A, G, norm)
     for val, name, M in ((nA, nameA, A), (nG, nameG, G)):
         if not bool(xp.all(xp.isfinite(val))):  # else π would come out 0 or inf, silently

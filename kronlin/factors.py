@@ -113,7 +113,7 @@ def _estimates(xp, A, G, N, tridiagonal, weight=1.0, lower_only=False):
     n = len(A)
     A = [_rows(xp, a)[0] for a in A]  # Σ_t on the activation side
     G = [(g2, T) for g2, T in (_rows(xp, g) for g in G)]  # (1/T) Σ_t on the gradient side
-    with quiet_overflow(xp):  # a non-finite estimate is found and named by _check_estimates
+    with quiet_overflow():  # a non-finite estimate is found and named by _check_estimates
         return {
             "A_diag": [second_moment(xp, a, weight / N, lower_only) for a in A],
             "G_diag": [second_moment(xp, g, weight / (N * T), lower_only) for g, T in G],

@@ -328,7 +328,7 @@ class KronEigh(KronShaped):
         # and X is searched only to name it
         (B,), fmt = self._rhs(X, finite=False)
         self._check_denominators(power, damping)
-        with quiet_overflow(self._ctx.xp):  # a non-finite X or an overflow is reported below
+        with quiet_overflow():  # a non-finite X or an overflow is reported below
             Y = self._scaled(B, power, damping)
         if not all_finite(self._ctx.xp, Y):
             self._rhs(X)  # raises on a non-finite X, as the check before the product did

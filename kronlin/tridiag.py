@@ -324,14 +324,14 @@ class BlockDiagInverse(_LayerBlocks):
                     Y, b = block_apply(IG, Vs, IA)
                     bad = bad or b is not None
                 else:
-                    with quiet_overflow(xp):
+                    with quiet_overflow():
                         Y = IG @ xp.stack(Vs) @ IA
                     unchecked.append(Y)
                 for j, k in enumerate(ks):
                     out[k] = Y[j, ...]
         for k, (blk, V) in enumerate(zip(self.blocks, V_list)):
             if out[k] is None:
-                with quiet_overflow(xp):
+                with quiet_overflow():
                     out[k] = blk.apply(V)
                 unchecked.append(out[k])
         if check and (bad or first_nonfinite(xp, unchecked) is not None):
@@ -499,7 +499,7 @@ class BlockTridiagInverse(_LayerBlocks):
         """Pair ``k``'s Stein set-up: ``Ψ^Ā_k``, ``Ψ^G_k`` and ``Σ_{k+1|k+2}⁻¹`` (K-FAC §4.3)."""
         xp, Ao, Go = self._ctx.xp, self._Ao, self._Go
         # Ψ^Ā = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ and Ψ^G = G_{k+1,k+2} G_{k+2,k+2}⁻¹, by solves (factors symmetric)
-        with quiet_overflow(xp):  # overflow is reported below, naming the argument
+        with quiet_overflow():  # overflow is reported below, naming the argument
             psiA = mT(f[k + 1][0].solve(mT(Ao[k])))
             psiG = mT(f[k + 1][1].solve(mT(Go[k])))
             C = psiA @ mT(Ao[k])  # Ψ^Ā Ā_{k+1,k+1} Ψ^Āᵀ = Ā_{k,k+1} Ā_{k+1,k+1}⁻¹ Ā_{k,k+1}ᵀ
