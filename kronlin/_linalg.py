@@ -395,14 +395,18 @@ class Factor(ModuleRefs):
         return LinAlgError(f"{self.name} (shape {shape_str(self._M)}) is positive semi-definite but singular to "
                            f"working precision; add damping to make it invertible")
 
+    def _judge(self, singular: bool):
+        """Record the verdict on a doubt ``judge_by_inverse`` left open (it stands for every later call), and
+        raise if it is "singular"."""
+        self._suspect = True if singular else None
+        if singular:
+            raise self._singular_psd()
+
     def _settle(self):
         """Before a solve: a doubt that ``judge_by_inverse`` left open is judged by the condition estimate."""
         if self._suspect is not None:
-            if self._suspect is True or _condition_singular("pocon", self._M, self._L, self._suspect,
-                                                            dtype_eps(self.xp, self._M.dtype)):
-                self._suspect = True  # the verdict stands for every later call
-                raise self._singular_psd()
-            self._suspect = None
+            self._judge(self._suspect is True or _condition_singular("pocon", self._M, self._L, self._suspect,
+                                                                     dtype_eps(self.xp, self._M.dtype)))
 
     # -- solves -------------------------------------------------------------
     def _fold(self, B):
@@ -478,13 +482,10 @@ class Factor(ModuleRefs):
         A doubt left open by ``judge_by_inverse`` is settled here, by the inverse itself.
         """
         if self._suspect is True:  # judged singular before
-            raise self._singular_psd()
+            self._judge(True)
         C = self._inv(overwrite)
         if self._suspect is not None:
-            if _inverse_singular(self._M, C, self._suspect, dtype_eps(self.xp, self._M.dtype)):
-                self._suspect = True  # the verdict stands for every later call
-                raise self._singular_psd()
-            self._suspect = None
+            self._judge(_inverse_singular(self._M, C, self._suspect, dtype_eps(self.xp, self._M.dtype)))
         return C
 
     def _inv(self, overwrite):
