@@ -15,11 +15,10 @@ different OpenBLAS builds (NumPy's and SciPy's), so they agree to rounding, not 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .._backend import native_float
+from .._validate import first_nonfinite
 from ._dispatch import kernel
 from ._scipy_capi import routine_address
 
@@ -43,7 +42,8 @@ def gemm_address(dtype) -> int | None:
 
 
 def block_apply_reference(G, V, At):
-    """``(Y, b)``: the loop of ``np.matmul`` calls the compiled kernel replaces, then one finiteness test."""
+    """``(Y, b)``: the loop of ``np.matmul`` calls the compiled kernel replaces, then the finiteness test of
+    the results (:func:`kronlin._validate.first_nonfinite`)."""
     B, q, p = len(V), G.shape[-1], At.shape[-1]
     Y = np.empty((B, q, p), dtype=G.dtype)
     tmp = np.empty((q, p), dtype=G.dtype)
@@ -51,10 +51,9 @@ def block_apply_reference(G, V, At):
         for b, v in enumerate(V):
             np.matmul(G[b], v, out=tmp)
             np.matmul(tmp, At[b], out=Y[b])
-        if math.isfinite(float(np.sum(Y))):  # one pass, no temporary: the common case decided
-            return Y, None
-    bad = np.flatnonzero(~np.isfinite(Y).reshape(B, -1).all(axis=1))  # a NaN, an infinity, or a total's overflow
-    return Y, (int(bad[0]) if bad.size else None)
+    # the stack decided at once (one sum: the all-finite case), its layers searched only when it holds a NaN
+    # or an infinity (a test per layer made the main job's apply 1.07x against 1.01x)
+    return Y, None if first_nonfinite(np, [Y]) is None else first_nonfinite(np, list(Y))
 
 
 def block_apply(G, V, At):
