@@ -442,6 +442,19 @@ def _fmt(v, spec=".3g"):
     return "–" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
 
 
+def _table_rows(rows, ncols: int, lead, row) -> list:
+    """Markdown rows of ``ncols`` cells: ``row(r)``, or for a record that was skipped, ``lead(r)`` (the cells
+    before the reason, possibly none), the reason, and empty cells."""
+    out = []
+    for r in rows:
+        if "skipped" in r:
+            cells = list(lead(r)) + [f"skipped: {r['skipped']}"]
+            out.append("| " + " | ".join(cells) + " |" + " |" * (ncols - len(cells)))
+        else:
+            out.append(row(r))
+    return out
+
+
 def markdown(rec: dict) -> str:
     env = rec["environment"]
     L = [f"# GPU check {rec['date']}", "",
@@ -491,12 +504,9 @@ def markdown(rec: dict) -> str:
         L += ["## eigh float32 failure path (n = 128)", "",
               "| case | cuSOLVER f32 non-finite | cuSOLVER error | kronlin non-finite | kronlin rel. err | kronlin raised |",
               "|---|---|---|---|---|---|"]
-        for r in s["eigh_failure"]:
-            if "skipped" in r:
-                L.append(f"| {r['case']} | skipped: {r['skipped']} | | | | |")
-                continue
-            L.append(f"| {r['case']} | {_fmt(r['cusolver_float32_nonfinite'])} | {_fmt(r['cusolver_error'])} | "
-                     f"{_fmt(r['kronlin_nonfinite'])} | {_fmt(r['kronlin_rel_err'], '.1e')} | {_fmt(r['kronlin_raised'])} |")
+        L += _table_rows(s["eigh_failure"], 6, lambda r: [r["case"]], lambda r: (
+            f"| {r['case']} | {_fmt(r['cusolver_float32_nonfinite'])} | {_fmt(r['cusolver_error'])} | "
+            f"{_fmt(r['kronlin_nonfinite'])} | {_fmt(r['kronlin_rel_err'], '.1e')} | {_fmt(r['kronlin_raised'])} |"))
         L.append("")
     if isinstance(s.get("cupy_routes"), list):
         L += ["## CuPy decomposition routes (kronlin._linalg), ms", "",
@@ -515,12 +525,9 @@ def markdown(rec: dict) -> str:
               "Wall clock over blocks of 10 steps, device synchronised at the ends; SGD and KFAC alternated, "
               "ratio = median of the per-round ratios.", "",
               "| MLP | batch | damping | SGD step ms | KFAC step ms | KFAC / SGD |", "|---|---|---|---|---|---|"]
-        for r in s["torch_kfac"]:
-            if "skipped" in r:
-                L.append(f"| skipped: {r['skipped']} | | | | | |")
-                continue
-            L.append(f"| {r['sizes']} | {r['N']} | {r['damping_mode']} | {r['sgd_ms']:.2f} | {r['kfac_ms']:.2f} | "
-                     f"{r['ratio']:.2f}x |")
+        L += _table_rows(s["torch_kfac"], 6, lambda r: [], lambda r: (
+            f"| {r['sizes']} | {r['N']} | {r['damping_mode']} | {r['sgd_ms']:.2f} | {r['kfac_ms']:.2f} | "
+            f"{r['ratio']:.2f}x |"))
         L.append("")
     for name, v in s.items():
         if isinstance(v, dict) and "error" in v:
