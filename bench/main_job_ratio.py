@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -75,8 +76,6 @@ def work_model(tau1: float = 1.0, tau2: float = 1.0) -> dict:
     Elementwise work (activations, the losses, the checks) and Python are left out: the model is the
     ratio the GEMMs alone would give.
     """
-    import math as _math
-
     config = make_config(COMPARE_DEFAULT_TASK, "kfac", seed=0, batch=DEFAULT_BATCH, steps=1)
     _, net, _, opt = setup(config)
     N, hp = config["batch"], opt.hparams
@@ -84,7 +83,7 @@ def work_model(tau1: float = 1.0, tau2: float = 1.0) -> dict:
     forward = sum(2 * N * o * d1 for o, d1 in shapes)
     back_dx = sum(2 * N * o * (d1 - 1) for o, d1 in shapes[1:])
     weight_grads = sum(2 * N * o * d1 for o, d1 in shapes)
-    n1, n2 = _math.ceil(tau1 * N), _math.ceil(tau2 * N)
+    n1, n2 = math.ceil(tau1 * N), math.ceil(tau2 * N)
     candidates = 1 + 2 / hp["T2"]
     parts = {
         "sgd step (2 forward, backward, weight gradients)": 2 * forward + back_dx + weight_grads,
