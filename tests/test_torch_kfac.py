@@ -24,7 +24,7 @@ import kronlin  # noqa: E402
 import kronlin.torch as kt  # noqa: E402
 from torch_helpers import (  # noqa: E402
     batch, close, cnn, dense_factors, example_loss, grad_block, layers_of, mlp, per_example, plain_copy, resumed_run,
-    run_step, single_thread, train, vec,
+    run_step, train, vec,
 )
 
 # torch warns that padding="same" with an even kernel (the asymmetric case the CNN below tests on
