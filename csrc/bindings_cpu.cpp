@@ -209,13 +209,15 @@ void mirror_lower(py::array x) {
   }
 }
 
+// A SciPy BLAS or LAPACK routine (scipy.linalg.cython_blas / cython_lapack) from the address the package passes.
+template <typename Fn>
+Fn routine_at(std::uintptr_t address) {
+  require(address != 0, "a BLAS or LAPACK routine's address is 0");
+  return reinterpret_cast<Fn>(address);
+}
+
 // The Cholesky family (kronlin/_kernels/cholesky.py): C-contiguous (B, n, n) float stacks and the addresses of
 // SciPy's ?potrf / ?potri (scipy.linalg.cython_lapack) for their dtype; returns LAPACK's info per matrix.
-template <typename T>
-kronlin::lapack_chol_fn<T> lapack_fn(std::uintptr_t address) {
-  require(address != 0, "a LAPACK routine's address is 0");
-  return reinterpret_cast<kronlin::lapack_chol_fn<T>>(address);
-}
 
 py::array_t<std::int32_t> potrf_stack(py::array S, py::array out, std::uintptr_t potrf) {
   require_square_stack(S);
@@ -233,10 +235,10 @@ py::array_t<std::int32_t> potrf_stack(py::array S, py::array out, std::uintptr_t
   py::gil_scoped_release release;
   if (f64) {
     kronlin::potrf_stack_cpu<double>(static_cast<const double*>(s), static_cast<double*>(o), B, n,
-                                     lapack_fn<double>(potrf), inf);
+                                     routine_at<kronlin::lapack_chol_fn<double>>(potrf), inf);
   } else {
     kronlin::potrf_stack_cpu<float>(static_cast<const float*>(s), static_cast<float*>(o), B, n,
-                                    lapack_fn<float>(potrf), inf);
+                                    routine_at<kronlin::lapack_chol_fn<float>>(potrf), inf);
   }
   return info;
 }
@@ -252,20 +254,17 @@ py::array_t<std::int32_t> potri_stack(py::array L, std::uintptr_t potri) {
   void* l = L.mutable_data();
   py::gil_scoped_release release;
   if (f64) {
-    kronlin::potri_stack_cpu<double>(static_cast<double*>(l), B, n, lapack_fn<double>(potri), inf);
+    kronlin::potri_stack_cpu<double>(static_cast<double*>(l), B, n,
+                                     routine_at<kronlin::lapack_chol_fn<double>>(potri), inf);
   } else {
-    kronlin::potri_stack_cpu<float>(static_cast<float*>(l), B, n, lapack_fn<float>(potri), inf);
+    kronlin::potri_stack_cpu<float>(static_cast<float*>(l), B, n, routine_at<kronlin::lapack_chol_fn<float>>(potri),
+                                    inf);
   }
   return info;
 }
 
 // The block-apply family (kronlin/_kernels/block_apply.py): Y[b] = G[b] V[b] At[b] by the ?gemm at address gemm
 // (scipy.linalg.cython_blas); returns the first b whose result is not finite, or -1.
-template <typename T>
-kronlin::blas_gemm_fn<T> gemm_fn(std::uintptr_t address) {
-  require(address != 0, "a BLAS routine's address is 0");
-  return reinterpret_cast<kronlin::blas_gemm_fn<T>>(address);
-}
 
 std::int64_t block_apply(py::array G, py::list V, py::array At, py::array Y, std::uintptr_t gemm) {
   require(G.ndim() == 3 && At.ndim() == 3 && Y.ndim() == 3, "expected G (B, q, q), At (B, p, p) and Y (B, q, p)");
@@ -288,11 +287,11 @@ std::int64_t block_apply(py::array G, py::list V, py::array At, py::array Y, std
     return kronlin::block_apply_cpu<double>(static_cast<const double*>(g),
                                             reinterpret_cast<const double* const*>(ptrs),
                                             static_cast<const double*>(at), static_cast<double*>(y), B, q, p,
-                                            gemm_fn<double>(gemm));
+                                            routine_at<kronlin::blas_gemm_fn<double>>(gemm));
   }
   return kronlin::block_apply_cpu<float>(static_cast<const float*>(g), reinterpret_cast<const float* const*>(ptrs),
                                          static_cast<const float*>(at), static_cast<float*>(y), B, q, p,
-                                         gemm_fn<float>(gemm));
+                                         routine_at<kronlin::blas_gemm_fn<float>>(gemm));
 }
 
 int openmp_max_threads() {
