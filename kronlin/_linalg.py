@@ -17,7 +17,8 @@ import numpy as np
 from ._backend import ModuleRefs, diagonal, dtype_eps, is_cupy, is_numpy, mT, to_numpy
 from ._kernels.cholesky import compiled_stacks, in_place, potrf_stack, potri_stack
 from ._kernels.symmetric import mirror_lower
-from ._validate import LinAlgError, _symmetric_within_tol, all_finite, nonfinite_result, quiet_overflow, shape_str, singular_tol
+from ._validate import (LinAlgError, all_finite, nonfinite_result, quiet_overflow, shape_str, singular_tol,
+                        symmetric_within_tol)
 
 __all__ = ["Factor", "eigh", "generalized_eigh", "ritz", "PSD_CLIP_FACTOR"]
 
@@ -344,7 +345,7 @@ class Factor(ModuleRefs):
         self._suspect = None
         self._sl = _scipy_linalg(xp)
         self.kind = "lu"
-        if symmetric or (symmetric is None and _symmetric_within_tol(xp, M)):
+        if symmetric or (symmetric is None and symmetric_within_tol(xp, M)):
             lapack = _np_lapack(xp, M) and (M.ndim == 2 or _stack_loop("cholesky", M))
             overwrite = overwrite and lapack and M.flags.c_contiguous
             if lapack:

@@ -14,14 +14,16 @@ import numpy as np
 from numpy.linalg import LinAlgError
 
 from ._backend import diagonal, dtype_eps, is_numpy, to_numpy
-from ._kernels.symmetric import asymmetry
+from ._kernels.symmetric import asymmetry, compiled_asymmetry
 
 __all__ = [
     "LinAlgError",
     "SYM_RTOL_FACTOR",
     "check_square",
     "check_finite",
+    "check_finite_measured",
     "check_symmetric",
+    "symmetric_within_tol",
     "check_nonneg_scalar",
     "check_nonempty",
     "check_choice",
@@ -104,6 +106,18 @@ def check_finite(xp, x, name: str) -> None:
         raise ValueError(f"{name} (shape {shape_str(x)}) contains NaN or infinity; kronlin needs finite input")
 
 
+def check_finite_measured(xp, x, name: str) -> tuple[float, float] | None:
+    """:func:`check_finite` of a square ``x`` (..., n, n), with its symmetry measured in the same pass where the
+    compiled kernel applies (:func:`kronlin._kernels.symmetric.compiled_asymmetry`).  Returns that
+    ``(asym, scale)`` (``scale = max|x|``) for a later :func:`check_symmetric` or :func:`symmetric_within_tol`,
+    or None where :func:`check_finite` made its own pass.  (At 1024² float32 the measuring pass costs about
+    twice the finiteness test's; a factorization later saves the whole symmetry pass.)"""
+    measured = compiled_asymmetry(xp, x)
+    if measured is None or measured[0] != measured[0]:  # NaN: an entry is not finite; check_finite names it
+        check_finite(xp, x, name)
+    return measured
+
+
 def _asymmetry(xp, x, measured=None):
     """``(max|x - xᵀ|, tolerance)`` of a square (stack of) matrices (one tiled pass,
     :func:`kronlin._kernels.symmetric.asymmetry`, or its ``(asym, scale)`` already ``measured``;
@@ -112,14 +126,17 @@ def _asymmetry(xp, x, measured=None):
     return asym, SYM_RTOL_FACTOR * dtype_eps(xp, x.dtype) * scale
 
 
-def _symmetric_within_tol(xp, x) -> bool:
-    asym, tol = _asymmetry(xp, x)
+def symmetric_within_tol(xp, x, measured=None) -> bool:
+    """Whether ``x`` (..., n, n) is symmetric to round-off (:func:`check_symmetric`'s test, without the error);
+    ``measured``: its ``(asym, scale)`` already measured."""
+    asym, tol = _asymmetry(xp, x, measured)
     return asym <= tol
 
 
 def check_symmetric(xp, x, name: str, measured=None) -> None:
     """``x`` (..., n, n) must be symmetric to round-off (see :data:`SYM_RTOL_FACTOR`); ``measured``: its
-    ``(asym, scale)`` from :func:`kronlin._kernels.symmetric.stack_asymmetry`, which built it."""
+    ``(asym, scale)`` already measured (:func:`kronlin._kernels.symmetric.stack_asymmetry`, which built it, or
+    :func:`check_finite_measured`)."""
     asym, tol = _asymmetry(xp, x, measured)
     if asym != asym:  # asymmetry() is NaN for a NaN or infinite entry: refused as check_finite refuses it
         check_finite(xp, x, name)

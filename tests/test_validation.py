@@ -216,3 +216,56 @@ def test_one_by_one_factors_are_refused_when_not_finite(bad):
     eig = kronlin.Kron(np.eye(1), np.eye(2)).eigh()
     with pytest.raises(ValueError, match=r"A \(shape \(1, 1\)\) contains NaN or infinity"):
         eig.refresh(np.array([[bad]]), np.eye(2), damping=0.1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 5), (130, 130), (3, 40, 40)])
+def test_check_finite_measured_is_the_finiteness_test_and_the_symmetry_measure(dtype, shape):
+    """One pass at construction: the same verdict as check_finite (naming the argument), and where the compiled
+    kernel applies exactly the (asym, scale) that asymmetry() measures, so a factorization needs no pass of its own."""
+    from kronlin._ext import cpu
+    from kronlin._kernels.symmetric import asymmetry
+    from kronlin._validate import check_finite_measured
+
+    rng = np.random.default_rng(1)
+    S = rng.standard_normal(shape).astype(dtype)
+    S[..., 0, -1] += 0.25  # asymmetric where the order allows
+    got = check_finite_measured(np, S, "S")
+    if cpu() is None:
+        assert got is None
+    else:
+        assert got == asymmetry(np, S)  # exact maxima
+        assert got[1] == np.max(np.abs(S))
+        if shape[-1] > 1:  # a view that is not C-contiguous: no measure, check_finite's own pass
+            assert check_finite_measured(np, np.swapaxes(S, -1, -2), "S") is None
+    for bad in (np.nan, np.inf, -np.inf):
+        T = S.copy()
+        T[..., -1, -1] = bad
+        with pytest.raises(ValueError, match=r"^S \(shape .*\) contains NaN or infinity"):
+            check_finite_measured(np, T, "S")
+
+
+def test_operators_decide_symmetry_from_the_constructors_measure():
+    """Kron and KronSumInverse measure their factors while testing them finite: a symmetric factor is still
+    Cholesky-factored, an asymmetric one LU-factored or refused by eigh(), a transpose keeps the measure, and the
+    Stein overflow check reads max|M| from it."""
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((40, 6))
+    S = X.T @ X / 40 + 0.1 * np.eye(6)
+    N = S + 0.3 * np.triu(np.ones((6, 6)), 1)  # not symmetric, invertible
+    K = Kron(S, N)
+    assert K._fa.kind == "cholesky" and K._fg.kind == "lu"
+    V = rng.standard_normal((6, 6))
+    np.testing.assert_allclose(np.kron(S, N) @ K.solve(V).flatten("F"), V.flatten("F"), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(K.inv().to_dense(), np.linalg.inv(np.kron(S, N)), rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match=r"^G \(shape \(6, 6\)\) must be symmetric"):
+        K.eigh()
+    with pytest.raises(ValueError, match=r"^G \(shape \(6, 6\)\) must be symmetric"):
+        K.T.eigh()
+    Kron(N.T @ N, S).T.eigh()  # symmetric factors stay symmetric through the transpose
+    inv = kronlin.KronSumInverse(S, S, np.eye(6), 0.5 * np.eye(6))
+    assert inv.method == "eig"
+    assert kronlin.KronSumInverse(S, N, np.eye(6), 0.5 * np.eye(6)).method == "schur"
+    big = np.finfo(np.float64).max
+    with pytest.raises(ValueError, match=r"A ⊗ B .* overflows"):
+        kronlin.KronSumInverse(S * (big / 4), S * 8.0, np.eye(6), np.eye(6))

@@ -24,7 +24,7 @@ import numpy as np
 from .._backend import is_numpy, mT, native_float
 from ._dispatch import kernel
 
-__all__ = ["asymmetry", "asymmetry_reference", "mirror_lower", "mirror_lower_reference", "stack_asymmetry",
+__all__ = ["asymmetry", "asymmetry_reference", "compiled_asymmetry", "mirror_lower", "mirror_lower_reference", "stack_asymmetry",
            "stack_asymmetry_reference"]
 
 #: Tile size of the references: comparing b×b tiles with their mirror images keeps the transposed reads
@@ -49,17 +49,26 @@ def asymmetry_reference(xp, x) -> tuple[float, float]:
     return asym, scale
 
 
-def asymmetry(xp, x) -> tuple[float, float]:
-    """``(max|x − xᵀ|, max|x|)`` of a square ``(..., n, n)`` array; ``(nan, nan)`` if any entry is not finite."""
+def compiled_asymmetry(xp, x) -> tuple[float, float] | None:
+    """:func:`asymmetry` of ``x`` where the compiled kernel computes it (a C-contiguous float32/float64 NumPy
+    array: one pass over ``x``), else None.  A constructor that must test its square inputs finite calls this
+    instead (:func:`kronlin._validate.check_finite_measured`): the one pass also measures their symmetry, which
+    a later factorization needs."""
+    run = kernel(xp, "asymmetry")
+    if run is None or not native_float(x) or not x.flags.c_contiguous:
+        return None
     n = x.shape[-1]
     if math.prod(x.shape) == 0:
         return 0.0, 0.0
     if n <= 1:  # nothing off the diagonal; a NaN or infinity still gives (nan, nan), as at every other order
         return asymmetry_reference(xp, x)
-    run = kernel(xp, "asymmetry")
-    if run is not None and native_float(x) and x.flags.c_contiguous:
-        return run(np.reshape(x, (-1, n, n)))
-    return asymmetry_reference(xp, x)
+    return run(np.reshape(x, (-1, n, n)))
+
+
+def asymmetry(xp, x) -> tuple[float, float]:
+    """``(max|x − xᵀ|, max|x|)`` of a square ``(..., n, n)`` array; ``(nan, nan)`` if any entry is not finite."""
+    measured = compiled_asymmetry(xp, x)
+    return asymmetry_reference(xp, x) if measured is None else measured
 
 
 def stack_asymmetry_reference(xp, Ms, out) -> tuple[float, float]:

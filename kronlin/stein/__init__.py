@@ -30,15 +30,15 @@ from __future__ import annotations
 from .._backend import context, mT
 from .._operator import KronShaped
 from .._validate import (
-    _symmetric_within_tol,
     check_choice,
-    check_finite,
+    check_finite_measured,
     check_nonempty,
     check_overflow,
     check_sign,
     check_square,
     check_symmetric,
     shape_str,
+    symmetric_within_tol,
 )
 from .eig import EigStein, NotPositiveDefinite
 from .schur import SchurStein
@@ -96,11 +96,15 @@ class KronSumInverse(KronShaped):
                 raise ValueError(f"{name} must have the shape of {like}, ({n}, {n}); got {shape_str(M)}")
         check_nonempty(A, "A")
         check_nonempty(B, "B")
-        for M, name in ((A, "A"), (B, "B"), (C, "C"), (D, "D")):
-            check_finite(xp, M, name)
+        # one pass per matrix on NumPy: finiteness, symmetry and max|M| (the overflow check's) measured together
+        measured = {name: check_finite_measured(xp, M, name) for M, name in ((A, "A"), (B, "B"), (C, "C"), (D, "D"))}
         big = float(xp.finfo(A.dtype).max)
+
+        def max_abs(M, name):
+            return float(xp.max(xp.abs(M))) if measured[name] is None else measured[name][1]
+
         for X, Y, nx, ny in ((A, B, "A", "B"), (C, D, "C", "D")):
-            mx, my = float(xp.max(xp.abs(X))), float(xp.max(xp.abs(Y)))
+            mx, my = max_abs(X, nx), max_abs(Y, ny)
             check_overflow(mx * my * max(p, q), big, f"{nx} ⊗ {ny} (max|{nx}|·max|{ny}|·max(p, q))",
                            f"rescale {nx} and {ny} (divide V by the same factor and the solution is unchanged)")
         sign = check_sign(sign)
@@ -108,13 +112,14 @@ class KronSumInverse(KronShaped):
         self._set_shape(ctx, p, q)
         self.sign = sign
         self._args = (A, B, C, D)
+        self._measured = measured
         self._opts = dict(tol=tol, max_iter=max_iter, squared=squared)
         self._factors = _factors  # internal: cached Factors of A and B from a caller (BlockTridiagInverse)
         if method != "smith" and any(v is not None for v in (tol, max_iter)):
             raise ValueError("tol and max_iter apply to method='smith' only")
         if method == "auto":
             method = "schur"
-            if all(_symmetric_within_tol(xp, M) for M in (A, B, C, D)):
+            if all(symmetric_within_tol(xp, M, measured[name]) for M, name in zip((A, B, C, D), "ABCD")):
                 try:
                     self.solver = EigStein(xp, A, B, C, D, sign, self._factors)
                     method = "eig"
@@ -130,8 +135,8 @@ class KronSumInverse(KronShaped):
     def _build(self, method, A, B, C, D):
         xp, sign = self._ctx.xp, self.sign
         if method == "eig":
-            for M, name in ((A, "A"), (B, "B"), (C, "C"), (D, "D")):
-                check_symmetric(xp, M, name)
+            for M, name in zip((A, B, C, D), "ABCD"):
+                check_symmetric(xp, M, name, self._measured[name])
             return EigStein(xp, A, B, C, D, sign, getattr(self, "_factors", None))
         if method == "schur":
             return SchurStein(xp, A, B, C, D, sign)
@@ -168,6 +173,7 @@ class KronSumInverse(KronShaped):
             T._set_shape(self._ctx, self.p, self.q)
             T.sign, T._factors = self.sign, None
             T._args, T._opts, T.method, T._T = (A, B, C, D), self._opts, self.method, self
+            T._measured = self._measured  # a transpose measures alike
             T.solver = T._build(self.method, A, B, C, D)
             self._T = T  # published whole
         return self._T
