@@ -133,15 +133,19 @@ class _LayerBlocks(Operator):
         ctx, arrays = context(*named)
         xp = ctx.xp
         names = [name for name, _ in named]
-        for name, M in zip(names, arrays):
-            if M.ndim != 2:
-                raise ValueError(f"{name} must be a matrix; got shape {shape_str(M)}")
-            check_nonempty(M, name)
         Ad, Gd = arrays[:n], arrays[n:2 * n]
         Ao, Go = arrays[2 * n:2 * n + len(A_off)], arrays[2 * n + len(A_off):]
-        for M, name in zip(Ad + Gd, names[:2 * n]):
-            if M.shape[0] != M.shape[1]:
-                raise ValueError(f"{name} must be square; got shape {shape_str(M)}")
+        # one quick test of every shape (at 200 layers this loop is a visible part of a build); the loops below
+        # find the first offender and name it
+        if not (all(M.ndim == 2 and M.shape[0] == M.shape[1] > 0 for M in Ad + Gd)
+                and all(M.ndim == 2 and M.shape[0] > 0 and M.shape[1] > 0 for M in Ao + Go)):
+            for name, M in zip(names, arrays):
+                if M.ndim != 2:
+                    raise ValueError(f"{name} must be a matrix; got shape {shape_str(M)}")
+                check_nonempty(M, name)
+            for M, name in zip(Ad + Gd, names[:2 * n]):
+                if M.shape[0] != M.shape[1]:
+                    raise ValueError(f"{name} must be square; got shape {shape_str(M)}")
         self._ctx, self.n_layers = ctx, n
         self.gamma = gamma
         self.pi = pi

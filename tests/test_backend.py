@@ -28,6 +28,20 @@ def test_float32_kept_and_mixed_floats_widen():
     assert ctx.dtype == np.float64  # an integer argument promotes to float64 first
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, ">f8"])
+def test_numpy_arrays_of_one_float_dtype_pass_as_they_are_or_as_snapshots(dtype):
+    """The quick path for NumPy arrays of one float dtype: the arrays themselves, or (snapshot) copies that no
+    caller holds; a mixed list still widens, and a snapshot of it holds converted copies too."""
+    a, b = np.eye(3, dtype=dtype), np.ones((2, 2), dtype=dtype)
+    ctx, (x, y) = context(("a", a), ("b", b))
+    assert ctx.dtype == np.dtype(dtype) and x is a and y is b
+    ctx, (x, y) = context(("a", a), ("b", b), snapshot=True)
+    assert not np.shares_memory(x, a) and not np.shares_memory(y, b)
+    assert np.array_equal(x, a) and np.array_equal(y, b) and x.dtype == np.dtype(dtype)
+    ctx, (x, y) = context(("a", a), ("b", b.astype(np.float32 if dtype != np.float32 else np.float64)), snapshot=True)
+    assert ctx.dtype == np.float64 and x.dtype == y.dtype == np.float64 and not np.shares_memory(x, a)
+
+
 def test_lists_and_scalars_join_the_array_namespace():
     K = Kron([[2.0, 0.0], [0.0, 1.0]], [[3.0]])
     assert isinstance(K @ np.ones((1, 2)), np.ndarray)
