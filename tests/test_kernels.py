@@ -180,6 +180,22 @@ def test_asymmetry_cpu_finds_one_entry_anywhere(cpu_ext, dtype, where):
     assert got[0] == float(abs(S[(0,) + where] - S[(0,) + where[::-1]]))
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 9, 63, 64, 65, 67, 131])
+def test_asymmetry_cpu_finds_one_entry_at_every_place(cpu_ext, dtype, n):
+    """Every off-diagonal place, one at a time (orders around the register blocks' and the tile's widths): the
+    diagonal tile transposes only its blocks below the diagonal, and none that a pair needs may be left out."""
+    S = _stack((1, n, n), dtype, n)
+    base = cpu_ext.asymmetry(S)
+    assert base[0] == 0.0
+    for i, j in ((i, j) for i in range(n) for j in range(n) if i != j):
+        old = S[0, i, j]
+        S[0, i, j] = old + 1
+        got = cpu_ext.asymmetry(S)
+        assert got[0] == float(abs(S[0, i, j] - S[0, j, i])), (i, j)
+        S[0, i, j] = old
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("where", [(0, 0), (5, 70), (70, 5), (3, 40), (79, 78)])
 def test_nonfinite_entry_gives_nan_in_both_paths(cpu_ext, bad, where):
