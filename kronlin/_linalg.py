@@ -208,16 +208,22 @@ def _potrf(M, overwrite: bool = False):
     return None if info.any() else np.reshape(L, M.shape)
 
 
-def _doubtful(xp, d, eps):
-    """Per matrix: whether the pivot ratio ``min d / max d`` is at or below ``sqrt(eps)``, where it no longer
-    shows that the matrix is regular (see :func:`_condition_singular`)."""
-    return xp.min(d, axis=-1) <= math.sqrt(eps) * xp.max(d, axis=-1)
+def _extremes(xp, d):
+    """Per matrix: the smallest and largest of its pivots ``d`` (..., n), the two reductions every pivot test
+    below reads (a NaN pivot makes both NaN: ``min``/``max`` propagate it)."""
+    return xp.min(d, axis=-1), xp.max(d, axis=-1)
 
 
-def _suspects(xp, d, eps):
-    """Flat per-matrix mask of the NumPy matrices whose Cholesky pivots ``d`` leave a doubt (:func:`_doubtful`),
-    or None when none does."""
-    suspect = np.reshape(_doubtful(xp, d, eps), (-1,))
+def _doubtful(lo, hi, eps):
+    """Per matrix, from its pivots' :func:`_extremes`: whether the pivot ratio ``lo / hi`` is at or below
+    ``sqrt(eps)``, where it no longer shows that the matrix is regular (see :func:`_condition_singular`)."""
+    return lo <= math.sqrt(eps) * hi
+
+
+def _suspects(lo, hi, eps):
+    """Flat per-matrix mask of the NumPy matrices whose pivots' :func:`_extremes` leave a doubt
+    (:func:`_doubtful`), or None when none does."""
+    suspect = np.reshape(_doubtful(lo, hi, eps), (-1,))
     return suspect if suspect.any() else None
 
 
@@ -356,15 +362,16 @@ class Factor(ModuleRefs):
                 except LinAlgError:
                     L = None
             # ?potrf with info = 0 on a finite M gives a finite L (|L_ij| <= sqrt(M_ii)), and a NaN or infinity of
-            # M on the diagonal shows in L's diagonal: the diagonal decides there; other libraries may hand back
-            # NaN for a failed factorization, so all of L is checked
-            if L is not None and (all_finite(xp, diagonal(xp, L)) if lapack else bool(xp.all(xp.isfinite(L)))):
-                d = diagonal(xp, L) ** 2  # the pivots of the Cholesky factorization
+            # M on the diagonal shows in L's diagonal: the diagonal decides there (the largest pivot is NaN or
+            # infinite exactly when one is); other libraries may hand back NaN for a failed factorization, so all
+            # of L is checked
+            lo, hi = _extremes(xp, diagonal(xp, L) ** 2) if L is not None else (None, None)
+            if L is not None and (all_finite(xp, hi) if lapack else bool(xp.all(xp.isfinite(L)))):
                 eps = dtype_eps(xp, M.dtype)
-                if overwrite and bool(xp.any(_doubtful(xp, d, eps))):  # M is L now: no condition estimate
+                if overwrite and bool(xp.any(_doubtful(lo, hi, eps))):  # M is L now: no condition estimate
                     raise LinAlgError(f"{name}: a doubtful pivot ratio, judged by the caller without overwrite")
-                singular = bool(xp.any(xp.min(d, axis=-1) <= singular_tol(eps) * xp.max(d, axis=-1)))
-                suspect = None if singular or not _np_lapack(xp, M) else _suspects(np, d, eps)
+                singular = bool(xp.any(lo <= singular_tol(eps) * hi))
+                suspect = None if singular or not _np_lapack(xp, M) else _suspects(lo, hi, eps)
                 if suspect is not None and not judge_by_inverse:
                     singular, suspect = _condition_singular("pocon", M, L, suspect, eps), None
                 if singular:
@@ -377,13 +384,12 @@ class Factor(ModuleRefs):
                 # an exactly zero pivot is reported below, with the argument's name
                 warnings.simplefilter("ignore")
                 lu, piv = self._sl.lu_factor(M, check_finite=False)
-            u = xp.abs(diagonal(xp, lu))
+            lo, hi = _extremes(xp, xp.abs(diagonal(xp, lu)))
             eps = dtype_eps(xp, M.dtype)
             # a pivot at or below eps·max|pivot| is singular to working precision (the one policy, _validate.singular_tol),
             # and so is a matrix whose condition estimate says so where the pivots leave a doubt (_condition_singular)
-            if not bool(xp.all(xp.isfinite(lu))) or bool(
-                xp.any(xp.min(u, axis=-1) <= singular_tol(eps) * xp.max(u, axis=-1))
-            ) or (_np_lapack(xp, M) and _condition_singular("gecon", M, lu, _suspects(np, u, eps), eps)):
+            if not bool(xp.all(xp.isfinite(lu))) or bool(xp.any(lo <= singular_tol(eps) * hi)) or (
+                _np_lapack(xp, M) and _condition_singular("gecon", M, lu, _suspects(lo, hi, eps), eps)):
                 raise LinAlgError(
                     f"{name} (shape {shape_str(M)}) is singular to working precision; "
                     f"add damping to make it invertible"

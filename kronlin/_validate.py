@@ -292,7 +292,7 @@ def check_overflow(value: float, dtype_max: float, what: str, fix: str) -> None:
         raise ValueError(f"{what} overflows ({v:.3g} >= the dtype's largest value {dtype_max:.3g}); {fix}")
 
 
-def check_not_subnormal(xp, x, name: str) -> None:
+def check_not_subnormal(xp, x, name: str, measured=None) -> None:
     """A matrix to be factored must not be subnormal as a whole: ``max|x| >= tiny`` (per stacked matrix).
 
     Below the smallest normal number even the largest entries carry fewer
@@ -300,9 +300,13 @@ def check_not_subnormal(xp, x, name: str) -> None:
     factorization (its log-determinant, its solves) loses accuracy that the
     relative singularity policy cannot see.  Above it the subnormal rounding
     is at most ``tiny·eps/max|x| <= eps`` relative to the matrix.  A zero
-    matrix passes (it is singular, and the policy says so).
+    matrix passes (it is singular, and the policy says so).  ``measured``: the
+    ``(asym, scale)`` of :func:`check_finite_measured`, whose ``scale = max|x|``
+    decides a single matrix at once.
     """
     floor = float(xp.finfo(x.dtype).smallest_normal)
+    if measured is not None and x.ndim == 2 and measured[1] >= floor:
+        return
     if x.ndim >= 2 and x.shape[-1] == x.shape[-2] and x.shape[-1] > 0:
         d = xp.abs(diagonal(xp, x))
         if bool(xp.all(xp.max(d, axis=-1) >= floor)):  # max|x| >= max|diag x|: no O(n²) pass needed

@@ -124,8 +124,8 @@ class Kron(KronShaped):
 
     def _new_factors(self, judge_by_inverse: bool = False):
         xp = self._ctx.xp
-        check_not_subnormal(xp, self._A, "A")
-        check_not_subnormal(xp, self._G, "G")
+        check_not_subnormal(xp, self._A, "A", self._measured[0])
+        check_not_subnormal(xp, self._G, "G", self._measured[1])
         return tuple(Factor(xp, M, name, symmetric=symmetric_within_tol(xp, M, m), judge_by_inverse=judge_by_inverse)
                      for M, name, m in ((self._A, "A", self._measured[0]), (self._G, "G", self._measured[1])))
 
@@ -214,8 +214,8 @@ class Kron(KronShaped):
             xp = self._ctx.xp
             check_symmetric(xp, self._A, "A", self._measured[0])
             check_symmetric(xp, self._G, "G", self._measured[1])
-            check_not_subnormal(xp, self._A, "A")
-            check_not_subnormal(xp, self._G, "G")
+            check_not_subnormal(xp, self._A, "A", self._measured[0])
+            check_not_subnormal(xp, self._G, "G", self._measured[1])
             la, Qa = eigh(xp, self._A, "A", psd=psd)
             lg, Qg = eigh(xp, self._G, "G", psd=psd)
             E = KronEigh._trusted(self._ctx, Qa, la, Qg, lg)
