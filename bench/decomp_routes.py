@@ -339,6 +339,9 @@ def main():
     ap.add_argument("--no-stacks", action="store_true")
     ap.add_argument("--focus", action="store_true",
                     help="eigh and inv only, with the fastest LAPACK routes, numpy's and kronlin's (more rounds)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds R per case (default: 3-15 by size; --focus runs 2R + 1); a paired A/B of small "
+                         "differences needs 20 or more")
     ap.add_argument("--out", default=str(BENCH / "results" / "decomp_routes.json"))
     ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
                     help="only rewrite --out's markdown from these JSON files (merged in order)")
@@ -383,7 +386,7 @@ def main():
             stacked = bool(batch)
             M = kfac_like(rng, n, dtype, batch)
             label = f"{batch[0]}x{n}x{n}" if stacked else f"{n}x{n}"
-            R = rounds_for(n, dtype, stacked)
+            R = a.rounds if a.rounds is not None else rounds_for(n, dtype, stacked)
             for fam in families:
                 t0 = time.perf_counter()
                 if fam == "eigh":
@@ -482,6 +485,14 @@ def markdown(metas, results):
                 lines.append(f"| {r['label']} | {r['dtype']} | {k}{mark} | {r['median_ms'][k]:.2f} | "
                              f"{r['paired_ratio'][k]:.2f} | {r['loadavg'][0]:.2f} |")
         lines.append("")
+        pairs = [(r, k) for r in rs for k in r["times_ms"] if k.endswith(" after")]
+        if pairs:  # --before: the change itself, paired round by round
+            lines += ["| case | dtype | route | after / before, paired median | rounds |", "| --- | --- | --- | ---: | ---: |"]
+            for r, k in pairs:
+                a, b = r["times_ms"][k], r["times_ms"][k[: -len("after")] + "before"]
+                lines.append(f"| {r['label']} | {r['dtype']} | {k[: -len(' after')]} | "
+                             f"{statistics.median(x / y for x, y in zip(a, b)):.3f} | {r['rounds']} |")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
