@@ -61,6 +61,7 @@ class Kron(KronShaped):
     """
 
     _operands = "the factors A and G"
+    _measured = (None, None)  # operators pickled before the constructor measured their factors measure later
 
     def __init__(self, A, G):
         ctx, (A, G) = context(("A", A), ("G", G), snapshot=True)

@@ -269,3 +269,13 @@ def test_operators_decide_symmetry_from_the_constructors_measure():
     big = np.finfo(np.float64).max
     with pytest.raises(ValueError, match=r"A ⊗ B .* overflows"):
         kronlin.KronSumInverse(S * (big / 4), S * 8.0, np.eye(6), np.eye(6))
+    # an operator unpickled from before the constructors measured (no instance attribute) measures when it factors
+    old = Kron(S, N)
+    del old.__dict__["_measured"]
+    np.testing.assert_allclose(old.inv().to_dense(), np.linalg.inv(np.kron(S, N)), rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match=r"^G \(shape \(6, 6\)\) must be symmetric"):
+        old.T.eigh()
+    old = kronlin.KronSumInverse(S, N, np.eye(6), 0.5 * np.eye(6))
+    del old.__dict__["_measured"]
+    np.testing.assert_allclose(old.T.solve(V), kronlin.KronSumInverse(S.T, N.T, np.eye(6), 0.5 * np.eye(6)).solve(V),
+                               rtol=1e-10, atol=1e-12)

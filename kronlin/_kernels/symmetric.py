@@ -24,8 +24,8 @@ import numpy as np
 from .._backend import is_numpy, mT, native_float
 from ._dispatch import kernel
 
-__all__ = ["asymmetry", "asymmetry_reference", "compiled_asymmetry", "mirror_lower", "mirror_lower_reference", "stack_asymmetry",
-           "stack_asymmetry_reference"]
+__all__ = ["asymmetry", "asymmetry_reference", "compiled_asymmetry", "mirror_lower", "mirror_lower_reference",
+           "stack_asymmetry", "stack_asymmetry_reference"]
 
 #: Tile size of the references: comparing b×b tiles with their mirror images keeps the transposed reads
 #: in cache (8-10x faster than ``x - x.T`` at n >= 1024; for the mirror at 1024 float32 row strips took

@@ -85,6 +85,8 @@ class KronSumInverse(KronShaped):
     True
     """
 
+    _measured = dict.fromkeys("ABCD")  # operators pickled before the constructor measured A, B, C, D measure later
+
     def __init__(self, A, B, C, D, sign=+1, method="auto", *, tol=None, max_iter=None, squared=True,
                  _factors=None):
         ctx, (A, B, C, D) = context(("A", A), ("B", B), ("C", C), ("D", D), snapshot=True)
