@@ -245,15 +245,29 @@ def test_check_finite_measured_is_the_finiteness_test_and_the_symmetry_measure(d
             check_finite_measured(np, T, "S")
 
 
-def test_operators_decide_symmetry_from_the_constructors_measure():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_operators_decide_symmetry_from_the_constructors_measure(compiled):
     """Kron and KronSumInverse measure their factors while testing them finite: a symmetric factor is still
     Cholesky-factored, an asymmetric one LU-factored or refused by eigh(), a transpose keeps the measure, and the
-    Stein overflow check reads max|M| from it."""
+    Stein overflow check reads max|M| from it.  Without the compiled kernels nothing is measured at construction
+    and the same decisions come from the factorizations' own tests."""
+    import contextlib
+
+    from kronlin import kernels
+
+    with kernels.disabled() if not compiled else contextlib.nullcontext():
+        _decide_symmetry_from_the_measure(compiled)
+
+
+def _decide_symmetry_from_the_measure(compiled):
+    from kronlin._ext import cpu
+
     rng = np.random.default_rng(2)
     X = rng.standard_normal((40, 6))
     S = X.T @ X / 40 + 0.1 * np.eye(6)
     N = S + 0.3 * np.triu(np.ones((6, 6)), 1)  # not symmetric, invertible
     K = Kron(S, N)
+    assert (K._measured != (None, None)) == (compiled and cpu() is not None)
     assert K._fa.kind == "cholesky" and K._fg.kind == "lu"
     V = rng.standard_normal((6, 6))
     np.testing.assert_allclose(np.kron(S, N) @ K.solve(V).flatten("F"), V.flatten("F"), rtol=1e-10, atol=1e-10)
