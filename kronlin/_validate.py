@@ -110,8 +110,9 @@ def check_finite_measured(xp, x, name: str) -> tuple[float, float] | None:
     """:func:`check_finite` of a square ``x`` (..., n, n), with its symmetry measured in the same pass where the
     compiled kernel applies (:func:`kronlin._kernels.symmetric.compiled_asymmetry`).  Returns that
     ``(asym, scale)`` (``scale = max|x|``) for a later :func:`check_symmetric` or :func:`symmetric_within_tol`,
-    or None where :func:`check_finite` made its own pass.  (At 1024² float32 the measuring pass costs about
-    twice the finiteness test's; a factorization later saves the whole symmetry pass.)"""
+    or None where :func:`check_finite` made its own pass.  The measuring pass costs about twice the finiteness
+    test's (it is compute-bound): a constructor calls this where it needs the symmetry or ``max|x|`` anyway
+    (``KronSumInverse``), not where only a factorization that may never come would use it (``Kron``)."""
     measured = compiled_asymmetry(xp, x)
     if measured is None or measured[0] != measured[0]:  # NaN: an entry is not finite; check_finite names it
         check_finite(xp, x, name)
@@ -292,7 +293,7 @@ def check_overflow(value: float, dtype_max: float, what: str, fix: str) -> None:
         raise ValueError(f"{what} overflows ({v:.3g} >= the dtype's largest value {dtype_max:.3g}); {fix}")
 
 
-def check_not_subnormal(xp, x, name: str, measured=None) -> None:
+def check_not_subnormal(xp, x, name: str) -> None:
     """A matrix to be factored must not be subnormal as a whole: ``max|x| >= tiny`` (per stacked matrix).
 
     Below the smallest normal number even the largest entries carry fewer
@@ -300,13 +301,9 @@ def check_not_subnormal(xp, x, name: str, measured=None) -> None:
     factorization (its log-determinant, its solves) loses accuracy that the
     relative singularity policy cannot see.  Above it the subnormal rounding
     is at most ``tiny·eps/max|x| <= eps`` relative to the matrix.  A zero
-    matrix passes (it is singular, and the policy says so).  ``measured``: the
-    ``(asym, scale)`` of :func:`check_finite_measured`, whose ``scale = max|x|``
-    decides a single matrix at once.
+    matrix passes (it is singular, and the policy says so).
     """
     floor = float(xp.finfo(x.dtype).smallest_normal)
-    if measured is not None and x.ndim == 2 and measured[1] >= floor:
-        return
     if x.ndim >= 2 and x.shape[-1] == x.shape[-2] and x.shape[-1] > 0:
         d = xp.abs(diagonal(xp, x))
         if bool(xp.all(xp.max(d, axis=-1) >= floor)):  # max|x| >= max|diag x|: no O(n²) pass needed
