@@ -297,7 +297,8 @@ def test_bindings_take_equivalent_dtypes_not_only_the_canonical_one(cpu_ext):
 
 
 # -- the Cholesky family (csrc/cpu/cholesky_cpu.cpp) ------------------------------------------------------------
-CHOL_SHAPES = [(1, 1, 1), (3, 2, 2), (200, 8, 8), (5, 63, 63), (4, 64, 64), (2, 130, 130)]
+CHOL_SHAPES = [(1, 1, 1), (3, 2, 2), (200, 8, 8), (5, 63, 63), (4, 64, 64), (2, 130, 130), (2, 256, 256),
+               (2, 257, 257), (3, 47, 47), (3, 48, 48)]  # either side of POTRF_LOWER_ORDERS' ends
 
 
 def _spd_stack(shape, dtype, seed=0):
@@ -327,6 +328,30 @@ def test_cholesky_stack_kernels_match_references_bit_for_bit(cpu_ext, dtype, sha
     exact = np.linalg.inv(S.astype(np.float64))
     tol = 50 * np.finfo(dtype).eps * np.linalg.cond(S.astype(np.float64)).max()  # an inverse's relative error
     assert np.abs(Inv - exact).max() <= tol * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n", [5, 47, 48, 64, 256, 257, 300])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_cholesky_stack_factors_read_the_lower_triangle_only(cpu_ext, dtype, n, overwrite):
+    """Whichever ``uplo`` LAPACK is called with (``'L'`` on the transposed lower triangle at
+    POTRF_LOWER_ORDERS, ``'U'`` else), the factor is that of the lower triangle: garbage above the diagonal
+    changes nothing, in place or not, compiled or not (bit for bit), and ``L Lᵀ`` is the matrix."""
+    S = _spd_stack((3, n, n), dtype, n)
+    clean = np.tril(S) + np.swapaxes(np.tril(S, -1), -1, -2)
+    dirty = S + np.triu(np.full_like(S, 7.0), 1)  # not symmetric above the diagonal
+    results = []
+    for disabled in (False, True):
+        with kernels.disabled() if disabled else contextlib.nullcontext():
+            X = dirty.copy()
+            L, info = cholesky.potrf_stack(X, overwrite=overwrite)
+        assert not info.any() and (L is X) == overwrite
+        results.append(L.copy())
+    assert np.array_equal(results[0], results[1])
+    L = results[0].astype(np.float64)
+    assert np.array_equal(np.triu(L, 1), np.zeros_like(L))
+    tol = 50 * n * np.finfo(dtype).eps
+    assert np.abs(L @ np.swapaxes(L, -1, -2) - clean).max() <= tol * np.abs(clean).max()
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -7,25 +7,73 @@
 #include "cpu/cholesky_cpu.h"
 #include "cpu/symmetric_cpu.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace kronlin {
+
+namespace {
+
+// Orders from which up to which ?potrf factors the Fortran view's lower triangle ('L') rather than its upper one
+// ('U'): SciPy's OpenBLAS (0.3.30, one thread) runs 'L' in 0.66-0.83x the time of 'U' from 48² to 256²
+// (bench/results/potrf_uplo.md), and with the two in-cache transposes it costs here this loop takes 0.79-0.98x
+// its time with 'U' there; at 16² and 32² (float64) the transposes cost more than 'L' saves, and above 256² the
+// gain shrinks (0.72-0.80 at 512², 0.83-0.89 at 1024²) while the transposes leave the cache.  ?potri stays 'U'
+// (its 'L' takes 1.10-1.21x the time from 48² to 512²).
+constexpr std::int64_t kLowerMinN = 48, kLowerMaxN = 256;
+
+// o[j, i] = s[i, j] for j <= i (the lower triangle of s transposed into the upper one of o; s may be o), in
+// kBlock x kBlock blocks so that the strided side of each block stays in L1.
+constexpr std::int64_t kBlock = 16;
+
+template <typename T>
+void lower_to_upper(const T* s, T* o, std::int64_t n) {
+  for (std::int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const std::int64_t i1 = std::min(i0 + kBlock, n);
+    for (std::int64_t j0 = 0; j0 <= i0; j0 += kBlock) {
+      for (std::int64_t i = i0; i < i1; ++i) {
+        const std::int64_t j1 = std::min(j0 + kBlock, i + 1);
+        for (std::int64_t j = j0; j < j1; ++j) o[j * n + i] = s[i * n + j];
+      }
+    }
+  }
+}
+
+}  // namespace
 
 template <typename T>
 void potrf_stack_cpu(const T* S, T* out, std::int64_t B, std::int64_t n, lapack_chol_fn<T> potrf,
                      std::int32_t* info) {
   int N = static_cast<int>(n), lda = static_cast<int>(n);
-  char uplo = 'U';  // the Fortran view's upper triangle is the C lower one
+  const bool lower = kLowerMinN <= n && n <= kLowerMaxN;
+  char uplo = lower ? 'L' : 'U';  // 'U': the Fortran view's upper triangle is the C lower one
   for (std::int64_t b = 0; b < B; ++b) {
     const T* s = S + b * n * n;
     T* o = out + b * n * n;
-    for (std::int64_t i = 0; i < n; ++i) {  // the lower triangle, and zeros above it (the reference's clean=1)
-      if (o != s) std::memcpy(o + i * n, s + i * n, sizeof(T) * static_cast<std::size_t>(i + 1));
-      std::memset(o + i * n + i + 1, 0, sizeof(T) * static_cast<std::size_t>(n - i - 1));
+    if (lower) {  // the Fortran view's lower triangle is the C upper one: the matrix's lower triangle, transposed
+      lower_to_upper(s, o, n);
+    } else {
+      for (std::int64_t i = 0; i < n; ++i) {  // the lower triangle, and zeros above it (the reference's clean=1)
+        if (o != s) std::memcpy(o + i * n, s + i * n, sizeof(T) * static_cast<std::size_t>(i + 1));
+        std::memset(o + i * n + i + 1, 0, sizeof(T) * static_cast<std::size_t>(n - i - 1));
+      }
     }
     int inf = 0;
     potrf(&uplo, &N, o, &lda, &inf);
     info[b] = inf;
+    if (lower) {  // L lies transposed in the C upper triangle: back to the lower one, then zeros above it
+      for (std::int64_t j0 = 0; j0 < n; j0 += kBlock) {  // o[i, j] = o[j, i] for i > j, block by block
+        const std::int64_t j1 = std::min(j0 + kBlock, n);
+        for (std::int64_t i0 = j0; i0 < n; i0 += kBlock) {
+          for (std::int64_t j = j0; j < j1; ++j) {
+            for (std::int64_t i = std::max(i0, j + 1); i < std::min(i0 + kBlock, n); ++i) o[i * n + j] = o[j * n + i];
+          }
+        }
+      }
+      for (std::int64_t i = 0; i + 1 < n; ++i) {
+        std::memset(o + i * n + i + 1, 0, sizeof(T) * static_cast<std::size_t>(n - i - 1));
+      }
+    }
   }
 }
 

@@ -9,10 +9,11 @@ namespace kronlin {
 template <typename T>
 using lapack_chol_fn = void (*)(char* uplo, int* n, T* a, int* lda, int* info);
 
-// For each matrix b of a C-contiguous (B, n, n) stack S: out[b] = its lower Cholesky factor L (C order, the
-// upper triangle zero), by ?potrf on the Fortran view (uplo 'U': the C lower triangle).  info[b] is
-// LAPACK's info (0, or the order of the leading minor that is not positive definite; out[b] then holds
-// LAPACK's partial result).  out is S (in place) or does not overlap it.
+// For each matrix b of a C-contiguous (B, n, n) stack S: out[b] = the lower Cholesky factor L (C order, the
+// upper triangle zero) of S[b]'s lower triangle, by ?potrf on the Fortran view: at orders 48-256 uplo 'L' on
+// the lower triangle transposed into the C upper one (then L transposed back), else uplo 'U' (the C lower
+// triangle).  info[b] is LAPACK's info (0, or the order of the leading minor that is not positive definite;
+// out[b] is undefined then).  out is S (in place) or does not overlap it.
 template <typename T>
 void potrf_stack_cpu(const T* S, T* out, std::int64_t B, std::int64_t n, lapack_chol_fn<T> potrf, std::int32_t* info);
 

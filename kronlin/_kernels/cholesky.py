@@ -57,19 +57,34 @@ def in_place(R, x) -> None:
         x[...] = R.T
 
 
+#: Orders for which the stacked Cholesky factorization calls ``?potrf`` on the Fortran view's lower triangle
+#: (``uplo='L'``, the matrices' lower triangles transposed into the C upper ones, the factor transposed back):
+#: SciPy's OpenBLAS runs it in 0.66-0.83x the time of ``'U'`` there (``bench/results/potrf_uplo.md``).  The
+#: compiled kernel's constants ``kLowerMinN``, ``kLowerMaxN`` (``csrc/cpu/cholesky_cpu.cpp``) are the same.
+POTRF_LOWER_ORDERS = range(48, 257)
+
+
 def potrf_stack_reference(S, overwrite: bool = False):
-    """``(L, info)``: the loop of SciPy ``?potrf`` calls the compiled kernel replaces (a matrix with
-    ``info != 0`` ends the loop; the matrices after it keep their copy of ``S``)."""
+    """``(L, info)``: the loop of SciPy ``?potrf`` calls the compiled kernel replaces, on the same data with
+    the same ``uplo`` (:data:`POTRF_LOWER_ORDERS`): bit-identical results.  A matrix with ``info != 0`` ends the
+    loop (it and the matrices after it are undefined)."""
     from scipy.linalg import lapack
 
     potrf = lapack.get_lapack_funcs("potrf", dtype=S.dtype)
     L = S if overwrite and S.flags.c_contiguous else np.array(S, order="C", copy=True)
     info = np.zeros(L.shape[0], dtype=np.int32)
+    lower = L.shape[-1] in POTRF_LOWER_ORDERS
     for b, l_ in enumerate(L):
-        U, info[b] = potrf(l_.T, lower=0, clean=1, overwrite_a=1)
+        if lower:
+            l_[...] = np.tril(l_) + np.tril(l_, -1).T  # the lower triangle transposed into the upper one
+            F, info[b] = potrf(l_.T, lower=1, clean=0, overwrite_a=1)
+        else:
+            F, info[b] = potrf(l_.T, lower=0, clean=1, overwrite_a=1)
         if info[b] != 0:
             break
-        in_place(U, l_)
+        in_place(F, l_)
+        if lower:
+            l_[...] = np.tril(l_.T)  # L lies transposed in the C upper triangle
     return L, info
 
 
