@@ -17,7 +17,7 @@ namespace {
 // Orders from which up to which ?potrf factors the Fortran view's lower triangle ('L') rather than its upper one
 // ('U'): SciPy's OpenBLAS (0.3.30, one thread) runs 'L' in 0.66-0.83x the time of 'U' from 48² to 256²
 // (bench/results/potrf_uplo.md), and with the two in-cache transposes it costs here this loop takes 0.79-0.98x
-// its time with 'U' there; at 16² and 32² (float64) the transposes cost more than 'L' saves, and above 256² the
+// its time with 'U' there (1.01x at 256² float64 into a fresh stack); at 16² and 32² (float64) the transposes cost more than 'L' saves, and above 256² the
 // gain shrinks (0.72-0.80 at 512², 0.83-0.89 at 1024²) while the transposes leave the cache.  ?potri stays 'U'
 // (its 'L' takes 1.10-1.21x the time from 48² to 512²).
 constexpr std::int64_t kLowerMinN = 48, kLowerMaxN = 256;
@@ -36,6 +36,24 @@ void lower_to_upper(const T* s, T* o, std::int64_t n) {
         for (std::int64_t j = j0; j < j1; ++j) o[j * n + i] = s[i * n + j];
       }
     }
+  }
+}
+
+// The factor ?potrf 'L' left transposed in the C upper triangle of o, moved to the lower one (o[i, j] = o[j, i]
+// for i > j, block by block), and zeros above the diagonal.
+template <typename T>
+void upper_to_lower(T* o, std::int64_t n) {
+  for (std::int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const std::int64_t j1 = std::min(j0 + kBlock, n);
+    for (std::int64_t i0 = j0; i0 < n; i0 += kBlock) {
+      const std::int64_t i1 = std::min(i0 + kBlock, n);
+      for (std::int64_t j = j0; j < j1; ++j) {
+        for (std::int64_t i = std::max(i0, j + 1); i < i1; ++i) o[i * n + j] = o[j * n + i];
+      }
+    }
+  }
+  for (std::int64_t i = 0; i + 1 < n; ++i) {
+    std::memset(o + i * n + i + 1, 0, sizeof(T) * static_cast<std::size_t>(n - i - 1));
   }
 }
 
@@ -61,19 +79,7 @@ void potrf_stack_cpu(const T* S, T* out, std::int64_t B, std::int64_t n, lapack_
     int inf = 0;
     potrf(&uplo, &N, o, &lda, &inf);
     info[b] = inf;
-    if (lower) {  // L lies transposed in the C upper triangle: back to the lower one, then zeros above it
-      for (std::int64_t j0 = 0; j0 < n; j0 += kBlock) {  // o[i, j] = o[j, i] for i > j, block by block
-        const std::int64_t j1 = std::min(j0 + kBlock, n);
-        for (std::int64_t i0 = j0; i0 < n; i0 += kBlock) {
-          for (std::int64_t j = j0; j < j1; ++j) {
-            for (std::int64_t i = std::max(i0, j + 1); i < std::min(i0 + kBlock, n); ++i) o[i * n + j] = o[j * n + i];
-          }
-        }
-      }
-      for (std::int64_t i = 0; i + 1 < n; ++i) {
-        std::memset(o + i * n + i + 1, 0, sizeof(T) * static_cast<std::size_t>(n - i - 1));
-      }
-    }
+    if (lower) upper_to_lower(o, n);
   }
 }
 
