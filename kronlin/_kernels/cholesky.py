@@ -8,8 +8,10 @@
   inverses ``(L Lᵀ)⁻¹`` and returns ``info`` per matrix.
 
 The references are Python loops over SciPy's LAPACK wrappers (each matrix's
-transpose is Fortran-ordered, so LAPACK works on the stack's own memory with
-``uplo='U'``), then one mirror of the stack.  The compiled kernels
+transpose is Fortran-ordered, so LAPACK works on the stack's own memory: ``?potri``
+with ``uplo='U'``, ``?potrf`` with ``'U'`` or, at :data:`POTRF_LOWER_ORDERS`, with
+``'L'`` on the lower triangle transposed into the upper one), then one mirror of the
+stack.  The compiled kernels
 (``csrc/cpu/cholesky_cpu.cpp``) make the same LAPACK calls, SciPy's own
 routines reached through ``scipy.linalg.cython_lapack``, on the same layout,
 from one C++ loop, copying and mirroring each matrix while it is in cache:
