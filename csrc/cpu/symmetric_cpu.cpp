@@ -213,38 +213,37 @@ void report(T a_max, T s_max, bool nan, double* asym, double* scale) {
   *scale = finite ? static_cast<double>(s_max) : NAN;
 }
 
-}  // namespace
-
-template <typename T>
-void asymmetry_cpu(const T* x, std::int64_t B, std::int64_t n, double* asym, double* scale) {
-  const std::int64_t tiles = (n + kTile - 1) / kTile;
-  const std::int64_t work = B * tiles;  // (matrix, tile row) pairs
+// The maxima over `work` items, item(w, a_max, s_max, nan) folding item w into them, reported through asym and
+// scale; OpenMP threads share the items where the data (`entries` of them) is large enough.
+template <typename T, typename Item>
+void maxima(std::int64_t work, std::int64_t entries, Item item, double* asym, double* scale) {
   T a_max = 0, s_max = 0;
   bool nan = false;
 #if defined(KRONLIN_HAVE_OPENMP)
 #pragma omp parallel for schedule(dynamic) reduction(max : a_max, s_max) reduction(|| : nan) \
-    if (B * n * n >= kParallelThreshold)
+    if (entries >= kParallelThreshold)
 #endif
-  for (std::int64_t w = 0; w < work; ++w) {
-    tile_row_maxima(x + (w / tiles) * n * n, n, (w % tiles) * kTile, a_max, s_max, nan);
-  }
+  for (std::int64_t w = 0; w < work; ++w) item(w, a_max, s_max, nan);
   report(a_max, s_max, nan, asym, scale);
+}
+
+}  // namespace
+
+template <typename T>
+void asymmetry_cpu(const T* x, std::int64_t B, std::int64_t n, double* asym, double* scale) {
+  const std::int64_t tiles = (n + kTile - 1) / kTile;  // one item per (matrix, tile row)
+  maxima<T>(B * tiles, B * n * n, [=](std::int64_t w, T& a_max, T& s_max, bool& nan) {
+    tile_row_maxima(x + (w / tiles) * n * n, n, (w % tiles) * kTile, a_max, s_max, nan);
+  }, asym, scale);
 }
 
 template <typename T>
 void stack_asymmetry_cpu(const T* const* xs, std::int64_t B, std::int64_t n, T* out, double* asym, double* scale) {
-  T a_max = 0, s_max = 0;
-  bool nan = false;
-#if defined(KRONLIN_HAVE_OPENMP)
-#pragma omp parallel for schedule(static) reduction(max : a_max, s_max) reduction(|| : nan) \
-    if (B * n * n >= kParallelThreshold)
-#endif
-  for (std::int64_t b = 0; b < B; ++b) {
+  maxima<T>(B, B * n * n, [=](std::int64_t b, T& a_max, T& s_max, bool& nan) {  // one item per matrix
     T* m = out + b * n * n;
     std::memcpy(m, xs[b], static_cast<std::size_t>(n * n) * sizeof(T));
     for (std::int64_t i0 = 0; i0 < n; i0 += kTile) tile_row_maxima(m, n, i0, a_max, s_max, nan);  // in cache
-  }
-  report(a_max, s_max, nan, asym, scale);
+  }, asym, scale);
 }
 
 template <typename T>
