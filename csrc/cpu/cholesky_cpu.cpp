@@ -23,7 +23,9 @@ namespace {
 constexpr std::int64_t kLowerMinN = 48, kLowerMaxN = 256;
 
 // o[j, i] = s[i, j] for j <= i (the lower triangle of s transposed into the upper one of o; s may be o), in
-// kBlock x kBlock blocks so that the strided side of each block stays in L1.
+// kBlock x kBlock blocks so that the strided side of each block stays in L1.  For s == o this is
+// mirror_lower_cpu's work, but its tiles and buffer cost more on these small matrices: a copy of the lower
+// triangle and mirror_lower_cpu took the stacked loop 1.08-1.19x this at 48² and 64², 0.95-1.06x at 128²-256².
 constexpr std::int64_t kBlock = 16;
 
 template <typename T>
