@@ -70,7 +70,7 @@ class Kron(KronShaped):
         check_nonempty(G, "G")
         # the plain finiteness test, not check_finite_measured: measuring the symmetry here would save a
         # factorization one pass, but cost every operator that is only applied (construction + one product:
-        # 1.02-1.17x, 64²-1024², session 11), and the symmetry test is compute-bound (about 2x the finiteness pass)
+        # 1.02-1.17x at 64²-1024²), and the symmetry test is compute-bound (about 2x the finiteness pass)
         check_finite(ctx.xp, A, "A")
         check_finite(ctx.xp, G, "G")
         self._init(ctx, A, G, p, q)
