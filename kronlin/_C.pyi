@@ -30,9 +30,13 @@ def potrf_stack(S: npt.NDArray[np.floating], out: npt.NDArray[np.floating], potr
     ``?potrf`` at address ``potrf`` (``scipy.linalg.cython_lapack``); C-contiguous (B, n, n) stacks of one
     dtype (float32 or float64); returns LAPACK's info per matrix."""
 
-def potri_stack(L: npt.NDArray[np.floating], potri: int) -> npt.NDArray[np.int32]:
+def potri_stack(L: npt.NDArray[np.floating], potri: int, recursive: list[int]) -> npt.NDArray[np.int32]:
     """In place: the lower Cholesky factors ``L[b]`` become ``(L Lᵀ)⁻¹``, exactly symmetric, by the ``?potri``
-    at address ``potri``; returns LAPACK's info per matrix."""
+    at address ``potri``, or, above order :data:`recursive_leaf` when ``recursive`` holds the addresses of
+    ``?gemm``, ``?trmm``, ``?trtri`` and ``?lauum``, by the triangular inverse by halves and ``?lauum``;
+    returns LAPACK's info per matrix."""
+
+recursive_leaf: int
 
 def block_apply(
     G: npt.NDArray[np.floating],

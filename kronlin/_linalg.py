@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from ._backend import ModuleRefs, diagonal, dtype_eps, is_cupy, is_numpy, mT, to_numpy
-from ._kernels.cholesky import compiled_stacks, in_place, potrf_stack, potri_stack
+from ._kernels.cholesky import compiled_stacks, potrf_stack, potri_stack
 from ._kernels.symmetric import mirror_lower
 from ._validate import (LinAlgError, all_finite, nonfinite_result, quiet_overflow, shape_str, singular_tol,
                         symmetric_within_tol)
@@ -293,23 +293,11 @@ def _inverse_singular(M, C, suspect, eps) -> bool:
     return False
 
 
-def _potri_sym(L, overwrite: bool = False):
-    """``(L Lᵀ)⁻¹``, exactly symmetric, from the lower Cholesky factor by ``?potri``; None if LAPACK fails.
-    ``overwrite``: in ``L``'s own memory (the factor is lost), else in a copy."""
-    potri = _lapack("potri", L.dtype)
-    # the upper factor Lᵀ in Fortran order; the inverse's upper triangle comes back
-    C, info = potri(L.T, lower=0, overwrite_c=int(overwrite))
-    if info != 0:
-        return None
-    if overwrite:
-        in_place(C, L)
-        return _mirror_lower(L)
-    return _mirror_lower(C.T)
-
-
-def _potri_stack(L, overwrite: bool = False):
-    """``_potri_sym`` of every matrix of a stack, in place on ``L`` (``overwrite``) or on one copy:
-    ``?potri`` per matrix and its mirror (:mod:`kronlin._kernels.cholesky`, compiled or a Python loop)."""
+def _potri(L, overwrite: bool = False):
+    """``(L Lᵀ)⁻¹``, exactly symmetric, of a lower Cholesky factor or of every matrix of a stack, in place on ``L``
+    (``overwrite``: the factor is lost) or on one copy; None if LAPACK fails.  What ``?potri`` computes, with
+    the triangular inverse by halves above order 16, and its mirror (:func:`kronlin._kernels.cholesky.potri_stack`,
+    compiled or a Python loop): 0.4-0.9x ``?potri``'s time (``bench/results/potri_recursive.md``)."""
     T = L if overwrite and L.flags.c_contiguous else np.array(L, order="C", copy=True)
     info = potri_stack(_flat(T))
     return None if info.any() else T
@@ -477,9 +465,11 @@ class Factor(ModuleRefs):
     def inv(self, overwrite: bool = False):
         """``M⁻¹``; exactly symmetric when the factorization is Cholesky.
 
-        NumPy: LAPACK ``potri`` on the Cholesky factor (``2n³/3`` flops, a third
-        of the two triangular solves against ``I``), per matrix for stacks of
-        orders where that beats the batched solves (bench/results/decomp_routes.md);
+        NumPy: what LAPACK ``potri`` computes from the Cholesky factor (``2n³/3``
+        flops, a third of the two triangular solves against ``I``), with the
+        triangular inverse by halves in ``?gemm`` calls above order 16 (0.4-0.9x
+        ``potri``'s time, bench/results/potri_recursive.md), per matrix for stacks
+        of orders where that beats the batched solves (bench/results/decomp_routes.md);
         otherwise solves against ``I`` (symmetrised for Cholesky).
 
         ``overwrite``: a caller that needs nothing else of this factorization
@@ -499,7 +489,7 @@ class Factor(ModuleRefs):
         xp = self.xp
         self._check_live()
         if self.kind == "cholesky" and _np_lapack(xp, self._L) and (not self.batched or _stack_loop("inv", self._L)):
-            C = (_potri_stack if self.batched else _potri_sym)(self._L, overwrite)
+            C = _potri(self._L, overwrite)
             if overwrite:
                 self._L, self.kind = None, "consumed"
                 if C is None:  # the pivots were checked when factoring: a zero one cannot occur here

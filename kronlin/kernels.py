@@ -19,8 +19,9 @@ tests that compare the two, users checking what their build runs:
   of every symmetric input and the mirror after LAPACK ``potri``); every one
   takes the array namespace ``xp`` first; and :func:`potrf_stack` / :func:`potrf_stack_reference`,
   :func:`potri_stack` / :func:`potri_stack_reference` (the Cholesky factors and
-  SPD inverses of NumPy stacks, SciPy's LAPACK called from one C++ loop; these
-  take the stack only), and :func:`block_apply` / :func:`block_apply_reference`
+  SPD inverses of NumPy stacks, SciPy's LAPACK called from one C++ loop, the
+  inverses' triangular inverse by halves in ``?gemm`` calls; these take the
+  stack only), and :func:`block_apply` / :func:`block_apply_reference`
   (``BlockDiagInverse.apply``'s products ``G⁻¹ V A⁻ᵀ`` of a group of equal-shaped
   layers and the finiteness test of their results, SciPy's ``?gemm`` from one
   C++ loop; NumPy arrays only, no namespace argument);

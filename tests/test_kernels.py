@@ -320,14 +320,19 @@ def test_cholesky_stack_kernels_match_references_bit_for_bit(cpu_ext, dtype, sha
     assert not info.any() and not info_ref.any() and info.dtype == np.int32
     assert np.array_equal(L, L_ref) and np.array_equal(S, S0)
     assert np.array_equal(np.triu(L, 1), np.zeros_like(L))  # C-ordered lower factors, zeros above
-    Inv, Inv_ref = L.copy(), L_ref.copy()
+    Inv, Inv_ref, Inv_potri = L.copy(), L_ref.copy(), L_ref.copy()
     assert not cholesky.potri_stack(Inv).any()
-    with kernels.disabled():
-        assert not cholesky.potri_stack(Inv_ref).any()
+    assert not cholesky.potri_stack_reference(Inv_ref).any()
+    with kernels.disabled():  # without the extension: the loop of ?potri calls
+        assert not cholesky.potri_stack(Inv_potri).any()
+    Inv_potri_compiled = L.copy()
+    assert not cholesky.potri_stack(Inv_potri_compiled, by_halves=False).any()
     assert np.array_equal(Inv, Inv_ref) and np.array_equal(Inv, np.swapaxes(Inv, -1, -2))
+    assert np.array_equal(Inv_potri, Inv_potri_compiled) and np.array_equal(Inv_potri, np.swapaxes(Inv_potri, -1, -2))
     exact = np.linalg.inv(S.astype(np.float64))
     tol = 50 * np.finfo(dtype).eps * np.linalg.cond(S.astype(np.float64)).max()  # an inverse's relative error
-    assert np.abs(Inv - exact).max() <= tol * np.abs(exact).max()
+    for X in (Inv, Inv_potri):
+        assert np.abs(X - exact).max() <= tol * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -374,16 +379,86 @@ def test_cholesky_stack_kernels_refuse_bad_layouts_and_addresses(cpu_ext):
     with pytest.raises(ValueError, match="one dtype and shape"):
         cpu_ext.potrf_stack(S, np.empty((2, 4, 4), np.float32), address)
     with pytest.raises(ValueError, match="address is 0"):
-        cpu_ext.potri_stack(S.copy(), 0)
+        cpu_ext.potri_stack(S.copy(), 0, [])
+    with pytest.raises(ValueError, match="addresses of"):
+        cpu_ext.potri_stack(S.copy(), cholesky.lapack_address("dpotri"), [1, 2])
     # the dispatch takes the reference for what the kernel does not take: the same answers
     for x in (np.asfortranarray(S), S.astype(">f8")):
         L, info = cholesky.potrf_stack(x)
         assert not info.any() and np.allclose(L, np.linalg.cholesky(S), rtol=1e-13, atol=1e-13)
 
 
+TRTRI_ORDERS = [1, 16, 17, 31, 32, 33, 48, 64, 65, 100, 130, 257, 300]  # either side of the leaf and the splits
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n", TRTRI_ORDERS)
+def test_triangular_inverse_by_halves_is_the_inverse_and_reads_one_triangle(dtype, n):
+    """``trtri_lower_reference`` (the compiled kernel's recursion, in Python): ``L⁻¹`` to round-off against
+    float64, as accurate as LAPACK's ``?trtri``, the strict upper triangle neither read nor written."""
+    from scipy.linalg import lapack
+
+    L = np.linalg.cholesky(_spd_stack((n, n), "float64", n)).astype(dtype)
+    X = L + np.triu(np.full_like(L, 7.0), 1)  # garbage above the diagonal
+    assert cholesky.trtri_lower_reference(X) == 0
+    assert np.array_equal(np.triu(X, 1), np.triu(np.full_like(L, 7.0), 1))
+    exact = np.linalg.inv(L.astype(np.float64))
+    lapack_inv = np.tril(lapack.get_lapack_funcs("trtri", dtype=L.dtype)(L, lower=1)[0]).astype(np.float64)
+    err = np.abs(np.tril(X) - exact).max() / np.abs(exact).max()
+    err_lapack = np.abs(lapack_inv - exact).max() / np.abs(exact).max()
+    assert err <= 4 * err_lapack + 4 * np.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_triangular_inverse_by_halves_reports_a_zero_diagonal_entry(dtype):
+    """``?trtri``'s info (the 1-based index of an exactly zero diagonal entry), in either half, from the reference
+    and from the compiled stack kernel alike."""
+    for n, k in [(10, 3), (40, 5), (40, 30), (100, 99)]:
+        L = np.linalg.cholesky(_spd_stack((n, n), "float64", n)).astype(dtype)
+        L[k, k] = 0.0
+        assert cholesky.trtri_lower_reference(L.copy()) == k + 1
+        assert cholesky.potri_stack_reference(L[None].copy()).tolist() == [k + 1]
+        for disabled in (False, True):  # compiled by halves, or the loop of ?potri calls
+            with kernels.disabled() if disabled else contextlib.nullcontext():
+                assert cholesky.potri_stack(L[None].copy()).tolist() == [k + 1]
+
+
+@pytest.mark.parametrize("dtype, cond", [("float32", 1e2), ("float32", 1e5), ("float64", 1e2), ("float64", 1e5),
+                                         ("float64", 1e10)])
+def test_spd_inverse_by_halves_is_as_accurate_as_potri(cpu_ext, dtype, cond):
+    """The inverse by halves (compiled and reference, bit for bit) against LAPACK's ``?potri`` on the same factor,
+    on matrices of condition ``cond``: errors against float64 (for float32) or residuals ``‖M X − I‖``
+    (float64) within a small multiple of ``?potri``'s."""
+    from scipy.linalg import lapack
+
+    assert cpu_ext.recursive_leaf == cholesky.RECURSIVE_LEAF
+    rng = np.random.default_rng(int(np.log10(cond)))
+    for n in (33, 200, 517):
+        Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+        M = ((Q * np.geomspace(1.0, 1.0 / cond, n)) @ Q.T)
+        M = ((M + M.T) / 2).astype(dtype)
+        L, info = cholesky.potrf_stack(M[None])
+        assert not info.any()
+        X, X_ref = L.copy(), L.copy()
+        assert not cholesky.potri_stack(X).any()
+        assert not cholesky.potri_stack_reference(X_ref).any()
+        assert np.array_equal(X, X_ref)
+        P = lapack.get_lapack_funcs("potri", dtype=L.dtype)(L[0].T, lower=0)[0].T  # C lower triangle
+        P = np.tril(P) + np.tril(P, -1).T
+        M64 = M.astype(np.float64)
+        if dtype == "float32":
+            exact = np.linalg.inv(M64)
+            measure = lambda Y: np.abs(Y.astype(np.float64) - exact).max() / np.abs(exact).max()  # noqa: E731
+        else:
+            measure = lambda Y: np.abs(M64 @ Y - np.eye(n)).max()  # noqa: E731
+        assert measure(X[0]) <= 4 * measure(P) + 10 * n * np.finfo(dtype).eps
+
+
 def test_lapack_addresses_are_scipys_c_routines():
-    for name in ("spotrf", "dpotrf", "spotri", "dpotri"):
+    for name in ("spotrf", "dpotrf", "spotri", "dpotri", "slauum", "dlauum"):
         assert isinstance(cholesky.lapack_address(name), int)
+    for dtype in (np.float32, np.float64):
+        assert len(cholesky._recursive_addresses(dtype)) == 4 and None not in cholesky._recursive_addresses(dtype)
     assert cholesky.lapack_address("nope") is None
 
 

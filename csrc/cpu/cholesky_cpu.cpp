@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace kronlin {
 
@@ -59,7 +60,87 @@ void upper_to_lower(T* o, std::int64_t n) {
   }
 }
 
+// The split of an order k >= 2 into halves: the first a multiple of 16 where k allows (aligned sub-blocks for
+// ?gemm's packing), never 0 or k.
+std::int64_t first_half(std::int64_t k) {
+  const std::int64_t h = k / 2;
+  return h >= 16 ? h - h % 16 : h;
+}
+
+// Row-major C (m x n) = alpha A (m x k) B (k x n) + beta C, each with its own row stride: the column-major
+// product Cᵀ = Bᵀ Aᵀ on the same memory.
+template <typename T>
+void gemm_rm(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* A,
+             std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
+  char N = 'N';
+  int M_ = static_cast<int>(n), N_ = static_cast<int>(m), K_ = static_cast<int>(k);
+  int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  r.gemm(&N, &N, &M_, &N_, &K_, &alpha, const_cast<T*>(B), &lb, const_cast<T*>(A), &la, &beta, C, &lc);
+}
+
+template <typename T>
+void copy_rm(std::int64_t m, std::int64_t n, const T* A, std::int64_t lda, T* C, std::int64_t ldc) {
+  for (std::int64_t i = 0; i < m; ++i) std::memcpy(C + i * ldc, A + i * lda, sizeof(T) * static_cast<std::size_t>(n));
+}
+
+// Row-major O (m x k) = A (m x k) X, X lower triangular (k x k; its strict upper triangle is not read): by the
+// halves of X, X11 and X22 recursively, X21 by ?gemm.  O must not overlap A or X.
+template <typename T>
+void trmm_right(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t k, const T* A, std::int64_t lda,
+                const T* X, std::int64_t ldx, T* O, std::int64_t ldo) {
+  if (k <= kRecursiveLeaf) {  // O = A, then O <- O X: column-major Oᵀ <- Xᵀ Oᵀ, Xᵀ upper triangular
+    copy_rm(m, k, A, lda, O, ldo);
+    char side = 'L', uplo = 'U', trans = 'N', diag = 'N';
+    int M_ = static_cast<int>(k), N_ = static_cast<int>(m), lx = static_cast<int>(ldx), lo = static_cast<int>(ldo);
+    T one = 1;
+    r.trmm(&side, &uplo, &trans, &diag, &M_, &N_, &one, const_cast<T*>(X), &lx, O, &lo);
+    return;
+  }
+  const std::int64_t k1 = first_half(k), k2 = k - k1;
+  trmm_right(r, m, k1, A, lda, X, ldx, O, ldo);                                // O1 = A1 X11
+  gemm_rm(r, m, k1, k2, T(1), A + k1, lda, X + k1 * ldx, ldx, T(1), O, ldo);   // O1 += A2 X21
+  trmm_right(r, m, k2, A + k1, lda, X + k1 * ldx + k1, ldx, O + k1, ldo);      // O2 = A2 X22
+}
+
+// Row-major O (m x n) = alpha X B, X lower triangular (m x m; its strict upper triangle is not read).  O must not
+// overlap B or X.
+template <typename T>
+void trmm_left(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t n, T alpha, const T* X, std::int64_t ldx,
+               const T* B, std::int64_t ldb, T* O, std::int64_t ldo) {
+  if (m <= kRecursiveLeaf) {  // O = B, then O <- alpha X O: column-major Oᵀ <- alpha Oᵀ Xᵀ, Xᵀ upper triangular
+    copy_rm(m, n, B, ldb, O, ldo);
+    char side = 'R', uplo = 'U', trans = 'N', diag = 'N';
+    int M_ = static_cast<int>(n), N_ = static_cast<int>(m), lx = static_cast<int>(ldx), lo = static_cast<int>(ldo);
+    r.trmm(&side, &uplo, &trans, &diag, &M_, &N_, &alpha, const_cast<T*>(X), &lx, O, &lo);
+    return;
+  }
+  const std::int64_t m1 = first_half(m), m2 = m - m1;
+  trmm_left(r, m1, n, alpha, X, ldx, B, ldb, O, ldo);                                          // O1 = a X11 B1
+  trmm_left(r, m2, n, alpha, X + m1 * ldx + m1, ldx, B + m1 * ldb, ldb, O + m1 * ldo, ldo);   // O2 = a X22 B2
+  gemm_rm(r, m2, n, m1, alpha, X + m1 * ldx, ldx, B, ldb, T(1), O + m1 * ldo, ldo);           // O2 += a X21 B1
+}
+
 }  // namespace
+
+template <typename T>
+int trtri_lower_cpu(T* L, std::int64_t n, std::int64_t ld, T* work, const RecursiveInverse<T>& r) {
+  if (n <= kRecursiveLeaf) {  // the Fortran view of the C lower triangle is Lᵀ, upper: its inverse is (L⁻¹)ᵀ
+    char uplo = 'U', diag = 'N';
+    int N_ = static_cast<int>(n), la = static_cast<int>(ld), info = 0;
+    r.trtri(&uplo, &diag, &N_, L, &la, &info);
+    return info;
+  }
+  const std::int64_t n1 = first_half(n), n2 = n - n1;
+  T* L21 = L + n1 * ld;
+  T* L22 = L21 + n1;
+  int info = trtri_lower_cpu(L, n1, ld, work, r);
+  if (info != 0) return info;
+  info = trtri_lower_cpu(L22, n2, ld, work, r);
+  if (info != 0) return info + static_cast<int>(n1);
+  trmm_right(r, n2, n1, L21, ld, L, ld, work, n1);          // work = L21 L11⁻¹
+  trmm_left(r, n2, n1, T(-1), L22, ld, work, n1, L21, ld);  // L21 = -L22⁻¹ work
+  return 0;
+}
 
 template <typename T>
 void potrf_stack_cpu(const T* S, T* out, std::int64_t B, std::int64_t n, lapack_chol_fn<T> potrf,
@@ -86,13 +167,21 @@ void potrf_stack_cpu(const T* S, T* out, std::int64_t B, std::int64_t n, lapack_
 }
 
 template <typename T>
-void potri_stack_cpu(T* L, std::int64_t B, std::int64_t n, lapack_chol_fn<T> potri, std::int32_t* info) {
+void potri_stack_cpu(T* L, std::int64_t B, std::int64_t n, lapack_chol_fn<T> potri, const RecursiveInverse<T>* rec,
+                     std::int32_t* info) {
   int N = static_cast<int>(n), lda = static_cast<int>(n);
   char uplo = 'U';
+  const bool recursive = rec != nullptr && n > kRecursiveLeaf;
+  std::vector<T> work(recursive ? static_cast<std::size_t>((n - first_half(n)) * first_half(n)) : 0);
   for (std::int64_t b = 0; b < B; ++b) {
     T* m = L + b * n * n;
     int inf = 0;
-    potri(&uplo, &N, m, &lda, &inf);
+    if (recursive) {  // ?potri is ?trtri then ?lauum on the same triangle
+      inf = trtri_lower_cpu(m, n, n, work.data(), *rec);
+      if (inf == 0) rec->lauum(&uplo, &N, m, &lda, &inf);
+    } else {
+      potri(&uplo, &N, m, &lda, &inf);
+    }
     info[b] = inf;
     if (inf != 0) continue;
     mirror_lower_cpu<T>(m, 1, n);  // the inverse's lower triangle onto its upper one, while in cache
@@ -103,7 +192,11 @@ template void potrf_stack_cpu<float>(const float*, float*, std::int64_t, std::in
                                      std::int32_t*);
 template void potrf_stack_cpu<double>(const double*, double*, std::int64_t, std::int64_t, lapack_chol_fn<double>,
                                       std::int32_t*);
-template void potri_stack_cpu<float>(float*, std::int64_t, std::int64_t, lapack_chol_fn<float>, std::int32_t*);
-template void potri_stack_cpu<double>(double*, std::int64_t, std::int64_t, lapack_chol_fn<double>, std::int32_t*);
+template void potri_stack_cpu<float>(float*, std::int64_t, std::int64_t, lapack_chol_fn<float>,
+                                     const RecursiveInverse<float>*, std::int32_t*);
+template void potri_stack_cpu<double>(double*, std::int64_t, std::int64_t, lapack_chol_fn<double>,
+                                      const RecursiveInverse<double>*, std::int32_t*);
+template int trtri_lower_cpu<float>(float*, std::int64_t, std::int64_t, float*, const RecursiveInverse<float>&);
+template int trtri_lower_cpu<double>(double*, std::int64_t, std::int64_t, double*, const RecursiveInverse<double>&);
 
 }  // namespace kronlin

@@ -1,6 +1,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/block_apply_cpu.h"  // blas_gemm_fn
+
 namespace kronlin {
 
 // LAPACK ?potrf / ?potri as C functions (uplo, n, a, lda, info): SciPy's scipy.linalg.cython_lapack
@@ -8,6 +10,38 @@ namespace kronlin {
 // calls the very routines of the Python-loop reference.
 template <typename T>
 using lapack_chol_fn = void (*)(char* uplo, int* n, T* a, int* lda, int* info);
+
+// LAPACK ?trtri (uplo, diag, n, a, lda, info) and BLAS ?trmm (side, uplo, transa, diag, m, n, alpha, a, lda, b,
+// ldb), SciPy's as the others.
+template <typename T>
+using lapack_trtri_fn = void (*)(char* uplo, char* diag, int* n, T* a, int* lda, int* info);
+template <typename T>
+using blas_trmm_fn = void (*)(char* side, char* uplo, char* transa, char* diag, int* m, int* n, T* alpha, T* a,
+                              int* lda, T* b, int* ldb);
+
+// The routines of the recursive SPD inverse (potri_stack_cpu above order kRecursiveLeaf): the triangular
+// inverse by halves, whose products are ?gemm calls (the leaves ?trtri and ?trmm), then ?lauum.
+template <typename T>
+struct RecursiveInverse {
+  blas_gemm_fn<T> gemm;
+  blas_trmm_fn<T> trmm;
+  lapack_trtri_fn<T> trtri;
+  lapack_chol_fn<T> lauum;
+};
+
+// The order up to which trtri_lower_cpu is ?trtri itself (and potri_stack_cpu ?potri); the triangular products'
+// leaves are ?trmm calls of at most this order (kronlin/_kernels/cholesky.py: RECURSIVE_LEAF).  Leaves of 16,
+// 24, 32 and 64 measured alike from 512² on; below, 16 was the fastest (0.6-0.73x ?potri at 64², one thread).
+constexpr std::int64_t kRecursiveLeaf = 16;
+
+// In place on the C-contiguous lower triangular n x n matrix L (row stride ld): L becomes L⁻¹ (the strict upper
+// triangle is neither read nor written).  By halves: L11⁻¹ and L22⁻¹, then L21 <- -L22⁻¹ (L21 L11⁻¹), each
+// product by halves again, so that nearly all the flops are ?gemm calls (OpenBLAS's ?trtri runs at a third of
+// ?gemm's speed at 512²-1024²).  work holds at least (n - n1) * n1 elements, n1 the first
+// half (cholesky_cpu.cpp: first_half).  Returns ?trtri's info
+// (0, or the 1-based index of a zero diagonal entry).
+template <typename T>
+int trtri_lower_cpu(T* L, std::int64_t n, std::int64_t ld, T* work, const RecursiveInverse<T>& r);
 
 // For each matrix b of a C-contiguous (B, n, n) stack S: out[b] = the lower Cholesky factor L (C order, the
 // upper triangle zero) of S[b]'s lower triangle, by ?potrf on the Fortran view: at orders 48-256 uplo 'L' on
@@ -18,9 +52,12 @@ template <typename T>
 void potrf_stack_cpu(const T* S, T* out, std::int64_t B, std::int64_t n, lapack_chol_fn<T> potrf, std::int32_t* info);
 
 // In place on a C-contiguous (B, n, n) stack of lower Cholesky factors: L[b] becomes (L Lᵀ)⁻¹, exactly
-// symmetric, by ?potri (uplo 'U' on the Fortran view) and the mirror of its triangle while the matrix is
-// in cache.  info[b] as LAPACK's (a matrix with info != 0 is left as LAPACK left it, unmirrored).
+// symmetric, by ?potri (uplo 'U' on the Fortran view), or above order kRecursiveLeaf (when rec is given) by
+// trtri_lower_cpu and ?lauum (what ?potri does, with the triangular inverse by halves), and the mirror of its
+// triangle while the matrix is in cache.  info[b] as LAPACK's (a matrix with info != 0 is left as LAPACK
+// left it, unmirrored).
 template <typename T>
-void potri_stack_cpu(T* L, std::int64_t B, std::int64_t n, lapack_chol_fn<T> potri, std::int32_t* info);
+void potri_stack_cpu(T* L, std::int64_t B, std::int64_t n, lapack_chol_fn<T> potri, const RecursiveInverse<T>* rec,
+                     std::int32_t* info);
 
 }  // namespace kronlin

@@ -28,7 +28,8 @@ from ._dispatch import kernel
 from ._scipy_capi import routine_address
 from .symmetric import mirror_lower
 
-__all__ = ["compiled_stacks", "potrf_stack", "potrf_stack_reference", "potri_stack", "potri_stack_reference", "in_place"]
+__all__ = ["compiled_stacks", "potrf_stack", "potrf_stack_reference", "potri_stack", "potri_stack_reference", "in_place",
+           "trtri_lower_reference"]
 
 
 def lapack_address(name: str) -> int | None:
@@ -104,14 +105,99 @@ def potrf_stack(S, overwrite: bool = False):
     return L, run(S, L, address)
 
 
-def potri_stack_reference(L):
-    """The loop of SciPy ``?potri`` calls the compiled kernel replaces, then one mirror; returns ``info``."""
+#: Order up to which the SPD inverse's triangular inverse is LAPACK's ``?trtri`` itself (and the whole inverse
+#: ``?potri``); above it, :func:`trtri_lower_reference` splits it by halves.  The compiled kernel's
+#: ``kRecursiveLeaf`` (``csrc/cpu/cholesky_cpu.h``) is the same.
+RECURSIVE_LEAF = 16
+
+
+def first_half(k: int) -> int:
+    """The split of an order ``k >= 2`` into halves: the first a multiple of 16 where ``k`` allows."""
+    h = k // 2
+    return h - h % 16 if h >= 16 else h
+
+
+def _gemm_rm(blas, alpha, A, B, beta, C) -> None:
+    """Row-major ``C = alpha A B + beta C`` on views: the column-major ``Cᵀ = Bᵀ Aᵀ`` call the kernel makes."""
+    R = blas["gemm"](alpha, B.T, A.T, beta=beta, c=C.T, overwrite_c=1)
+    in_place(R, C)
+
+
+def _trmm_right(blas, A, X, O) -> None:
+    """Row-major ``O = A X``, ``X`` lower triangular (its strict upper triangle not read), by halves of ``X``."""
+    k = X.shape[0]
+    if k <= RECURSIVE_LEAF:
+        R = blas["trmm"](1.0, X.T, A.T, side=0, lower=0)  # Oᵀ = Xᵀ Aᵀ, Xᵀ upper triangular
+        O[...] = R.T
+        return
+    k1 = first_half(k)
+    _trmm_right(blas, A[:, :k1], X[:k1, :k1], O[:, :k1])
+    _gemm_rm(blas, 1.0, A[:, k1:], X[k1:, :k1], 1.0, O[:, :k1])
+    _trmm_right(blas, A[:, k1:], X[k1:, k1:], O[:, k1:])
+
+
+def _trmm_left(blas, alpha, X, B, O) -> None:
+    """Row-major ``O = alpha X B``, ``X`` lower triangular (its strict upper triangle not read), by halves."""
+    m = X.shape[0]
+    if m <= RECURSIVE_LEAF:
+        R = blas["trmm"](alpha, X.T, B.T, side=1, lower=0)  # Oᵀ = alpha Bᵀ Xᵀ
+        O[...] = R.T
+        return
+    m1 = first_half(m)
+    _trmm_left(blas, alpha, X[:m1, :m1], B[:m1], O[:m1])
+    _trmm_left(blas, alpha, X[m1:, m1:], B[m1:], O[m1:])
+    _gemm_rm(blas, alpha, X[m1:, :m1], B[:m1], 1.0, O[m1:])
+
+
+def trtri_lower_reference(L, blas=None) -> int:
+    """In place on one C-ordered lower triangular NumPy matrix (a view will do): ``L`` becomes ``L⁻¹``, its
+    strict upper triangle neither read nor written; returns ``?trtri``'s info (0, or the 1-based index of a
+    zero diagonal entry).
+
+    By halves: ``L₁₁⁻¹`` and ``L₂₂⁻¹``, then ``L₂₁ ← −L₂₂⁻¹ (L₂₁ L₁₁⁻¹)``, each triangular product by halves
+    again, so that nearly all the flops are ``?gemm`` calls; ``?trtri`` and ``?trmm`` at orders up to
+    :data:`RECURSIVE_LEAF`.  The same calls as the compiled kernel (SciPy's BLAS and LAPACK).  OpenBLAS's
+    ``?trtri`` runs at a third of ``?gemm``'s speed at 512²-1024² (``bench/results/potri_recursive.md``)."""
+    from scipy.linalg import blas as sb
     from scipy.linalg import lapack
 
-    potri = lapack.get_lapack_funcs("potri", dtype=L.dtype)
+    if blas is None:
+        blas = {"gemm": sb.get_blas_funcs("gemm", dtype=L.dtype), "trmm": sb.get_blas_funcs("trmm", dtype=L.dtype),
+                "trtri": lapack.get_lapack_funcs("trtri", dtype=L.dtype)}
+    n = L.shape[0]
+    if n <= RECURSIVE_LEAF:
+        R, info = blas["trtri"](L.T, lower=0, overwrite_c=1)  # the Fortran view's upper Lᵀ: its inverse (L⁻¹)ᵀ
+        in_place(R, L)
+        return int(info)
+    n1 = first_half(n)
+    info = trtri_lower_reference(L[:n1, :n1], blas)
+    if info:
+        return info
+    info = trtri_lower_reference(L[n1:, n1:], blas)
+    if info:
+        return info + n1
+    W = np.empty((n - n1, n1), dtype=L.dtype)
+    _trmm_right(blas, L[n1:, :n1], L[:n1, :n1], W)
+    _trmm_left(blas, -1.0, L[n1:, n1:], W, L[n1:, :n1])
+    return 0
+
+
+def potri_stack_reference(L, by_halves: bool = True):
+    """The loop of SciPy calls the compiled kernel replaces, then one mirror; returns ``info``: ``?potri`` per
+    matrix up to order :data:`RECURSIVE_LEAF` (or everywhere, ``by_halves=False``), above it what ``?potri``
+    does, ``?trtri`` then ``?lauum``, with the triangular inverse by halves (:func:`trtri_lower_reference`)."""
+    from scipy.linalg import lapack
+
+    n = L.shape[-1]
+    recursive = by_halves and n > RECURSIVE_LEAF
+    routine = lapack.get_lapack_funcs("lauum" if recursive else "potri", dtype=L.dtype)
     info = np.zeros(L.shape[0], dtype=np.int32)
     for b, t_ in enumerate(L):
-        C, info[b] = potri(t_.T, lower=0, overwrite_c=1)
+        if recursive:
+            info[b] = trtri_lower_reference(t_)
+            if info[b] != 0:
+                return info
+        C, info[b] = routine(t_.T, lower=0, overwrite_c=1)
         if info[b] != 0:
             return info
         in_place(C, t_)  # C-ordered: the inverse's lower triangle, above it the factor's zeros
@@ -119,11 +205,29 @@ def potri_stack_reference(L):
     return info
 
 
-def potri_stack(L):
+def _recursive_addresses(dtype) -> list | None:
+    """The addresses of SciPy's ``?gemm``, ``?trmm``, ``?trtri`` and ``?lauum`` for ``dtype``, or None."""
+    p = "s" if dtype == np.float32 else "d"
+    blas = [routine_address("cython_blas", p + name, lambda sig: sig.startswith("void (char *, char *, "))
+            for name in ("gemm", "trmm")]
+    trtri = routine_address("cython_lapack", p + "trtri",
+                            lambda sig: sig.startswith("void (char *, char *, int *, ") and sig.endswith(" *, int *, int *)"))
+    addresses = blas + [trtri, lapack_address(p + "lauum")]
+    return None if None in addresses else addresses
+
+
+def potri_stack(L, by_halves: bool = True):
     """In place on a ``(B, n, n)`` NumPy float stack of lower Cholesky factors: ``L[b]`` becomes ``(L Lᵀ)⁻¹``,
-    exactly symmetric; returns LAPACK's info per matrix (nonzero: that inverse is undefined)."""
+    exactly symmetric; returns LAPACK's info per matrix (nonzero: that inverse is undefined).
+
+    Compiled, above order :data:`RECURSIVE_LEAF`, the triangular inverse goes by halves
+    (:func:`trtri_lower_reference`'s calls from C++): 0.43-0.86x ``?potri``'s time from 32² to 2048², one
+    thread (``bench/results/potri_recursive.md``); ``by_halves=False`` calls ``?potri`` itself (for
+    comparisons).  Without the extension, the loop of ``?potri`` calls: the by-halves reference in Python is
+    1.0-2.4x slower than that loop (SciPy's wrappers copy every sub-block view they are given)."""
     compiled = _compiled("potri_stack", L)
-    if compiled is None:
-        return potri_stack_reference(L)
+    recursive = _recursive_addresses(L.dtype) if compiled is not None and by_halves else []
+    if compiled is None or recursive is None:
+        return potri_stack_reference(L, by_halves=False)
     run, address = compiled
-    return run(L, address)
+    return run(L, address, recursive)
