@@ -54,6 +54,41 @@ def cached_case(P, op, check: bool, funcs: dict):
     return P.cases[op]
 
 
+def package_at(ref: str, name: str, build: bool = False):
+    """The package ``kronlin/`` as of git ``ref``, imported as ``name`` beside the installed kronlin.
+
+    ``build``: the ref's own compiled module, built from its ``csrc/`` (CMake, CPU only, this interpreter's
+    pybind11): for refs whose kernels' signatures differ from this build's.  Otherwise this build's ``_C`` is
+    copied in (:func:`load_package`)."""
+    import io
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}_"))
+    paths = ["kronlin"] + (["csrc", "CMakeLists.txt"] if build else [])
+    archive = subprocess.run(["git", "archive", "--format=tar", ref, *paths], cwd=root, check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp, filter="data")
+    if build:
+        import pybind11
+
+        def cmake(*args):
+            subprocess.run(["cmake", *args], check=True, capture_output=True)
+
+        cmake("-S", str(tmp), "-B", str(tmp / "build"), "-DKRONLIN_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release",
+              f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}")
+        cmake("--build", str(tmp / "build"), "-j", str(os.cpu_count() or 1))
+        for so in (tmp / "build").glob("_C*.so"):
+            so.replace(tmp / "kronlin" / so.name)
+    return load_package(tmp / "kronlin", name)
+
+
 def load_package(pkg_dir, name: str):
     """Import the ``kronlin/`` folder ``pkg_dir`` of another checkout as the package ``name``, beside the installed kronlin.
 

@@ -46,7 +46,6 @@ Run from the repository root (kronlin installed, editable is fine)::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -61,7 +60,7 @@ import scipy.linalg
 import threadpoolctl
 from scipy.linalg import lapack
 
-from _harness import shuffled_rounds
+from _harness import package_at, shuffled_rounds
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -304,21 +303,6 @@ def rounds_for(n, dtype, stacked):
     return {256: 15, 512: 9, 785: 7, 1024: 5, 2048: 3}.get(n, 5)
 
 
-def load_before(ref):
-    """The package ``kronlin/`` as of ``ref``, imported as ``kronlin_before`` (see :func:`_harness.load_package`)."""
-    import tarfile
-    import tempfile
-
-    from _harness import load_package
-
-    tmp = Path(tempfile.mkdtemp(prefix="kronlin_before_"))
-    archive = subprocess.run(["git", "archive", "--format=tar", ref, "kronlin"], cwd=ROOT, check=True,
-                             capture_output=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(tmp, filter="data")
-    return load_package(tmp / "kronlin", "kronlin_before")
-
-
 def kron_routes(old):
     import kronlin
 
@@ -365,7 +349,7 @@ def main():
         global FOCUS
         FOCUS = True
         families = [f for f in families if f in ("eigh", "inv")]
-    old = load_before(a.before) if a.before and "kron" in families else None
+    old = package_at(a.before, "kronlin_before") if a.before and "kron" in families else None
     meta = {
         "loadavg_at_start": list(os.getloadavg()),
         "threadpool_info": info,
