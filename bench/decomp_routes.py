@@ -24,8 +24,9 @@ Families (single matrices n = 256, 512, 785, 1024, 2048 and stacks 200 x 64²,
   Cholesky reduction (potrf, two triangular solves, syevd, one triangular solve);
 * ``kron``: ``Kron(A, G).eigh()`` and ``Kron(A, G).inv()`` of this checkout
   (``after``) and of the package at ``--before REF`` (``before``, ``git archive``'d and
-  imported beside it as ``kronlin_before`` with this build's compiled module), p = q = n,
-  against the floor applied to both factors.  (Until issue 11 item 5 the ``before``
+  imported beside it as ``kronlin_before`` with REF's own compiled module, built here: the
+  kernels' signatures change between refs), p = q = n, against the floor applied to both
+  factors.  (Session 11's A/B ran both packages on that build's compiled module.)  (Until issue 11 item 5 the ``before``
   side was REF's ``kronlin/_linalg.py`` alone, patched into this checkout's ``Kron``;
   the committed results of issue 13 were measured that way, with REF differing from
   this checkout in ``_linalg.py`` only.)
@@ -315,7 +316,7 @@ def kron_routes(old):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--before", default=None, help="git ref whose kronlin/_linalg.py is timed as 'before'")
+    ap.add_argument("--before", default=None, help="git ref whose kronlin (and compiled module) is timed as 'before'")
     ap.add_argument("--quick", action="store_true", help="n = 64, 128 and small stacks only (a smoke run)")
     ap.add_argument("--sizes", default=None, help="comma-separated n (default 256,512,785,1024,2048)")
     ap.add_argument("--families", default="eigh,chol,inv,geigh,kron")
@@ -349,7 +350,7 @@ def main():
         global FOCUS
         FOCUS = True
         families = [f for f in families if f in ("eigh", "inv")]
-    old = package_at(a.before, "kronlin_before") if a.before and "kron" in families else None
+    old = package_at(a.before, "kronlin_before", build=True) if a.before and "kron" in families else None
     meta = {
         "loadavg_at_start": list(os.getloadavg()),
         "threadpool_info": info,

@@ -115,6 +115,27 @@ def test_factors_are_decaying_averages():
         np.testing.assert_allclose(opt.factors["G_diag"][i], eps * stats[0][1][i] + (1 - eps) * stats[1][1][i], rtol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["kfac", "kfra"])
+def test_frozen_factors_stay_as_refreshed(name):
+    """Between refreshes the frozen factors are what the last refresh saw: later statistics (the running averages
+    go on updating) change neither them nor the preconditioner built from them."""
+    net, loss = tiny_mlp(), get_loss("sigmoid_bce")
+    rng = np.random.default_rng(5)
+    opt = OPTIMIZERS[name](net, loss, seed=2, T3=50, T2=50)
+    for k in range(4):  # refreshes at k < 3 (K-FAC §13's first iterations), then none until T3
+        X = rng.standard_normal((6, 4))
+        opt.step(X, (rng.random((6, 3)) < 0.5).astype(float))
+        if k == 2:
+            frozen = {key: [M.copy() for M in v] for key, v in opt.factors.items() if isinstance(v, list)}
+            V = random_like(net)
+            before = [U.copy() for U in opt.precondition(V)]
+    for key, v in frozen.items():
+        for M, M0 in zip(opt.factors[key], v):
+            assert np.array_equal(M, M0)
+    for U, U0 in zip(opt.precondition(V), before):
+        assert np.array_equal(U, U0)
+
+
 def test_exact_damping_switch():
     net, loss = tiny_mlp(), get_loss("softmax_ce")
     X, Y = batch(net, 9)
