@@ -77,18 +77,23 @@ def main(rounds: int = 21):
             reps = rounds if n <= 512 else max(7, rounds // 3)
             for name, run in (("?potrf", factor), ("?potri", invert)):
                 rows.append((n, len(Ms), np.dtype(dtype).name, name) + timed_pair(run, reps))
-    m = machine()
-    out = ["# LAPACK `?potrf` / `?potri`: `uplo='L'` against `uplo='U'`", "",
-           f"`python bench/potrf_uplo.py`; one BLAS thread ({kernel_line(m['threadpool_info'])}); load "
-           f"{start['loadavg']} → {m['loadavg']}; numpy {m['numpy']}; paired medians over {rounds} rounds "
-           f"({max(7, rounds // 3)} above 512²). SciPy's wrappers on Fortran-ordered copies; the copy into a reused "
-           "buffer is inside both timings.", "",
-           "| order | matrices | dtype | routine | 'U' ms | 'L' ms | L / U, paired |",
-           "| ---: | ---: | --- | --- | ---: | ---: | ---: |"]
-    out += [f"| {n} | {k} | {d} | {r} | {u:.3f} | {lo:.3f} | {q:.3f} |" for n, k, d, r, u, lo, q in rows]
-    (RESULTS / "potrf_uplo.md").write_text("\n".join(out) + "\n")
-    print("\n".join(out))
+    write_table("potrf_uplo", "LAPACK `?potrf` / `?potri`: `uplo='L'` against `uplo='U'`", start, rounds,
+                "SciPy's wrappers on Fortran-ordered copies; the copy into a reused buffer is inside both timings.",
+                ("routine", "'U' ms", "'L' ms", "L / U, paired"), rows)
 
+
+def write_table(name: str, title: str, start: dict, rounds: int, note: str, columns: tuple, rows: list) -> None:
+    """``results/<name>.md``: the run's conditions and one row ``(order, matrices, dtype, what, ms, ms, ratio)``
+    per case of a paired comparison (``columns``: the headings after order, matrices and dtype)."""
+    m = machine()
+    out = [f"# {title}", "",
+           f"`python bench/{name}.py`; one BLAS thread ({kernel_line(m['threadpool_info'])}); load "
+           f"{start['loadavg']} → {m['loadavg']}; numpy {m['numpy']}; paired medians over {rounds} rounds "
+           f"({max(7, rounds // 3)} above 512²). {note}", "",
+           "| order | matrices | dtype | " + " | ".join(columns) + " |", "| ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+    out += [f"| {n} | {k} | {d} | {r} | {a:.3f} | {b:.3f} | {q:.3f} |" for n, k, d, r, a, b, q in rows]
+    (RESULTS / f"{name}.md").write_text("\n".join(out) + "\n")
+    print("\n".join(out))
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 21)

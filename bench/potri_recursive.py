@@ -29,7 +29,8 @@ import threadpoolctl
 from kronlin import kernels
 
 from block_stacks import kfac_like
-from refresh import kernel_line, machine  # bench/refresh.py: the run's conditions
+from potrf_uplo import write_table
+from refresh import machine  # bench/refresh.py: the run's conditions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ORDERS = (16, 32, 48, 64, 96, 128, 256, 512, 785, 1024, 1536, 2048)
@@ -95,19 +96,10 @@ def main(rounds: int = 21):
                 ratio = statistics.median(a / b for a, b in zip(t[name], t[base]))
                 rows.append((n, L.shape[0], np.dtype(dtype).name, name, 1e3 * statistics.median(t[base]),
                              1e3 * statistics.median(t[name]), ratio))
-    m = machine()
-    out = ["# The SPD inverse by halves against LAPACK `?potri`", "",
-           f"`python bench/potri_recursive.py`; one BLAS thread ({kernel_line(m['threadpool_info'])}); load "
-           f"{start['loadavg']} → {m['loadavg']}; numpy {m['numpy']}; paired medians over {rounds} rounds "
-           f"({max(7, rounds // 3)} above 512²). Each route inverts the same stack of Cholesky factors (copied "
-           "into the working stack inside every timing) and mirrors the result; ratios are per-round ratios to "
-           "`?potri` in the same loop, compiled or Python.", "",
-           "| order | matrices | dtype | route | `?potri` ms | by halves ms | by halves / `?potri`, paired |",
-           "| ---: | ---: | --- | --- | ---: | ---: | ---: |"]
-    out += [f"| {n} | {k} | {d} | {r} | {u:.3f} | {h:.3f} | {q:.3f} |" for n, k, d, r, u, h, q in rows]
-    (RESULTS / "potri_recursive.md").write_text("\n".join(out) + "\n")
-    print("\n".join(out))
-
+    write_table("potri_recursive", "The SPD inverse by halves against LAPACK `?potri`", start, rounds,
+                "Each route inverts the same stack of Cholesky factors (copied into the working stack inside every "
+                "timing) and mirrors the result; ratios are per-round ratios to `?potri` in the same loop, compiled "
+                "or Python.", ("route", "`?potri` ms", "by halves ms", "by halves / `?potri`, paired"), rows)
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 21)
