@@ -37,9 +37,8 @@ constexpr std::int64_t kRecursiveLeaf = 16;
 // In place on the C-contiguous lower triangular n x n matrix L (row stride ld): L becomes L⁻¹ (the strict upper
 // triangle is neither read nor written).  By halves: L11⁻¹ and L22⁻¹, then L21 <- -L22⁻¹ (L21 L11⁻¹), each
 // product by halves again, so that nearly all the flops are ?gemm calls (OpenBLAS's ?trtri runs at a third of
-// ?gemm's speed at 512²-1024²).  work holds at least (n - n1) * n1 elements, n1 the first
-// half (cholesky_cpu.cpp: first_half).  Returns ?trtri's info
-// (0, or the 1-based index of a zero diagonal entry).
+// ?gemm's speed at 512²-1024²).  work holds at least (n - n1) * n1 elements, n1 = first_half(n)
+// (cholesky_cpu.cpp).  Returns ?trtri's info (0, or the 1-based index of a zero diagonal entry).
 template <typename T>
 int trtri_lower_cpu(T* L, std::int64_t n, std::int64_t ld, T* work, const RecursiveInverse<T>& r);
 
