@@ -246,15 +246,15 @@ py::array_t<std::int32_t> potrf_stack(py::array S, py::array out, std::uintptr_t
 
 template <typename T>
 kronlin::RecursiveInverse<T> recursive_inverse(const std::vector<std::uintptr_t>& a) {
-  return {routine_at<kronlin::blas_gemm_fn<T>>(a[0]), routine_at<kronlin::blas_trmm_fn<T>>(a[1]),
-          routine_at<kronlin::lapack_trtri_fn<T>>(a[2]), routine_at<kronlin::lapack_chol_fn<T>>(a[3])};
+  return {routine_at<kronlin::blas_gemm_fn<T>>(a[0]), routine_at<kronlin::lapack_trtri_fn<T>>(a[1]),
+          routine_at<kronlin::lapack_chol_fn<T>>(a[2])};
 }
 
 py::array_t<std::int32_t> potri_stack(py::array L, std::uintptr_t potri, std::vector<std::uintptr_t> recursive) {
   require_square_stack(L);
   require(L.writeable(), "the stack must be writeable");
   require(L.shape(1) < (std::int64_t(1) << 31), "the order exceeds LAPACK's 32-bit integers");
-  require(recursive.empty() || recursive.size() == 4, "recursive: the addresses of ?gemm, ?trmm, ?trtri, ?lauum, or none");
+  require(recursive.empty() || recursive.size() == 3, "recursive: the addresses of ?gemm, ?trtri, ?lauum, or none");
   const auto B = L.shape(0), n = L.shape(1);
   py::array_t<std::int32_t> info(B);
   auto* inf = info.mutable_data();
@@ -331,8 +331,8 @@ PYBIND11_MODULE(_C, m) {
         "potrf (scipy.linalg.cython_lapack); returns LAPACK's info per matrix.");
   m.def("potri_stack", &potri_stack, py::arg("L"), py::arg("potri"), py::arg("recursive"),
         "In place: the lower Cholesky factors L[b] become (L L^T)^-1, exactly symmetric, by the ?potri at address "
-        "potri, or, above order recursive_leaf when recursive holds the addresses of ?gemm, ?trmm, ?trtri and "
-        "?lauum, by the triangular inverse by halves and ?lauum; returns LAPACK's info per matrix.");
+        "potri, or, above order recursive_leaf when recursive holds the addresses of ?gemm, ?trtri and ?lauum, by "
+        "the triangular inverse by halves and ?lauum; returns LAPACK's info per matrix.");
   m.attr("recursive_leaf") = kronlin::kRecursiveLeaf;
   m.def("block_apply", &block_apply, py::arg("G"), py::arg("V"), py::arg("At"), py::arg("Y"), py::arg("gemm"),
         "Y[b] = G[b] @ V[b] @ At[b] (C-contiguous float stacks G (B, q, q), At (B, p, p), Y (B, q, p); V a list of B "

@@ -33,7 +33,7 @@ def potrf_stack(S: npt.NDArray[np.floating], out: npt.NDArray[np.floating], potr
 def potri_stack(L: npt.NDArray[np.floating], potri: int, recursive: list[int]) -> npt.NDArray[np.int32]:
     """In place: the lower Cholesky factors ``L[b]`` become ``(L Lᵀ)⁻¹``, exactly symmetric, by the ``?potri``
     at address ``potri``, or, above order :data:`recursive_leaf` when ``recursive`` holds the addresses of
-    ``?gemm``, ``?trmm``, ``?trtri`` and ``?lauum``, by the triangular inverse by halves and ``?lauum``;
+    ``?gemm``, ``?trtri`` and ``?lauum``, by the triangular inverse by halves and ``?lauum``;
     returns LAPACK's info per matrix."""
 
 recursive_leaf: int

@@ -80,22 +80,14 @@ void gemm_rm(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t n, std::
   r.gemm(&N, &N, &M_, &N_, &K_, &alpha, const_cast<T*>(B), &lb, const_cast<T*>(A), &la, &beta, C, &lc);
 }
 
-template <typename T>
-void copy_rm(std::int64_t m, std::int64_t n, const T* A, std::int64_t lda, T* C, std::int64_t ldc) {
-  for (std::int64_t i = 0; i < m; ++i) std::memcpy(C + i * ldc, A + i * lda, sizeof(T) * static_cast<std::size_t>(n));
-}
-
-// Row-major O (m x k) = A (m x k) X, X lower triangular (k x k; its strict upper triangle is not read): by the
-// halves of X, X11 and X22 recursively, X21 by ?gemm.  O must not overlap A or X.
+// Row-major O (m x k) = A (m x k) X, X lower triangular (k x k), its strict upper triangle zero within
+// kRecursiveLeaf of the diagonal: by the halves of X, X11 and X22 recursively, X21 by ?gemm; the leaves take X
+// whole.  O must not overlap A or X.
 template <typename T>
 void trmm_right(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t k, const T* A, std::int64_t lda,
                 const T* X, std::int64_t ldx, T* O, std::int64_t ldo) {
-  if (k <= kRecursiveLeaf) {  // O = A, then O <- O X: column-major Oᵀ <- Xᵀ Oᵀ, Xᵀ upper triangular
-    copy_rm(m, k, A, lda, O, ldo);
-    char side = 'L', uplo = 'U', trans = 'N', diag = 'N';
-    int M_ = static_cast<int>(k), N_ = static_cast<int>(m), lx = static_cast<int>(ldx), lo = static_cast<int>(ldo);
-    T one = 1;
-    r.trmm(&side, &uplo, &trans, &diag, &M_, &N_, &one, const_cast<T*>(X), &lx, O, &lo);
+  if (k <= kRecursiveLeaf) {
+    gemm_rm(r, m, k, k, T(1), A, lda, X, ldx, T(0), O, ldo);
     return;
   }
   const std::int64_t k1 = first_half(k), k2 = k - k1;
@@ -104,16 +96,12 @@ void trmm_right(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t k, co
   trmm_right(r, m, k2, A + k1, lda, X + k1 * ldx + k1, ldx, O + k1, ldo);      // O2 = A2 X22
 }
 
-// Row-major O (m x n) = alpha X B, X lower triangular (m x m; its strict upper triangle is not read).  O must not
-// overlap B or X.
+// Row-major O (m x n) = alpha X B, X lower triangular (m x m) as for trmm_right.  O must not overlap B or X.
 template <typename T>
 void trmm_left(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t n, T alpha, const T* X, std::int64_t ldx,
                const T* B, std::int64_t ldb, T* O, std::int64_t ldo) {
-  if (m <= kRecursiveLeaf) {  // O = B, then O <- alpha X O: column-major Oᵀ <- alpha Oᵀ Xᵀ, Xᵀ upper triangular
-    copy_rm(m, n, B, ldb, O, ldo);
-    char side = 'R', uplo = 'U', trans = 'N', diag = 'N';
-    int M_ = static_cast<int>(n), N_ = static_cast<int>(m), lx = static_cast<int>(ldx), lo = static_cast<int>(ldo);
-    r.trmm(&side, &uplo, &trans, &diag, &M_, &N_, &alpha, const_cast<T*>(X), &lx, O, &lo);
+  if (m <= kRecursiveLeaf) {
+    gemm_rm(r, m, n, m, alpha, X, ldx, B, ldb, T(0), O, ldo);
     return;
   }
   const std::int64_t m1 = first_half(m), m2 = m - m1;
@@ -122,10 +110,8 @@ void trmm_left(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t n, T a
   gemm_rm(r, m2, n, m1, alpha, X + m1 * ldx, ldx, B, ldb, T(1), O + m1 * ldo, ldo);           // O2 += a X21 B1
 }
 
-}  // namespace
-
 template <typename T>
-int trtri_lower_cpu(T* L, std::int64_t n, std::int64_t ld, T* work, const RecursiveInverse<T>& r) {
+int trtri_halves(T* L, std::int64_t n, std::int64_t ld, T* work, const RecursiveInverse<T>& r) {
   if (n <= kRecursiveLeaf) {  // the Fortran view of the C lower triangle is Lᵀ, upper: its inverse is (L⁻¹)ᵀ
     char uplo = 'U', diag = 'N';
     int N_ = static_cast<int>(n), la = static_cast<int>(ld), info = 0;
@@ -135,13 +121,23 @@ int trtri_lower_cpu(T* L, std::int64_t n, std::int64_t ld, T* work, const Recurs
   const std::int64_t n1 = first_half(n), n2 = n - n1;
   T* L21 = L + n1 * ld;
   T* L22 = L21 + n1;
-  int info = trtri_lower_cpu(L, n1, ld, work, r);
+  int info = trtri_halves(L, n1, ld, work, r);
   if (info != 0) return info;
-  info = trtri_lower_cpu(L22, n2, ld, work, r);
+  info = trtri_halves(L22, n2, ld, work, r);
   if (info != 0) return info + static_cast<int>(n1);
   trmm_right(r, n2, n1, L21, ld, L, ld, work, n1);          // work = L21 L11⁻¹
   trmm_left(r, n2, n1, T(-1), L22, ld, work, n1, L21, ld);  // L21 = -L22⁻¹ work
   return 0;
+}
+
+}  // namespace
+
+template <typename T>
+int trtri_lower_cpu(T* L, std::int64_t n, std::int64_t ld, T* work, const RecursiveInverse<T>& r) {
+  for (std::int64_t i = 0; i + 1 < n; ++i) {  // the band the leaves' ?gemm reads above the diagonal
+    std::fill(L + i * ld + i + 1, L + i * ld + std::min(n, i + kRecursiveLeaf), T(0));
+  }
+  return trtri_halves(L, n, ld, work, r);
 }
 
 template <typename T>

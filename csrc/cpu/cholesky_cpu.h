@@ -11,34 +11,33 @@ namespace kronlin {
 template <typename T>
 using lapack_chol_fn = void (*)(char* uplo, int* n, T* a, int* lda, int* info);
 
-// LAPACK ?trtri (uplo, diag, n, a, lda, info) and BLAS ?trmm (side, uplo, transa, diag, m, n, alpha, a, lda, b,
-// ldb), SciPy's as the others.
+// LAPACK ?trtri (uplo, diag, n, a, lda, info), SciPy's as the others.
 template <typename T>
 using lapack_trtri_fn = void (*)(char* uplo, char* diag, int* n, T* a, int* lda, int* info);
-template <typename T>
-using blas_trmm_fn = void (*)(char* side, char* uplo, char* transa, char* diag, int* m, int* n, T* alpha, T* a,
-                              int* lda, T* b, int* ldb);
 
-// The routines of the recursive SPD inverse (potri_stack_cpu above order kRecursiveLeaf): the triangular
-// inverse by halves, whose products are ?gemm calls (the leaves ?trtri and ?trmm), then ?lauum.
+// The routines of the SPD inverse by halves (potri_stack_cpu above order kRecursiveLeaf): the triangular inverse
+// by halves, whose products are ?gemm calls (the leaves ?trtri), then ?lauum.
 template <typename T>
 struct RecursiveInverse {
   blas_gemm_fn<T> gemm;
-  blas_trmm_fn<T> trmm;
   lapack_trtri_fn<T> trtri;
   lapack_chol_fn<T> lauum;
 };
 
-// The order up to which trtri_lower_cpu is ?trtri itself (and potri_stack_cpu ?potri); the triangular products'
-// leaves are ?trmm calls of at most this order (kronlin/_kernels/cholesky.py: RECURSIVE_LEAF).  Leaves of 16,
-// 24, 32 and 64 measured alike from 512² on; below, 16 was the fastest (0.6-0.73x ?potri at 64², one thread).
+// The order up to which trtri_lower_cpu is ?trtri itself (and potri_stack_cpu ?potri), and of the triangular
+// blocks its products take whole, as ?gemm operands with their strict upper triangle zero
+// (kronlin/_kernels/cholesky.py: RECURSIVE_LEAF).  Measured on one thread against OpenBLAS's ?trtri: these
+// ?gemm leaves take the triangular inverse 0.17-0.29x its time at 64²-256² and 0.70-0.73x at 2048², where
+// ?trmm leaves of the same order took 0.27-0.41x and 0.80-0.86x; leaves of 32 or 48 were no faster.
 constexpr std::int64_t kRecursiveLeaf = 16;
 
-// In place on the C-contiguous lower triangular n x n matrix L (row stride ld): L becomes L⁻¹ (the strict upper
-// triangle is neither read nor written).  By halves: L11⁻¹ and L22⁻¹, then L21 <- -L22⁻¹ (L21 L11⁻¹), each
-// product by halves again, so that nearly all the flops are ?gemm calls (OpenBLAS's ?trtri runs at a third of
-// ?gemm's speed at 512²-1024²).  work holds at least (n - n1) * n1 elements, n1 = first_half(n)
-// (cholesky_cpu.cpp).  Returns ?trtri's info (0, or the 1-based index of a zero diagonal entry).
+// In place on the C-contiguous lower triangular n x n matrix L (row stride ld): L becomes L⁻¹.  By halves:
+// L11⁻¹ and L22⁻¹, then L21 <- -L22⁻¹ (L21 L11⁻¹), each product by halves again down to kRecursiveLeaf blocks,
+// so that all the products are ?gemm calls (OpenBLAS's ?trtri runs at a third of ?gemm's speed at 512²-1024²).
+// The entries less than kRecursiveLeaf above the diagonal are set to zero first (the leaf blocks' strict upper
+// triangles, which ?gemm reads); the rest of the strict upper triangle is neither read nor written.  work holds
+// at least (n - n1) * n1 elements, n1 = first_half(n) (cholesky_cpu.cpp).  Returns ?trtri's info (0, or the
+// 1-based index of a zero diagonal entry).
 template <typename T>
 int trtri_lower_cpu(T* L, std::int64_t n, std::int64_t ld, T* work, const RecursiveInverse<T>& r);
 

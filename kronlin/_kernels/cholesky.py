@@ -106,8 +106,9 @@ def potrf_stack(S, overwrite: bool = False):
 
 
 #: Order up to which the SPD inverse's triangular inverse is LAPACK's ``?trtri`` itself (and the whole inverse
-#: ``?potri``); above it, :func:`trtri_lower_reference` splits it by halves.  The compiled kernel's
-#: ``kRecursiveLeaf`` (``csrc/cpu/cholesky_cpu.h``) is the same.
+#: ``?potri``), and of the triangular blocks its products take whole, as ``?gemm`` operands; above it,
+#: :func:`trtri_lower_reference` splits it by halves.  The compiled kernel's ``kRecursiveLeaf``
+#: (``csrc/cpu/cholesky_cpu.h``) is the same.
 RECURSIVE_LEAF = 16
 
 
@@ -124,11 +125,11 @@ def _gemm_rm(blas, alpha, A, B, beta, C) -> None:
 
 
 def _trmm_right(blas, A, X, O) -> None:
-    """Row-major ``O = A X``, ``X`` lower triangular (its strict upper triangle not read), by halves of ``X``."""
+    """Row-major ``O = A X``, ``X`` lower triangular (zero above the diagonal within :data:`RECURSIVE_LEAF`), by
+    halves of ``X``; the leaves take ``X`` whole."""
     k = X.shape[0]
     if k <= RECURSIVE_LEAF:
-        R = blas["trmm"](1.0, X.T, A.T, side=0, lower=0)  # Oᵀ = Xᵀ Aᵀ, Xᵀ upper triangular
-        O[...] = R.T
+        _gemm_rm(blas, 1.0, A, X, 0.0, O)
         return
     k1 = first_half(k)
     _trmm_right(blas, A[:, :k1], X[:k1, :k1], O[:, :k1])
@@ -137,11 +138,10 @@ def _trmm_right(blas, A, X, O) -> None:
 
 
 def _trmm_left(blas, alpha, X, B, O) -> None:
-    """Row-major ``O = alpha X B``, ``X`` lower triangular (its strict upper triangle not read), by halves."""
+    """Row-major ``O = alpha X B``, ``X`` lower triangular as for :func:`_trmm_right`, by halves."""
     m = X.shape[0]
     if m <= RECURSIVE_LEAF:
-        R = blas["trmm"](alpha, X.T, B.T, side=1, lower=0)  # Oᵀ = alpha Bᵀ Xᵀ
-        O[...] = R.T
+        _gemm_rm(blas, alpha, X, B, 0.0, O)
         return
     m1 = first_half(m)
     _trmm_left(blas, alpha, X[:m1, :m1], B[:m1], O[:m1])
@@ -149,37 +149,44 @@ def _trmm_left(blas, alpha, X, B, O) -> None:
     _gemm_rm(blas, alpha, X[m1:, :m1], B[:m1], 1.0, O[m1:])
 
 
-def trtri_lower_reference(L, blas=None) -> int:
-    """In place on one C-ordered lower triangular NumPy matrix (a view will do): ``L`` becomes ``L⁻¹``, its
-    strict upper triangle neither read nor written; returns ``?trtri``'s info (0, or the 1-based index of a
-    zero diagonal entry).
-
-    By halves: ``L₁₁⁻¹`` and ``L₂₂⁻¹``, then ``L₂₁ ← −L₂₂⁻¹ (L₂₁ L₁₁⁻¹)``, each triangular product by halves
-    again, so that nearly all the flops are ``?gemm`` calls; ``?trtri`` and ``?trmm`` at orders up to
-    :data:`RECURSIVE_LEAF`.  The same calls as the compiled kernel (SciPy's BLAS and LAPACK).  OpenBLAS's
-    ``?trtri`` runs at a third of ``?gemm``'s speed at 512²-1024² (``bench/results/potri_recursive.md``)."""
-    from scipy.linalg import blas as sb
-    from scipy.linalg import lapack
-
-    if blas is None:
-        blas = {"gemm": sb.get_blas_funcs("gemm", dtype=L.dtype), "trmm": sb.get_blas_funcs("trmm", dtype=L.dtype),
-                "trtri": lapack.get_lapack_funcs("trtri", dtype=L.dtype)}
+def _trtri_halves(L, blas) -> int:
     n = L.shape[0]
     if n <= RECURSIVE_LEAF:
         R, info = blas["trtri"](L.T, lower=0, overwrite_c=1)  # the Fortran view's upper Lᵀ: its inverse (L⁻¹)ᵀ
         in_place(R, L)
         return int(info)
     n1 = first_half(n)
-    info = trtri_lower_reference(L[:n1, :n1], blas)
+    info = _trtri_halves(L[:n1, :n1], blas)
     if info:
         return info
-    info = trtri_lower_reference(L[n1:, n1:], blas)
+    info = _trtri_halves(L[n1:, n1:], blas)
     if info:
         return info + n1
     W = np.empty((n - n1, n1), dtype=L.dtype)
     _trmm_right(blas, L[n1:, :n1], L[:n1, :n1], W)
     _trmm_left(blas, -1.0, L[n1:, n1:], W, L[n1:, :n1])
     return 0
+
+
+def trtri_lower_reference(L, blas=None) -> int:
+    """In place on one C-ordered lower triangular NumPy matrix (a view will do): ``L`` becomes ``L⁻¹``; returns
+    ``?trtri``'s info (0, or the 1-based index of a zero diagonal entry).
+
+    By halves: ``L₁₁⁻¹`` and ``L₂₂⁻¹``, then ``L₂₁ ← −L₂₂⁻¹ (L₂₁ L₁₁⁻¹)``, each triangular product by halves
+    again down to blocks of :data:`RECURSIVE_LEAF`, so that all the products are ``?gemm`` calls (the leaves'
+    inverses ``?trtri``).  The entries less than :data:`RECURSIVE_LEAF` above the diagonal are set to zero first
+    (the leaf blocks' strict upper triangles, which ``?gemm`` reads); the rest of the strict upper triangle is
+    neither read nor written.  The same calls as the compiled kernel (SciPy's BLAS and LAPACK).  OpenBLAS's
+    ``?trtri`` runs at a third of ``?gemm``'s speed at 512²-1024² (``bench/results/potri_recursive.md``)."""
+    from scipy.linalg import blas as sb
+    from scipy.linalg import lapack
+
+    if blas is None:
+        blas = {"gemm": sb.get_blas_funcs("gemm", dtype=L.dtype), "trtri": lapack.get_lapack_funcs("trtri", dtype=L.dtype)}
+    n = L.shape[0]
+    for i in range(n - 1):
+        L[i, i + 1 : min(n, i + RECURSIVE_LEAF)] = 0
+    return _trtri_halves(L, blas)
 
 
 def potri_stack_reference(L, by_halves: bool = True):
@@ -206,10 +213,9 @@ def potri_stack_reference(L, by_halves: bool = True):
 
 
 def _recursive_addresses(dtype) -> list | None:
-    """The addresses of SciPy's ``?gemm``, ``?trmm``, ``?trtri`` and ``?lauum`` for ``dtype``, or None."""
+    """The addresses of SciPy's ``?gemm``, ``?trtri`` and ``?lauum`` for ``dtype``, or None."""
     p = "s" if dtype == np.float32 else "d"
-    blas = [routine_address("cython_blas", p + name, lambda sig: sig.startswith("void (char *, char *, "))
-            for name in ("gemm", "trmm")]
+    blas = [routine_address("cython_blas", p + "gemm", lambda sig: sig.startswith("void (char *, char *, int *, "))]
     trtri = routine_address("cython_lapack", p + "trtri",
                             lambda sig: sig.startswith("void (char *, char *, int *, ") and sig.endswith(" *, int *, int *)"))
     addresses = blas + [trtri, lapack_address(p + "lauum")]
