@@ -4,7 +4,7 @@
 // are bit-identical to them.  At 200 x 64², a Python loop spends 10-30% of the LAPACK time on the wrapper
 // calls, a bulk copy before and a mirror pass after (bench/results/block_stacks.md); here the copy and the
 // mirror happen matrix by matrix while the matrix is in cache.  The SPD inverse inverts its triangle by halves
-// in ?gemm calls (trtri_lower_cpu; reference ::trtri_lower_reference, the same BLAS calls): 0.43-0.86x ?potri's
+// in ?gemm calls (trtri_lower_cpu; reference ::trtri_lower_reference, the same BLAS calls): 0.35-0.92x ?potri's
 // time from 32² to 2048² (bench/results/potri_recursive.md).
 #include "cpu/cholesky_cpu.h"
 #include "cpu/symmetric_cpu.h"

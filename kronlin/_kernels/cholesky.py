@@ -227,7 +227,7 @@ def potri_stack(L, by_halves: bool = True):
     exactly symmetric; returns LAPACK's info per matrix (nonzero: that inverse is undefined).
 
     Compiled, above order :data:`RECURSIVE_LEAF`, the triangular inverse goes by halves
-    (:func:`trtri_lower_reference`'s calls from C++): 0.43-0.86x ``?potri``'s time from 32² to 2048², one
+    (:func:`trtri_lower_reference`'s calls from C++): 0.35-0.92x ``?potri``'s time from 32² to 2048², one
     thread (``bench/results/potri_recursive.md``); ``by_halves=False`` calls ``?potri`` itself (for
     comparisons).  Without the extension, the loop of ``?potri`` calls: the by-halves reference in Python is
     1.0-2.4x slower than that loop (SciPy's wrappers copy every sub-block view they are given)."""
