@@ -15,6 +15,7 @@
 #include "cpu/eig_scale_cpu.h"
 #include "cpu/woodbury_gram_cpu.h"
 #include "cpu/gsylv_cpu.h"
+#include "cpu/norms_cpu.h"
 #include "cpu/symmetric_cpu.h"
 
 #if defined(KRONLIN_HAVE_OPENMP)
@@ -305,6 +306,19 @@ std::int64_t block_apply(py::array G, py::list V, py::array At, py::array Y, std
                                          routine_at<kronlin::blas_gemm_fn<float>>(gemm));
 }
 
+// The norms family (kronlin/_kernels/norms.py): the 1-norm of a C-contiguous float matrix.
+double norm1(py::array x) {
+  require(x.ndim() == 2, "expected a matrix (m, n)");
+  require(c_contiguous(x), "the matrix must be C-contiguous");
+  const bool f64 = has_dtype<double>(x);
+  if (!f64 && !has_dtype<float>(x)) throw std::invalid_argument("kronlin._C: dtype must be float32 or float64");
+  const auto m = x.shape(0), n = x.shape(1);
+  const void* p = x.data();
+  py::gil_scoped_release release;
+  return f64 ? kronlin::norm1_cpu<double>(static_cast<const double*>(p), m, n)
+             : kronlin::norm1_cpu<float>(static_cast<const float*>(p), m, n);
+}
+
 int openmp_max_threads() {
 #if defined(KRONLIN_HAVE_OPENMP)
   return omp_get_max_threads();
@@ -337,6 +351,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("block_apply", &block_apply, py::arg("G"), py::arg("V"), py::arg("At"), py::arg("Y"), py::arg("gemm"),
         "Y[b] = G[b] @ V[b] @ At[b] (C-contiguous float stacks G (B, q, q), At (B, p, p), Y (B, q, p); V a list of B "
         "(q, p) matrices) by the ?gemm at address gemm; returns the first b whose Y[b] is not finite, or -1.");
+  m.def("norm1", &norm1, py::arg("x"),
+        "max_j sum_i |x[i, j]| of a C-contiguous float matrix (column sums in its dtype); nan if an entry is nan.");
   m.def("gsylv_backsub", &gsylv_backsub, py::arg("S1"), py::arg("T1"), py::arg("S2"), py::arg("T2"), py::arg("W"),
         py::arg("sign"),
         "In place: W (B, q, p) becomes Y with S1 Y S2^T + sign T1 Y T2^T = W (real generalized Schur form); "

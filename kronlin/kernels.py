@@ -21,10 +21,12 @@ tests that compare the two, users checking what their build runs:
   :func:`potri_stack` / :func:`potri_stack_reference` (the Cholesky factors and
   SPD inverses of NumPy stacks, SciPy's LAPACK called from one C++ loop, the
   inverses' triangular inverse by halves in ``?gemm`` calls; these take the
-  stack only), and :func:`block_apply` / :func:`block_apply_reference`
+  stack only), :func:`block_apply` / :func:`block_apply_reference`
   (``BlockDiagInverse.apply``'s products ``G⁻¹ V A⁻ᵀ`` of a group of equal-shaped
   layers and the finiteness test of their results, SciPy's ``?gemm`` from one
-  C++ loop; NumPy arrays only, no namespace argument);
+  C++ loop; NumPy arrays only, no namespace argument), and :func:`norm1` /
+  :func:`norm1_reference` (the 1-norm the condition test of a doubtful Cholesky
+  pivot ratio takes; one NumPy matrix, no namespace argument);
 * :func:`kernel` (a compiled function bound to its backend, or ``None``) and
   :func:`compiled` (the compiled module serving a namespace, or ``None``);
 * :func:`disabled`, a context manager that forces the references, and
@@ -55,6 +57,7 @@ from ._kernels.block_apply import block_apply, block_apply_reference
 from ._kernels.cholesky import potrf_stack, potrf_stack_reference, potri_stack, potri_stack_reference
 from ._kernels.eig_scale import eig_scale, eig_scale_reference
 from ._kernels.gsylv import gsylv_backsub, gsylv_backsub_reference
+from ._kernels.norms import norm1, norm1_reference
 from ._kernels.symmetric import (asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference, stack_asymmetry,
                                  stack_asymmetry_reference)
 from ._kernels.woodbury_gram import gram_shared, gram_shared_grad, gram_shared_reference
@@ -80,6 +83,8 @@ __all__ = [
     "load_info",
     "mirror_lower",
     "mirror_lower_reference",
+    "norm1",
+    "norm1_reference",
     "openmp_max_threads",
     "potrf_stack",
     "potrf_stack_reference",

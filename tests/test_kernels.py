@@ -465,6 +465,46 @@ def test_lapack_addresses_are_scipys_c_routines():
     assert cholesky.lapack_address("nope") is None
 
 
+# -- the norms family (csrc/cpu/norms_cpu.cpp) ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (5, 3), (64, 64), (65, 130), (300, 257), (1000, 7)])
+def test_norm1_kernel_matches_reference_and_dense(cpu_ext, dtype, shape):
+    """The compiled 1-norm against the reference (rounding apart: the column sums run in another order) and
+    against ``np.linalg.norm(x, 1)`` in float64."""
+    x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(dtype)
+    exact = np.linalg.norm(x.astype(np.float64), 1)
+    got, ref = cpu_ext.norm1(x), kernels.norm1_reference(x)
+    tol = 4 * shape[0] * np.finfo(dtype).eps * exact  # sums of shape[0] magnitudes in the input's dtype
+    assert abs(got - exact) <= tol and abs(ref - exact) <= tol
+    assert kernels.norm1(x) == got  # the dispatch takes the kernel
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_norm1_propagates_nan_and_infinity(cpu_ext, dtype):
+    for bad, expect in ((np.nan, math.isnan), (np.inf, math.isinf), (-np.inf, math.isinf)):
+        x = np.ones((40, 30), dtype=dtype)
+        x[17, 29] = bad
+        for fn in (cpu_ext.norm1, kernels.norm1_reference):
+            assert expect(fn(x))
+    big = np.full((4, 3), np.finfo(dtype).max / 2, dtype=dtype)  # column sums overflow to infinity
+    assert math.isinf(cpu_ext.norm1(big))
+
+
+def test_norm1_dispatch_and_binding_refusals(cpu_ext):
+    x = np.random.default_rng(3).standard_normal((20, 30))
+    for other in (np.asfortranarray(x), x[:, ::2], x.astype(">f8"), x.astype(np.float16)):  # the reference's
+        assert kernels.norm1(other) == pytest.approx(np.linalg.norm(other.astype(np.float64), 1), rel=1e-3)
+    with kernels.disabled():
+        assert kernels.norm1(x) == kernels.norm1_reference(x)
+    assert kernels.norm1(np.zeros((0, 3))) == 0.0
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cpu_ext.norm1(np.asfortranarray(x))
+    with pytest.raises(ValueError, match="matrix"):
+        cpu_ext.norm1(np.ones(4))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        cpu_ext.norm1(np.ones((2, 2), dtype=np.int64))
+
+
 # -- the block-apply family (csrc/cpu/block_apply_cpu.cpp) -----------------------------------------------
 def _blocks(B, q, p, dtype, seed=0):
     rng = np.random.default_rng(seed)
