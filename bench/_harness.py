@@ -116,12 +116,14 @@ def load_package(pkg_dir, name: str):
     return mod
 
 
-def shuffled_rounds(routes: dict, rounds: int, warmup: int = 0, args: tuple = (), before=None) -> dict:
+def shuffled_rounds(routes: dict, rounds: int, warmup: int = 0, args: tuple = (), before=None,
+                    repeat: bool = False) -> dict:
     """Per-round times (seconds) of every route: each round runs each route once, in a fresh random order,
     on the same ``args``, so that the routes of one round share the machine's state (the paired ratios
     ``t_route / t_floor`` of a round are then immune to load that changes between rounds).  The first
     ``warmup`` rounds are not kept.  ``before``: called, untimed, before every timed call (e.g.
-    :func:`evict_caches`)."""
+    :func:`evict_caches`).  ``repeat``: every timed call follows an untimed call of the same route, so each
+    route finds its own inputs in cache, whichever arrays the other routes read."""
     times = {k: [] for k in routes}
     for r in range(warmup + rounds):
         order = list(routes)
@@ -129,6 +131,8 @@ def shuffled_rounds(routes: dict, rounds: int, warmup: int = 0, args: tuple = ()
         for name in order:
             if before is not None:
                 before()
+            if repeat:
+                routes[name](*args)
             t0 = time.perf_counter()
             routes[name](*args)
             dt = time.perf_counter() - t0

@@ -115,7 +115,7 @@ def run_case(m, n, dtype, gamma, rounds, rng, cold: bool = False):
     out = {}
     for fam, routes, floor in (("decompose", dec, "potrf+potri per matrix (floor)"),
                                ("apply", app, "batched GEMMs, pre-stacked (floor)")):  # fmt: skip
-        times = shuffled_rounds(routes, rounds, before=evict_caches if cold else None)
+        times = shuffled_rounds(routes, rounds, before=evict_caches if cold else None, repeat=not cold)
         out[fam] = {k: {"ms": 1e3 * statistics.median(v),
                         "ratio": statistics.median(a / b for a, b in zip(v, times[floor]))}
                     for k, v in times.items()}  # fmt: skip
@@ -149,9 +149,11 @@ def main(argv=None):
          f"`python bench/block_stacks.py {' '.join(res['argv'])}`; one BLAS thread ({kernel_line(m['threadpool_info'])}); "
          f"numpy {m['numpy']}, scipy {m['scipy']}, numba {res['numba']}; load {res['machine_start']['loadavg']} → "
          f"{m['loadavg']} ({m['uptime']}); paired medians over {args.rounds} rounds, ratio to the floor of each family. "
-         "Caches *warm*: the calls follow each other as they come (the floor and the per-layer loop read the same "
-         "inverse arrays, so each finds them in cache after the other); *cold*: a 32 MiB write before every timed "
-         "call (`_harness.evict_caches`, untimed), as an optimizer's apply after a training step's passes.", "",
+         "Caches *warm*: every timed call follows an untimed call of the same route, so each route finds its own "
+         "inputs in cache (until session 12 the calls followed each other as they came, and the floor and the "
+         "per-layer loop, which read the same inverse arrays, found them in cache after each other while "
+         "`op.apply` read its own); *cold*: a 32 MiB write before every timed call (`_harness.evict_caches`, "
+         "untimed), as an optimizer's apply after a training step's passes.", "",
          "| case | caches | family | route | ms | ratio to floor |", "| --- | --- | --- | --- | ---: | ---: |"]  # fmt: skip
     for c in res["cases"]:
         for fam in ("decompose", "apply"):
