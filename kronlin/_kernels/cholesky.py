@@ -5,17 +5,19 @@
   C-ordered stack, the upper triangles zero, and returns LAPACK's ``info`` per
   matrix;
 * :func:`potri_stack` turns such factors, in place, into the exactly symmetric
-  inverses ``(L Lᵀ)⁻¹`` and returns ``info`` per matrix.
+  inverses ``(L Lᵀ)⁻¹`` and returns ``info`` per matrix: what ``?potri`` computes
+  (``?trtri`` then ``?lauum``), with the triangular inverse by halves in ``?gemm``
+  calls above order :data:`RECURSIVE_LEAF` (:func:`trtri_lower_reference`).
 
-The references are Python loops over SciPy's LAPACK wrappers (each matrix's
-transpose is Fortran-ordered, so LAPACK works on the stack's own memory: ``?potri``
-with ``uplo='U'``, ``?potrf`` with ``'U'`` or, at :data:`POTRF_LOWER_ORDERS`, with
-``'L'`` on the lower triangle transposed into the upper one), then one mirror of the
-stack.  The compiled kernels
-(``csrc/cpu/cholesky_cpu.cpp``) make the same LAPACK calls, SciPy's own
-routines reached through ``scipy.linalg.cython_lapack``, on the same layout,
-from one C++ loop, copying and mirroring each matrix while it is in cache:
-bit-identical results.  At 200 × 64² the loop's wrapper calls, bulk copy and
+The references are Python loops over SciPy's BLAS and LAPACK wrappers (each matrix's
+transpose is Fortran-ordered, so LAPACK works on the stack's own memory: ``?potri``,
+``?trtri`` and ``?lauum`` with ``uplo='U'``, ``?potrf`` with ``'U'`` or, at
+:data:`POTRF_LOWER_ORDERS`, with ``'L'`` on the lower triangle transposed into the
+upper one), then one mirror of the stack.  The compiled kernels
+(``csrc/cpu/cholesky_cpu.cpp``) make the same calls, SciPy's own routines reached
+through ``scipy.linalg.cython_lapack`` / ``cython_blas``, on the same layout, from one
+C++ loop, copying and mirroring each matrix while it is in cache: bit-identical
+results.  At 200 × 64² the loop's wrapper calls, bulk copy and
 mirror cost 10-30% of the LAPACK time (bench/results/block_stacks.md).
 """
 
