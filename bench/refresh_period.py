@@ -91,15 +91,23 @@ def main(argv=None) -> int:
     return report(rows, sgd)
 
 
+def write_json(suffix: str, **data) -> dict:
+    """``refresh_period<suffix>``: the run's settings, ``data`` and its conditions (OpenBLAS kernel, load, machine);
+    returns what it wrote."""
+    kernels = sorted({str(i.get("architecture")) for i in threadpool_info() if i.get("internal_api") == "openblas"})
+    res = {"task": TASK, "batch": BATCH, "steps": STEPS, "rounds": ROUNDS, **data, "openblas_kernel": kernels,
+           "load_after": os.getloadavg(), "machine": platform.platform(),
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
+    with open(OUT + suffix, "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
 def report(rows: dict, sgd: list) -> int:
     """``refresh_period.{json,md,png}``: this kronlin's time per iteration at every period, and SGD's."""
-    kernels = sorted({str(i.get("architecture")) for i in threadpool_info() if i.get("internal_api") == "openblas"})
-    res = {"task": TASK, "batch": BATCH, "steps": STEPS, "rounds": ROUNDS, "sgd_ms": sgd,
-           "kfac_ms": {str(p): v for p, v in rows.items()}, "t2": {str(p): t2_for(p) for p in PERIODS},
-           "openblas_kernel": kernels, "load_after": os.getloadavg(), "machine": platform.platform(),
-           "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
-    with open(OUT + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    res = write_json(".json", sgd_ms=sgd, kfac_ms={str(p): v for p, v in rows.items()},
+                     t2={str(p): t2_for(p) for p in PERIODS})
+    kernels = res["openblas_kernel"]
     med_sgd = statistics.median(sgd)
     lines = [f"# K-FAC time per iteration against the refresh period T₃ ({TASK}, batch {BATCH})", "",
              f"{STEPS} iterations per run, mean per-iteration seconds after the third, median of {ROUNDS} alternated "
@@ -135,13 +143,9 @@ def report(rows: dict, sgd: list) -> int:
 
 def report_before(ref: str, rows: dict, old: dict, sgd: list) -> None:
     """``refresh_period_before.{json,md}``: this kronlin at every period against ``ref`` at T₃ = 20 and 1."""
-    kernels = sorted({str(i.get("architecture")) for i in threadpool_info() if i.get("internal_api") == "openblas"})
-    res = {"task": TASK, "batch": BATCH, "steps": STEPS, "rounds": ROUNDS, "before": ref, "sgd_ms": sgd,
-           "kfac_ms": {str(p): v for p, v in rows.items()}, "before_kfac_ms": {str(p): v for p, v in old.items()},
-           "openblas_kernel": kernels, "load_after": os.getloadavg(), "machine": platform.platform(),
-           "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
-    with open(OUT + "_before.json", "w") as f:
-        json.dump(res, f, indent=1)
+    res = write_json("_before.json", before=ref, sgd_ms=sgd, kfac_ms={str(p): v for p, v in rows.items()},
+                     before_kfac_ms={str(p): v for p, v in old.items()})
+    kernels = res["openblas_kernel"]
     ref20 = old[20]
     lines = [f"# K-FAC time per iteration against T₃, and kronlin as of `{ref}` ({TASK}, batch {BATCH})", "",
              f"`python bench/refresh_period.py --before {ref}`: {STEPS} iterations per run, mean per-iteration seconds "

@@ -28,6 +28,7 @@ import numpy as np
 from .._backend import native_float
 from ._dispatch import kernel
 from ._scipy_capi import routine_address
+from .block_apply import gemm_address
 from .symmetric import mirror_lower
 
 __all__ = ["compiled_stacks", "potrf_stack", "potrf_stack_reference", "potri_stack", "potri_stack_reference", "in_place",
@@ -180,30 +181,33 @@ def trtri_lower_reference(L, blas=None) -> int:
     (the leaf blocks' strict upper triangles, which ``?gemm`` reads); the rest of the strict upper triangle is
     neither read nor written.  The same calls as the compiled kernel (SciPy's BLAS and LAPACK).  OpenBLAS's
     ``?trtri`` runs at a third of ``?gemm``'s speed at 512²-1024² (``bench/results/potri_recursive.md``)."""
-    from scipy.linalg import blas as sb
-    from scipy.linalg import lapack
-
-    if blas is None:
-        blas = {"gemm": sb.get_blas_funcs("gemm", dtype=L.dtype), "trtri": lapack.get_lapack_funcs("trtri", dtype=L.dtype)}
+    blas = blas or _routines(L.dtype)
     n = L.shape[0]
     for i in range(n - 1):
         L[i, i + 1 : min(n, i + RECURSIVE_LEAF)] = 0
     return _trtri_halves(L, blas)
 
 
+def _routines(dtype) -> dict:
+    """SciPy's wrappers of the routines :func:`trtri_lower_reference` and :func:`potri_stack_reference` call."""
+    from scipy.linalg import blas, lapack
+
+    return {"gemm": blas.get_blas_funcs("gemm", dtype=dtype), "trtri": lapack.get_lapack_funcs("trtri", dtype=dtype),
+            "lauum": lapack.get_lapack_funcs("lauum", dtype=dtype), "potri": lapack.get_lapack_funcs("potri", dtype=dtype)}
+
+
 def potri_stack_reference(L, by_halves: bool = True):
     """The loop of SciPy calls the compiled kernel replaces, then one mirror; returns ``info``: ``?potri`` per
     matrix up to order :data:`RECURSIVE_LEAF` (or everywhere, ``by_halves=False``), above it what ``?potri``
     does, ``?trtri`` then ``?lauum``, with the triangular inverse by halves (:func:`trtri_lower_reference`)."""
-    from scipy.linalg import lapack
-
     n = L.shape[-1]
     recursive = by_halves and n > RECURSIVE_LEAF
-    routine = lapack.get_lapack_funcs("lauum" if recursive else "potri", dtype=L.dtype)
+    routines = _routines(L.dtype)
+    routine = routines["lauum" if recursive else "potri"]
     info = np.zeros(L.shape[0], dtype=np.int32)
     for b, t_ in enumerate(L):
         if recursive:
-            info[b] = trtri_lower_reference(t_)
+            info[b] = trtri_lower_reference(t_, routines)
             if info[b] != 0:
                 return info
         C, info[b] = routine(t_.T, lower=0, overwrite_c=1)
@@ -215,12 +219,12 @@ def potri_stack_reference(L, by_halves: bool = True):
 
 
 def _recursive_addresses(dtype) -> list | None:
-    """The addresses of SciPy's ``?gemm``, ``?trtri`` and ``?lauum`` for ``dtype``, or None."""
+    """The addresses of SciPy's ``?gemm`` (:func:`~kronlin._kernels.block_apply.gemm_address`), ``?trtri`` and
+    ``?lauum`` for ``dtype``, or None."""
     p = "s" if dtype == np.float32 else "d"
-    blas = [routine_address("cython_blas", p + "gemm", lambda sig: sig.startswith("void (char *, char *, int *, "))]
     trtri = routine_address("cython_lapack", p + "trtri",
                             lambda sig: sig.startswith("void (char *, char *, int *, ") and sig.endswith(" *, int *, int *)"))
-    addresses = blas + [trtri, lapack_address(p + "lauum")]
+    addresses = [gemm_address(dtype), trtri, lapack_address(p + "lauum")]
     return None if None in addresses else addresses
 
 
