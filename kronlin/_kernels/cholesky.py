@@ -153,6 +153,8 @@ def _trmm_left(blas, alpha, X, B, O) -> None:
 
 
 def _trtri_halves(L, blas) -> int:
+    """:func:`trtri_lower_reference`'s recursion, on a matrix whose leaf blocks are already zero above the
+    diagonal (``trtri_halves`` in ``csrc/cpu/cholesky_cpu.cpp``)."""
     n = L.shape[0]
     if n <= RECURSIVE_LEAF:
         R, info = blas["trtri"](L.T, lower=0, overwrite_c=1)  # the Fortran view's upper Lᵀ: its inverse (L⁻¹)ᵀ
