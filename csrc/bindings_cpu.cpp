@@ -149,29 +149,46 @@ py::tuple asymmetry(py::array x) {
   return py::make_tuple(asym, scale);
 }
 
-// The data of a list of B C-contiguous (rows, cols) NumPy matrices of `like`'s dtype (`what` names the list in
-// errors), with the references that keep them alive while the GIL is released.
+// The data of a list of B C-contiguous (rows, cols) NumPy matrices of `like`'s dtype, with the references that
+// keep them alive while the GIL is released.
 struct MatrixList {
   std::vector<py::array> keep;
   std::vector<const void*> data;
 };
 
+// Whether h is a matrix the kernels read in place: a numpy.ndarray itself (no subclass: a masked array's data
+// is not its values), aligned, C-contiguous, (rows, cols), of like's dtype.
+bool matrix_in_place(py::handle h, std::int64_t rows, std::int64_t cols, const py::array& like) {
+  if (Py_TYPE(h.ptr()) != py::detail::npy_api::get().PyArray_Type_) return false;
+  auto x = py::reinterpret_borrow<py::array>(h);
+  return x.ndim() == 2 && x.shape(0) == rows && x.shape(1) == cols && c_contiguous(x) &&
+         (x.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0 && same_dtype(x, like);
+}
+
+// xs as a MatrixList, or false (out partly filled) at the first entry that is not a matrix_in_place.
+bool matrices_in_place(const py::list& xs, std::int64_t rows, std::int64_t cols, const py::array& like,
+                       MatrixList& out) {
+  const auto B = py::len(xs);
+  out.keep.reserve(B);
+  out.data.reserve(B);
+  for (std::size_t b = 0; b < B; ++b) {
+    py::handle h = xs[b];
+    if (!matrix_in_place(h, rows, cols, like)) return false;
+    auto x = py::reinterpret_borrow<py::array>(h);
+    out.data.push_back(x.data());
+    out.keep.push_back(x);
+  }
+  return true;
+}
+
+// matrices_in_place, or an error naming the list `what`.
 MatrixList matrix_list(const py::list& xs, std::int64_t B, std::int64_t rows, std::int64_t cols, const py::array& like,
                        const std::string& what) {
   require(static_cast<std::int64_t>(py::len(xs)) == B, what + " must hold one matrix per matrix of the stacks");
   MatrixList out;
-  out.keep.reserve(static_cast<std::size_t>(B));
-  out.data.reserve(static_cast<std::size_t>(B));
-  for (std::int64_t b = 0; b < B; ++b) {
-    py::handle h = xs[static_cast<std::size_t>(b)];
-    require(py::isinstance<py::array>(h), what + " must hold NumPy arrays");
-    auto x = py::reinterpret_borrow<py::array>(h);
-    require(x.ndim() == 2 && x.shape(0) == rows && x.shape(1) == cols && c_contiguous(x) && same_dtype(x, like),
-            "every " + what + "[b] must be a C-contiguous (" + std::to_string(rows) + ", " + std::to_string(cols) +
-                ") matrix of the stacks' dtype");
-    out.data.push_back(x.data());
-    out.keep.push_back(x);
-  }
+  require(matrices_in_place(xs, rows, cols, like, out),
+          "every " + what + "[b] must be a NumPy ndarray, aligned and C-contiguous, (" + std::to_string(rows) + ", " +
+              std::to_string(cols) + "), of the stacks' dtype");
   return out;
 }
 
@@ -276,7 +293,9 @@ py::array_t<std::int32_t> potri_stack(py::array L, std::uintptr_t potri, std::ve
 }
 
 // The block-apply family (kronlin/_kernels/block_apply.py): Y[b] = G[b] V[b] At[b] by the ?gemm at address gemm
-// (scipy.linalg.cython_blas); returns the first b whose result is not finite, or -1.
+// (scipy.linalg.cython_blas); returns the first b whose result is not finite, or -1; or -2, computing nothing,
+// when some V[b] is not a matrix_in_place (the caller takes its general path: the blocks are checked here, at
+// a few nanoseconds each, instead of by a Python loop before the call).
 
 std::int64_t block_apply(py::array G, py::list V, py::array At, py::array Y, std::uintptr_t gemm) {
   require(G.ndim() == 3 && At.ndim() == 3 && Y.ndim() == 3, "expected G (B, q, q), At (B, p, p) and Y (B, q, p)");
@@ -289,7 +308,9 @@ std::int64_t block_apply(py::array G, py::list V, py::array At, py::array Y, std
   const bool f64 = has_dtype<double>(Y);
   if (!f64 && !has_dtype<float>(Y)) throw std::invalid_argument("kronlin._C: dtype must be float32 or float64");
   require(q < (std::int64_t(1) << 31) && p < (std::int64_t(1) << 31), "the orders exceed BLAS's 32-bit integers");
-  const MatrixList vl = matrix_list(V, B, q, p, Y, "V");
+  require(static_cast<std::int64_t>(py::len(V)) == B, "V must hold one matrix per matrix of the stacks");
+  MatrixList vl;
+  if (!matrices_in_place(V, q, p, Y, vl)) return -2;
   const void* const* ptrs = vl.data.data();
   const void* g = G.data();
   const void* at = At.data();

@@ -18,7 +18,7 @@ def asymmetry(x: npt.NDArray[np.floating]) -> tuple[float, float]:
     ``(nan, nan)`` when an entry is NaN or infinite."""
 
 def stack_asymmetry(xs: list[npt.NDArray[np.floating]], out: npt.NDArray[np.floating]) -> tuple[float, float]:
-    """``out[b] = xs[b]`` (B C-contiguous (n, n) matrices into the C-contiguous (B, n, n) stack ``out``, one
+    """``out[b] = xs[b]`` (B aligned C-contiguous (n, n) ``numpy.ndarray`` matrices, no subclass, into the C-contiguous (B, n, n) stack ``out``, one
     dtype, float32 or float64) and :func:`asymmetry` of ``out``, each matrix measured while it is in cache."""
 
 def mirror_lower(x: npt.NDArray[np.floating]) -> None:
@@ -48,7 +48,8 @@ def block_apply(
     """``Y[b] = G[b] @ V[b] @ At[b]`` for C-contiguous stacks ``G`` (B, q, q), ``At`` (B, p, p), ``Y`` (B, q, p)
     and a list ``V`` of B C-contiguous (q, p) matrices, one dtype (float32 or float64), by the ``?gemm`` at
     address ``gemm`` (``scipy.linalg.cython_blas``); returns the first ``b`` whose ``Y[b]`` holds a NaN or an
-    infinity, or -1."""
+    infinity, or -1; or -2, computing nothing, when some ``V[b]`` is not a ``numpy.ndarray`` (no subclass),
+    aligned, C-contiguous, ``(q, p)``, of the stacks' dtype."""
 
 def gsylv_backsub(
     S1: npt.NDArray[np.floating],

@@ -207,3 +207,56 @@ def test_stacked_apply_results_are_independent_arrays():
         assert not any(np.shares_memory(y, z) for z in first)
         assert y.shape == SHAPES[k] and y.flags.writeable
     np.testing.assert_array_equal(op.apply(Vs)[0], kept[0])
+
+
+STACKED = [(6, 8), (6, 8), (4, 5), (6, 8), (4, 5)]  # every layer in a stack: two groups
+
+
+@pytest.mark.parametrize("shapes", [STACKED, [(6, 8)] * 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_stacked_apply_takes_the_blocks_as_they_come(monkeypatch, shapes, dtype):
+    """Where every layer is in a stack, apply hands the blocks to the compiled loop unvalidated; the loop
+    judges them (NumPy ndarray, aligned, C-contiguous, the operator's dtype and the layer's shape) and refuses
+    the rest to the general way: every kind of block gives the per-layer dense answer (or the general way's
+    error), with the kernel or without it."""
+    from kronlin import kernels
+    from kronlin import tridiag
+
+    calls = []
+    real = tridiag.block_apply_compiled
+    monkeypatch.setattr(tridiag, "block_apply_compiled", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(7)
+    As, Gs = [spd(rng, p, 30.0) for q, p in shapes], [spd(rng, q, 30.0) for q, p in shapes]
+    op = BlockDiagInverse([A.astype(dtype) for A in As], [G.astype(dtype) for G in Gs], gamma=0.1)
+    Vs = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    dense = [_dense_layer(A, G, 0.1, "trace")[0] for A, G in zip(As, Gs)]
+    other = np.float32 if np.dtype(dtype) == np.float64 else np.float64
+    kinds = {"as they come": Vs, "a tuple": tuple(Vs),
+             "Fortran": [np.asfortranarray(V) for V in Vs],
+             "byte-swapped": [V.astype(V.dtype.newbyteorder()) for V in Vs],
+             "another dtype": [V.astype(other) for V in Vs],
+             "batched": [V[None] for V in Vs],
+             "nested lists": [V.tolist() for V in Vs]}  # fmt: skip
+    for name, Vx in kinds.items():
+        calls.clear()
+        got = op.apply(Vx)
+        with kernels.disabled():
+            plain = op.apply(Vx)
+        for k, (D, V, y) in enumerate(zip(dense, Vs, got)):
+            ref = unvec(D @ vec(V.astype(np.float64)), *shapes[k])
+            assert np.shape(y) == np.shape(Vx[k]), name
+            # the less precise of the operator's and the block's dtypes bounds the rounding
+            low = min(np.dtype(dtype), np.asarray(Vx[k]).dtype, key=lambda d: d.itemsize)
+            assert np.asarray(y).dtype == np.result_type(dtype, np.asarray(Vx[k]).dtype.newbyteorder("=")), name
+            assert rel_err(np.reshape(y, shapes[k]), ref) < tol(low, 30.0**2), name
+            assert rel_err(np.reshape(plain[k], shapes[k]), ref) < tol(low, 30.0**2), name
+        assert calls, name  # the compiled loop was asked first, and ...
+        if name in ("as they come", "a tuple") and kernels.compiled(np) is not None:
+            assert got[0].base is not None and got[0].base is got[shapes.index(shapes[0], 1)].base  # ... served them
+    # one non-finite block: the general way names it
+    Vs[2] = Vs[2].copy()
+    Vs[2][1, 1] = np.nan
+    with pytest.raises(ValueError, match=rf"^V_list\[2\] \(shape \({shapes[2][0]}, {shapes[2][1]}\)\) contains NaN"):
+        op.apply(Vs)
+    with pytest.raises(ValueError, match="one array per layer"):
+        op.apply(Vs[:-1])

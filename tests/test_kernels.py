@@ -11,7 +11,7 @@ import pytest
 import kronlin
 from kronlin import Kron, _ext, kernels
 from kronlin._kernels import _dispatch, cholesky
-from kronlin._kernels.block_apply import COMPILED_MAX_ORDER, block_apply, gemm_address
+from kronlin._kernels.block_apply import COMPILED_MAX_ORDER, block_apply, block_apply_compiled, gemm_address
 from kronlin._kernels.eig_scale import eig_scale, eig_scale_reference
 from kronlin._kernels.symmetric import (asymmetry, asymmetry_reference, mirror_lower, mirror_lower_reference,
                                         stack_asymmetry)
@@ -563,19 +563,46 @@ def test_block_apply_cpu_refuses_bad_arguments_and_the_dispatch_falls_back(cpu_e
     assert isinstance(address, int) and isinstance(gemm_address(np.float32), int) and gemm_address(np.int64) is None
     with pytest.raises(ValueError, match="one matrix per matrix"):
         cpu_ext.block_apply(G, V[:2], At, Y, address)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        cpu_ext.block_apply(G, [np.asfortranarray(v) for v in V], At, Y, address)
-    with pytest.raises(ValueError, match="NumPy arrays"):
-        cpu_ext.block_apply(G, [v.tolist() for v in V], At, Y, address)
     with pytest.raises(ValueError, match="share one dtype"):
         cpu_ext.block_apply(G.astype(np.float32), V, At, Y, address)
     with pytest.raises(ValueError, match="address is 0"):
         cpu_ext.block_apply(G, V, At, Y, 0)
-    # what the kernel does not take goes to the reference, with the same answers
+    # blocks it does not read in place: -2 and nothing computed; the dispatch takes the reference, with the same
+    # answers
     ref = np.stack([g @ v @ a for g, v, a in zip(G, V, At)])
-    for Vx in ([np.asfortranarray(v) for v in V], [v[:, ::1].astype(">f8") for v in V]):
-        got, bad = block_apply(G, Vx, At)
-        assert bad is None and np.allclose(got, ref, rtol=1e-13, atol=1e-13)
+    for Vx in _blocks_not_in_place(V):
+        Y[...] = 7.0
+        assert cpu_ext.block_apply(G, Vx, At, Y, address) == -2 and np.all(Y == 7.0)
+        assert block_apply_compiled(G, Vx, At) is None
+        if np.shape(Vx[1]) == V[1].shape and np.array_equal(np.asarray(Vx[1], dtype=np.float64), V[1]):  # same values
+            got, bad = block_apply(G, Vx, At)
+            assert bad is None and np.allclose(got, ref, rtol=1e-13, atol=1e-13)
+    got, bad = block_apply_compiled(G, tuple(V), At)  # a tuple of blocks is served
+    assert bad is None and np.allclose(got, ref, rtol=1e-13, atol=1e-13)
+
+
+def _unaligned(v):
+    """``v``'s values in an unaligned C-contiguous array (one byte off its dtype's alignment)."""
+    raw = np.zeros(v.nbytes + 1, dtype=np.uint8)
+    out = np.frombuffer(raw.data, dtype=v.dtype, count=v.size, offset=1).reshape(v.shape)
+    out[...] = v
+    assert not out.flags.aligned and out.flags.c_contiguous
+    return out
+
+
+class _Subclass(np.ndarray):
+    pass
+
+
+def _blocks_not_in_place(V):
+    """Lists that differ from ``V`` (float64 (q, p) blocks) in one block that the kernel must not read in place:
+    Fortran order, byte-swapped, another dtype, another shape, unaligned, a masked array (its data is not its
+    values), another subclass, a nested list."""
+    masked = np.ma.masked_array(V[1], mask=np.zeros(V[1].shape, bool))
+    masked.mask[0, 0] = True
+    subs = [np.asfortranarray(V[1]), V[1].astype(">f8"), V[1].astype(np.float32), V[1][:, :-1].copy(),
+            _unaligned(V[1]), masked, V[1].view(_Subclass), V[1].tolist()]
+    return [[V[0], x, *V[2:]] for x in subs]
 
 
 def test_block_apply_dispatch_compiles_small_blocks_only(cpu_ext, monkeypatch):
@@ -616,10 +643,10 @@ def test_stack_asymmetry_cpu_nonfinite_and_bad_arguments(cpu_ext, bad):
     assert math.isnan(got[0]) and math.isnan(got[1])
     with pytest.raises(ValueError, match="one matrix per matrix"):
         cpu_ext.stack_asymmetry(list(S[:2]), np.empty_like(S))
-    with pytest.raises(ValueError, match=r"every xs\[b\] must be a C-contiguous \(70, 70\) matrix of the stacks' dtype"):
-        cpu_ext.stack_asymmetry([M.astype(np.float32) for M in S], np.empty_like(S))
-    with pytest.raises(ValueError, match="NumPy arrays"):
-        cpu_ext.stack_asymmetry([M.tolist() for M in S], np.empty_like(S))
+    message = r"every xs\[b\] must be a NumPy ndarray, aligned and C-contiguous, \(70, 70\), of the stacks' dtype"
+    for Ms in _blocks_not_in_place(list(S)):
+        with pytest.raises(ValueError, match=message):
+            cpu_ext.stack_asymmetry(Ms, np.empty_like(S))
     # what the kernel does not take goes to the reference: the same measure
     T = _stack((3, 9, 9), "float64")
     out = np.empty_like(T)
