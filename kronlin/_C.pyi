@@ -18,8 +18,9 @@ def asymmetry(x: npt.NDArray[np.floating]) -> tuple[float, float]:
     ``(nan, nan)`` when an entry is NaN or infinite."""
 
 def stack_asymmetry(xs: list[npt.NDArray[np.floating]], out: npt.NDArray[np.floating]) -> tuple[float, float]:
-    """``out[b] = xs[b]`` (B aligned C-contiguous (n, n) ``numpy.ndarray`` matrices, no subclass, into the C-contiguous (B, n, n) stack ``out``, one
-    dtype, float32 or float64) and :func:`asymmetry` of ``out``, each matrix measured while it is in cache."""
+    """``out[b] = xs[b]`` (B aligned C-contiguous (n, n) ``numpy.ndarray`` matrices, no subclass, into the
+    C-contiguous (B, n, n) stack ``out``, one dtype, float32 or float64) and :func:`asymmetry` of ``out``, each
+    matrix measured while it is in cache."""
 
 def mirror_lower(x: npt.NDArray[np.floating]) -> None:
     """In place: the lower triangle of each matrix of a C-contiguous (B, n, n) stack (float32 or
