@@ -181,22 +181,15 @@ bool matrices_in_place(const py::list& xs, std::int64_t rows, std::int64_t cols,
   return true;
 }
 
-// matrices_in_place, or an error naming the list `what`.
-MatrixList matrix_list(const py::list& xs, std::int64_t B, std::int64_t rows, std::int64_t cols, const py::array& like,
-                       const std::string& what) {
-  require(static_cast<std::int64_t>(py::len(xs)) == B, what + " must hold one matrix per matrix of the stacks");
-  MatrixList out;
-  require(matrices_in_place(xs, rows, cols, like, out),
-          "every " + what + "[b] must be a NumPy ndarray, aligned and C-contiguous, (" + std::to_string(rows) + ", " +
-              std::to_string(cols) + "), of the stacks' dtype");
-  return out;
-}
-
-py::tuple stack_asymmetry(py::list xs, py::array out) {
+// The stack_asymmetry kernel, or None, copying nothing, when some xs[b] is not a matrix_in_place (the caller
+// takes its reference).
+py::object stack_asymmetry(py::list xs, py::array out) {
   require_square_stack(out);
   require(out.writeable(), "out must be writeable");
   const auto B = out.shape(0), n = out.shape(1);
-  const MatrixList xl = matrix_list(xs, B, n, n, out, "xs");
+  require(static_cast<std::int64_t>(py::len(xs)) == B, "xs must hold one matrix per matrix of the stacks");
+  MatrixList xl;
+  if (!matrices_in_place(xs, n, n, out, xl)) return py::none();
   const void* const* ptrs = xl.data.data();
   double asym = 0.0, scale = 0.0;
   const bool f64 = has_dtype<double>(out);

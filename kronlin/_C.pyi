@@ -17,10 +17,10 @@ def asymmetry(x: npt.NDArray[np.floating]) -> tuple[float, float]:
     """``(max|x − xᵀ|, max|x|)`` over a C-contiguous (B, n, n) stack (float32 or float64);
     ``(nan, nan)`` when an entry is NaN or infinite."""
 
-def stack_asymmetry(xs: list[npt.NDArray[np.floating]], out: npt.NDArray[np.floating]) -> tuple[float, float]:
-    """``out[b] = xs[b]`` (B aligned C-contiguous (n, n) ``numpy.ndarray`` matrices, no subclass, into the
-    C-contiguous (B, n, n) stack ``out``, one dtype, float32 or float64) and :func:`asymmetry` of ``out``, each
-    matrix measured while it is in cache."""
+def stack_asymmetry(xs: list[npt.NDArray[np.floating]], out: npt.NDArray[np.floating]) -> tuple[float, float] | None:
+    """``out[b] = xs[b]`` (B (n, n) matrices into the C-contiguous (B, n, n) stack ``out``, float32 or float64)
+    and :func:`asymmetry` of ``out``, each matrix measured while it is in cache; None, copying nothing, when
+    some ``xs[b]`` is not a ``numpy.ndarray`` (no subclass), aligned, C-contiguous, of ``out``'s dtype."""
 
 def mirror_lower(x: npt.NDArray[np.floating]) -> None:
     """In place: the lower triangle of each matrix of a C-contiguous (B, n, n) stack (float32 or

@@ -84,9 +84,11 @@ def stack_asymmetry(xp, Ms, out) -> tuple[float, float]:
     if not is_numpy(xp):
         raise TypeError("stack_asymmetry writes into a NumPy stack")
     run = kernel(xp, "stack_asymmetry")
-    if (run is not None and native_float(out) and out.flags.c_contiguous and out.shape[-1] > 1
-            and all(type(M) is np.ndarray and M.dtype == out.dtype and M.flags.c_contiguous for M in Ms)):
-        return run(list(Ms), out)
+    if run is not None and native_float(out) and out.flags.c_contiguous and out.shape[-1] > 1:
+        # the kernel judges the matrices itself (None: one is not an aligned C-contiguous ndarray of out's dtype)
+        got = run(Ms if type(Ms) is list else list(Ms), out)
+        if got is not None:
+            return got
     return stack_asymmetry_reference(xp, Ms, out)
 
 
