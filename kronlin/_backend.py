@@ -427,9 +427,10 @@ def mT(x):
 
 
 def native_float(x) -> bool:
-    """float32 or float64 in the machine's byte order: what compiled code and BLAS calls take directly
-    (a big-endian array, e.g. read from a portable file, goes the generic way)."""
-    return x.dtype.char in "fd" and x.dtype.isnative
+    """float32 or float64 in the machine's byte order, aligned: what compiled code and BLAS calls take directly
+    (a big-endian array, e.g. read from a portable file, or an unaligned one, e.g. a field of a packed record
+    or a buffer read at an odd offset, goes the generic way; CuPy arrays have no alignment flag)."""
+    return x.dtype.char in "fd" and x.dtype.isnative and getattr(x.flags, "aligned", True)
 
 
 def diagonal(xp, M):

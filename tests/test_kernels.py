@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.linalg as sl
 
 import kronlin
 from kronlin import Kron, _ext, kernels
@@ -654,3 +655,52 @@ def test_stack_asymmetry_cpu_nonfinite_and_bad_arguments(cpu_ext, bad):
     T = _stack((3, 9, 9), "float64")
     out = np.empty_like(T)
     assert stack_asymmetry(np, [np.asfortranarray(M) for M in T], out) == asymmetry_reference(np, T)
+
+
+# -- every public dispatcher, on layouts the compiled code does not read directly --------------------------
+def _spd_batch(rng, B, n):
+    X = rng.standard_normal((B, n, 2 * n))
+    return X @ np.swapaxes(X, -1, -2) / n + np.eye(n)
+
+
+_LAYOUTS = {"C": np.copy, "unaligned": _unaligned, "byte-swapped": lambda x: x.astype(x.dtype.newbyteorder()),
+            "Fortran": np.asfortranarray, "subclass": lambda x: x.copy().view(_Subclass),
+            "strided": lambda x: np.repeat(x, 2, axis=-1)[..., ::2]}  # fmt: skip
+
+
+def _dispatchers(rng):
+    """``{name: (call, args)}``: each public kernel dispatcher of kronlin.kernels with float64 arguments."""
+    S = _spd_batch(rng, 3, 20)
+    M = S[0] + 0.01 * rng.standard_normal((20, 20))
+    return {"asymmetry": (lambda x: kernels.asymmetry(np, x), (M,)),
+            "norm1": (kernels.norm1, (M,)),
+            "mirror_lower": (lambda x: kernels.mirror_lower(np, x), (S,)),
+            "potrf_stack": (lambda x: np.tril(kernels.potrf_stack(x)[0]), (S,)),
+            "potri_stack": (lambda L: (kernels.potri_stack(L), L)[1], (np.linalg.cholesky(S),)),
+            "block_apply": (lambda G, V, A: kernels.block_apply(G, list(V), A)[0],
+                            (S, rng.standard_normal((3, 20, 20)), S)),
+            "gram_shared": (lambda A, E: kernels.gram_shared(np, A, E, method="kernel"),
+                            (rng.standard_normal((4, 6, 5)), rng.standard_normal((4, 1, 6, 3)))),
+            "eig_scale": (lambda Y, g, a: kernels.eig_scale(np, Y, g, a, 0.1, -1.0),
+                          (rng.standard_normal((2, 5, 7)), rng.random((2, 5)) + 1, rng.random((2, 7)) + 1)),
+            "gsylv_backsub": (lambda S1, T1, S2, T2, W: kernels.gsylv_backsub(np, S1, T1, S2, T2, W, 1),
+                              (*sl.qz(_spd_batch(rng, 1, 5)[0], np.eye(5) + 0.1 * rng.random((5, 5)), output="real")[:2],
+                               *sl.qz(_spd_batch(rng, 1, 7)[0], np.eye(7) + 0.1 * rng.random((7, 7)), output="real")[:2],
+                               rng.standard_normal((5, 7))))}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(_dispatchers(np.random.default_rng(0))))
+def test_dispatchers_take_every_layout(name, dtype, layout):
+    """A byte-swapped array (a portable file), an unaligned one (a packed record's field, an odd offset), a
+    Fortran-ordered, strided or subclassed one: the dispatcher computes what it computes for a C-ordered copy
+    (the compiled code where it reads the layout, its reference where not; gram_shared and eig_scale sent a
+    byte-swapped array to the compiled code, which refused it with an error)."""
+    call, args = _dispatchers(np.random.default_rng(1))[name]
+    args = [a.astype(dtype) for a in args]
+    want = np.asarray(call(*[a.copy() for a in args]), dtype=np.float64)
+    got = np.asarray(call(*[_LAYOUTS[layout](a) for a in args]), dtype=np.float64)
+    assert got.shape == want.shape
+    # rounding only: a layout may take the reference, whose BLAS calls may differ in summation order
+    np.testing.assert_allclose(got, want, rtol=50 * np.finfo(dtype).eps, atol=50 * np.finfo(dtype).eps * np.abs(want).max())

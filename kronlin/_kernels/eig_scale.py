@@ -10,6 +10,7 @@ array-API composition they are tested against.
 
 from __future__ import annotations
 
+from .._backend import native_float
 from ._dispatch import kernel
 
 __all__ = ["eig_scale", "eig_scale_reference"]
@@ -51,7 +52,8 @@ def eig_scale(xp, Y, lg, la, shift: float, power: float):
     q, p = Y.shape[-2], Y.shape[-1]
     batch = tuple(Y.shape[:-2])
     run = kernel(xp, "eig_scale")
-    if run is not None and Y.size > 0 and Y.flags.c_contiguous and getattr(Y.flags, "writeable", True):
+    if (run is not None and Y.size > 0 and native_float(Y) and Y.flags.c_contiguous
+            and getattr(Y.flags, "writeable", True)):
         g = xp.ascontiguousarray(_flatten_eig(xp, lg, batch, q).astype(Y.dtype, copy=False))
         a = xp.ascontiguousarray(_flatten_eig(xp, la, batch, p).astype(Y.dtype, copy=False))
         run(Y.reshape(-1, q, p), g, a, float(shift), float(power))

@@ -44,7 +44,7 @@ import warnings
 
 import numpy as np
 
-from .._backend import dtype_eps, is_numpy, to_numpy
+from .._backend import dtype_eps, is_numpy, native_float, to_numpy
 from .._validate import SINGULAR_RTOL_FACTOR, LinAlgError, is_singular
 from .._validate import singular_tol as _policy_tol
 from ._dispatch import kernel
@@ -164,11 +164,11 @@ def gsylv_backsub_raw(xp, S1, T1, S2, T2, W, sign: int):
     """
     sign = 1 if sign > 0 else -1
     run = kernel(xp, "gsylv_backsub")
-    if run is not None and W.size > 0 and W.dtype in (np.float32, np.float64):
+    if run is not None and W.size > 0 and W.dtype.char in "fd":
         q, p = W.shape[-2], W.shape[-1]
-        if not (W.flags.c_contiguous and W.flags.writeable):
-            W = np.array(W, order="C")
-        S1, T1, S2, T2 = (np.ascontiguousarray(M, dtype=W.dtype) for M in (S1, T1, S2, T2))
+        if not (native_float(W) and W.flags.c_contiguous and W.flags.writeable):
+            W = np.array(W, dtype=W.dtype.newbyteorder("="), order="C")  # machine byte order, aligned
+        S1, T1, S2, T2 = (np.require(M, dtype=W.dtype, requirements=("C", "A")) for M in (S1, T1, S2, T2))
         rel = run(S1, T1, S2, T2, W.reshape(-1, q, p), sign)
         return W, float(rel)
     return _reference_raw(xp, S1, T1, S2, T2, W, sign)

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 
-from .._backend import mT
+from .._backend import mT, native_float
 from ._dispatch import kernel
 
 __all__ = [
@@ -235,7 +235,7 @@ def gram_shared(xp, A, E, method: str = "auto"):
         raise ValueError(f"method must be 'auto', 'pairs', 'kernel', 'grad' or 'reference'; got {method!r}")
     M = N * S
     run = kernel(xp, "woodbury_gram_shared")
-    if M > 0 and run is not None:
+    if M > 0 and run is not None and native_float(A) and native_float(E):
         Ac = xp.ascontiguousarray(A)
         Ec = xp.ascontiguousarray(xp.reshape(E, (M, T, de)))
         if run.device == "cpu":
