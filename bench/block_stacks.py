@@ -10,8 +10,9 @@ every route once in a fresh random order on the same input) and reported as the 
   numba-compiled per-matrix loop (``np.linalg.cholesky`` + ``np.linalg.inv`` in ``@njit``; only if numba
   is installed: it is measured, not a dependency);
 * apply: ``op.apply(V_list)`` against the batched GEMMs ``G⁻¹ @ V @ A⁻ᵀ`` on pre-stacked arrays, a plain
-  per-layer loop of the same products, the batched GEMMs on the operator's own inverse stacks (a control:
-  the same products on the memory ``op.apply`` reads) and a numba loop.
+  per-layer loop of the same products, and a numba loop.  (Session 13's runs also timed the batched GEMMs
+  on the operator's own inverse stacks, a control read from a private attribute; bench/ keeps to public
+  names, so it is gone.)
 
 Results are checked first (apply against the per-layer dense inverses).
 
@@ -92,7 +93,6 @@ def run_case(m, n, dtype, gamma, rounds, rng, cold: bool = False):
     Ginv = np.stack([np.linalg.inv(g) for g in Gd])
     AinvT = np.ascontiguousarray(np.swapaxes(Ainv, -1, -2))
     Vst = np.stack(Vs)
-    ((_, OA, OG),) = op._inv_stacks  # the operator's own A⁻ᵀ and G⁻¹ stacks (one group: one shape)
     Gl, AlT = list(Ginv), list(AinvT)
     # correctness first
     got = op.apply(Vs)
@@ -105,8 +105,7 @@ def run_case(m, n, dtype, gamma, rounds, rng, cold: bool = False):
            "numpy.linalg.inv per matrix": lambda: [np.linalg.inv(M) for M in Ad + Gd]}  # fmt: skip
     app = {"op.apply": lambda: op.apply(Vs),
            "batched GEMMs, pre-stacked (floor)": lambda: Ginv @ Vst @ AinvT,
-           "per-layer loop": lambda: [g @ v @ a for g, v, a in zip(Gl, Vs, AlT)],
-           "batched GEMMs, the operator's inverse stacks": lambda: OG @ Vst @ OA}  # fmt: skip
+           "per-layer loop": lambda: [g @ v @ a for g, v, a in zip(Gl, Vs, AlT)]}  # fmt: skip
     nb = numba_routes()
     if nb is not None:
         inv_loop, apply_loop = nb
