@@ -346,9 +346,9 @@ def _check_dtype(arr, name: str, xp) -> None:
 
 
 def _float_dtype(xp, dt):
-    """float32/float64 stay; integers and bools become float64."""
+    """float32/float64 stay, in the machine's byte order; integers and bools become float64."""
     if xp is np or is_cupy(xp):
-        return dt if np.dtype(dt).kind == "f" else xp.float64
+        return np.dtype(dt).newbyteorder("=") if np.dtype(dt).kind == "f" else xp.float64
     return dt if xp.isdtype(dt, "real floating") else xp.float64
 
 
@@ -375,7 +375,7 @@ def context(*named, snapshot: bool = False):
     """
     if named and all(type(x) is np.ndarray for _, x in named):  # NumPy arrays of one float dtype: as they are
         dtype = named[0][1].dtype
-        if dtype.char in "fd" and all(x.dtype == dtype for _, x in named):
+        if dtype.char in "fd" and dtype.isnative and all(x.dtype == dtype for _, x in named):
             return Ctx(np, dtype, None), [owned_copy(np, x) if snapshot else x for _, x in named]
     xp = foreign = first = None
     infos = []
@@ -398,7 +398,7 @@ def context(*named, snapshot: bool = False):
         xp = np
     arrays = []
     for name, x, fr, plain in infos:
-        if xp is np and type(x) is np.ndarray and x.dtype.char in "fd":  # float32/float64 NumPy: as it is
+        if xp is np and type(x) is np.ndarray and x.dtype.char in "fd" and x.dtype.isnative:  # as it is
             arrays.append(x)
             continue
         arr = _plain_array(xp, x, name) if plain else _convert(x, xp, fr, name)

@@ -188,3 +188,22 @@ def test_refresh_validates():
     with pytest.raises(LinAlgError, match="positive semi-definite"):
         E.refresh(A - 10 * np.eye(4), G, damping=0.1)
     assert isinstance(E.refresh(A, G, damping=0.1), KronEigh)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_refresh_across_byte_orders(dtype):
+    """An operator's dtype is float32 or float64 whatever its inputs' byte order: an eigenbasis of big-endian
+    factors refreshes with native ones and the other way round (it refused them, naming the dtypes '>f8' and
+    'float64'), and the refreshed solve meets rtol against the dense solve."""
+    rng = np.random.default_rng(9)
+    A, G = _psd(rng, 5).astype(dtype), _psd(rng, 4).astype(dtype)
+    A1, G1 = (A + 0.01 * _psd(rng, 5)).astype(dtype), (G + 0.01 * _psd(rng, 4)).astype(dtype)
+    X = rng.standard_normal((4, 5)).astype(dtype)
+    swap = lambda M: M.astype(M.dtype.newbyteorder())  # noqa: E731
+    for E, (A2, G2) in ((Kron(swap(A), swap(G)).eigh(), (A1, G1)), (Kron(A, G).eigh(), (swap(A1), swap(G1)))):
+        assert E.dtype == np.dtype(dtype) and E.dtype.isnative
+        R = E.refresh(A2, G2, damping=0.1)
+        got = R.solve(X, 0.1)
+        assert got.dtype == np.dtype(dtype)
+        ref = _dense_solve(A1.astype(np.float64), G1.astype(np.float64), 0.1, X.astype(np.float64))
+        assert rel_err(got, ref) < 1e-3 + tol(dtype, 100.0)
