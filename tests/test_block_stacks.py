@@ -260,6 +260,15 @@ def test_all_stacked_apply_takes_the_blocks_as_they_come(monkeypatch, shapes, dt
         op.apply(Vs)
     with pytest.raises(ValueError, match="one array per layer"):
         op.apply(Vs[:-1])
+    # finite blocks whose result overflows: the general way's FloatingPointError (small factors: the inverse
+    # amplifies by ~1e6, so a finite block reaches 4x the dtype's largest number)
+    small = BlockDiagInverse([1e-3 * A.astype(dtype) for A in As], [1e-3 * G.astype(dtype) for G in Gs], gamma=1e-3)
+    Vs = [np.ones(s, dtype=dtype) for s in shapes]
+    r = max(float(np.abs(y).max()) for y in small.apply(Vs))
+    Vs[2] = np.full(shapes[2], 4 * (float(np.finfo(dtype).max) / r), dtype=dtype)
+    assert np.all(np.isfinite(Vs[2]))
+    with pytest.raises(FloatingPointError, match=r"BlockDiagInverse\.apply\(\) is not finite"):
+        small.apply(Vs)
 
 
 def _unaligned(M):
