@@ -77,9 +77,12 @@ def main() -> None:
         f"with none, one or two arguments replaced by a bad value (None, strings, scalars or bare arrays for lists, "
         f"ragged lists, bool/int/complex/float16/object dtypes, torch tensors, a dimension more or less, wrong shapes, "
         f"NaN/Inf, size 0, non-square, non-symmetric, indefinite, singular, huge and tiny magnitudes, bad parameters, "
-        f"choices and switches). Outcomes: **error** — ValueError/TypeError/LinAlgError/FloatingPointError naming the "
-        f"argument; **correct** — finite, of the right shape and dtype, and within a dtype-, order- and "
-        f"condition-aware bound of a dense reference in extended precision; **other** — anything else.", "",
+        f"choices and switches), or by a valid array in another layout (byte-swapped, unaligned, Fortran, strided, "
+        f"subclassed, read-only), which must give the correct result. Outcomes: **error** — "
+        f"ValueError/TypeError/LinAlgError/FloatingPointError naming the argument; **correct** — finite, of the right "
+        f"shape and dtype, and within a dtype-, order- and condition-aware bound of a dense reference in extended "
+        f"precision (where the problem is too ill-conditioned for the reference to answer to working accuracy, a "
+        f"normwise backward error of at most 100·n·eps instead); **other** — anything else.", "",
         f"**Total: {n_all} calls ({total['bad_input']} with a bad input, {total['well_posed']} well-posed): "
         f"{total['error']} clear errors, {total['correct']} correct results, {total['other']} other, "
         f"{crashes} crashes.**", "",
