@@ -82,7 +82,7 @@ def main() -> None:
         f"ValueError/TypeError/LinAlgError/FloatingPointError naming the argument; **correct** — finite, of the right "
         f"shape and dtype, and within a dtype-, order- and condition-aware bound of a dense reference in extended "
         f"precision (where the problem is too ill-conditioned for the reference to answer to working accuracy, a "
-        f"normwise backward error of at most 100·n·eps instead); **other** — anything else.", "",
+        f"componentwise backward error of at most 100·n·eps instead); **other** — anything else.", "",
         f"**Total: {n_all} calls ({total['bad_input']} with a bad input, {total['well_posed']} well-posed): "
         f"{total['error']} clear errors, {total['correct']} correct results, {total['other']} other, "
         f"{crashes} crashes.**", "",

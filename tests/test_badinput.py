@@ -83,3 +83,42 @@ def test_classifier_can_fail():
     assert _call(other_type, exact, {"A": "none"})[0] == "other"
     assert not badinput._names("A_diag[0] must be a matrix", ["A"])  # "A" is not "A_diag"
     assert badinput._names("A_diag[0] must be a matrix", ["A_diag"])
+
+
+def test_classifier_either_judges_what_it_lets_through():
+    """Where the reference cannot answer to working accuracy (badinput.Either), an error naming the arguments
+    and a backward-stable result are right; a result that is not backward stable, a vague error and an error
+    naming another argument are not.  The problem: ``K = diag(1e-18, 1)`` (cond 1e18), ``K y = (1, 1)``."""
+    K = np.diag(np.array([1e-18, 1.0], dtype=np.longdouble))
+    x = np.ones((1, 2), dtype=np.longdouble)
+
+    def to_rows(out):  # as the references' rhs(): a result of another shape is not rows of this problem
+        if np.shape(out) != (2,):
+            raise badinput.IllPosed("out")
+        return np.asarray(out, np.longdouble).reshape(1, 2)
+
+    judge = badinput._backward_judge(K, np.abs(K), x, to_rows, 2.2e-16)
+
+    def ref():
+        raise badinput.Either("A", judge=judge)
+
+    def named():
+        raise np.linalg.LinAlgError("A is singular to working precision")
+
+    def other_name():
+        raise ValueError("G is singular")
+
+    assert _call(lambda: np.array([1e18, 1.0]), ref, {})[0] == "correct"
+    assert _call(lambda: np.array([1e18 * (1 + 1e-15), 1.0]), ref, {})[0] == "correct"  # rounding of the first
+    assert _call(lambda: np.array([1e18, 1.0 + 1e-6]), ref, {})[0] == "other"  # the well-determined part wrong
+    assert _call(lambda: np.array([1e18, np.nan]), ref, {})[0] == "other"
+    assert _call(lambda: np.ones(3), ref, {})[0] == "other"  # wrong shape
+    assert _call(named, ref, {})[0] == "error"
+    assert _call(other_name, ref, {})[0] == "other"
+    want = (np.ones(2, dtype=np.longdouble), np.zeros(2, dtype=np.longdouble))
+
+    def ref_want():
+        raise badinput.Either("A", want=want)
+
+    assert _call(lambda: np.ones(2), ref_want, {})[0] == "correct"
+    assert _call(lambda: np.ones(2) * 1.1, ref_want, {})[0] == "other"
