@@ -78,6 +78,15 @@ SCENARIOS = {
         hammer(lambda: kronlin.WoodburyFisher(acts, errs, 0.1), lambda op: op.solve([X])[0])
         hammer(lambda: kronlin.BlockDiagInverse([A], [G], gamma=0.1), lambda op: op.apply([X])[0])
     """,
+    # issue 13: every layer in a stack, so the blocks go straight to the compiled loop, which multiplies with
+    # the GIL released (and in float32, whose stacks use SciPy's sgemm from C++)
+    "stacked_blocks": """
+        for dtype in (np.float64, np.float32):
+            As = [spd(24).astype(dtype) for _ in range(20)]
+            Gs = [spd(16).astype(dtype) for _ in range(20)]
+            Vs = [rng.standard_normal((16, 24)).astype(dtype) for _ in range(20)]
+            hammer(lambda: kronlin.BlockDiagInverse(As, Gs, gamma=0.1), lambda op: np.stack(op.apply(Vs)), rounds=8)
+    """,
 }
 
 
