@@ -13,6 +13,7 @@ import scipy.linalg as sl
 from kronlin import BlockDiagInverse, pi_factor
 from kronlin._kernels.symmetric import asymmetry_reference
 
+from badinput import layout
 from helpers import DTYPES, on, rel_err, to_np, tol
 from kronlin.testing import spd, unvec, vec
 
@@ -271,30 +272,17 @@ def test_all_stacked_apply_takes_the_blocks_as_they_come(monkeypatch, shapes, dt
         small.apply(Vs)
 
 
-def _unaligned(M):
-    """``M``'s values in an unaligned C-contiguous array (one byte off its dtype's alignment)."""
-    raw = np.zeros(M.nbytes + 1, dtype=np.uint8)
-    out = np.frombuffer(raw.data, dtype=M.dtype, count=M.size, offset=1).reshape(M.shape)
-    out[...] = M
-    return out
-
-
-@pytest.mark.parametrize("layout", ["unaligned", "Fortran", "byte-swapped", "read-only"])
-def test_stacked_factors_of_any_layout(layout):
+@pytest.mark.parametrize("how", ["unaligned", "fortran", "byteswap", "readonly", "strided", "subclass"])
+def test_stacked_factors_of_any_layout(how):
     """A stack's factors are copied in by the compiled kernel where it reads them in place, by NumPy where it
     does not (an unaligned factor was refused with an error by the kernel's check for one session): the
     operator and its results are those of C-ordered factors, bit for bit."""
     rng = np.random.default_rng(8)
     As, Gs = _layers(rng)
     Vs = [rng.standard_normal(s) for s in SHAPES]
-    odd = {"unaligned": _unaligned, "Fortran": np.asfortranarray,
-           "byte-swapped": lambda M: M.astype(M.dtype.newbyteorder()), "read-only": lambda M: M.copy()}[layout]
-    As2, Gs2 = [odd(A) for A in As], [odd(G) for G in Gs]
-    if layout == "unaligned":
+    As2, Gs2 = [layout(how, A) for A in As], [layout(how, G) for G in Gs]
+    if how == "unaligned":
         assert not any(M.flags.aligned for M in As2 + Gs2)
-    if layout == "read-only":
-        for M in As2 + Gs2:
-            M.flags.writeable = False
     ref = BlockDiagInverse(As, Gs, gamma=0.1)
     op = BlockDiagInverse(As2, Gs2, gamma=0.1)
     for a, b in zip(op.apply(Vs), ref.apply(Vs)):

@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg as sl
 
 import kronlin
+from badinput import layout
 from kronlin import Kron, _ext, kernels
 from kronlin._kernels import _dispatch, cholesky
 from kronlin._kernels.block_apply import COMPILED_MAX_ORDER, block_apply, block_apply_compiled, gemm_address
@@ -582,19 +583,6 @@ def test_block_apply_cpu_refuses_bad_arguments_and_the_dispatch_falls_back(cpu_e
     assert bad is None and np.allclose(got, ref, rtol=1e-13, atol=1e-13)
 
 
-def _unaligned(v):
-    """``v``'s values in an unaligned C-contiguous array (one byte off its dtype's alignment)."""
-    raw = np.zeros(v.nbytes + 1, dtype=np.uint8)
-    out = np.frombuffer(raw.data, dtype=v.dtype, count=v.size, offset=1).reshape(v.shape)
-    out[...] = v
-    assert not out.flags.aligned and out.flags.c_contiguous
-    return out
-
-
-class _Subclass(np.ndarray):
-    pass
-
-
 def _blocks_not_in_place(V):
     """Lists that differ from ``V`` (float64 (q, p) blocks) in one block that the kernel must not read in place:
     Fortran order, byte-swapped, another dtype, another shape, unaligned, a masked array (its data is not its
@@ -602,7 +590,7 @@ def _blocks_not_in_place(V):
     masked = np.ma.masked_array(V[1], mask=np.zeros(V[1].shape, bool))
     masked.mask[0, 0] = True
     subs = [np.asfortranarray(V[1]), V[1].astype(">f8"), V[1].astype(np.float32), V[1][:, :-1].copy(),
-            _unaligned(V[1]), masked, V[1].view(_Subclass), V[1].tolist()]
+            layout("unaligned", V[1]), masked, layout("subclass", V[1]), V[1].tolist()]
     return [[V[0], x, *V[2:]] for x in subs]
 
 
@@ -663,9 +651,7 @@ def _spd_batch(rng, B, n):
     return X @ np.swapaxes(X, -1, -2) / n + np.eye(n)
 
 
-_LAYOUTS = {"C": np.copy, "unaligned": _unaligned, "byte-swapped": lambda x: x.astype(x.dtype.newbyteorder()),
-            "Fortran": np.asfortranarray, "subclass": lambda x: x.copy().view(_Subclass),
-            "strided": lambda x: np.repeat(x, 2, axis=-1)[..., ::2]}  # fmt: skip
+_LAYOUTS = ("byteswap", "unaligned", "fortran", "strided", "subclass")  # badinput.LAYOUTS but read-only (in place)
 
 
 def _dispatchers(rng):
@@ -689,10 +675,10 @@ def _dispatchers(rng):
                                rng.standard_normal((5, 7))))}  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", list(_LAYOUTS))
+@pytest.mark.parametrize("how", _LAYOUTS)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", list(_dispatchers(np.random.default_rng(0))))
-def test_dispatchers_take_every_layout(name, dtype, layout):
+def test_dispatchers_take_every_layout(name, dtype, how):
     """A byte-swapped array (a portable file), an unaligned one (a packed record's field, an odd offset), a
     Fortran-ordered, strided or subclassed one: the dispatcher computes what it computes for a C-ordered copy
     (the compiled code where it reads the layout, its reference where not; gram_shared and eig_scale sent a
@@ -700,7 +686,7 @@ def test_dispatchers_take_every_layout(name, dtype, layout):
     call, args = _dispatchers(np.random.default_rng(1))[name]
     args = [a.astype(dtype) for a in args]
     want = np.asarray(call(*[a.copy() for a in args]), dtype=np.float64)
-    got = np.asarray(call(*[_LAYOUTS[layout](a) for a in args]), dtype=np.float64)
+    got = np.asarray(call(*[layout(how, a) for a in args]), dtype=np.float64)
     assert got.shape == want.shape
     # rounding only: a layout may take the reference, whose BLAS calls may differ in summation order
     np.testing.assert_allclose(got, want, rtol=50 * np.finfo(dtype).eps, atol=50 * np.finfo(dtype).eps * np.abs(want).max())
