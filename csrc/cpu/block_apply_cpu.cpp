@@ -29,20 +29,12 @@ bool any_nonfinite(const T* x, std::int64_t n) {
 template <typename T>
 std::int64_t block_apply_cpu(const T* G, const T* const* V, const T* At, T* Y, std::int64_t B, std::int64_t q,
                              std::int64_t p, blas_gemm_fn<T> gemm) {
-  // row-major C (m x n) = A (m x k) B (k x n) is column-major Cᵀ = Bᵀ Aᵀ: gemm("N", "N", n, m, k, 1, B, n, A, k,
-  // 0, C, n) on the same memory
-  int Q = static_cast<int>(q), P = static_cast<int>(p);
-  char N = 'N';
-  T one = 1, zero = 0;
   std::vector<T> tmp(static_cast<std::size_t>(q * p));
   std::int64_t first_bad = -1;
   for (std::int64_t b = 0; b < B; ++b) {
-    T* g = const_cast<T*>(G + b * q * q);  // BLAS takes non-const pointers; it reads them only
-    T* v = const_cast<T*>(V[b]);
-    T* at = const_cast<T*>(At + b * p * p);
     T* y = Y + b * q * p;
-    gemm(&N, &N, &P, &Q, &Q, &one, v, &P, g, &Q, &zero, tmp.data(), &P);  // tmp = G[b] V[b]
-    gemm(&N, &N, &P, &Q, &P, &one, at, &P, tmp.data(), &P, &zero, y, &P);  // Y[b] = tmp At[b]
+    gemm_row_major<T>(gemm, q, p, q, T(1), G + b * q * q, q, V[b], p, T(0), tmp.data(), p);  // tmp = G[b] V[b]
+    gemm_row_major<T>(gemm, q, p, p, T(1), tmp.data(), p, At + b * p * p, p, T(0), y, p);    // Y[b] = tmp At[b]
     if (first_bad < 0 && any_nonfinite(y, q * p)) first_bad = b;
   }
   return first_bad;

@@ -10,6 +10,17 @@ template <typename T>
 using blas_gemm_fn = void (*)(char* transa, char* transb, int* m, int* n, int* k, T* alpha, T* a, int* lda, T* b,
                               int* ldb, T* beta, T* c, int* ldc);
 
+// Row-major C (m x n) = alpha A (m x k) B (k x n) + beta C, each with its own row stride, by the column-major
+// ?gemm: Cᵀ = Bᵀ Aᵀ on the same memory.  BLAS takes non-const pointers; it only reads A and B.
+template <typename T>
+inline void gemm_row_major(blas_gemm_fn<T> gemm, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* A,
+                           std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
+  char N = 'N';
+  int M_ = static_cast<int>(n), N_ = static_cast<int>(m), K_ = static_cast<int>(k);
+  int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  gemm(&N, &N, &M_, &N_, &K_, &alpha, const_cast<T*>(B), &lb, const_cast<T*>(A), &la, &beta, C, &lc);
+}
+
 // Y[b] = G[b] V[b] At[b] for b < B, all row-major and C-contiguous: G a (B, q, q) stack, V[b] separate
 // (q, p) matrices, At a (B, p, p) stack, Y a (B, q, p) stack.  The intermediate G[b] V[b] goes into one
 // (q, p) buffer; each result is tested finite while it is in cache.  Returns the first b whose Y[b] holds

@@ -69,17 +69,6 @@ std::int64_t first_half(std::int64_t k) {
   return h >= 16 ? h - h % 16 : h;
 }
 
-// Row-major C (m x n) = alpha A (m x k) B (k x n) + beta C, each with its own row stride: the column-major
-// product Cᵀ = Bᵀ Aᵀ on the same memory.
-template <typename T>
-void gemm_rm(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* A,
-             std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
-  char N = 'N';
-  int M_ = static_cast<int>(n), N_ = static_cast<int>(m), K_ = static_cast<int>(k);
-  int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-  r.gemm(&N, &N, &M_, &N_, &K_, &alpha, const_cast<T*>(B), &lb, const_cast<T*>(A), &la, &beta, C, &lc);
-}
-
 // Row-major O (m x k) = A (m x k) X, X lower triangular (k x k), its strict upper triangle zero within
 // kRecursiveLeaf of the diagonal: by the halves of X, X11 and X22 recursively, X21 by ?gemm; the leaves take X
 // whole.  O must not overlap A or X.
@@ -87,13 +76,13 @@ template <typename T>
 void trmm_right(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t k, const T* A, std::int64_t lda,
                 const T* X, std::int64_t ldx, T* O, std::int64_t ldo) {
   if (k <= kRecursiveLeaf) {
-    gemm_rm(r, m, k, k, T(1), A, lda, X, ldx, T(0), O, ldo);
+    gemm_row_major<T>(r.gemm, m, k, k, T(1), A, lda, X, ldx, T(0), O, ldo);
     return;
   }
   const std::int64_t k1 = first_half(k), k2 = k - k1;
-  trmm_right(r, m, k1, A, lda, X, ldx, O, ldo);                                // O1 = A1 X11
-  gemm_rm(r, m, k1, k2, T(1), A + k1, lda, X + k1 * ldx, ldx, T(1), O, ldo);   // O1 += A2 X21
-  trmm_right(r, m, k2, A + k1, lda, X + k1 * ldx + k1, ldx, O + k1, ldo);      // O2 = A2 X22
+  trmm_right(r, m, k1, A, lda, X, ldx, O, ldo);                                              // O1 = A1 X11
+  gemm_row_major<T>(r.gemm, m, k1, k2, T(1), A + k1, lda, X + k1 * ldx, ldx, T(1), O, ldo);  // O1 += A2 X21
+  trmm_right(r, m, k2, A + k1, lda, X + k1 * ldx + k1, ldx, O + k1, ldo);                    // O2 = A2 X22
 }
 
 // Row-major O (m x n) = alpha X B, X lower triangular (m x m) as for trmm_right.  O must not overlap B or X.
@@ -101,13 +90,13 @@ template <typename T>
 void trmm_left(const RecursiveInverse<T>& r, std::int64_t m, std::int64_t n, T alpha, const T* X, std::int64_t ldx,
                const T* B, std::int64_t ldb, T* O, std::int64_t ldo) {
   if (m <= kRecursiveLeaf) {
-    gemm_rm(r, m, n, m, alpha, X, ldx, B, ldb, T(0), O, ldo);
+    gemm_row_major<T>(r.gemm, m, n, m, alpha, X, ldx, B, ldb, T(0), O, ldo);
     return;
   }
   const std::int64_t m1 = first_half(m), m2 = m - m1;
-  trmm_left(r, m1, n, alpha, X, ldx, B, ldb, O, ldo);                                          // O1 = a X11 B1
-  trmm_left(r, m2, n, alpha, X + m1 * ldx + m1, ldx, B + m1 * ldb, ldb, O + m1 * ldo, ldo);   // O2 = a X22 B2
-  gemm_rm(r, m2, n, m1, alpha, X + m1 * ldx, ldx, B, ldb, T(1), O + m1 * ldo, ldo);           // O2 += a X21 B1
+  trmm_left(r, m1, n, alpha, X, ldx, B, ldb, O, ldo);                                         // O1 = a X11 B1
+  trmm_left(r, m2, n, alpha, X + m1 * ldx + m1, ldx, B + m1 * ldb, ldb, O + m1 * ldo, ldo);  // O2 = a X22 B2
+  gemm_row_major<T>(r.gemm, m2, n, m1, alpha, X + m1 * ldx, ldx, B, ldb, T(1), O + m1 * ldo, ldo);  // O2 += a X21 B1
 }
 
 template <typename T>
