@@ -87,8 +87,7 @@ def _stack_pair(xp, As, Gs):
     if not is_numpy(xp) or As[0].dtype != Gs[0].dtype:
         return xp.stack(As), xp.stack(Gs), None
     B, p, q = len(As), As[0].shape[-1], Gs[0].shape[-1]
-    # in the machine's byte order: a byte-swapped input's stack took the compiled kernels' generic ways
-    buf = np.empty(B * (p * p + q * q), dtype=As[0].dtype.newbyteorder("="))
+    buf = np.empty(B * (p * p + q * q), dtype=As[0].dtype)  # native: context() converts byte-swapped inputs
     SA, SG = buf[: B * p * p].reshape(B, p, p), buf[B * p * p :].reshape(B, q, q)
     return SA, SG, (stack_asymmetry(np, As, SA), stack_asymmetry(np, Gs, SG))
 
