@@ -12,6 +12,21 @@ import random
 import statistics
 import time
 
+import scipy.linalg  # noqa: F401  (SciPy's OpenBLAS loaded before any thread limit, so the limit covers it)
+import threadpoolctl
+
+
+def one_thread(torch=None):
+    """Pin every BLAS pool to one thread (and ``torch``, when given) and check it held; returns the threadpoolctl
+    limiter (``restore_original_limits()`` undoes it).  SciPy's OpenBLAS is loaded with this module: a limit set
+    before it is loaded leaves it at its default thread count."""
+    limiter = threadpoolctl.threadpool_limits(limits=1)
+    if torch is not None:
+        torch.set_num_threads(1)
+    info = threadpoolctl.threadpool_info()
+    assert len(info) >= 2 and all(d.get("num_threads") == 1 for d in info), info
+    return limiter
+
 
 def time_paired(benchmark, target, setup, rounds, warmup, floor=None, floor_setup=None):
     """Time ``target`` with pytest-benchmark, paired with ``floor`` when given.

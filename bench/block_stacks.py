@@ -30,10 +30,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import threadpoolctl
 from scipy.linalg import lapack
 
-from _harness import evict_caches, shuffled_rounds
+from _harness import evict_caches, one_thread, shuffled_rounds
 from kronlin import BlockDiagInverse, pi_factor
 from refresh import kernel_line, machine  # bench/refresh.py: the run's conditions
 
@@ -132,7 +131,7 @@ def main(argv=None):
     ap.add_argument("--gamma", type=float, default=0.1)
     ap.add_argument("--out", default=str(RESULTS / "block_stacks"))
     args = ap.parse_args(argv)
-    threadpoolctl.threadpool_limits(1)
+    one_thread()
     random.seed(0)
     rng = np.random.default_rng(0)
     res = {"argv": list(argv if argv is not None else sys.argv[1:]), "machine_start": machine(),

@@ -61,7 +61,7 @@ import scipy.linalg
 import threadpoolctl
 from scipy.linalg import lapack
 
-from _harness import package_at, shuffled_rounds
+from _harness import one_thread, package_at, shuffled_rounds
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -337,11 +337,8 @@ def main():
         Path(a.out).with_suffix(".md").write_text(markdown([run["meta"] for run in runs], results))
         return
 
-    limiter = threadpoolctl.threadpool_limits(limits=1)
-    if torch is not None:
-        torch.set_num_threads(1)
+    limiter = one_thread(torch)
     info = threadpoolctl.threadpool_info()
-    assert all(d.get("num_threads") == 1 for d in info), info
     random.seed(0)
     sizes = [64, 128] if a.quick else [int(s) for s in (a.sizes if a.sizes is not None else "256,512,785,1024,2048").split(",") if s.strip()]
     stacks = [] if a.no_stacks else ([(20, 32)] if a.quick else [(200, 64), (50, 256)])

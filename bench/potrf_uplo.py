@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS before the thread limit)
-import threadpoolctl
 from scipy.linalg import lapack
 
+from _harness import one_thread
 from block_stacks import kfac_like
 from refresh import kernel_line, machine  # bench/refresh.py: the run's conditions
 
@@ -49,9 +48,7 @@ def timed_pair(run, rounds: int) -> tuple[float, float, float]:
 
 
 def main(rounds: int = 21):
-    threadpoolctl.threadpool_limits(1)
-    info = threadpoolctl.threadpool_info()
-    assert len(info) >= 2 and all(d["num_threads"] == 1 for d in info), info
+    one_thread()
     start = machine()
     rng = np.random.default_rng(0)
     rows = []

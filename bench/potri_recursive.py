@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS before the thread limit)
-import threadpoolctl
 
 from kronlin import kernels
 
+from _harness import one_thread
 from block_stacks import kfac_like
 from potrf_uplo import write_table
 from refresh import machine  # bench/refresh.py: the run's conditions
@@ -60,9 +59,7 @@ def routes():
 
 
 def main(rounds: int = 21):
-    threadpoolctl.threadpool_limits(1)
-    info = threadpoolctl.threadpool_info()
-    assert len(info) >= 2 and all(d["num_threads"] == 1 for d in info), info
+    one_thread()
     assert kernels.compiled(np) is not None, "the compiled kernels did not load"
     start = machine()
     rng = np.random.default_rng(0)

@@ -52,7 +52,7 @@ import scipy.linalg
 import threadpoolctl
 from scipy.linalg import lapack
 
-from _harness import shuffled_rounds
+from _harness import one_thread, shuffled_rounds
 
 import kronlin
 from kronlin import Kron, KronEigh
@@ -387,9 +387,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "refresh"))
     ap.add_argument("--save-test-data", metavar="PATH")
     args = ap.parse_args(argv)
-    threadpoolctl.threadpool_limits(1)
-    if torch is not None:
-        torch.set_num_threads(1)
+    one_thread(torch)
     random.seed(0)
     if args.save_test_data:
         save_test_data(args.save_test_data)
