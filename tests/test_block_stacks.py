@@ -233,8 +233,7 @@ def test_all_stacked_apply_takes_the_blocks_as_they_come(monkeypatch, shapes, dt
     dense = [_dense_layer(A, G, 0.1, "trace")[0] for A, G in zip(As, Gs)]
     other = np.float32 if np.dtype(dtype) == np.float64 else np.float64
     kinds = {"as they come": Vs, "a tuple": tuple(Vs),
-             "Fortran": [np.asfortranarray(V) for V in Vs],
-             "byte-swapped": [V.astype(V.dtype.newbyteorder()) for V in Vs],
+             **{how: [layout(how, V) for V in Vs] for how in ("fortran", "byteswap", "unaligned", "subclass")},
              "another dtype": [V.astype(other) for V in Vs],
              "batched": [V[None] for V in Vs],
              "nested lists": [V.tolist() for V in Vs]}  # fmt: skip
