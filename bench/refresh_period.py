@@ -103,6 +103,13 @@ def write_json(suffix: str, **data) -> dict:
     return res
 
 
+def write_md(suffix: str, lines: list) -> None:
+    """A report's table: ``OUT + suffix``, and the same on standard output."""
+    with open(OUT + suffix, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def report(rows: dict, sgd: list) -> int:
     """``refresh_period.{json,md,png}``: this kronlin's time per iteration at every period, and SGD's."""
     res = write_json(".json", sgd_ms=sgd, kfac_ms={str(p): v for p, v in rows.items()},
@@ -118,9 +125,7 @@ def report(rows: dict, sgd: list) -> int:
     for p in PERIODS:
         m = statistics.median(rows[p])
         lines.append(f"| {p} | {t2_for(p)} | {m:.1f} | {m / med_sgd:.2f}× | {m / ref:.2f}× |")
-    with open(OUT + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_md(".md", lines)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -165,9 +170,7 @@ def report_before(ref: str, rows: dict, old: dict, sgd: list) -> None:
                      f"{ratio(rows[p], ref20)} |")
     for p, v in old.items():
         lines.append(f"| `{ref}` | {p} | {statistics.median(v):.1f} | | {ratio(v, ref20)} |")
-    with open(OUT + "_before.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_md("_before.md", lines)
 
 
 if __name__ == "__main__":
