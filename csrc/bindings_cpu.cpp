@@ -165,13 +165,15 @@ bool matrix_in_place(py::handle h, std::int64_t rows, std::int64_t cols, const p
          (x.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0 && same_dtype(x, like);
 }
 
-// xs as a MatrixList, or false (out partly filled) at the first entry that is not a matrix_in_place.
-bool matrices_in_place(const py::list& xs, std::int64_t rows, std::int64_t cols, const py::array& like,
-                       MatrixList& out) {
-  const auto B = py::len(xs);
-  out.keep.reserve(B);
-  out.data.reserve(B);
-  for (std::size_t b = 0; b < B; ++b) {
+// xs (B of them, or an error naming the list `what`) as a MatrixList, or false (out partly filled) at the first
+// entry that is not a matrix_in_place.
+bool matrices_in_place(const py::list& xs, std::int64_t B, std::int64_t rows, std::int64_t cols, const py::array& like,
+                       const char* what, MatrixList& out) {
+  require(static_cast<std::int64_t>(py::len(xs)) == B,
+          std::string(what) + " must hold one matrix per matrix of the stacks");
+  out.keep.reserve(static_cast<std::size_t>(B));
+  out.data.reserve(static_cast<std::size_t>(B));
+  for (std::size_t b = 0; b < static_cast<std::size_t>(B); ++b) {
     py::handle h = xs[b];
     if (!matrix_in_place(h, rows, cols, like)) return false;
     auto x = py::reinterpret_borrow<py::array>(h);
@@ -187,9 +189,8 @@ py::object stack_asymmetry(py::list xs, py::array out) {
   require_square_stack(out);
   require(out.writeable(), "out must be writeable");
   const auto B = out.shape(0), n = out.shape(1);
-  require(static_cast<std::int64_t>(py::len(xs)) == B, "xs must hold one matrix per matrix of the stacks");
   MatrixList xl;
-  if (!matrices_in_place(xs, n, n, out, xl)) return py::none();
+  if (!matrices_in_place(xs, B, n, n, out, "xs", xl)) return py::none();
   const void* const* ptrs = xl.data.data();
   double asym = 0.0, scale = 0.0;
   const bool f64 = has_dtype<double>(out);
@@ -301,9 +302,8 @@ std::int64_t block_apply(py::array G, py::list V, py::array At, py::array Y, std
   const bool f64 = has_dtype<double>(Y);
   if (!f64 && !has_dtype<float>(Y)) throw std::invalid_argument("kronlin._C: dtype must be float32 or float64");
   require(q < (std::int64_t(1) << 31) && p < (std::int64_t(1) << 31), "the orders exceed BLAS's 32-bit integers");
-  require(static_cast<std::int64_t>(py::len(V)) == B, "V must hold one matrix per matrix of the stacks");
   MatrixList vl;
-  if (!matrices_in_place(V, q, p, Y, vl)) return -2;
+  if (!matrices_in_place(V, B, q, p, Y, "V", vl)) return -2;
   const void* const* ptrs = vl.data.data();
   const void* g = G.data();
   const void* at = At.data();
